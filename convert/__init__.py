@@ -1,0 +1,1 @@
+"""`jaxvocab-convert`: checkpoints between Hugging Face, Meta and jaxvocab layouts."""

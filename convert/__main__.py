@@ -1,0 +1,108 @@
+"""jaxvocab-convert: move Llama-3 checkpoints between HF, Meta and jaxvocab (orbax) layouts.
+
+Errors print as one line `error: ...` and exit 1 (2 for bad flags); outputs appear whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  jaxvocab-convert inspect ./Llama-3.2-1B
+  jaxvocab-convert import ./Llama-3.2-1B ./ckpt --dtype bfloat16 --mesh data=1,fsdp=2,tensor=4
+  jaxvocab-convert export ./ckpt ./hf-out --max-shard-size 5GB
+  jaxvocab-convert demo                       # the whole mission on a tiny model, into ./demo-out
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxvocab-convert", description=__doc__.splitlines()[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    imp = sub.add_parser("import", help="HF or Meta checkpoint dir -> jaxvocab checkpoint dir",
+                         description="Read SRC tensor by tensor onto the mesh and write a jaxvocab checkpoint "
+                                     "(orbax state + config.json + tokenizer files) to OUT.")
+    imp.add_argument("src", type=Path, metavar="SRC", help="HF dir (config.json + *.safetensors) or Meta dir (params.json + consolidated.*.pth)")
+    imp.add_argument("out", type=Path, metavar="OUT", help="output dir (must not exist unless --overwrite)")
+    imp.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], help="parameter dtype (default: as stored)")
+    imp.add_argument("--mesh", help="device mesh, e.g. data=1,fsdp=2,tensor=4 (default: fsdp over all devices)")
+    imp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    imp.set_defaults(run=cmd_import)
+
+    exp = sub.add_parser("export", help="jaxvocab checkpoint dir -> HF dir (transformers, vLLM, llama.cpp)",
+                         description="Write CKPT as an HF dir: safetensors shards + index, config.json, "
+                                     "generation_config.json and the (edited) tokenizer files.")
+    exp.add_argument("ckpt", type=Path, metavar="CKPT", help="jaxvocab checkpoint dir (or any dir `load` reads)")
+    exp.add_argument("out", type=Path, metavar="OUT_HF")
+    exp.add_argument("--max-shard-size", default="5GB", help="largest shard file (default 5GB; e.g. 500MB, 2GiB)")
+    exp.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], help="cast weights on export")
+    exp.add_argument("--overwrite", action="store_true", help="replace OUT_HF if it exists")
+    exp.set_defaults(run=cmd_export)
+
+    ins = sub.add_parser("inspect", help="describe a checkpoint from its headers (fast, loads no weights)")
+    ins.add_argument("src", type=Path, metavar="SRC")
+    ins.set_defaults(run=cmd_inspect)
+
+    demo = sub.add_parser("demo", help="run the whole mission on a tiny deterministic Llama-3 model")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output dir (default ./demo-out)")
+    demo.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    demo.set_defaults(run=cmd_demo)
+    return p
+
+
+def _mesh(spec):
+    from jaxvocab.sharding import parse_mesh
+    return parse_mesh(spec)
+
+
+def cmd_import(args) -> None:
+    import jaxvocab
+    from jaxvocab.io.atomic import check_output
+    check_output(args.out, args.overwrite)
+    model = jaxvocab.load(args.src, dtype=args.dtype, mesh=_mesh(args.mesh))
+    jaxvocab.save_checkpoint(model, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out} ({model.config.num_params() / 1e6:.1f}M params, {model.embed[...].dtype})")
+
+
+def cmd_export(args) -> None:
+    import jaxvocab
+    from jaxvocab.io.atomic import check_output
+    check_output(args.out, args.overwrite)
+    model = jaxvocab.load(args.ckpt, dtype=args.dtype)
+    jaxvocab.save_hf(model, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+
+
+def cmd_inspect(args) -> None:
+    from convert.inspect import describe
+    print(describe(args.src))
+
+
+def cmd_demo(args) -> None:
+    from convert.demo import run_demo
+    run_demo(args.out, overwrite=args.overwrite)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from jaxvocab.errors import JaxVocabError, UsageError
+    try:
+        args.run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except JaxVocabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

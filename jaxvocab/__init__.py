@@ -1,0 +1,45 @@
+"""jaxvocab: Llama-3 checkpoints into JAX, vocabulary grown the right way, new rows fine-tuned.
+
+    import jaxvocab
+    model = jaxvocab.load("Llama-3.2-1B", mesh=jaxvocab.parse_mesh("fsdp=2,tensor=4"))
+    tok = jaxvocab.load_tokenizer("Llama-3.2-1B")
+    plan = jaxvocab.plan_vocab(tok, ["<|lang_xx|>"], model=model)
+    model, tok = jaxvocab.expand_vocab(model, tok, plan)
+    jaxvocab.save_hf(model, "out-hf")
+
+Heavy submodules load on first use, so `import jaxvocab` stays fast.
+"""
+
+import importlib
+
+from jaxvocab.config import PRESETS, LlamaConfig, RopeScaling
+from jaxvocab.errors import JaxVocabError
+from jaxvocab.io import load, save_checkpoint, save_hf
+from jaxvocab.model import KVCache, Llama
+from jaxvocab.sharding import parse_mesh
+
+_LAZY = {
+    "load_tokenizer": "jaxvocab.tokenizer",
+    "Tokenizer": "jaxvocab.tokenizer",
+    "plan_vocab": "jaxvocab.vocab",
+    "VocabPlan": "jaxvocab.vocab",
+    "expand_vocab": "jaxvocab.vocab",
+    "find_untrained": "jaxvocab.vocab",
+    "fix_untrained": "jaxvocab.vocab",
+    "generate": "jaxvocab.generate",
+}
+_SUBMODULES = ("rows", "diagnostics", "vocab", "tokenizer", "generate")
+
+__all__ = [
+    "JaxVocabError", "KVCache", "Llama", "LlamaConfig", "PRESETS", "RopeScaling",
+    "load", "parse_mesh", "save_checkpoint", "save_hf", *_LAZY,
+]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"jaxvocab.{name}")
+    raise AttributeError(f"module 'jaxvocab' has no attribute {name!r}")

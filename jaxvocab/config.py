@@ -1,0 +1,206 @@
+"""LlamaConfig: the one description of a Llama-3 model that every other module reads.
+
+HF has spelled the same facts three ways over the years (`rope_scaling` with `type` or `rope_type`,
+and transformers-5 `rope_parameters` with `rope_theta` folded in). We normalise on the way in and
+remember the source dict, so writing back reproduces the user's file rather than our opinion of it.
+Anything we would build wrongly (biases, other rope types, other architectures) is refused here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from jaxvocab.errors import ConfigError
+
+_TokenIds = int | tuple[int, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1 style frequency scaling; the only scaling Llama-3 checkpoints use."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hashable (it rides in NNX graph definitions, so jit caches on it)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False
+    bos_token_id: _TokenIds = 128000
+    eos_token_id: _TokenIds = 128001
+    pad_token_id: _TokenIds = None
+    dtype: str = "bfloat16"
+    # The config.json we were read from, for a faithful round trip; excluded from eq/hash.
+    source: dict | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}; fix config.json"
+            )
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        e = self.eos_token_id
+        return () if e is None else ((e,) if isinstance(e, int) else tuple(e))
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        d, f, L, v = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        per_layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
+        return v * d * (1 if self.tie_word_embeddings else 2) + L * per_layer + d
+
+    # ------------------------------------------------------------------ HF
+    @classmethod
+    def from_hf_dict(cls, d: dict, where: str = "config.json") -> "LlamaConfig":
+        if d.get("model_type", "llama") != "llama":
+            raise ConfigError(f"{where}: model_type={d.get('model_type')!r} is not supported; jaxvocab converts Llama models only")
+        for flag in ("attention_bias", "mlp_bias"):
+            if d.get(flag):
+                raise ConfigError(f"{where}: {flag}=true is not a Llama-3 layout and is not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{where}: hidden_act={d['hidden_act']!r} is not supported (Llama uses silu)")
+        if d.get("pretraining_tp", 1) not in (1, None):
+            raise ConfigError(f"{where}: pretraining_tp={d['pretraining_tp']} is not supported; re-save the model with pretraining_tp=1")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in d]
+        if missing:
+            raise ConfigError(f"{where}: missing {', '.join(missing)}")
+        theta, scaling = _rope_from_hf(d, where)
+        as_ids = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
+        return cls(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=int(d["num_attention_heads"]),
+            num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+            head_dim=d.get("head_dim"),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=as_ids(d.get("bos_token_id")),
+            eos_token_id=as_ids(d.get("eos_token_id")),
+            pad_token_id=as_ids(d.get("pad_token_id")),
+            dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
+            source=dict(d),
+        )
+
+    @classmethod
+    def from_hf_file(cls, path: str | Path) -> "LlamaConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: not found; an HF checkpoint dir needs a config.json") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_hf_dict(d, where=str(path))
+
+    def to_hf_dict(self) -> dict:
+        """Our facts over the source dict, kept in the source's rope style."""
+        out = dict(self.source or {})
+        out.update(
+            architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
+            attention_bias=False, mlp_bias=False,
+            bos_token_id=_ids_json(self.bos_token_id), eos_token_id=_ids_json(self.eos_token_id),
+            pad_token_id=_ids_json(self.pad_token_id),
+        )
+        out.setdefault("torch_dtype" if "torch_dtype" in out else "dtype", self.dtype)
+        scaling = None
+        if self.rope_scaling is not None:
+            scaling = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        if "rope_parameters" in out:
+            out["rope_parameters"] = {**(scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta}
+        else:
+            old = (self.source or {}).get("rope_scaling") or {}
+            if scaling is not None and "type" in old and "rope_type" not in old:
+                scaling = {"type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+            out["rope_scaling"] = scaling
+            out["rope_theta"] = self.rope_theta
+        return out
+
+
+def _ids_json(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _rope_from_hf(d: dict, where: str) -> tuple[float, RopeScaling | None]:
+    params = d.get("rope_parameters")
+    if params is not None and "rope_type" not in params and "type" not in params:
+        # transformers-5 may nest per layer-type ({"full_attention": {...}}); Llama has one type.
+        nested = [v for v in params.values() if isinstance(v, dict)]
+        params = nested[0] if len(nested) == 1 else params
+    scaling = params if params is not None else d.get("rope_scaling")
+    theta = float((params or {}).get("rope_theta", d.get("rope_theta", 10000.0)))
+    if not scaling:
+        return theta, None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return theta, None
+    if kind != "llama3":
+        raise ConfigError(f"{where}: rope type {kind!r} is not supported (only default and llama3)")
+    try:
+        rs = RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ConfigError(f"{where}: llama3 rope scaling is missing {e.args[0]!r}") from None
+    if not (rs.factor > 0 and rs.high_freq_factor > rs.low_freq_factor and math.isfinite(rs.factor)):
+        raise ConfigError(f"{where}: llama3 rope scaling needs factor > 0 and high_freq_factor > low_freq_factor")
+    return theta, rs
+
+
+# Presets at the real shapes: for benchmarks and for building abstract models without files.
+_L3_VOCAB = 128256
+LLAMA_3_2_1B = LlamaConfig(_L3_VOCAB, 2048, 8192, 16, 32, 8, 64, 1e-5, 500000.0, RopeScaling(32.0, 1.0, 4.0, 8192), 131072, True)
+LLAMA_3_2_3B = LlamaConfig(_L3_VOCAB, 3072, 8192, 28, 24, 8, 128, 1e-5, 500000.0, RopeScaling(32.0, 1.0, 4.0, 8192), 131072, True)
+LLAMA_3_8B = LlamaConfig(_L3_VOCAB, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0, None, 8192, False)
+LLAMA_3_1_8B = LlamaConfig(_L3_VOCAB, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0, RopeScaling(8.0, 1.0, 4.0, 8192), 131072, False)
+LLAMA_3_1_70B = LlamaConfig(_L3_VOCAB, 8192, 28672, 80, 64, 8, 128, 1e-5, 500000.0, RopeScaling(8.0, 1.0, 4.0, 8192), 131072, False)
+LLAMA_3_1_405B = LlamaConfig(_L3_VOCAB, 16384, 53248, 126, 128, 8, 128, 1e-5, 500000.0, RopeScaling(8.0, 1.0, 4.0, 8192), 131072, False)
+PRESETS: dict[str, LlamaConfig] = {
+    "llama-3.2-1b": LLAMA_3_2_1B, "llama-3.2-3b": LLAMA_3_2_3B, "llama-3-8b": LLAMA_3_8B,
+    "llama-3.1-8b": LLAMA_3_1_8B, "llama-3.1-70b": LLAMA_3_1_70B, "llama-3.3-70b": LLAMA_3_1_70B,
+    "llama-3.1-405b": LLAMA_3_1_405B,
+}

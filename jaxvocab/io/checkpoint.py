@@ -1,0 +1,93 @@
+"""jaxvocab checkpoint dirs: orbax state + config.json + tokenizer files + vocab_plan.json.
+
+Layout:
+    jaxvocab.json      marker and format version (how `load` recognises the dir)
+    config.json        HF-style config, so every tool that reads configs can read ours
+    state/             orbax StandardCheckpointer tree of the params (sharded, restorable on any mesh)
+    tokenizer.*, generation_config.json, vocab_plan.json   carried along verbatim / as planned
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxvocab.config import LlamaConfig
+from jaxvocab.errors import CheckpointError
+from jaxvocab.io import keys as K
+from jaxvocab.model import Llama
+from jaxvocab.sharding import sharding_for, single_device_mesh
+
+MARKER = "jaxvocab.json"
+FORMAT_VERSION = 1
+CARRIED = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+           "generation_config.json", "vocab_plan.json")
+
+
+def is_jaxvocab_dir(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def params_of(model: Llama) -> dict:
+    """Plain {path: array} dict of the weights, the tree orbax stores."""
+    return {"/".join(k.path): K.get_param(model, k)[...] for k in K.keys_for(model.config)}
+
+
+def save_state(model: Llama, out: Path) -> None:
+    """Orbax tree + config + marker into `out` (an already-created temp dir)."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save((out / "state").absolute(), params_of(model))
+    (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    (out / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "vocab_size": model.config.vocab_size}) + "\n")
+
+
+def carry_files(src: str | Path | None, out: Path, names=CARRIED) -> list[str]:
+    if not src:
+        return []
+    copied = []
+    for name in names:
+        f = Path(src) / name
+        if f.is_file() and not (out / name).exists():
+            shutil.copy2(f, out / name)
+            copied.append(name)
+    return copied
+
+
+def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Llama:
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path / MARKER}: corrupt marker file; re-create the checkpoint") from None
+    if marker.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path / MARKER}: format {marker.get('format')} is not supported by this jaxvocab")
+    config = LlamaConfig.from_hf_file(path)
+    mesh = mesh or single_device_mesh()
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata((path / "state").absolute())
+        tree = getattr(stored, "item_metadata", stored)
+        first = tree["embed"]
+        stored_dtype = jnp.dtype(first.dtype)
+        dtype = jnp.dtype(dtype) if dtype is not None else stored_dtype
+        target = {}
+        for k in K.keys_for(config):
+            shape = K.param_shape(k, config)
+            name = "/".join(k.path)
+            if name not in tree or tuple(tree[name].shape) != shape:
+                raise CheckpointError(f"{path / 'state'}: {name} is missing or does not match config.json")
+            target[name] = jax.ShapeDtypeStruct(shape, jnp.dtype(tree[name].dtype),
+                                                sharding=sharding_for(shape, K.logical_axes(k), mesh))
+        params = ckptr.restore((path / "state").absolute(), target)
+    model = nnx.eval_shape(lambda: Llama(config.replace(dtype=dtype.name), dtype=dtype))
+    for k in K.keys_for(config):
+        K.get_param(model, k).set_value(params["/".join(k.path)].astype(dtype))
+    model.source_dir = str(path)
+    plan = path / "vocab_plan.json"
+    model.vocab_plan = plan.read_text() if plan.is_file() else None
+    return model

@@ -1,0 +1,220 @@
+"""Hugging Face checkpoint dirs: streamed, sharded read; streamed, sharded write.
+
+Read: build the model abstractly, validate every file against config.json before touching any
+weight, then create each parameter with `jax.make_array_from_callback`, so every device reads only
+its own slice straight from disk. Write: one safetensors shard at a time, one layer slice at a time
+pulled from the devices, into a temporary sibling dir renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxvocab.config import LlamaConfig
+from jaxvocab.errors import CheckpointError, UsageError
+from jaxvocab.io import keys as K
+from jaxvocab.io.safetensors_io import FLOATS, TensorInfo, read_header, read_slice, write_file
+from jaxvocab.model import Llama
+from jaxvocab.progress import progress
+from jaxvocab.sharding import sharding_for, single_device_mesh
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and ((path / SINGLE).is_file() or (path / INDEX).is_file()
+                                                  or any(path.glob("*.safetensors")))
+
+
+def tensor_index(path: Path) -> dict[str, TensorInfo]:
+    """name -> header entry over all shards, with the index checked against the files."""
+    index_file = path / INDEX
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index_file}: not a valid index (needs a 'weight_map' object)") from None
+        files = sorted(set(weight_map.values()))
+        root = path.resolve()
+        for f in files:
+            target = (path / f).resolve()
+            if os.path.isabs(f) or root not in target.parents:
+                raise CheckpointError(f"{index_file}: weight_map entry {f!r} points outside {path}; fix the index")
+            if not target.is_file():
+                raise CheckpointError(f"{index_file}: shard {f!r} is named in the index but missing from {path}")
+    elif (path / SINGLE).is_file():
+        weight_map, files = None, [SINGLE]
+    else:
+        files, weight_map = sorted(p.name for p in path.glob("*.safetensors")), None
+        if not files:
+            raise CheckpointError(f"{path}: no model.safetensors or {INDEX}; is this an HF checkpoint dir?")
+    infos = {}
+    for f in files:
+        for name, info in read_header(path / f)[0].items():
+            if name in infos:
+                raise CheckpointError(f"{path / f}: tensor {name!r} also appears in {infos[name].path.name}")
+            infos[name] = info
+    for name, f in (weight_map or {}).items():
+        if name in infos and infos[name].path.name != Path(f).name:
+            raise CheckpointError(f"{index_file}: {name!r} is mapped to {f} but stored in {infos[name].path.name}")
+        if name not in infos:
+            raise CheckpointError(f"{index_file}: {name!r} is mapped to {f} but that file does not contain it")
+    return infos
+
+
+def validate(config: LlamaConfig, infos: dict, path: Path) -> None:
+    expected = {n: (k, K.checkpoint_shape(k, config)) for k in K.keys_for(config) for n in K.names(k, config)}
+    missing = sorted(set(expected) - set(infos), key=_natural)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: tensor {missing[0]!r}{more} is missing; the checkpoint does not match config.json")
+    allowed_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unexpected = sorted(n for n in infos if n not in expected and n not in allowed_extra and not K.IGNORED.fullmatch(n))
+    if unexpected:
+        raise CheckpointError(f"{infos[unexpected[0]].path}: unexpected tensor {unexpected[0]!r}; "
+                              "jaxvocab reads plain LlamaForCausalLM checkpoints")
+    for name, (_, shape) in expected.items():
+        info = infos[name]
+        if info.shape != shape:
+            raise CheckpointError(f"{info.path}: {name} has shape {list(info.shape)} but config.json implies {list(shape)}")
+        if info.dtype not in FLOATS:
+            raise CheckpointError(f"{info.path}: {name} has dtype {info.dtype}; weights must be floating point")
+
+
+def _natural(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def read_hf(path, *, dtype=None, mesh: Mesh | None = None, show_progress: bool = True) -> Llama:
+    path = Path(path)
+    config = LlamaConfig.from_hf_file(path)
+    infos = tensor_index(path)
+    validate(config, infos, path)
+    stored = infos[K.names(K.KEYS[0], config)[0]].dtype
+    dtype = np.dtype(dtype) if dtype is not None else stored
+    return build(config, dtype, mesh, lambda key: _hf_source(key, config, infos), show_progress,
+                 source=str(path))
+
+
+def _hf_source(key: K.Key, config: LlamaConfig, infos: dict):
+    """Reader of param-space slices for one key: index over the (stacked) param -> np.ndarray."""
+    tensors = [infos[n] for n in K.names(key, config)]
+
+    def read_one(info, idx):
+        if key.transpose:
+            return read_slice(info, idx[::-1]).T
+        return read_slice(info, idx)
+
+    def read(idx: tuple[slice, ...]):
+        if not key.layered:
+            return read_one(tensors[0], idx)
+        layers = range(*idx[0].indices(len(tensors)))
+        return np.stack([read_one(tensors[i], idx[1:]) for i in layers])
+
+    return read, sum(t.nbytes for t in tensors)
+
+
+def build(config: LlamaConfig, dtype, mesh: Mesh | None, source_for, show_progress: bool, source: str = "") -> Llama:
+    """Abstract model, then every param filled slice by slice by `source_for(key)`."""
+    mesh = mesh or single_device_mesh()
+    dtype = np.dtype(dtype)
+    model = nnx.eval_shape(lambda: Llama(config.replace(dtype=dtype.name), dtype=jnp.dtype(dtype)))
+    keys = K.keys_for(config)
+    sources = {k: source_for(k) for k in keys}
+    bar = progress(total=sum(s[1] for s in sources.values()), desc="loading", unit="B", unit_scale=True,
+                   disable=not show_progress)
+    with bar:
+        for key in keys:
+            read, nbytes = sources[key]
+            shape = K.param_shape(key, config)
+            sharding = sharding_for(shape, K.logical_axes(key), mesh)
+            arr = jax.make_array_from_callback(shape, sharding, lambda idx, r=read: r(_full(idx, shape)).astype(dtype))
+            K.get_param(model, key).set_value(arr)
+            bar.update(nbytes)
+    model.source_dir = source
+    return model
+
+
+def _full(idx, shape) -> tuple[slice, ...]:
+    idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
+    return tuple(slice(*s.indices(n)) for s, n in zip(idx, shape))
+
+
+# --------------------------------------------------------------------------------------- write
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
+    if not m:
+        raise UsageError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
+    unit = m.group(2).rstrip("B") or ""
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def tensors_of(model: Llama) -> list[tuple[str, K.Key, int | None]]:
+    """(HF name, key, layer) in HF's module order: embed, layer by layer, norm, head."""
+    config = model.config
+    out = [(K.KEYS[0].hf, K.KEYS[0], None)]
+    layered = [k for k in K.KEYS if k.layered]
+    for i in range(config.num_hidden_layers):
+        out += [(k.hf.format(i=i), k, i) for k in layered]
+    out += [(k.hf, k, None) for k in K.keys_for(config) if not k.layered and k.path != ("embed",)]
+    return out
+
+
+def host_tensor(model: Llama, key: K.Key, layer: int | None) -> np.ndarray:
+    """One checkpoint tensor gathered to host (for stacked params, only that layer's slice)."""
+    arr = K.get_param(model, key)[...]
+    if layer is not None:
+        arr = arr[layer]
+    host = np.asarray(jax.device_get(arr))
+    return np.ascontiguousarray(host.T) if key.transpose else host
+
+
+def write_weights(model: Llama, out: Path, max_shard_size="5GB", show_progress: bool = True) -> dict:
+    limit = parse_size(max_shard_size)
+    config = model.config
+    plan = []
+    for name, key, layer in tensors_of(model):
+        p = K.get_param(model, key)[...]
+        plan.append((name, key, layer, p.dtype, K.checkpoint_shape(key, config), p.dtype.itemsize))
+    shards, current, size = [], [], 0
+    for entry in plan:
+        nbytes = int(np.prod(entry[4])) * entry[5]
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += nbytes
+    shards.append(current)
+    total = 0
+    weight_map = {}
+    by_name = {e[0]: e for e in plan}
+    bar = progress(total=len(plan), desc="writing", unit="tensor", disable=not show_progress)
+    with bar:
+        for n, shard in enumerate(shards):
+            fname = SINGLE if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+
+            def produce(name):
+                _, key, layer, *_ = by_name[name]
+                bar.update(1)
+                return host_tensor(model, key, layer)
+
+            total += write_file(out / fname, [(e[0], np.dtype(e[3]), e[4]) for e in shard], produce)
+            weight_map.update({e[0]: fname for e in shard})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return {"total_size": total, "shards": len(shards)}

@@ -1,0 +1,114 @@
+"""The safetensors format, read by slice and written by stream, with no torch and no whole-file loads.
+
+Why not `safetensors.safe_open(framework="numpy")`: numpy has no bfloat16, so it refuses Llama's
+weights, and its file map stays resident for as long as the file is open, which counts the whole
+checkpoint against peak RSS a second time. Here each slice read maps just the tensor, copies out the
+requested slice (only those pages are touched) and drops the map, so peak host memory stays near
+the params plus one tensor. The format is simple: 8-byte little-endian header length, a JSON
+header of {name: {dtype, shape, data_offsets}}, then the raw bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from jaxvocab.errors import CheckpointError
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+CODES = {v: k for k, v in DTYPES.items()}
+FLOATS = {DTYPES[k] for k in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")}
+
+
+class TensorInfo:
+    __slots__ = ("name", "dtype", "shape", "start", "end", "path")
+
+    def __init__(self, name, dtype, shape, start, end, path):
+        self.name, self.dtype, self.shape, self.start, self.end, self.path = name, dtype, shape, start, end, path
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
+    """Parse one file's header; every inconsistency is an error naming the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path}: too short to be a safetensors file; re-download it")
+            (n,) = struct.unpack("<Q", raw)
+            size = os.fstat(f.fileno()).st_size
+            if n > size - 8:
+                raise CheckpointError(f"{path}: header length {n} exceeds the file size; the file is truncated or not safetensors")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: header is not valid JSON; the file is corrupt or not safetensors") from None
+    base = 8 + n
+    meta = header.pop("__metadata__", None) or {}
+    infos = {}
+    for name, e in header.items():
+        try:
+            dtype = DTYPES[e["dtype"]]
+            shape = tuple(int(s) for s in e["shape"])
+            start, end = (base + int(o) for o in e["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has an unsupported or malformed header entry {e!r}") from None
+        if end - start != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or end > size:
+            raise CheckpointError(f"{path}: tensor {name!r} data does not match its shape {list(shape)}; the file is truncated")
+        infos[name] = TensorInfo(name, dtype, shape, start, end, Path(path))
+    return infos, meta
+
+
+def read_slice(info: TensorInfo, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    """A copy of `tensor[index]`, touching only the pages the slice lives on."""
+    if info.nbytes == 0:
+        return np.zeros(info.shape, info.dtype)[index or ()]
+    page = mmap.ALLOCATIONGRANULARITY
+    offset = info.start - info.start % page
+    with open(info.path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), info.end - offset, access=mmap.ACCESS_READ, offset=offset)
+    try:
+        view = np.frombuffer(mm, dtype=info.dtype, count=int(np.prod(info.shape)), offset=info.start - offset)
+        out = np.array(view.reshape(info.shape)[index or ()], copy=True)
+        del view
+    finally:
+        mm.close()
+    return out
+
+
+def write_file(path: Path, entries: list[tuple[str, np.dtype, tuple[int, ...]]], produce, metadata=None) -> int:
+    """Write tensors one at a time: `produce(name)` returns each array just before it is written.
+
+    The header is known up front from (name, dtype, shape), so a shard never sits in memory whole.
+    """
+    header, offset = {}, 0
+    for name, dtype, shape in entries:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps({"__metadata__": metadata or {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, dtype, shape in entries:
+            arr = np.ascontiguousarray(produce(name), dtype=dtype)
+            if arr.shape != tuple(shape):
+                raise CheckpointError(f"{path}: tensor {name} has shape {arr.shape}, expected {tuple(shape)}")
+            f.write(arr.tobytes() if arr.nbytes < (1 << 26) else memoryview(arr.reshape(-1).view(np.uint8)))
+    return offset

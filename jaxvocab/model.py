@@ -1,0 +1,197 @@
+"""Llama-3 in flax.nnx, numerically a twin of transformers' LlamaForCausalLM.
+
+Layer weights are stacked along a leading "layers" axis and run with `lax.scan`: compile time does
+not grow with depth (an 80-layer model compiles like a 1-layer one) and the KV cache is one array
+per tensor. Every parameter carries logical axis names in its `logical` metadata; `sharding.py`
+turns those into mesh placements. The forward pass is split into small pure functions so that
+`rows.py` can reuse the decoder with its own embedding lookup and head.
+
+Tables: `embed` and `lm_head` are both [V, D] (HF's layout): vocabulary work treats them alike.
+Linear weights are [in, out] so the forward pass is plain `x @ w`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxvocab.config import LlamaConfig
+from jaxvocab.rope import apply_rope, inverse_frequencies
+
+LAYER_AXES: dict[str, tuple[str, ...]] = {
+    "attn_norm": ("layers", "norm"),
+    "wq": ("layers", "embed", "q_heads"),
+    "wk": ("layers", "embed", "kv_heads"),
+    "wv": ("layers", "embed", "kv_heads"),
+    "wo": ("layers", "q_heads", "embed"),
+    "mlp_norm": ("layers", "norm"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+TABLE_AXES = ("vocab", "embed")
+
+
+def layer_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    L, d, f = c.num_hidden_layers, c.hidden_size, c.intermediate_size
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    return {
+        "attn_norm": (L, d), "wq": (L, d, q), "wk": (L, d, kv), "wv": (L, d, kv), "wo": (L, q, d),
+        "mlp_norm": (L, d), "w_gate": (L, d, f), "w_up": (L, d, f), "w_down": (L, f, d),
+    }
+
+
+def _param(shape, dtype, logical, rngs: nnx.Rngs | None, ones=False):
+    if ones:
+        value = jnp.ones(shape, dtype)
+    elif rngs is None:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical=logical)
+
+
+class Layers(nnx.Module):
+    """All decoder layers, each weight stacked on a leading layer axis."""
+
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs | None):
+        for name, shape in layer_shapes(config).items():
+            setattr(self, name, _param(shape, dtype, LAYER_AXES[name], rngs, ones=name.endswith("norm")))
+
+    def weights(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in LAYER_AXES}
+
+
+class KVCache(NamedTuple):
+    k: jax.Array       # [L, B, S, KV, hd]
+    v: jax.Array       # [L, B, S, KV, hd]
+    valid: jax.Array   # [B, S] bool: slot holds a real token
+    index: jax.Array   # int32 scalar: next free slot
+
+    @classmethod
+    def empty(cls, config: LlamaConfig, batch: int, length: int, dtype) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool), jnp.int32(0))
+
+
+class Llama(nnx.Module):
+    """`Llama(config)(input_ids)` -> f32 logits [B, T, V].
+
+    Build it abstractly with `nnx.eval_shape(lambda: Llama(cfg))` and fill it from a checkpoint;
+    pass `rngs` only when you really want a random model (tests, benchmarks).
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, compute_dtype=None,
+                 rngs: nnx.Rngs | None = None):
+        self.config = config
+        self.compute_dtype = jnp.dtype(compute_dtype or dtype).name
+        self.remat = False
+        shape = (config.vocab_size, config.hidden_size)
+        self.embed = _param(shape, dtype, TABLE_AXES, rngs)
+        self.layers = Layers(config, dtype, rngs)
+        self.norm = _param((config.hidden_size,), dtype, ("norm",), rngs, ones=True)
+        self.lm_head = None if config.tie_word_embeddings else _param(shape, dtype, TABLE_AXES, rngs)
+
+    @property
+    def head_table(self) -> nnx.Param:
+        return self.embed if self.lm_head is None else self.lm_head
+
+    def __call__(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None,
+                 cache: KVCache | None = None):
+        dtype = jnp.dtype(self.compute_dtype)
+        x = self.embed[...][input_ids].astype(dtype)
+        h, cache = decode(self.layers.weights(), x, self.config, dtype, attention_mask=attention_mask,
+                          segment_ids=segment_ids, positions=positions, cache=cache, remat=self.remat)
+        h = rms_norm(h, self.norm[...], self.config.rms_norm_eps)
+        logits = project(h, self.head_table[...], dtype)
+        return logits if cache is None else (logits, cache)
+
+
+def project(h, table, dtype):
+    """Hidden states [B, T, D] x table [V, D] -> f32 logits (accumulated in f32)."""
+    return jnp.einsum("btd,vd->btv", h, table.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def rms_norm(x, weight, eps):
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def default_positions(B, T, segment_ids=None, start=0):
+    """Positions restart at 0 in every packed document; a cache continues from its index."""
+    if segment_ids is None:
+        return jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    starts = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    idx = jnp.arange(T, dtype=jnp.int32)
+    last_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - last_start
+
+
+def attention_mask_for(T, attention_mask=None, segment_ids=None, cache: KVCache | None = None):
+    """Boolean [B, 1, 1, T, S] mask: causal, same document, real keys only."""
+    if cache is None:
+        causal = jnp.tril(jnp.ones((T, T), bool))[None]
+        mask = causal
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+            mask = mask & (segment_ids[:, None, :] != 0)
+        if attention_mask is not None:
+            mask = mask & attention_mask.astype(bool)[:, None, :]
+        return mask[:, None, None]
+    S = cache.valid.shape[1]
+    q_slot = cache.index + jnp.arange(T)
+    causal = jnp.arange(S)[None, :] <= q_slot[:, None]
+    return (causal[None] & cache.valid[:, None, :])[:, None, None]
+
+
+def decode(layers: dict, x, config: LlamaConfig, dtype, *, attention_mask=None, segment_ids=None,
+           positions=None, cache: KVCache | None = None, remat: bool = False):
+    """Run all decoder layers with one scan. Returns (hidden [B, T, D], updated cache or None)."""
+    B, T, _ = x.shape
+    if positions is None:
+        positions = default_positions(B, T, segment_ids, 0 if cache is None else cache.index)
+    inv_freq = inverse_frequencies(config)
+    if cache is not None:
+        new_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        cache = cache._replace(valid=jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index)))
+    mask = attention_mask_for(T, attention_mask, segment_ids, cache)
+
+    def layer(h, xs):
+        w, kv = xs
+        h, kv = _layer(w, h, kv, config, dtype, positions, inv_freq, mask, cache)
+        return h, kv
+
+    body = jax.checkpoint(layer) if remat else layer
+    kv_in = None if cache is None else (cache.k, cache.v)
+    h, kv_out = jax.lax.scan(body, x, (layers, kv_in))
+    if cache is not None:
+        cache = cache._replace(k=kv_out[0], v=kv_out[1], index=cache.index + T)
+    return h, cache
+
+
+def _layer(w, h, kv, c: LlamaConfig, dtype, positions, inv_freq, mask, cache):
+    B, T, _ = h.shape
+    H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    cast = lambda a: a.astype(dtype)  # noqa: E731
+    a = rms_norm(h, w["attn_norm"], c.rms_norm_eps)
+    q = apply_rope((a @ cast(w["wq"])).reshape(B, T, H, hd), positions, inv_freq)
+    k = apply_rope((a @ cast(w["wk"])).reshape(B, T, KV, hd), positions, inv_freq)
+    v = (a @ cast(w["wv"])).reshape(B, T, KV, hd)
+    if kv is not None:
+        k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache.index, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache.index, 0, 0))
+        kv = (k_all, v_all)
+        k, v = k_all.astype(dtype), v_all.astype(dtype)
+    q = q.reshape(B, T, KV, H // KV, hd)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    attn = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, H * hd)
+    h = h + attn @ cast(w["wo"])
+    m = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
+    h = h + (jax.nn.silu(m @ cast(w["w_gate"])) * (m @ cast(w["w_up"]))) @ cast(w["w_down"])
+    return h, kv

