@@ -26,9 +26,9 @@ _LAZY = {
     "expand_vocab": "jaxvocab.vocab",
     "find_untrained": "jaxvocab.vocab",
     "fix_untrained": "jaxvocab.vocab",
-    "generate": "jaxvocab.generate",
+    "generate": "jaxvocab.generation",
 }
-_SUBMODULES = ("rows", "diagnostics", "vocab", "tokenizer", "generate")
+_SUBMODULES = ("rows", "diagnostics", "vocab", "tokenizer", "generation")
 
 __all__ = [
     "JaxVocabError", "KVCache", "Llama", "LlamaConfig", "PRESETS", "RopeScaling",
