@@ -39,12 +39,21 @@ def describe(src: Path) -> str:
     else:
         count = config.num_params()
         lines += [f"  parameters     {count:,} ({count / 1e9:.2f}B) from the config"]
+        if kind == "meta":
+            lines += [_meta_files(Path(src))]
     return "\n".join(lines)
 
 
 def _meta_config(src):
     from jaxvocab.io.meta import meta_config
     return meta_config(Path(src))
+
+
+def _meta_files(src: Path) -> str:
+    from jaxvocab.io.meta import shard_files
+    files = shard_files(src)
+    return (f"  files          {len(files)} model-parallel shard(s): "
+            + ", ".join(f"{f.name} ({_size(f.stat().st_size)})" for f in files))
 
 
 def _architecture(c: LlamaConfig) -> list[str]:

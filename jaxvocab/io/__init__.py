@@ -7,7 +7,7 @@ from pathlib import Path
 
 from jax.sharding import Mesh
 
-from jaxvocab.errors import CheckpointError
+from jaxvocab.errors import CheckpointError, UsageError
 from jaxvocab.io import checkpoint, hf
 from jaxvocab.io.atomic import atomic_dir
 from jaxvocab.model import Llama
@@ -28,16 +28,19 @@ def detect(path: Path) -> str:
     raise CheckpointError(f"{path}: not a checkpoint dir (no config.json, params.json or {checkpoint.MARKER})")
 
 
-def load(path, dtype=None, mesh: Mesh | None = None, *, show_progress: bool = True) -> Llama:
+def load(path, dtype=None, mesh: Mesh | None = None, *, show_progress: bool = True,
+         rope_factor: float | None = None) -> Llama:
     """Load any supported checkpoint dir onto `mesh` (default: one device), params in `dtype`
-    (default: as stored)."""
+    (default: as stored). `rope_factor` overrides the llama3 rope factor a Meta params.json omits."""
     path = Path(path)
     kind = detect(path)
+    if rope_factor is not None and kind != "meta":
+        raise UsageError(f"--rope-factor: {path} is not a Meta checkpoint; its config.json states its own rope scaling")
     if kind == "jaxvocab":
         return checkpoint.read_jaxvocab(path, dtype=dtype, mesh=mesh)
     if kind == "meta":
         from jaxvocab.io import meta
-        return meta.read_meta(path, dtype=dtype, mesh=mesh, show_progress=show_progress)
+        return meta.read_meta(path, dtype=dtype, mesh=mesh, show_progress=show_progress, rope_factor=rope_factor)
     model = hf.read_hf(path, dtype=dtype, mesh=mesh, show_progress=show_progress)
     model.vocab_plan = None
     return model
@@ -56,7 +59,7 @@ def _write_support_files(model: Llama, out: Path, plan) -> None:
     """config.json's siblings: tokenizer files (edited per the vocab plan), generation config, plan."""
     src = getattr(model, "source_dir", None) or None
     plan = _plan_of(model, plan)
-    if plan is not None and (plan.renamed or plan.appended) and src:
+    if plan is not None and (plan.renamed or plan.appended) and src and not plan.applied_in(src):
         from jaxvocab.io.tokenizer_files import write_tokenizer_files
         write_tokenizer_files(src, out, plan.renamed, plan.appended, plan.special_ids, model.config.vocab_size)
     checkpoint.carry_files(src, out)

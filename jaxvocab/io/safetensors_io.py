@@ -2,9 +2,9 @@
 
 Why not `safetensors.safe_open(framework="numpy")`: numpy has no bfloat16, so it refuses Llama's
 weights, and its file map stays resident for as long as the file is open, which counts the whole
-checkpoint against peak RSS a second time. Here each slice read maps just the tensor, copies out the
-requested slice (only those pages are touched) and drops the map, so peak host memory stays near
-the params plus one tensor. The format is simple: 8-byte little-endian header length, a JSON
+checkpoint against peak RSS a second time. Here a slice of whole rows is read with plain reads
+into an aligned buffer; any other slice maps just the tensor, copies out the requested slice (only
+those pages are touched) and drops the map, so peak host memory stays near the params plus one tensor. The format is simple: 8-byte little-endian header length, a JSON
 header of {name: {dtype, shape, data_offsets}}, then the raw bytes.
 """
 
@@ -29,6 +29,8 @@ DTYPES = {
 }
 CODES = {v: k for k, v in DTYPES.items()}
 FLOATS = {DTYPES[k] for k in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")}
+# Bytes copied out by read_slice in this process (the multi-host test checks each host reads its share).
+BYTES_READ = 0
 
 
 class TensorInfo:
@@ -74,10 +76,26 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     return infos, meta
 
 
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """np.empty on a 64-byte boundary: XLA's CPU client adopts such a buffer as a device array
+    without copying it, where numpy's own 16-byte alignment costs a full extra copy per tensor."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    skip = -raw.ctypes.data % align
+    return raw[skip:skip + nbytes].view(dtype).reshape(shape)
+
+
 def read_slice(info: TensorInfo, index: tuple[slice, ...] | None = None) -> np.ndarray:
     """A copy of `tensor[index]`, touching only the pages the slice lives on."""
+    global BYTES_READ
     if info.nbytes == 0:
         return np.zeros(info.shape, info.dtype)[index or ()]
+    rows = _row_range(info.shape, index or ())
+    if rows is not None:
+        out = _read_rows(info, *rows)
+        BYTES_READ += out.nbytes
+        return out
     page = mmap.ALLOCATIONGRANULARITY
     offset = info.start - info.start % page
     with open(info.path, "rb") as f:
@@ -88,6 +106,35 @@ def read_slice(info: TensorInfo, index: tuple[slice, ...] | None = None) -> np.n
         del view
     finally:
         mm.close()
+    BYTES_READ += out.nbytes
+    return out
+
+
+def _row_range(shape, index) -> tuple[int, int] | None:
+    """(first, stop) when `index` takes whole rows of dim 0, i.e. one contiguous byte range."""
+    if not shape or len(index) > len(shape) or not all(isinstance(s, slice) for s in index):
+        return None
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    if any(s.indices(n) != (0, n, 1) for s, n in zip(index[1:], shape[1:])):
+        return None
+    first, stop, step = index[0].indices(shape[0])
+    return (first, max(first, stop)) if step == 1 else None
+
+
+def _read_rows(info: TensorInfo, first: int, stop: int) -> np.ndarray:
+    """Whole rows with plain reads into an aligned buffer: several times faster than faulting the
+    same bytes in through a map, and the buffer becomes the device array as is on CPU."""
+    out = aligned_empty((stop - first, *info.shape[1:]), info.dtype)
+    buf = memoryview(out.reshape(-1).view(np.uint8))
+    pos = info.start + first * (info.nbytes // info.shape[0])
+    with open(info.path, "rb", buffering=0) as f:
+        f.seek(pos)
+        done = 0
+        while done < len(buf):  # one read returns at most ~2 GB
+            n = f.readinto(buf[done:])
+            if not n:
+                raise CheckpointError(f"{info.path}: ended inside tensor {info.name!r}; the file is truncated")
+            done += n
     return out
 
 

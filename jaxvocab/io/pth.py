@@ -1,0 +1,203 @@
+"""torch `.pth` files read without torch and without running a line of the file's pickle code.
+
+A `.pth` is a zip archive: `<archive>/data.pkl` (a pickle of the state dict), `<archive>/byteorder`
+and one uncompressed member `<archive>/data/<key>` per storage. `torch.load` unpickles with the
+full pickle machinery, so a crafted file can run anything (`os.system` is one GLOBAL opcode away).
+Here the unpickler resolves only the few globals a tensor state dict needs, each mapped to a
+pure-numpy stand-in; any other global is refused before it is looked up, let alone called.
+Storages become `LazyTensor`s over their zip members: nothing is read until a slice is asked for,
+and then only that slice is copied out of a short-lived memory map, honouring the storage offset
+and strides that `_rebuild_tensor_v2` recorded (views saved by torch share one storage).
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from jaxvocab.errors import CheckpointError
+
+# Bytes copied out of .pth storages by this process (the multi-host test checks each host reads its share).
+BYTES_READ = 0
+
+STORAGE_DTYPES = {
+    "FloatStorage": np.dtype(np.float32), "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16), "DoubleStorage": np.dtype(np.float64),
+    "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32), "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8), "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
+}
+
+
+class _StorageType:
+    """What `torch.BFloat16Storage` & co. resolve to: just the element dtype."""
+
+    def __init__(self, name: str):
+        self.name, self.dtype = name, STORAGE_DTYPES[name]
+
+
+class Storage:
+    """One `data/<key>` member: where its bytes start in the file, how many elements it holds."""
+
+    __slots__ = ("path", "start", "numel", "dtype")
+
+    def __init__(self, path: Path, start: int, numel: int, dtype: np.dtype):
+        self.path, self.start, self.numel, self.dtype = path, start, numel, dtype
+
+
+class LazyTensor:
+    """A tensor as torch saved it (storage + offset + shape + strides), read slice by slice."""
+
+    __slots__ = ("storage", "offset", "shape", "stride")
+
+    def __init__(self, storage: Storage, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]):
+        self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.storage.dtype
+
+    @property
+    def path(self) -> Path:
+        return self.storage.path
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def read(self, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """A copy of `tensor[index]`; only the pages holding the slice are touched."""
+        global BYTES_READ
+        st, item = self.storage, self.dtype.itemsize
+        if 0 in self.shape:
+            return np.zeros(self.shape, self.dtype)[index or ()]
+        base = st.start - st.start % mmap.ALLOCATIONGRANULARITY
+        with open(st.path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), st.start + st.numel * item - base, access=mmap.ACCESS_READ, offset=base)
+        try:
+            flat = np.frombuffer(mm, dtype=st.dtype, count=st.numel, offset=st.start - base)
+            view = np.lib.stride_tricks.as_strided(flat[self.offset:], self.shape, [s * item for s in self.stride],
+                                                   writeable=False)
+            out = np.array(view[index or ()], copy=True)
+            del view, flat
+        finally:
+            mm.close()
+        BYTES_READ += out.nbytes
+        return out
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """Stand-in for torch._utils._rebuild_tensor_v2: checks the view stays inside its storage."""
+    if not isinstance(storage, Storage):
+        raise CheckpointError("tensor without a storage")
+    ints = lambda t: isinstance(t, tuple) and all(isinstance(v, int) and v >= 0 for v in t)  # noqa: E731
+    if not (isinstance(storage_offset, int) and storage_offset >= 0 and ints(size) and ints(stride)
+            and len(size) == len(stride)):
+        raise CheckpointError(f"{storage.path}: malformed tensor record (offset {storage_offset!r}, size {size!r}, "
+                              f"stride {stride!r})")
+    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) if 0 not in size else -1
+    if last >= storage.numel:
+        raise CheckpointError(f"{storage.path}: a tensor of shape {list(size)} reaches past the end of its storage; "
+                              "the file is corrupt")
+    return LazyTensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    return data
+
+
+_ALLOWED = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, path: Path, storage_for):
+        super().__init__(file)
+        self.path, self.storage_for = path, storage_for
+
+    def find_class(self, module, name):
+        # Protocol-2 pickles spell some Python 3 names the Python 2 way (__builtin__.eval).
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(name)
+        fn = _ALLOWED.get((module, name))
+        if fn is None:
+            raise CheckpointError(f"{self.path}: refusing to unpickle the global {module}.{name}: a tensor state dict "
+                                  "never needs it, and jaxvocab does not run code from checkpoint files")
+        return fn
+
+    def persistent_load(self, pid):
+        ok = (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
+              and isinstance(pid[2], str) and isinstance(pid[4], int) and pid[4] >= 0)
+        if not ok:
+            raise CheckpointError(f"{self.path}: unsupported persistent id {pid!r:.80}; only tensor storages are read")
+        return self.storage_for(pid[2], pid[1].dtype, pid[4])
+
+
+def read_pth(path) -> dict[str, LazyTensor]:
+    """The state dict of one `.pth` file as {name: LazyTensor}; no tensor data is read."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = {i.filename: i for i in z.infolist()}
+            pkl = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pkl) != 1:
+                raise CheckpointError(f"{path}: not a torch zip checkpoint (no <archive>/data.pkl)")
+            prefix = pkl[0][: -len("data.pkl")]
+            order = z.read(prefix + "byteorder").strip() if prefix + "byteorder" in members else b"little"
+            if order != b"little":
+                raise CheckpointError(f"{path}: byte order {order.decode(errors='replace')!r} is not supported; "
+                                      "re-save it on a little-endian machine")
+            data = z.open(pkl[0])
+            with open(path, "rb") as raw:
+                storages = {}
+
+                def storage_for(key, dtype, numel):
+                    if key not in storages:
+                        storages[key] = _storage(path, raw, members.get(f"{prefix}data/{key}"), key, dtype, numel)
+                    return storages[key]
+
+                state = _Unpickler(data, path, storage_for).load()
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{path}: not a zip archive; only torch's zip format (torch >= 1.6) is read, "
+                              "re-save the file with a recent torch.save") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise CheckpointError(f"{path}: corrupt data.pkl ({type(e).__name__}: {e})") from None
+    flat = isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, LazyTensor) for k, v in state.items())
+    if not flat:
+        raise CheckpointError(f"{path}: expected a flat state dict of tensors")
+    return dict(state)
+
+
+def _storage(path: Path, raw, info: zipfile.ZipInfo | None, key: str, dtype: np.dtype, numel: int) -> Storage:
+    """Locate a storage member's bytes: torch writes them uncompressed, so they can be mapped in place."""
+    if info is None:
+        raise CheckpointError(f"{path}: storage {key!r} is referenced but missing from the archive")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(f"{path}: storage {key!r} is compressed; re-save the file with torch.save")
+    if info.file_size < numel * dtype.itemsize:
+        raise CheckpointError(f"{path}: storage {key!r} holds {info.file_size} bytes, fewer than its {numel} "
+                              f"{dtype.name} elements; the file is truncated")
+    raw.seek(info.header_offset)
+    header = raw.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise CheckpointError(f"{path}: bad zip entry for storage {key!r}; the file is corrupt")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + numel * dtype.itemsize > os.fstat(raw.fileno()).st_size:
+        raise CheckpointError(f"{path}: storage {key!r} runs past the end of the file; the file is truncated")
+    return Storage(path, start, numel, dtype)
