@@ -8,6 +8,7 @@ pulled from the devices, into a temporary sibling dir renamed into place at the 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from jax.sharding import Mesh
 from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import CheckpointError, UsageError
 from jaxvocab.io import keys as K
-from jaxvocab.io.safetensors_io import FLOATS, TensorInfo, read_header, read_slice, write_file
+from jaxvocab.io.safetensors_io import FLOATS, TensorInfo, aligned_empty, read_header, read_slice, write_file
 from jaxvocab.model import Llama
 from jaxvocab.progress import progress
 from jaxvocab.sharding import sharding_for, single_device_mesh
@@ -109,19 +110,53 @@ def read_hf(path, *, dtype=None, mesh: Mesh | None = None, show_progress: bool =
 def _hf_source(key: K.Key, config: LlamaConfig, infos: dict):
     """Reader of param-space slices for one key: index over the (stacked) param -> np.ndarray."""
     tensors = [infos[n] for n in K.names(key, config)]
+    shape = K.param_shape(key, config)
+    stacked_dtype = np.result_type(*{t.dtype for t in tensors})
 
     def read_one(info, idx):
         if key.transpose:
-            return read_slice(info, idx[::-1]).T
+            return transpose(read_slice(info, idx[::-1]))
         return read_slice(info, idx)
 
     def read(idx: tuple[slice, ...]):
         if not key.layered:
             return read_one(tensors[0], idx)
-        layers = range(*idx[0].indices(len(tensors)))
-        return np.stack([read_one(tensors[i], idx[1:]) for i in layers])
+        # Layers land one by one in the final (aligned) buffer: no list of layers plus a stacked copy.
+        out = aligned_empty(tuple(len(range(*s.indices(n))) for s, n in zip(idx, shape)), stacked_dtype)
+        for j, i in enumerate(range(*idx[0].indices(len(tensors)))):
+            out[j] = read_one(tensors[i], idx[1:])
+        return out
 
     return read, sum(t.nbytes for t in tensors)
+
+
+_TRANSPOSE = jax.jit(lambda x: x.T)
+
+
+def transpose(a: np.ndarray) -> np.ndarray:
+    """Contiguous `a.T`. numpy's strided copy manages ~150-250 MB/s on bf16 and was most of the load
+    time; XLA's CPU transpose is ~3x faster. numpy stays the fallback where JAX has no CPU backend."""
+    cpu = _host_device()
+    if cpu is None or a.size < 1 << 16:
+        return np.ascontiguousarray(a.T)
+    return np.asarray(_TRANSPOSE(jax.device_put(a, cpu)))
+
+
+@functools.cache
+def _host_device():
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS excludes cpu
+        return None
+
+
+def _as_dtype(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast into an aligned buffer, so the cast copy is also the device array's memory on CPU."""
+    if a.dtype == dtype:
+        return a
+    out = aligned_empty(a.shape, dtype)
+    out[...] = a
+    return out
 
 
 def build(config: LlamaConfig, dtype, mesh: Mesh | None, source_for, show_progress: bool, source: str = "") -> Llama:
@@ -138,7 +173,7 @@ def build(config: LlamaConfig, dtype, mesh: Mesh | None, source_for, show_progre
             read, nbytes = sources[key]
             shape = K.param_shape(key, config)
             sharding = sharding_for(shape, K.logical_axes(key), mesh)
-            arr = jax.make_array_from_callback(shape, sharding, lambda idx, r=read: r(_full(idx, shape)).astype(dtype))
+            arr = jax.make_array_from_callback(shape, sharding, lambda idx, r=read: _as_dtype(r(_full(idx, shape)), dtype))
             K.get_param(model, key).set_value(arr)
             bar.update(nbytes)
     model.source_dir = source

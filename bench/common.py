@@ -1,0 +1,113 @@
+"""Shared benchmark plumbing: one measurement per fresh process, markdown tables, result files.
+
+Peak RSS is a per-process high-water mark (`ru_maxrss`), so every tool measured runs in its own
+fresh interpreter: two tools in one process would share one number, and a second run in the same
+process would see warm allocators and caches. A child runs `setup` (imports, not timed), then
+`body` under a wall clock, and prints one JSON line with what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+_MARK = "__BENCH_RESULT__"
+
+_CHILD = """
+import json, time
+from common import peak_rss
+{setup}
+_t0 = time.perf_counter()
+{body}
+_wall = time.perf_counter() - _t0
+_extra = globals().get("bench_extra", {{}})
+print({mark!r} + json.dumps({{"wall_s": _wall, "peak_rss": peak_rss(), **_extra}}), flush=True)
+"""
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes.
+
+    Linux: VmHWM, the high-water mark of this process image. Not ru_maxrss: Linux carries
+    ru_maxrss over fork and exec, so a child started by a parent that once held 2 GB reports
+    at least 2 GB whatever it does itself. Elsewhere ru_maxrss (bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def measure(setup: str, body: str, env: dict | None = None, timeout: float = 3600) -> dict:
+    """Run setup + timed body in a fresh Python; returns {"wall_s", "peak_rss", ...extras}.
+
+    The body may set a dict `bench_extra` whose items are merged into the result.
+    """
+    code = _CHILD.format(setup=textwrap.dedent(setup), body=textwrap.dedent(body), mark=_MARK)
+    env = {**os.environ, **(env or {})}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_MARK)]
+    return json.loads(lines[-1][len(_MARK):])
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Median wall time (robust to a noisy neighbour), worst peak RSS (what a user must provision)."""
+    out = dict(runs[-1])
+    out["wall_s"] = statistics.median(r["wall_s"] for r in runs)
+    out["peak_rss"] = max(r["peak_rss"] for r in runs)
+    out["runs"] = [round(r["wall_s"], 2) for r in runs]
+    return out
+
+
+def repeat(n: int, setup: str, body: str, env: dict | None = None) -> dict:
+    """`n` fresh-process runs of one case, summarized."""
+    return summarize([measure(setup, body, env) for _ in range(n)])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub markdown table (cells str()'d, columns padded for reading in a terminal too)."""
+    cells = [[str(c) for c in r] for r in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
+
+
+def machine() -> str:
+    import platform
+    cpus = os.cpu_count()
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        mem = 0
+    return f"{platform.machine()} {cpus} CPU, {fmt_bytes(mem)} RAM, Python {platform.python_version()}"
+
+
+def save(name: str, text: str) -> Path:
+    """Write bench/results/<name> (gitignored) and return its path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(text if text.endswith("\n") else text + "\n")
+    return path
