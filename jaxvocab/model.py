@@ -6,8 +6,9 @@ per tensor. Every parameter carries logical axis names in its `logical` metadata
 turns those into mesh placements. The forward pass is split into small pure functions so that
 `rows.py` can reuse the decoder with its own embedding lookup and head.
 
-Tables: `embed` and `lm_head` are both [V, D] (HF's layout): vocabulary work treats them alike.
-Linear weights are [in, out] so the forward pass is plain `x @ w`.
+Every weight keeps the checkpoint's own layout: tables `embed` and `lm_head` are both [V, D], so
+vocabulary work treats them alike, and Linear weights are [out, in] as torch stores them, so import
+and export copy bytes and never transpose (XLA contracts either layout at the same speed).
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from jaxvocab.rope import apply_rope, inverse_frequencies
 
 LAYER_AXES: dict[str, tuple[str, ...]] = {
     "attn_norm": ("layers", "norm"),
-    "wq": ("layers", "embed", "q_heads"),
-    "wk": ("layers", "embed", "kv_heads"),
-    "wv": ("layers", "embed", "kv_heads"),
-    "wo": ("layers", "q_heads", "embed"),
+    "wq": ("layers", "q_heads", "embed"),
+    "wk": ("layers", "kv_heads", "embed"),
+    "wv": ("layers", "kv_heads", "embed"),
+    "wo": ("layers", "embed", "q_heads"),
     "mlp_norm": ("layers", "norm"),
-    "w_gate": ("layers", "embed", "mlp"),
-    "w_up": ("layers", "embed", "mlp"),
-    "w_down": ("layers", "mlp", "embed"),
+    "w_gate": ("layers", "mlp", "embed"),
+    "w_up": ("layers", "mlp", "embed"),
+    "w_down": ("layers", "embed", "mlp"),
 }
 TABLE_AXES = ("vocab", "embed")
 
@@ -39,8 +40,8 @@ def layer_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     L, d, f = c.num_hidden_layers, c.hidden_size, c.intermediate_size
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     return {
-        "attn_norm": (L, d), "wq": (L, d, q), "wk": (L, d, kv), "wv": (L, d, kv), "wo": (L, q, d),
-        "mlp_norm": (L, d), "w_gate": (L, d, f), "w_up": (L, d, f), "w_down": (L, f, d),
+        "attn_norm": (L, d), "wq": (L, q, d), "wk": (L, kv, d), "wv": (L, kv, d), "wo": (L, d, q),
+        "mlp_norm": (L, d), "w_gate": (L, f, d), "w_up": (L, f, d), "w_down": (L, d, f),
     }
 
 
@@ -176,11 +177,13 @@ def decode(layers: dict, x, config: LlamaConfig, dtype, *, attention_mask=None, 
 def _layer(w, h, kv, c: LlamaConfig, dtype, positions, inv_freq, mask, cache):
     B, T, _ = h.shape
     H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    cast = lambda a: a.astype(dtype)  # noqa: E731
+    def linear(x, name):  # x [B, T, in] . w [out, in] -> [B, T, out]
+        return jnp.einsum("bti,oi->bto", x, w[name].astype(dtype))
+
     a = rms_norm(h, w["attn_norm"], c.rms_norm_eps)
-    q = apply_rope((a @ cast(w["wq"])).reshape(B, T, H, hd), positions, inv_freq)
-    k = apply_rope((a @ cast(w["wk"])).reshape(B, T, KV, hd), positions, inv_freq)
-    v = (a @ cast(w["wv"])).reshape(B, T, KV, hd)
+    q = apply_rope(linear(a, "wq").reshape(B, T, H, hd), positions, inv_freq)
+    k = apply_rope(linear(a, "wk").reshape(B, T, KV, hd), positions, inv_freq)
+    v = linear(a, "wv").reshape(B, T, KV, hd)
     if kv is not None:
         k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache.index, 0, 0))
         v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache.index, 0, 0))
@@ -191,7 +194,7 @@ def _layer(w, h, kv, c: LlamaConfig, dtype, positions, inv_freq, mask, cache):
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     attn = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, H * hd)
-    h = h + attn @ cast(w["wo"])
+    h = h + linear(attn, "wo")
     m = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
-    h = h + (jax.nn.silu(m @ cast(w["w_gate"])) * (m @ cast(w["w_up"]))) @ cast(w["w_down"])
+    h = h + linear(jax.nn.silu(linear(m, "w_gate")) * linear(m, "w_up"), "w_down")
     return h, kv

@@ -59,7 +59,7 @@ def test_restore_onto_another_mesh(saved, spec):
             assert b.sharding.is_equivalent_to(sharding_for(b.shape, K.logical_axes(k), mesh), b.ndim), name
     if mesh is not None:  # fsdp is now 4 wide and tensor 1: the shards really moved
         assert {s.data.shape for s in after["embed"].addressable_shards} == {(256, 64 // 4)}
-        assert {s.data.shape for s in after["layers/wq"].addressable_shards} == {(2, 64 // 4, 64)}
+        assert {s.data.shape for s in after["layers/wq"].addressable_shards} == {(2, 64, 64 // 4)}
     ids = jnp.asarray(random_ids(256, batch=1, length=520, seed=8))
     want = np.asarray(model(ids))
     np.testing.assert_allclose(np.asarray(restored(ids)), want, atol=1e-5 * np.abs(want).max(), rtol=0)

@@ -8,7 +8,6 @@ pulled from the devices, into a temporary sibling dir renamed into place at the 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -113,41 +112,16 @@ def _hf_source(key: K.Key, config: LlamaConfig, infos: dict):
     shape = K.param_shape(key, config)
     stacked_dtype = np.result_type(*{t.dtype for t in tensors})
 
-    def read_one(info, idx):
-        if key.transpose:
-            return transpose(read_slice(info, idx[::-1]))
-        return read_slice(info, idx)
-
     def read(idx: tuple[slice, ...]):
         if not key.layered:
-            return read_one(tensors[0], idx)
+            return read_slice(tensors[0], idx)
         # Layers land one by one in the final (aligned) buffer: no list of layers plus a stacked copy.
         out = aligned_empty(tuple(len(range(*s.indices(n))) for s, n in zip(idx, shape)), stacked_dtype)
         for j, i in enumerate(range(*idx[0].indices(len(tensors)))):
-            out[j] = read_one(tensors[i], idx[1:])
+            out[j] = read_slice(tensors[i], idx[1:])
         return out
 
     return read, sum(t.nbytes for t in tensors)
-
-
-_TRANSPOSE = jax.jit(lambda x: x.T)
-
-
-def transpose(a: np.ndarray) -> np.ndarray:
-    """Contiguous `a.T`. numpy's strided copy manages ~150-250 MB/s on bf16 and was most of the load
-    time; XLA's CPU transpose is ~3x faster. numpy stays the fallback where JAX has no CPU backend."""
-    cpu = _host_device()
-    if cpu is None or a.size < 1 << 16:
-        return np.ascontiguousarray(a.T)
-    return np.asarray(_TRANSPOSE(jax.device_put(a, cpu)))
-
-
-@functools.cache
-def _host_device():
-    try:
-        return jax.local_devices(backend="cpu")[0]
-    except RuntimeError:  # JAX_PLATFORMS excludes cpu
-        return None
 
 
 def _as_dtype(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -214,8 +188,7 @@ def host_tensor(model: Llama, key: K.Key, layer: int | None) -> np.ndarray:
     arr = K.get_param(model, key)[...]
     if layer is not None:
         arr = arr[layer]
-    host = np.asarray(jax.device_get(arr))
-    return np.ascontiguousarray(host.T) if key.transpose else host
+    return np.asarray(jax.device_get(arr))
 
 
 def write_weights(model: Llama, out: Path, max_shard_size="5GB", show_progress: bool = True) -> dict:

@@ -1,7 +1,8 @@
 """THE table between checkpoint tensor names and model parameters.
 
 One row per parameter says where it lives in an HF checkpoint, where in a Meta checkpoint, and how
-to get there (transpose; Meta's model-parallel split dimension; Meta's interleaved rotary layout).
+to get there (Meta's model-parallel split dimension; Meta's interleaved rotary layout). The model
+keeps the checkpoints' own [out, in] layout, so no row needs a transpose.
 Import and export both iterate this table, so a name can never be right one way and wrong the other.
 """
 
@@ -19,7 +20,6 @@ class Key:
     path: tuple[str, ...]        # attribute path on the Llama module
     hf: str                      # HF name; "{i}" is the layer index
     meta: str                    # Meta consolidated.*.pth name
-    transpose: bool = False      # checkpoints store Linear weights [out, in]; the model keeps [in, out]
     meta_split: int | None = None  # dim Meta's model-parallel shards are concatenated along (None: replicated)
     rotary: str | None = None    # "q" / "k": Meta stores these heads interleaved, HF as rotate-half
 
@@ -31,14 +31,14 @@ class Key:
 KEYS: tuple[Key, ...] = (
     Key(("embed",), "model.embed_tokens.weight", "tok_embeddings.weight", meta_split=0),
     Key(("layers", "attn_norm"), "model.layers.{i}.input_layernorm.weight", "layers.{i}.attention_norm.weight"),
-    Key(("layers", "wq"), "model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attention.wq.weight", True, 0, "q"),
-    Key(("layers", "wk"), "model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attention.wk.weight", True, 0, "k"),
-    Key(("layers", "wv"), "model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attention.wv.weight", True, 0),
-    Key(("layers", "wo"), "model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attention.wo.weight", True, 1),
+    Key(("layers", "wq"), "model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attention.wq.weight", 0, "q"),
+    Key(("layers", "wk"), "model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attention.wk.weight", 0, "k"),
+    Key(("layers", "wv"), "model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attention.wv.weight", 0),
+    Key(("layers", "wo"), "model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attention.wo.weight", 1),
     Key(("layers", "mlp_norm"), "model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight"),
-    Key(("layers", "w_gate"), "model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.feed_forward.w1.weight", True, 0),
-    Key(("layers", "w_up"), "model.layers.{i}.mlp.up_proj.weight", "layers.{i}.feed_forward.w3.weight", True, 0),
-    Key(("layers", "w_down"), "model.layers.{i}.mlp.down_proj.weight", "layers.{i}.feed_forward.w2.weight", True, 1),
+    Key(("layers", "w_gate"), "model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.feed_forward.w1.weight", 0),
+    Key(("layers", "w_up"), "model.layers.{i}.mlp.up_proj.weight", "layers.{i}.feed_forward.w3.weight", 0),
+    Key(("layers", "w_down"), "model.layers.{i}.mlp.down_proj.weight", "layers.{i}.feed_forward.w2.weight", 1),
     Key(("norm",), "model.norm.weight", "norm.weight"),
     Key(("lm_head",), "lm_head.weight", "output.weight", meta_split=0),
 )
@@ -68,8 +68,7 @@ def logical_axes(key: Key) -> tuple[str, ...]:
 
 def checkpoint_shape(key: Key, config: LlamaConfig) -> tuple[int, ...]:
     """Shape of one stored tensor (one layer's, for stacked params)."""
-    shape = param_shape(key, config)[1 if key.layered else 0:]
-    return shape[::-1] if key.transpose else shape
+    return param_shape(key, config)[1 if key.layered else 0:]
 
 
 def names(key: Key, config: LlamaConfig, style: str = "hf") -> list[str]:

@@ -258,10 +258,7 @@ class MetaCheckpoint:
         head_dim = self.config.head_dim
 
         def read_one(t: Merged, idx):
-            if not key.transpose:
-                return t.read(idx)
-            rows, cols = idx[::-1]
-            return (_rotary_rows(t, rows, cols, head_dim) if key.rotary else t.read((rows, cols))).T
+            return _rotary_rows(t, *idx, head_dim) if key.rotary else t.read(idx)
 
         def read(idx: tuple[slice, ...]):
             if not key.layered:
