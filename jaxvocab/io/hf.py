@@ -118,7 +118,10 @@ def _hf_source(key: K.Key, config: LlamaConfig, infos: dict):
         # Layers land one by one in the final (aligned) buffer: no list of layers plus a stacked copy.
         out = aligned_empty(tuple(len(range(*s.indices(n))) for s, n in zip(idx, shape)), stacked_dtype)
         for j, i in enumerate(range(*idx[0].indices(len(tensors)))):
-            out[j] = read_slice(tensors[i], idx[1:])
+            if tensors[i].dtype == out.dtype:
+                read_slice(tensors[i], idx[1:], out=out[j])
+            else:  # a checkpoint mixing dtypes across layers: promote
+                out[j] = read_slice(tensors[i], idx[1:])
         return out
 
     return read, sum(t.nbytes for t in tensors)

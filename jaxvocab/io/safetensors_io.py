@@ -86,14 +86,18 @@ def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     return raw[skip:skip + nbytes].view(dtype).reshape(shape)
 
 
-def read_slice(info: TensorInfo, index: tuple[slice, ...] | None = None) -> np.ndarray:
-    """A copy of `tensor[index]`, touching only the pages the slice lives on."""
+def read_slice(info: TensorInfo, index: tuple[slice, ...] | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """A copy of `tensor[index]`, touching only the pages the slice lives on.
+
+    `out` (C-contiguous, the slice's shape and dtype) receives the bytes directly: fresh memory is
+    slow to fault in, so a stacked parameter should be one buffer written once, not a copy of copies.
+    """
     global BYTES_READ
     if info.nbytes == 0:
         return np.zeros(info.shape, info.dtype)[index or ()]
     rows = _row_range(info.shape, index or ())
     if rows is not None:
-        out = _read_rows(info, *rows)
+        out = _read_rows(info, *rows, out=out)
         BYTES_READ += out.nbytes
         return out
     page = mmap.ALLOCATIONGRANULARITY
@@ -102,7 +106,10 @@ def read_slice(info: TensorInfo, index: tuple[slice, ...] | None = None) -> np.n
         mm = mmap.mmap(f.fileno(), info.end - offset, access=mmap.ACCESS_READ, offset=offset)
     try:
         view = np.frombuffer(mm, dtype=info.dtype, count=int(np.prod(info.shape)), offset=info.start - offset)
-        out = np.array(view.reshape(info.shape)[index or ()], copy=True)
+        if out is None:
+            out = np.array(view.reshape(info.shape)[index or ()], copy=True)
+        else:
+            out[...] = view.reshape(info.shape)[index or ()]
         del view
     finally:
         mm.close()
@@ -121,10 +128,14 @@ def _row_range(shape, index) -> tuple[int, int] | None:
     return (first, max(first, stop)) if step == 1 else None
 
 
-def _read_rows(info: TensorInfo, first: int, stop: int) -> np.ndarray:
+def _read_rows(info: TensorInfo, first: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
     """Whole rows with plain reads into an aligned buffer: several times faster than faulting the
     same bytes in through a map, and the buffer becomes the device array as is on CPU."""
-    out = aligned_empty((stop - first, *info.shape[1:]), info.dtype)
+    shape = (stop - first, *info.shape[1:])
+    if out is None:
+        out = aligned_empty(shape, info.dtype)
+    elif out.shape != shape or out.dtype != info.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"read_slice out= must be C-contiguous {info.dtype} {shape}, got {out.dtype} {out.shape}")
     buf = memoryview(out.reshape(-1).view(np.uint8))
     pos = info.start + first * (info.nbytes // info.shape[0])
     with open(info.path, "rb", buffering=0) as f:
