@@ -193,15 +193,20 @@ def _roles_in_use(model) -> set[str]:
     return {v.get("content") if isinstance(v, dict) else v for v in vals if v}
 
 
-def plan_vocab(tok, new_tokens, reuse_reserved: bool = True, pad_to_multiple_of: int | None = None,
+def plan_vocab(tok, new_tokens, reuse_reserved: bool | str = True, pad_to_multiple_of: int | None = None,
                model=None, *, special: bool | Iterable[str] = False) -> VocabPlan:
     """Decide the id of every requested token.
 
     new_tokens: texts, or {text: description or None} (a description seeds the subword init).
+    reuse_reserved: True (every new token may take a free reserved slot), False (append all), or
+    "special" (only control tokens take reserved slots, which Llama-3 declares special anyway;
+    plain words are appended).
     special: True flags all new tokens as control tokens, or give the texts to flag.
     model: gives the current row count (spare padding rows are used before growing) and the mesh
     (default padding); without it the model is assumed to have exactly the tokenizer's rows.
     """
+    if reuse_reserved not in (True, False, "special"):
+        raise UsageError(f"reuse_reserved={reuse_reserved!r}: use True, False or 'special'")
     requests = _requests(new_tokens)
     flagged = {t for t, _ in requests} if special is True else set(special or ())
     if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int)
@@ -222,7 +227,7 @@ def plan_vocab(tok, new_tokens, reuse_reserved: bool = True, pad_to_multiple_of:
                 warnings.warn(f"token {text!r} already exists as id {have}; its description is ignored", stacklevel=2)
             tokens.append(PlannedToken(text, int(have), "existing", special=tok.is_special(have)))
             continue
-        if reserved:
+        if reserved and (reuse_reserved is True or text in flagged):
             i = reserved.pop(0)
             tokens.append(PlannedToken(text, i, "reserved", tok.id_to_piece(i), text in flagged, desc))
             continue

@@ -121,6 +121,16 @@ def test_append_without_reuse_and_padding(tok31):
     assert len(tok31.free_reserved()) == 248
 
 
+def test_reuse_reserved_for_special_tokens_only(tok31):
+    plan = plan_vocab(tok31, ["<|tool|>", "jaxvocab", "<|lang|>"], reuse_reserved="special",
+                      special=["<|tool|>", "<|lang|>"], pad_to_multiple_of=64, model=abstract_model(128256))
+    first, second = tok31.free_reserved()[:2]
+    assert plan.renamed == {first: "<|tool|>", second: "<|lang|>"}
+    assert plan.appended == {128256: "jaxvocab"} and plan.special_ids == {first, second}
+    with pytest.raises(UsageError):
+        plan_vocab(tok31, ["<a>"], reuse_reserved="sometimes")
+
+
 def test_pre_padded_rows_are_used_first(tok31):
     model = abstract_model(128320)           # tokenizer 128256 ids, 64 spare padding rows
     plan = plan_vocab(tok31, [f"<t{i}>" for i in range(70)], reuse_reserved=False, model=model)
