@@ -1,0 +1,144 @@
+"""Text generation with the model's KV cache: one prefill, then one jitted one-token step per token.
+
+Shapes are fixed per call (prompt padded to a bucket, cache sized for prompt + max_new_tokens,
+both rounded up), so the step compiles once and later calls of similar size reuse it. Padding
+sits after the prompt and is marked invalid in the cache; positions are passed explicitly, so
+the padding changes neither attention nor RoPE.
+
+By default the ids a model has never learned are suppressed: reserved slots the tokenizer still
+calls reserved, rows beyond the tokenizer, the vocab plan's padding rows and rows that measure as
+untrained. Sampling them produces garbage that looks like a model bug.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxvocab.errors import UsageError
+from jaxvocab.model import KVCache
+from jaxvocab.rows import RowsModel, merge
+
+BUCKET = 64
+
+
+def generate(model, tok, prompt, max_new_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0,
+             suppress=None, stop=None, seed: int = 0, return_ids: bool = False):
+    """Continue `prompt` (str, chat messages or a list of token ids) and return the new text.
+
+    model: a Llama (a RowsModel is merged first).
+    suppress: None = default_suppressed(model, tok); () = nothing; or an iterable of ids.
+    stop: ids that end generation (default: tok.stop_ids and the config's eos ids); not returned.
+    return_ids=True returns (text, new ids).
+    """
+    if isinstance(model, RowsModel):
+        model = merge(model)
+    ids = prompt_ids(tok, prompt)
+    V = model.config.vocab_size
+    if max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens={max_new_tokens}: must be at least 1")
+    if len(ids) + max_new_tokens > model.config.max_position_embeddings:
+        raise UsageError(f"prompt ({len(ids)} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"max_position_embeddings ({model.config.max_position_embeddings}); shorten one of them")
+    if not 0.0 < top_p <= 1.0 or temperature < 0.0:
+        raise UsageError(f"temperature={temperature}, top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1")
+    stops = set(stop) if stop is not None else set(getattr(tok, "stop_ids", None) or []) | set(model.config.eos_ids)
+    banned = np.zeros(V, bool)
+    for i in default_suppressed(model, tok) if suppress is None else suppress:
+        if 0 <= int(i) < V and int(i) not in stops:
+            banned[int(i)] = True
+    n = len(ids)
+    P = _round_up(n, BUCKET)
+    S = _round_up(P + max_new_tokens, BUCKET)
+    graphdef, state = nnx.split(model)
+    cache = KVCache.empty(model.config, 1, S, jnp.dtype(model.compute_dtype))
+    tokens = np.zeros((1, P), np.int32)
+    tokens[0, :n] = ids
+    key = jax.random.PRNGKey(seed)
+    args = (jnp.asarray(banned), jnp.float32(temperature), jnp.float32(top_p))
+    greedy = temperature == 0.0
+    nxt, cache, key = _prefill(graphdef, state, cache, jnp.asarray(tokens), jnp.int32(n), key, *args, greedy=greedy)
+    out = []
+    for i in range(max_new_tokens):
+        t = int(nxt)
+        if t in stops:
+            break
+        out.append(t)
+        if i + 1 == max_new_tokens:
+            break
+        nxt, cache, key = _step(graphdef, state, cache, nxt, jnp.int32(n + i), key, *args, greedy=greedy)
+    text = tok.decode(out) if tok is not None else ""
+    return (text, out) if return_ids else text
+
+
+def prompt_ids(tok, prompt) -> list[int]:
+    """str -> bos + text; messages -> chat format + the assistant header; ids pass through."""
+    if isinstance(prompt, str):
+        if tok is None:
+            raise UsageError("a text prompt needs a tokenizer; pass tok or a list of token ids")
+        return tok.encode(prompt, bos=tok.bos_id is not None)
+    prompt = list(prompt)
+    if prompt and all(isinstance(m, dict) for m in prompt):
+        if tok is None:
+            raise UsageError("a messages prompt needs a tokenizer; pass tok")
+        ids, _ = tok.encode_chat(prompt)
+        sh, eh = tok.special_tokens["<|start_header_id|>"], tok.special_tokens["<|end_header_id|>"]
+        return ids + [sh] + tok.encode("assistant") + [eh] + tok.encode("\n\n")
+    if not prompt or not all(isinstance(i, (int, np.integer)) for i in prompt):
+        raise UsageError("prompt must be a str, a non-empty list of {'role', 'content'} messages or of token ids")
+    return [int(i) for i in prompt]
+
+
+def default_suppressed(model, tok) -> list[int]:
+    """Ids without a trained row: still-reserved slots, rows past the tokenizer, the plan's padding
+    rows, and rows `find_untrained` measures as untrained (tiny, or identical to another row, as
+    freshly mean-initialised rows are until trained)."""
+    from jaxvocab.vocab import VocabPlan, find_untrained
+    V = model.config.vocab_size
+    out = set(find_untrained(model, tok))
+    if tok is not None:
+        out |= set(tok.free_reserved()) | set(range(min(tok.n_words, V), V))
+    if getattr(model, "vocab_plan", None):
+        out |= set(VocabPlan.from_json(model.vocab_plan).padding_ids)
+    return sorted(i for i in out if 0 <= i < V)
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def _choose(logits, key, banned, temperature, top_p, greedy: bool):
+    """Next token from f32 logits [V]: argmax, or temperature + nucleus (top-p) sampling."""
+    logits = jnp.where(banned, -jnp.inf, logits.astype(jnp.float32))
+    if greedy:
+        return jnp.argmax(logits).astype(jnp.int32), key
+    key, sub = jax.random.split(key)
+    order = jnp.argsort(-logits)
+    scaled = logits[order] / temperature
+    probs = jax.nn.softmax(scaled)
+    keep = (jnp.cumsum(probs) - probs) < top_p   # smallest prefix whose mass reaches top_p
+    pick = jax.random.categorical(sub, jnp.where(keep, scaled, -jnp.inf))
+    return order[pick].astype(jnp.int32), key
+
+
+@partial(jax.jit, static_argnums=(0,), static_argnames=("greedy",), donate_argnums=(2,))
+def _prefill(graphdef, state, cache, tokens, n, key, banned, temperature, top_p, *, greedy):
+    model = nnx.merge(graphdef, state)
+    P = tokens.shape[1]
+    valid = (jnp.arange(P) < n)[None]
+    positions = jnp.arange(P, dtype=jnp.int32)[None]
+    logits, cache = model(tokens, attention_mask=valid, positions=positions, cache=cache)
+    nxt, key = _choose(logits[0, n - 1], key, banned, temperature, top_p, greedy)
+    return nxt, cache, key
+
+
+@partial(jax.jit, static_argnums=(0,), static_argnames=("greedy",), donate_argnums=(2,))
+def _step(graphdef, state, cache, token, position, key, banned, temperature, top_p, *, greedy):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(token.reshape(1, 1), positions=position.reshape(1, 1), cache=cache)
+    nxt, key = _choose(logits[0, -1], key, banned, temperature, top_p, greedy)
+    return nxt, cache, key

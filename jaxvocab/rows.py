@@ -1,0 +1,185 @@
+"""Train a handful of vocabulary rows without ever materialising a V x d gradient.
+
+`split(model, ids)` turns a `Llama` into a `RowsModel`: the chosen ids become one k x d
+`nnx.Param` per table (f32 master copies), and every other weight -- the full tables included --
+is held in `Frozen`, a non-Param variable. `nnx.grad` / optax therefore only ever see k x d arrays:
+no V x d gradient, optimizer moment or weight-decay term exists, whatever the vocabulary size.
+
+Forward: the embedding gathers from the frozen table and overrides the chosen ids through a
+position map (`lookup[id]` = row index or -1); the head projects onto the frozen table and then
+replaces the chosen columns by `h @ rows.T`. The rows pass through the table's dtype on the way in,
+so the forward pass is exactly the merged model's forward pass (what you train is what you ship).
+`merge(rows_model)` writes the rows back into the tables and returns an ordinary `Llama`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxvocab.errors import UsageError
+from jaxvocab.model import Llama, decode, project, rms_norm
+
+TABLES = ("both", "embed", "head")
+
+
+class Frozen(nnx.Variable):
+    """Carried by the module but not an nnx.Param: gradients and optimizers never touch it."""
+
+
+class RowsModel(nnx.Module):
+    """A Llama whose only parameters are the chosen rows of its embedding and/or head.
+
+    Tied models hold one set of rows that serves both the embedding and the head, so its gradient
+    is the sum of both uses, exactly as for the tied table itself.
+    """
+
+    def __init__(self, model: Llama, ids, tables: str = "both"):
+        config = model.config
+        tied = model.lm_head is None
+        if tables not in TABLES:
+            raise UsageError(f"--tables {tables!r}: choose one of {', '.join(TABLES)}")
+        if tied and tables != "both":
+            raise UsageError(f"--tables {tables}: the model ties embedding and head, so one set of rows "
+                             "serves both; drop --tables")
+        ids = _check_ids(ids, config.vocab_size)
+        self.config = config
+        self.compute_dtype = model.compute_dtype
+        self.remat = model.remat
+        self.tied = tied
+        self.tables = tables
+        table = model.embed[...]
+        lookup = np.full(config.vocab_size, -1, np.int32)
+        lookup[ids] = np.arange(len(ids), dtype=np.int32)
+        self.ids = Frozen(_replicated(jnp.asarray(ids, jnp.int32), table))
+        self.lookup = Frozen(_replicated(jnp.asarray(lookup), table))
+        self.embed = Frozen(table)
+        self.layers = nnx.Dict({name: Frozen(w) for name, w in model.layers.weights().items()})
+        self.norm = Frozen(model.norm[...])
+        self.lm_head = None if tied else Frozen(model.lm_head[...])
+        self.embed_rows = _rows(table, ids) if tables in ("both", "embed") else None
+        self.head_rows = None if tied or tables == "embed" else _rows(model.lm_head[...], ids)
+        self.source_dir = getattr(model, "source_dir", None)
+        self.vocab_plan = getattr(model, "vocab_plan", None)
+
+    @property
+    def head_table(self) -> Frozen:
+        return self.embed if self.tied else self.lm_head
+
+    @property
+    def head_param(self) -> nnx.Param | None:
+        return self.embed_rows if self.tied else self.head_rows
+
+    def __call__(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None, cache=None):
+        h, cache = self.hidden(input_ids, attention_mask=attention_mask, segment_ids=segment_ids,
+                               positions=positions, cache=cache)
+        logits = self.head(h)
+        return logits if cache is None else (logits, cache)
+
+    def hidden(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None, cache=None):
+        """Final-norm hidden states [B, T, D] (and the cache): the head is applied separately so a
+        loss can project a few tokens at a time instead of materialising [B, T, V] logits."""
+        dtype = jnp.dtype(self.compute_dtype)
+        x = self.embed_lookup(input_ids, dtype)
+        layers = {name: v[...] for name, v in self.layers.items()}
+        h, cache = decode(layers, x, self.config, dtype, attention_mask=attention_mask, segment_ids=segment_ids,
+                          positions=positions, cache=cache, remat=self.remat)
+        return rms_norm(h, self.norm[...], self.config.rms_norm_eps), cache
+
+    def embed_lookup(self, input_ids, dtype):
+        table = self.embed[...]
+        x = table[input_ids]
+        if self.embed_rows is None:
+            return x.astype(dtype)
+        idx = self.lookup[...][input_ids]
+        r = self.embed_rows[...].astype(table.dtype)[jnp.maximum(idx, 0)]
+        return jnp.where((idx >= 0)[..., None], r, x).astype(dtype)
+
+    def head(self, h):
+        rows = self.head_param
+        return head_logits(h, self.head_table[...], None if rows is None else rows[...], self.ids[...],
+                           jnp.dtype(self.compute_dtype))
+
+
+def head_logits(h, table, rows, ids, dtype):
+    """Hidden states -> f32 logits: the frozen table's, with the chosen ids' columns from `rows`
+    (None: the table's own). Rows pass through the table's dtype, as they will once merged."""
+    logits = project(h, table, dtype)
+    if rows is None:
+        return logits
+    return logits.at[..., ids].set(project(h, rows.astype(table.dtype), dtype))
+
+
+def split(model: Llama, ids, tables: str = "both") -> RowsModel:
+    """`model` with only rows `ids` trainable (`tables`: which tables of an untied model train)."""
+    return RowsModel(model, ids, tables)
+
+
+def merge(rm: RowsModel) -> Llama:
+    """An ordinary Llama with the rows written back (cast to the tables' dtype; all else untouched)."""
+    c = rm.config
+    dtype = rm.embed[...].dtype
+    model = nnx.eval_shape(lambda: Llama(c, dtype=dtype, compute_dtype=rm.compute_dtype))
+    ids = rm.ids[...]
+    model.embed.set_value(_write_rows(rm.embed[...], ids, rm.embed_rows))
+    for name, w in rm.layers.items():
+        getattr(model.layers, name).set_value(w[...])
+    model.norm.set_value(rm.norm[...])
+    if not rm.tied:
+        model.lm_head.set_value(_write_rows(rm.lm_head[...], ids, rm.head_rows))
+    model.remat = rm.remat
+    model.source_dir = rm.source_dir
+    model.vocab_plan = rm.vocab_plan
+    return model
+
+
+def row_values(rm: RowsModel) -> dict[str, jax.Array]:
+    """The trainable rows by name ('embed_rows' / 'head_rows'): what a run checkpoints."""
+    return nnx.to_pure_dict(nnx.state(rm, nnx.Param))
+
+
+def new_ids(model) -> list[int]:
+    """Ids the model's vocab plan added or renamed (every planned token not 'existing'); [] without a plan."""
+    text = getattr(model, "vocab_plan", None)
+    if not text:
+        return []
+    from jaxvocab.vocab import VocabPlan
+    plan = text if isinstance(text, VocabPlan) else VocabPlan.from_json(text)
+    return sorted({t.id for t in plan.tokens if t.action != "existing"})
+
+
+def _check_ids(ids, vocab_size: int) -> np.ndarray:
+    arr = np.unique(np.asarray(list(ids), dtype=np.int64))
+    if arr.size == 0:
+        raise UsageError("no trainable ids: pass at least one id (e.g. --trainable ids:128256)")
+    bad = arr[(arr < 0) | (arr >= vocab_size)]
+    if bad.size:
+        raise UsageError(f"trainable id {int(bad[0])} is outside the model's vocabulary [0, {vocab_size})")
+    return arr.astype(np.int32)
+
+
+def _replicated(x, like):
+    sharding = getattr(like, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return jax.device_put(x, NamedSharding(sharding.mesh, P()))
+    return x
+
+
+def _rows(table, ids: np.ndarray) -> nnx.Param:
+    return nnx.Param(_replicated(table[jnp.asarray(ids)].astype(jnp.float32), table), logical=("rows", None))
+
+
+@jax.jit
+def _scatter(table, ids, rows):
+    return table.at[ids].set(rows.astype(table.dtype))
+
+
+def _write_rows(table, ids, rows: nnx.Param | None):
+    if rows is None:
+        return table
+    out = _scatter(table, ids, rows[...])
+    sharding = getattr(table, "sharding", None)
+    return jax.device_put(out, sharding) if sharding is not None else out

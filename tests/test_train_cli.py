@@ -1,0 +1,244 @@
+"""jaxvocab-train end to end: outputs, one-line errors and exit codes, kill -9 + --resume, the mission."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxvocab
+from tests.builders import make_hf_checkpoint
+from train.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+IDS = "5,9,77,200"
+
+
+def _data(path: Path, n=40, seed=0):
+    """Docs where the chosen ids are frequent targets, so training them measurably lowers the loss."""
+    rs = np.random.RandomState(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            ids = rs.randint(0, 256, rs.randint(10, 50))
+            ids[1::3] = rs.choice([5, 9, 77, 200], len(ids[1::3]))
+            f.write(json.dumps({"input_ids": ids.tolist()}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    ckpt, _ = make_hf_checkpoint(d / "model", tied=True, seed=6, max_pos=128)
+    return ckpt, _data(d / "train.jsonl"), _data(d / "eval.jsonl", 10, seed=1)
+
+
+def _run(capsys, *args):
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr()
+
+
+def _host(a):
+    return np.asarray(jax.device_get(a))
+
+
+def test_end_to_end(setup, tmp_path, capsys):
+    ckpt, data, evalf = setup
+    out, hf = tmp_path / "run", tmp_path / "hf"
+    code, cap = _run(capsys, "--model", ckpt, "--data", data, "--eval", evalf, "--out", out, "--trainable", f"ids:{IDS}",
+                     "--steps", 20, "--batch-size", 4, "--seq-len", 64, "--lr", 3e-2, "--warmup", 2, "--dtype", "float32",
+                     "--save-every", 10, "--eval-every", 5, "--export-hf", hf, "--quiet")
+    assert code == 0, cap.err
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 21))
+    assert all({"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= set(r) for r in recs)
+    evals = [r for r in recs if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [5, 10, 15, 20] and all("new_token_acc" in r for r in evals)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.05      # the rows learned something
+    assert (out / "loss.png").stat().st_size > 1000
+    assert sorted(os.listdir(out / "checkpoints")) == ["10", "20"]
+    before, after = jaxvocab.load(ckpt, show_progress=False), jaxvocab.load(out / "final", show_progress=False)
+    ids = [int(i) for i in IDS.split(",")]
+    keep = np.setdiff1d(np.arange(256), ids)
+    e0, e1 = _host(before.embed[...]), _host(after.embed[...])
+    assert np.array_equal(e0[keep], e1[keep]) and not np.any(np.all(e0[ids] == e1[ids], axis=1))
+    for name, w in before.layers.weights().items():
+        assert np.array_equal(_host(w), _host(after.layers.weights()[name]))
+    # the HF export is what transformers loads
+    import torch
+    from transformers import LlamaForCausalLM
+    tm = LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    assert np.array_equal(tm.model.embed_tokens.weight.detach().numpy(), e1)
+
+
+@pytest.mark.parametrize("extra, code, match", [
+    (["--trainable", "new"], 2, "no vocab_plan.json"),
+    (["--trainable", "ids:"], 2, "no trainable ids"),
+    (["--trainable", "ids:5,x"], 2, "integers"),
+    (["--trainable", "ids:999"], 2, "outside the model's vocabulary"),
+    (["--trainable", "tokens:@nope.txt"], 2, "no tokenizer files"),
+    (["--seq-len", "4096"], 2, "max_position_embeddings"),
+    (["--steps", "0"], 2, "--steps 0"),
+    (["--tables", "embed"], 2, "ties embedding and head"),
+    (["--mesh", "fsdp=3"], 2, "--mesh"),
+    (["--data", "MISSING"], 1, "no such file"),
+    (["--data", "BAD"], 1, "bad.jsonl:2: invalid JSON"),
+    (["--model", "NOMODEL"], 1, "no such file or directory"),
+])
+def test_bad_inputs_one_line_errors(setup, tmp_path, capsys, extra, code, match):
+    ckpt, data, _ = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2\n')
+    subst = {"MISSING": tmp_path / "missing.jsonl", "BAD": bad, "NOMODEL": tmp_path / "nomodel"}
+    extra = [str(subst.get(x, x)) for x in extra]
+    args = ["--model", ckpt, "--data", data, "--out", tmp_path / "out", "--trainable", f"ids:{IDS}",
+            "--seq-len", 64, "--quiet"] + extra
+    got, cap = _run(capsys, *args)
+    assert got == code, cap.err
+    assert cap.err.startswith("error: ") and cap.err.strip().count("\n") == 0 and match in cap.err, cap.err
+    assert not (tmp_path / "out").exists()           # nothing half-written
+
+
+def test_existing_out_and_flag_conflicts(setup, tmp_path, capsys):
+    ckpt, data, _ = setup
+    out = tmp_path / "run"
+    out.mkdir()
+    base = ["--model", ckpt, "--data", data, "--out", out, "--trainable", f"ids:{IDS}", "--seq-len", 32,
+            "--steps", 2, "--quiet"]   # default --dtype bfloat16 compute over the f32 checkpoint
+    code, cap = _run(capsys, *base)
+    assert code == 2 and "--resume" in cap.err and "--overwrite" in cap.err
+    code, cap = _run(capsys, *base, "--resume", "--overwrite")
+    assert code == 2
+    code, cap = _run(capsys, *base, "--overwrite")
+    assert code == 0, cap.err
+    assert all(np.isfinite(json.loads(x)["loss"]) for x in (out / "metrics.jsonl").read_text().splitlines())
+    code, cap = _run(capsys, *base, "--resume", "--lr", "0.5")
+    assert code == 2 and "--lr" in cap.err
+    code, cap = _run(capsys, "--model", ckpt, "--data", data, "--out", ckpt / "sub", "--trainable", "ids:5")
+    assert code == 2 and "outside your inputs" in cap.err
+    code, cap = _run(capsys, "--model", ckpt, "--data", data, "--out", tmp_path / "x", "--schedule", "linear")
+    assert code == 2 and "invalid choice" in cap.err
+
+
+def test_trainable_specs(tmp_path, llama3_tokenizer_dir):
+    from jaxvocab.errors import UsageError
+    from jaxvocab.tokenizer import load_tokenizer
+    from jaxvocab.vocab import PlannedToken, VocabPlan
+    from train.__main__ import resolve_trainable
+    tok = load_tokenizer(llama3_tokenizer_dir)
+    f = tmp_path / "tokens.txt"
+    f.write_text("<|eot_id|>\n\nhello\n")
+    assert resolve_trainable(f"tokens:@{f}", None, tok) == sorted([128009, tok.encode("hello")[0]])
+    f.write_text("hello\nhello wonderful world\n")
+    with pytest.raises(UsageError, match=r"tokens.txt:2: 'hello wonderful world' is 3 tokens"):
+        resolve_trainable(f"tokens:@{f}", None, tok)
+    assert resolve_trainable("ids:7,3,7", None, tok) == [3, 7]
+
+    path, _ = make_hf_checkpoint(tmp_path / "m", zero_rows=(10, 11, 12))
+    model = jaxvocab.load(path, show_progress=False)
+    plan = VocabPlan([PlannedToken("<a>", 12, "reserved", "<|r|>"), PlannedToken("hi", 40, "existing"),
+                      PlannedToken("<b>", 200, "spare_row")], old_rows=256, new_rows=256, tokenizer_size_before=256,
+                     tokenizer_size_after=256, pad_to_multiple_of=1, padding_ids=[])
+    model.vocab_plan = plan.to_json()
+    assert resolve_trainable("new", model, None) == [12, 200]
+    assert resolve_trainable("untrained", model, None) == [10, 11, 12]
+    assert resolve_trainable("new+untrained", model, None) == [10, 11, 12, 200]
+    with pytest.raises(UsageError, match="expected new, untrained"):
+        resolve_trainable("fresh", model, None)
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=str(ROOT))
+    return env
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_is_bit_identical(setup, tmp_path):
+    ckpt, data, _ = setup
+    steps = 200
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "train", "--model", str(ckpt), "--data", str(data), "--out", str(out),
+                "--trainable", f"ids:{IDS}", "--steps", str(steps), "--batch-size", "2", "--seq-len", "32",
+                "--lr", "1e-2", "--warmup", "5", "--save-every", "7", "--keep", "2", "--dtype", "float32",
+                "--mesh", "fsdp=2", "--quiet", *extra]
+
+    ref = subprocess.run(cmd(tmp_path / "ref"), env=_env(), cwd=ROOT, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(out), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics, seen = out / "metrics.jsonl", 0
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        seen = len(lines)
+        if seen >= 30:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()
+    assert 30 <= seen < steps and not (out / "final").exists()
+    resumed = subprocess.run(cmd(out, "--resume"), env=_env(), cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    ra = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rb] == list(range(1, steps + 1))
+    assert [(r["loss"], r["grad_norm"]) for r in rb] == [(r["loss"], r["grad_norm"]) for r in ra]
+    a = jaxvocab.load(tmp_path / "ref" / "final", show_progress=False)
+    b = jaxvocab.load(out / "final", show_progress=False)
+    assert np.array_equal(_host(a.embed[...]), _host(b.embed[...]))
+
+
+def _fill(model, seed=0):
+    rs = np.random.RandomState(seed)
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            shape = var.value.shape
+            value = 1.0 + 0.1 * rs.standard_normal(shape) if path[-1].endswith("norm") else 0.1 * rs.standard_normal(shape)
+            var.set_value(jnp.asarray(value, jnp.float32))
+    return model
+
+
+@pytest.mark.slow
+def test_mission_plan_expand_train_new_rows(tmp_path, capsys, llama3_tokenizer_dir):
+    """Real Llama-3 tokenizer: plan two tokens, expand, train --trainable new on chat data, generate."""
+    from jaxvocab.tokenizer import load_tokenizer
+    tok = load_tokenizer(llama3_tokenizer_dir)
+    cfg = jaxvocab.LlamaConfig(tok.n_words, 64, 128, 2, 4, 2, rope_theta=10000.0, tie_word_embeddings=True,
+                               max_position_embeddings=512, eos_token_id=128001, dtype="float32")
+    model = _fill(nnx.eval_shape(lambda: jaxvocab.Llama(cfg)))
+    model.source_dir, model.vocab_plan = str(llama3_tokenizer_dir), None
+    plan = jaxvocab.plan_vocab(tok, ["<|lang_xx|>", "<think>"], model=model)
+    model, tok = jaxvocab.expand_vocab(model, tok, plan)
+    jaxvocab.save_checkpoint(model, tmp_path / "ckpt")
+    new = sorted(t.id for t in plan.tokens if t.action != "existing")
+    data = tmp_path / "chat.jsonl"
+    with data.open("w") as f:
+        for i in range(12):
+            msgs = [{"role": "user", "content": f"Say it in xx: number {i}"},
+                    {"role": "assistant", "content": f"<|lang_xx|> <think> {i} <|lang_xx|>"}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    out = tmp_path / "run"
+    code, cap = _run(capsys, "--model", tmp_path / "ckpt", "--data", data, "--eval", data, "--out", out,
+                     "--steps", 6, "--batch-size", 8, "--seq-len", 64, "--lr", 5e-2, "--dtype", "float32",
+                     "--mesh", "data=8", "--quiet")
+    assert code == 0, cap.err
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["eval_new_tokens"] > 0 and recs[-1]["new_token_acc"] is not None
+    final = jaxvocab.load(out / "final", show_progress=False)
+    assert (out / "final" / "vocab_plan.json").is_file() and final.vocab_plan
+    ftok = load_tokenizer(out / "final")
+    assert all(ftok.encode(t.token) == [t.id] for t in plan.tokens)
+    e0, e1 = _host(model.embed[...]), _host(final.embed[...])
+    keep = np.setdiff1d(np.arange(cfg.vocab_size), new)
+    assert np.array_equal(e0[keep], e1[keep]) and not np.array_equal(e0[new], e1[new])
+    text = jaxvocab.generate(final, ftok, [{"role": "user", "content": "Say it in xx: number 3"}], 8)
+    assert isinstance(text, str)

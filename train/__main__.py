@@ -1,0 +1,250 @@
+"""jaxvocab-train: fine-tune only the chosen vocabulary rows of a Llama checkpoint.
+
+Everything that can be checked is checked before the first step (flags, model, trainable ids,
+every data line), so a bad run fails in seconds with one `error: ...` line: exit 2 for bad flags,
+1 for bad files. Results land in --out: metrics.jsonl, loss.png, checkpoints/ (orbax, resumable)
+and final/ (a jaxvocab checkpoint with the rows merged back and the vocab plan carried).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from jaxvocab.errors import JaxVocabError, UsageError
+
+EPILOG = """examples:
+  jaxvocab-train --model ckpt --data train.jsonl --out run1 --steps 500 --dtype bfloat16
+  jaxvocab-train --model ckpt --data chat.jsonl --eval eval.jsonl --out run2 --trainable new+untrained \\
+                 --mesh data=1,fsdp=2,tensor=4 --save-every 100 --export-hf run2-hf
+  jaxvocab-train ... --out run2 --resume          # continue after a crash / preemption
+
+data lines: {"text": "..."} | {"messages": [{"role": "user", "content": "..."}, ...]}
+            | {"input_ids": [...], "loss_mask": [...]}   (loss_mask optional)
+--trainable: new | untrained | new+untrained | ids:1,2,3 | tokens:@file.txt (one token per line)
+"""
+
+# Flags whose change makes a resumed run a different run.
+RUN_KEYS = ("model", "data", "eval", "trainable_ids", "tables", "seq_len", "batch_size", "grad_accum", "lr",
+            "warmup", "schedule", "weight_decay", "clip", "dtype", "seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxvocab-train", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="checkpoint dir (jaxvocab, HF or Meta)")
+    p.add_argument("--data", type=Path, required=True, help="training JSONL")
+    p.add_argument("--eval", type=Path, help="eval JSONL (loss and new-token accuracy)")
+    p.add_argument("--out", type=Path, required=True, help="run dir (refused if it exists, unless --resume/--overwrite)")
+    p.add_argument("--trainable", default="new", help="which rows train (default: new; see below)")
+    p.add_argument("--tables", default="both", choices=["both", "embed", "head"],
+                   help="untied models: train embedding rows, head rows or both (default both)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
+    p.add_argument("--seq-len", type=int, help="tokens per packed row (default: 1024, capped by the model)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay (applies to the rows only)")
+    p.add_argument("--clip", type=float, default=1.0, help="global-norm gradient clipping (0: off)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
+    p.add_argument("--no-remat", dest="remat", action="store_false",
+                   help="keep every layer's activations instead of recomputing them (faster, much more memory)")
+    p.add_argument("--mesh", help="e.g. data=1,fsdp=2,tensor=4 (default: fsdp over all devices)")
+    p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: final only)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (always at the end)")
+    p.add_argument("--export-hf", type=Path, help="also write the final model as an HF dir here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def check_flags(args) -> None:
+    positive = {"--steps": args.steps, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum,
+                "--keep": args.keep, "--lr": args.lr}
+    for flag, v in positive.items():
+        if not v > 0:
+            raise UsageError(f"{flag} {v}: must be positive")
+    for flag, v in {"--warmup": args.warmup, "--save-every": args.save_every, "--eval-every": args.eval_every,
+                    "--weight-decay": args.weight_decay, "--clip": args.clip}.items():
+        if v < 0:
+            raise UsageError(f"{flag} {v}: must be >= 0")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise UsageError(f"--seq-len {args.seq_len}: need at least 2 (one input and one target per row)")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pass one")
+    if args.out.exists() and not (args.resume or args.overwrite):
+        raise UsageError(f"{args.out}: already exists; pass --resume to continue it, --overwrite to replace it, "
+                         "or choose another --out")
+    out = args.out.resolve()
+    for flag, p in (("--model", args.model), ("--data", args.data), ("--eval", args.eval)):
+        if p is not None and (out == p.resolve() or out in p.resolve().parents or p.resolve() in out.parents):
+            raise UsageError(f"--out {args.out} overlaps {flag} {p}; choose an --out outside your inputs")
+    if args.export_hf is not None and args.export_hf.exists() and not args.overwrite:
+        raise UsageError(f"--export-hf {args.export_hf}: already exists; pass --overwrite or choose another dir")
+
+
+def tokenizer_of(model):
+    """The checkpoint's own tokenizer, or None when it ships none (then data must be pre-tokenized)."""
+    src = getattr(model, "source_dir", None)
+    if not src or not any((Path(src) / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+        return None
+    from jaxvocab.tokenizer import load_tokenizer
+    return load_tokenizer(src)
+
+
+def resolve_trainable(spec: str, model, tok) -> list[int]:
+    """--trainable value -> sorted ids (see EPILOG)."""
+    from jaxvocab.rows import new_ids
+    if spec.startswith("ids:"):
+        try:
+            ids = {int(x) for x in spec[4:].split(",") if x.strip()}
+        except ValueError:
+            raise UsageError(f"--trainable {spec!r}: expected ids:1,2,3 (integers)") from None
+    elif spec.startswith("tokens:"):
+        ids = set(_token_file_ids(spec, tok))
+    else:
+        ids = set()
+        for part in spec.split("+"):
+            if part == "new":
+                if not getattr(model, "vocab_plan", None):
+                    raise UsageError("--trainable new: the checkpoint has no vocab_plan.json (its vocabulary was not "
+                                     "expanded by jaxvocab); pass --trainable ids:... or tokens:@file.txt")
+                ids |= set(new_ids(model))
+            elif part == "untrained":
+                from jaxvocab.vocab import find_untrained
+                ids |= set(find_untrained(model, tok))
+            else:
+                raise UsageError(f"--trainable {spec!r}: expected new, untrained, new+untrained, ids:1,2,3 "
+                                 "or tokens:@file.txt")
+    if not ids:
+        raise UsageError(f"--trainable {spec}: no trainable ids (nothing new/untrained in this checkpoint?); "
+                         "pass --trainable ids:... explicitly")
+    return sorted(ids)
+
+
+def _token_file_ids(spec: str, tok) -> list[int]:
+    name = spec[len("tokens:"):]
+    if not name.startswith("@"):
+        raise UsageError(f"--trainable {spec!r}: expected tokens:@file.txt (a file with one token per line)")
+    path = Path(name[1:])
+    if tok is None:
+        raise UsageError(f"--trainable {spec}: the checkpoint has no tokenizer files to look tokens up in; "
+                         "pass --trainable ids:...")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise UsageError(f"--trainable {spec}: cannot read {path} ({e.strerror})") from None
+    ids = []
+    for n, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        if text in tok.special_tokens:
+            ids.append(tok.special_tokens[text])
+            continue
+        enc = tok.encode(text)
+        if len(enc) != 1:
+            raise UsageError(f"--trainable {spec}: {path}:{n}: {text!r} is {len(enc)} tokens, not one; "
+                             "list single tokens of the (expanded) tokenizer")
+        ids.append(enc[0])
+    return ids
+
+
+def _run_record(args, ids) -> dict:
+    rec = {"model": str(args.model.resolve()), "data": str(args.data.resolve()),
+           "eval": str(args.eval.resolve()) if args.eval else None, "trainable": args.trainable,
+           "trainable_ids": ids, "steps": args.steps}
+    rec.update({k: getattr(args, k) for k in RUN_KEYS if k not in rec})
+    return rec
+
+
+def _check_resume(out: Path, rec: dict) -> None:
+    f = out / "run.json"
+    if not f.is_file():
+        return
+    old = json.loads(f.read_text())
+    keys = RUN_KEYS + (("steps",) if rec["schedule"] == "cosine" else ())
+    for k in keys:
+        if old.get(k) != rec[k]:
+            flag = "--trainable" if k == "trainable_ids" else "--" + k.replace("_", "-")
+            raise UsageError(f"--resume: {flag} is {rec[k]!r} but the run in {out} used {old.get(k)!r}; "
+                             "resume with the same flags or start a new --out")
+
+
+def cmd_train(args) -> None:
+    check_flags(args)
+    import jaxvocab
+    from jaxvocab import rows
+    from jaxvocab.sharding import parse_mesh
+    from train import loop
+    from train.data import read_jsonl
+
+    mesh = parse_mesh(args.mesh)
+    model = jaxvocab.load(args.model, mesh=mesh, show_progress=not args.quiet)
+    model.compute_dtype = args.dtype
+    plan = Path(getattr(model, "source_dir", None) or args.model) / "vocab_plan.json"
+    if not getattr(model, "vocab_plan", None) and plan.is_file():   # an HF dir exported by jaxvocab
+        model.vocab_plan = plan.read_text()
+    limit = model.config.max_position_embeddings
+    args.seq_len = args.seq_len or min(1024, limit)
+    if args.seq_len > limit:
+        raise UsageError(f"--seq-len {args.seq_len}: longer than the model's max_position_embeddings ({limit}); "
+                         f"pass --seq-len {limit} or less")
+    tok = tokenizer_of(model)
+    ids = resolve_trainable(args.trainable, model, tok)
+    rm = rows.split(model, ids, args.tables)
+    docs = read_jsonl(args.data, tok, model.config.vocab_size)
+    eval_docs = read_jsonl(args.eval, tok, model.config.vocab_size) if args.eval else None
+    rec = _run_record(args, ids)
+    if args.resume:
+        _check_resume(args.out, rec)
+    elif args.overwrite and args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "run.json").write_text(json.dumps(rec, indent=2) + "\n")
+
+    cfg = loop.TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                           grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
+                           weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
+                           save_every=args.save_every, keep=args.keep, eval_every=args.eval_every,
+                           remat=args.remat)
+    trained = loop.run(rm, cfg, mesh, docs, args.out, eval_docs=eval_docs, resume=args.resume,
+                       show_progress=not args.quiet)
+    final = rows.merge(trained)
+    jaxvocab.save_checkpoint(final, args.out / "final", overwrite=True)
+    print(f"trained {len(ids)} rows for {args.steps} steps; wrote {args.out / 'final'}")
+    if args.export_hf is not None:
+        jaxvocab.save_hf(final, args.export_hf, overwrite=args.overwrite, show_progress=not args.quiet)
+        print(f"wrote {args.export_hf}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        cmd_train(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except JaxVocabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted; rerun with --resume to continue from the last checkpoint in {args.out}",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
