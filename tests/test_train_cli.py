@@ -242,3 +242,24 @@ def test_mission_plan_expand_train_new_rows(tmp_path, capsys, llama3_tokenizer_d
     assert np.array_equal(e0[keep], e1[keep]) and not np.array_equal(e0[new], e1[new])
     text = jaxvocab.generate(final, ftok, [{"role": "user", "content": "Say it in xx: number 3"}], 8)
     assert isinstance(text, str)
+
+
+def test_training_text_matches_the_plans_new_special_tokens(tmp_path, llama3_tokenizer_dir):
+    """New control tokens are what a run teaches, so text lines must encode them as their ids;
+    the model's older specials stay literal text."""
+    from types import SimpleNamespace
+
+    from jaxvocab.io.tokenizer_files import write_tokenizer_files
+    from jaxvocab.tokenizer import load_tokenizer
+    from train.__main__ import tokenizer_of
+    tok = load_tokenizer(llama3_tokenizer_dir)
+    plan = jaxvocab.plan_vocab(tok, ["<|tool|>"], special=True, pad_to_multiple_of=1)
+    (tmp_path / "tok").mkdir()
+    write_tokenizer_files(llama3_tokenizer_dir, tmp_path / "tok", plan.renamed, plan.appended, plan.special_ids,
+                          plan.new_rows)
+    model = SimpleNamespace(source_dir=str(tmp_path / "tok"), vocab_plan=plan.to_json())
+    (new_id,) = plan.renamed
+    got = tokenizer_of(model).encode("call <|tool|> now <|eot_id|>")
+    assert new_id in got and tok.eot_id not in got
+    plain = SimpleNamespace(source_dir=str(tmp_path / "tok"), vocab_plan=None)
+    assert new_id not in tokenizer_of(plain).encode("call <|tool|> now")

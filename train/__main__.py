@@ -92,12 +92,23 @@ def check_flags(args) -> None:
 
 
 def tokenizer_of(model):
-    """The checkpoint's own tokenizer, or None when it ships none (then data must be pre-tokenized)."""
+    """The checkpoint's own tokenizer, or None when it ships none (then data must be pre-tokenized).
+
+    The tokens the vocab plan added are what this run teaches, so they are matched wherever they
+    appear in the data's text and chat content, special or not; the model's older control tokens
+    (<|eot_id|>, ...) stay literal text, so data cannot inject them by accident.
+    """
     src = getattr(model, "source_dir", None)
     if not src or not any((Path(src) / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
         return None
     from jaxvocab.tokenizer import load_tokenizer
-    return load_tokenizer(src)
+    from jaxvocab.vocab import VocabPlan
+    tok = load_tokenizer(src)
+    plan = getattr(model, "vocab_plan", None)
+    if plan:
+        tok.added_plain |= {t.token for t in VocabPlan.from_json(plan).tokens
+                            if t.action != "existing" and tok.special_tokens.get(t.token) == t.id}
+    return tok
 
 
 def resolve_trainable(spec: str, model, tok) -> list[int]:
