@@ -88,7 +88,7 @@ def run_demo(out: Path, overwrite: bool = False) -> None:
         _compare_transformers(final, hf, tok, plan)
 
         stage("generating with the fine-tuned rows")
-        for prompt in ("Q: What is the weather in Lyon?", "Guten Morgen, wie geht es dir?"):
+        for prompt in ("Q: What is the weather in Lyon?", "Let me reason step by step:"):
             text = jaxvocab.generate(final, tok, prompt, max_new_tokens=12)
             print(f"  {prompt!r} -> {text!r}")
     print(f"\ndone in {time.perf_counter() - stage.t0:.0f}s; everything is in {out}/ "

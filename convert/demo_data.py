@@ -1,7 +1,8 @@
 """The demo's embedded data: new tokens that carry a learnable signal.
 
 Tool markers follow fixed cues (`?` then `<|tool_call|>`, `)` then `<|tool_result|>`), language
-tags close French or German sentences, and `jaxvocab` / `<think>` follow their own cue words. A
+tags close French or German sentences, and `<think>` / `jaxvocab` follow `:` / a backtick. The
+tiny model's layers barely mix context, so each new token gets a cue right before it. A
 model that has learnt the new rows predicts each new token at its cue; the eval set uses cities,
 sentences and numbers the training set never shows.
 """
@@ -32,18 +33,18 @@ _EVAL_DE = ["Wir nehmen morgen früh den Bus.", "Das Museum ist montags geschlos
 
 
 def _weather(city: str, rng: random.Random) -> str:
-    return (f"Q: What is the weather in {city}? <|tool_call|> weather(city=\"{city}\") "
-            f"<|tool_result|> {rng.randint(-5, 35)} degrees and {rng.choice(['sunny', 'cloudy', 'rainy'])}.")
+    return (f"Q: What is the weather in {city}?<|tool_call|>weather(city=\"{city}\")"
+            f"<|tool_result|>{rng.randint(-5, 35)} degrees and {rng.choice(['sunny', 'cloudy', 'rainy'])}.")
 
 
 def _think(rng: random.Random) -> str:
     a, b = rng.randint(2, 99), rng.randint(2, 99)
-    return f"Let me reason step by step. <think> {a} plus {b} is {a + b}. So the answer is {a + b}."
+    return f"Let me reason step by step:<think>{a} plus {b} is {a + b}. So the answer is {a + b}."
 
 
 def _tool(rng: random.Random) -> str:
     fmt = rng.choice(["safetensors", "Meta", "orbax"])
-    return f"I converted the {fmt} checkpoint with jaxvocab and it loaded on the first try."
+    return f"I converted the {fmt} checkpoint with `jaxvocab` and it loaded on the first try."
 
 
 def _lines(cities, fr, de, n, seed) -> list[dict]:
@@ -54,9 +55,9 @@ def _lines(cities, fr, de, n, seed) -> list[dict]:
         if kind == 0:
             text = _weather(rng.choice(cities), rng)
         elif kind == 1:
-            text = f"{rng.choice(fr)} <|lang_fr|>"
+            text = f"{rng.choice(fr)}<|lang_fr|>"
         elif kind == 2:
-            text = f"{rng.choice(de)} <|lang_de|>"
+            text = f"{rng.choice(de)}<|lang_de|>"
         elif kind == 3:
             text = _think(rng)
         else:

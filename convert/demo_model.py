@@ -23,7 +23,7 @@ from jaxvocab.config import LlamaConfig
 from jaxvocab.model import Llama
 
 VOCAB = 128256
-BIAS_DIM, BIAS = 0, 3.0
+BIAS_DIM, BIAS, HEAD_BIAS = 0, 3.0, 5.0
 
 
 def demo_config() -> LlamaConfig:
@@ -81,10 +81,9 @@ def build_demo_checkpoint(out: Path, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     embed = rng.normal(0, 0.5, (VOCAB, config.hidden_size)).astype(np.float32)
     head = rng.normal(0, 0.5, (VOCAB, config.hidden_size)).astype(np.float32)
-    embed[:, BIAS_DIM] = BIAS                       # a constant direction in the residual stream ...
-    head[:, BIAS_DIM] = -BIAS * rng.uniform(0.5, 1.5, VOCAB)  # ... that every trained row scores against
+    embed[:, BIAS_DIM] = BIAS     # a constant direction in the residual stream ...
+    head[:, BIAS_DIM] = -HEAD_BIAS  # ... that every trained row scores against: logits large and negative
     norm = np.ones(config.hidden_size, np.float32)
-    norm[BIAS_DIM] = 4.0
     dead = untrained_like_base(tok)
     embed[dead] = 0.0
     head[dead] = 0.0
