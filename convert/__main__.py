@@ -102,19 +102,8 @@ def cmd_demo(args) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from jaxvocab.errors import JaxVocabError, UsageError
-    try:
-        args.run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except JaxVocabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
-    return 0
+    from jaxvocab.errors import run_command
+    return run_command(lambda: args.run(args), "no output was written")
 
 
 if __name__ == "__main__":

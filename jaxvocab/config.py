@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 from jaxvocab.errors import ConfigError
 

@@ -38,13 +38,8 @@ def make_hf_checkpoint(path, *, vocab=256, hidden=64, intermediate=128, layers=2
                       rope_scaling=dict(LLAMA3_SCALING, rope_theta=theta) if scaling else None,
                       rope_theta=theta, max_position_embeddings=max_pos, rms_norm_eps=1e-5,
                       bos_token_id=0, eos_token_id=1)
-    model = LlamaForCausalLM(cfg).eval()
+    model = randomize(LlamaForCausalLM(cfg).eval(), std)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, std)
         for r in zero_rows:
             model.model.embed_tokens.weight[r] = 0
             if not tied:
@@ -55,6 +50,19 @@ def make_hf_checkpoint(path, *, vocab=256, hidden=64, intermediate=128, layers=2
     model.save_pretrained(path, max_shard_size="200KB" if shards else "10GB")
     _restyle_config(path / "config.json", style, scaling, theta)
     return path, model.float()
+
+
+def randomize(model, std: float):
+    """Weights far from HF's 0.02 init (norms near 1), so logits are far from uniform and parity
+    tests can actually fail."""
+    import torch
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, std)
+    return model
 
 
 def _restyle_config(file: Path, style: str, scaling: bool, theta: float) -> None:

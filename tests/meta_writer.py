@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.builders import randomize
+
 COLUMN = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")  # split on dim 0
 ROW = ("attention.wo", "feed_forward.w2")  # split on dim 1
 
@@ -42,13 +44,7 @@ def make_hf_model(path, *, vocab=384, dim=128, layers=2, heads=8, kv_heads=2, mu
                       head_dim=dim // heads, tie_word_embeddings=tied, rope_scaling=scaling, rope_theta=theta,
                       max_position_embeddings=131072 if factor else 8192, rms_norm_eps=1e-5,
                       bos_token_id=0, eos_token_id=1)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, std)
+    model = randomize(LlamaForCausalLM(cfg).eval(), std)
     model.save_pretrained(Path(path))
     return Path(path), model
 

@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from jaxvocab.errors import JaxVocabError, UsageError
+from jaxvocab.errors import UsageError, run_command
 
 EPILOG = """examples:
   jaxvocab-train --model ckpt --data train.jsonl --out run1 --steps 500 --dtype bfloat16
@@ -242,19 +242,8 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    try:
-        cmd_train(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except JaxVocabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"error: interrupted; rerun with --resume to continue from the last checkpoint in {args.out}",
-              file=sys.stderr)
-        return 130
-    return 0
+    return run_command(lambda: cmd_train(args),
+                       f"rerun with --resume to continue from the last checkpoint in {args.out}")
 
 
 if __name__ == "__main__":
