@@ -134,9 +134,11 @@ def _compare_transformers(model, hf: Path, tok, plan) -> None:
     try:
         import torch
         from transformers import AutoTokenizer, LlamaForCausalLM
+        from transformers.utils import logging as hf_logging
     except ImportError:
         print("  (transformers/torch not installed: skipping the reload check)")
         return
+    hf_logging.set_verbosity_error()  # its Mistral-regex heuristic misfires on Llama-3's own pattern
     hf_tok = AutoTokenizer.from_pretrained(hf)
     mapped = {t.token: hf_tok.convert_tokens_to_ids(t.token) for t in plan.tokens}
     ok = all(mapped[t.token] == t.id for t in plan.tokens)
