@@ -121,7 +121,7 @@ def test_read_jsonl_kinds(tmp_path, llama3_tokenizer_dir):
     assert trained == tok.encode("4") + [128009] + tok.encode("6, of course.") + [128009]
     assert pre.mask.tolist() == [0, 0, 1, 1] and pre2.mask.tolist() == [1, 1]
     # packed: the chat doc's weights select exactly its assistant targets
-    inputs, segments, targets, weights = Packer([chat], 256, 1).row(within_epoch=True)
+    _, _, targets, weights = Packer([chat], 256, 1).row(within_epoch=True)
     assert targets[weights > 0].tolist() == trained
 
 

@@ -13,7 +13,7 @@ from jaxvocab import rows as R
 from jaxvocab.errors import UsageError
 from jaxvocab.generation import default_suppressed, prompt_ids
 from jaxvocab.tokenizer import load_tokenizer
-from tests.builders import make_hf_checkpoint
+from tests.builders import make_hf_checkpoint, random_llama
 
 ZERO = tuple(range(100, 164))   # untrained rows, like Llama-3's reserved ones
 
@@ -96,18 +96,6 @@ def test_sampling_is_seeded_and_top_p_narrows(model):
         jaxvocab.generate(model, None, prompt, 5000)
 
 
-def _random_model(cfg, seed=0):
-    """Abstract model filled from numpy: much faster than eager random init at a 128k vocabulary."""
-    model = nnx.eval_shape(lambda: jaxvocab.Llama(cfg))
-    rs = np.random.RandomState(seed)
-    for path, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param):
-            shape = var.value.shape
-            value = 1.0 + 0.1 * rs.standard_normal(shape) if path[-1].endswith("norm") else 0.2 * rs.standard_normal(shape)
-            var.set_value(jnp.asarray(value, jnp.float32))
-    return model
-
-
 def test_prompts_with_llama3_tokenizer(llama3_tokenizer_dir):
     tok = load_tokenizer(llama3_tokenizer_dir)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
@@ -120,7 +108,7 @@ def test_prompts_with_llama3_tokenizer(llama3_tokenizer_dir):
     # a real-vocabulary model: reserved slots are suppressed by default and text comes back decoded
     cfg = jaxvocab.LlamaConfig(128256, 64, 128, 1, 4, 2, rope_theta=10000.0, tie_word_embeddings=True,
                                eos_token_id=128001)
-    model = _random_model(cfg)
+    model = random_llama(cfg, std=0.2)
     banned = default_suppressed(model, tok)
     assert set(tok.free_reserved()) <= set(banned) and 128009 not in banned
     text, ids = jaxvocab.generate(model, tok, msgs, 12, temperature=1.0, return_ids=True)

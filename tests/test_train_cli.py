@@ -9,13 +9,11 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import jaxvocab
-from tests.builders import make_hf_checkpoint
+from tests.builders import make_hf_checkpoint, random_llama
 from train.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,16 +195,6 @@ def test_kill_9_and_resume_is_bit_identical(setup, tmp_path):
     assert np.array_equal(_host(a.embed[...]), _host(b.embed[...]))
 
 
-def _fill(model, seed=0):
-    rs = np.random.RandomState(seed)
-    for path, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param):
-            shape = var.value.shape
-            value = 1.0 + 0.1 * rs.standard_normal(shape) if path[-1].endswith("norm") else 0.1 * rs.standard_normal(shape)
-            var.set_value(jnp.asarray(value, jnp.float32))
-    return model
-
-
 @pytest.mark.slow
 def test_mission_plan_expand_train_new_rows(tmp_path, capsys, llama3_tokenizer_dir):
     """Real Llama-3 tokenizer: plan two tokens, expand, train --trainable new on chat data, generate."""
@@ -214,8 +202,8 @@ def test_mission_plan_expand_train_new_rows(tmp_path, capsys, llama3_tokenizer_d
     tok = load_tokenizer(llama3_tokenizer_dir)
     cfg = jaxvocab.LlamaConfig(tok.n_words, 64, 128, 2, 4, 2, rope_theta=10000.0, tie_word_embeddings=True,
                                max_position_embeddings=512, eos_token_id=128001, dtype="float32")
-    model = _fill(nnx.eval_shape(lambda: jaxvocab.Llama(cfg)))
-    model.source_dir, model.vocab_plan = str(llama3_tokenizer_dir), None
+    model = random_llama(cfg)
+    model.source_dir = str(llama3_tokenizer_dir)
     plan = jaxvocab.plan_vocab(tok, ["<|lang_xx|>", "<think>"], model=model)
     model, tok = jaxvocab.expand_vocab(model, tok, plan)
     jaxvocab.save_checkpoint(model, tmp_path / "ckpt")
