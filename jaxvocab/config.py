@@ -120,12 +120,7 @@ class LlamaConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: not found; an HF checkpoint dir needs a config.json") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        d = read_json(path, "an HF checkpoint dir needs a config.json")
         return cls.from_hf_dict(d, where=str(path))
 
     def to_hf_dict(self) -> dict:
@@ -155,6 +150,16 @@ class LlamaConfig:
             out["rope_scaling"] = scaling
             out["rope_theta"] = self.rope_theta
         return out
+
+
+def read_json(file: Path, need: str):
+    """A config file's JSON; a missing or malformed file is a one-line ConfigError naming it."""
+    try:
+        return json.loads(Path(file).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: not found; {need}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def _ids_json(v):

@@ -15,7 +15,6 @@ duplicated pieces are compared as they are read.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxvocab.config import LlamaConfig, RopeScaling
+from jaxvocab.config import LlamaConfig, RopeScaling, read_json
 from jaxvocab.errors import CheckpointError, ConfigError, UsageError
 from jaxvocab.io import keys as K
 from jaxvocab.io.hf import build
@@ -63,12 +62,7 @@ def intermediate_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: floa
 
 def read_params(path: Path) -> dict:
     file = Path(path) / PARAMS
-    try:
-        d = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: not found; a Meta checkpoint dir needs params.json") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    d = read_json(file, "a Meta checkpoint dir needs params.json")
     if isinstance(d, dict) and isinstance(d.get("model"), dict):
         d = d["model"]
     if not isinstance(d, dict):
