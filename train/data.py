@@ -57,10 +57,18 @@ def read_jsonl(path, tok, vocab_size: int) -> list[Doc]:
 
 
 def _parse_line(line: str, where: str, tok, vocab_size: int) -> Doc:
+    return parse_record(load_json(line, where), where, tok, vocab_size)
+
+
+def load_json(line: str, where: str):
     try:
-        obj = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg}); each line must be one JSON object") from None
+
+
+def parse_record(obj, where: str, tok, vocab_size: int) -> Doc:
+    """One record (a JSONL line's object or a Parquet row) -> Doc, checked; errors carry `where`."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object with 'text', 'messages' or 'input_ids'")
     try:
@@ -111,34 +119,59 @@ def _tokenize(obj: dict, where: str, tok):
 
 def pieces(doc: Doc, seq_len: int) -> list[tuple[int, int]]:
     """[start, end) windows of at most seq_len tokens, overlapping by one token."""
-    n = len(doc.ids)
+    return [piece(len(doc.ids), seq_len, k) for k in range(n_pieces(len(doc.ids), seq_len))]
+
+
+def n_pieces(n: int, seq_len: int) -> int:
+    return 1 if n <= seq_len else -(-(n - 1) // (seq_len - 1))
+
+
+def piece(n: int, seq_len: int, k: int) -> tuple[int, int]:
     if n <= seq_len:
-        return [(0, n)]
-    step = seq_len - 1
-    return [(s, min(s + seq_len, n)) for s in range(0, n - 1, step)]
+        return 0, n
+    s = k * (seq_len - 1)
+    return s, min(s + seq_len, n)
+
+
+class MemoryDocs:
+    """Documents held in RAM (a JSONL tokenized on the fly), behind the interface a store offers."""
+
+    def __init__(self, docs: list[Doc]):
+        self.docs = docs
+        self.lengths = np.array([len(d.ids) for d in docs], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def read(self, i: int, start: int, end: int) -> Doc:
+        d = self.docs[i]
+        return Doc(d.ids[start:end], d.mask[start:end])
 
 
 class Packer:
     """Endless stream of packed batches; `state` (epoch, cursor, piece) pins its exact position.
 
     Each epoch visits the documents in a permutation seeded by (seed, epoch), so the stream after
-    a restore is the stream that would have followed without the interruption.
+    a restore is the stream that would have followed without the interruption. Packing is planned
+    from document lengths alone, for the whole global batch, identically on every process; tokens
+    are then read only for the rows asked for (`next(rows=...)`), so a host reads its share only.
     """
 
-    def __init__(self, docs: list[Doc], seq_len: int, batch_size: int, grad_accum: int = 1,
+    def __init__(self, docs, seq_len: int, batch_size: int, grad_accum: int = 1,
                  seed: int = 0, shuffle: bool = True):
         if seq_len < 2:
             raise DataError(f"seq_len={seq_len}: need at least 2 tokens per row (one input, one target)")
-        self.docs, self.seq_len, self.batch_size, self.grad_accum = docs, seq_len, batch_size, grad_accum
+        self.source = MemoryDocs(docs) if isinstance(docs, list) else docs
+        self.seq_len, self.batch_size, self.grad_accum = seq_len, batch_size, grad_accum
         self.seed, self.shuffle = seed, shuffle
-        self._pieces = [pieces(d, seq_len) for d in docs]
+        self.lengths = self.source.lengths
         self.state = {"epoch": 0, "cursor": 0, "piece": 0}
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
-            return np.arange(len(self.docs))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.docs))
+            return np.arange(len(self.lengths))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
 
     def load_state(self, state: dict) -> None:
         self.state = {k: int(state[k]) for k in ("epoch", "cursor", "piece")}
@@ -147,40 +180,56 @@ class Packer:
     def _advance(self) -> None:
         s = self.state
         s["piece"] += 1
-        if s["piece"] == len(self._pieces[self._order[s["cursor"]]]):
+        if s["piece"] == n_pieces(int(self.lengths[self._order[s["cursor"]]]), self.seq_len):
             s["piece"], s["cursor"] = 0, s["cursor"] + 1
-            if s["cursor"] == len(self.docs):
+            if s["cursor"] == len(self.lengths):
                 s["cursor"], s["epoch"] = 0, s["epoch"] + 1
                 self._order = self._permutation(s["epoch"])
 
-    def row(self, within_epoch: bool = False):
-        """One packed row; `within_epoch` ends it at the epoch boundary (eval: each doc once)."""
-        T = self.seq_len
-        row = [np.zeros(T, np.int32) for _ in range(3)] + [np.zeros(T, np.float32)]
-        pos, seg, epoch = 0, 1, self.state["epoch"]
+    def plan_row(self, within_epoch: bool = False) -> list[tuple[int, int, int]]:
+        """The (doc, start, end) pieces of the next row; `within_epoch` ends it at the epoch boundary."""
+        T, pos, epoch, plan = self.seq_len, 0, self.state["epoch"], []
         while not (within_epoch and self.state["epoch"] != epoch):
-            d = self._order[self.state["cursor"]]
-            start, end = self._pieces[d][self.state["piece"]]
+            d = int(self._order[self.state["cursor"]])
+            start, end = piece(int(self.lengths[d]), T, self.state["piece"])
             if end - start > T - pos:
                 break
-            place(row, pos, seg, self.docs[d], start, end)
-            pos, seg = pos + end - start, seg + 1
+            plan.append((d, start, end))
+            pos += end - start
             self._advance()
+        return plan
+
+    def fill(self, plan: list[tuple[int, int, int]]):
+        """Read a planned row's tokens: [inputs, segments, targets, weights]."""
+        T = self.seq_len
+        row = [np.zeros(T, np.int32) for _ in range(3)] + [np.zeros(T, np.float32)]
+        pos = 0
+        for seg, (d, start, end) in enumerate(plan, 1):
+            place(row, pos, seg, self.source.read(d, start, end))
+            pos += end - start
         return row
 
-    def next(self) -> Batch:
-        rows = [[self.row() for _ in range(self.batch_size)] for _ in range(self.grad_accum)]
-        return Batch(*(np.stack([np.stack([r[i] for r in mb]) for mb in rows]) for i in range(4)))
+    def row(self, within_epoch: bool = False):
+        """One packed row (planned and read)."""
+        return self.fill(self.plan_row(within_epoch))
+
+    def next(self, rows: slice = slice(None)) -> Batch:
+        """The next [K, B, T] batch, or only its rows `rows` of each micro-batch ([K, b, T]); the
+        stream advances by the whole global batch either way. `self.last_tokens` counts all of it."""
+        plans = [[self.plan_row() for _ in range(self.batch_size)] for _ in range(self.grad_accum)]
+        self.last_tokens = sum(e - s for mb in plans for r in mb for _, s, e in r)
+        filled = [[self.fill(r) for r in mb[rows]] for mb in plans]
+        return Batch(*(np.stack([np.stack([r[i] for r in mb]) for mb in filled]) for i in range(4)))
 
 
-def place(row, pos: int, seg: int, doc: Doc, start: int, end: int) -> None:
-    """Write doc[start:end] into row at pos: inputs, segment, next-token targets and their weights."""
+def place(row, pos: int, seg: int, doc: Doc) -> None:
+    """Write a document piece into row at pos: inputs, segment, next-token targets and their weights."""
     inputs, segments, targets, weights = row
-    n = end - start
-    inputs[pos:pos + n] = doc.ids[start:end]
+    n = len(doc.ids)
+    inputs[pos:pos + n] = doc.ids
     segments[pos:pos + n] = seg
-    targets[pos:pos + n - 1] = doc.ids[start + 1:end]
-    weights[pos:pos + n - 1] = doc.mask[start + 1:end]
+    targets[pos:pos + n - 1] = doc.ids[1:]
+    weights[pos:pos + n - 1] = doc.mask[1:]
 
 
 def eval_batches(docs: list[Doc], seq_len: int, batch_size: int) -> list[Batch]:

@@ -114,15 +114,31 @@ class Trainer:
         self._step = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=(2, 3), out_shardings=replicated)
         self._eval = jax.jit(eval_step, static_argnums=0)
 
-    def put(self, batch: Batch) -> Batch:
-        """Host batch -> device, its B axis split over (data, fsdp) when that divides it."""
-        B = batch.inputs.shape[1]
+    def batch_sharding(self, B: int) -> NamedSharding:
+        """The B axis split over (data, fsdp) when that divides it, else replicated."""
         spec = P(None, RULES["batch"], None) if B % axis_size(self.mesh, "batch") == 0 else P()
-        return Batch(*(jax.device_put(a, NamedSharding(self.mesh, spec)) for a in batch))
+        return NamedSharding(self.mesh, spec)
 
-    def step(self, batch: Batch) -> dict:
+    def local_rows(self, B: int) -> slice:
+        """The rows of a [K, B, T] batch this process's devices hold (all of them on one process)."""
+        idx = self.batch_sharding(B).addressable_devices_indices_map((1, B, 1)).values()
+        spans = sorted({s[1].indices(B)[:2] for s in idx})
+        lo, hi = spans[0][0], max(e for _, e in spans)
+        if sum(e - s for s, e in spans) < hi - lo or any(a[1] < b[0] for a, b in zip(spans, spans[1:])):
+            return slice(0, B)   # this process's rows are not one block: it reads the whole batch
+        return slice(lo, hi)
+
+    def put(self, batch: Batch, global_rows: int | None = None) -> Batch:
+        """Host batch -> global device array. `batch` holds either all rows or, with `global_rows`, only
+        this process's block of them (`local_rows`); each process contributes what its devices hold."""
+        B = global_rows or batch.inputs.shape[1]
+        sharding = self.batch_sharding(B)
+        return Batch(*(jax.make_array_from_process_local_data(sharding, a, (a.shape[0], B, a.shape[2]))
+                       for a in batch))
+
+    def step(self, batch: Batch, global_rows: int | None = None) -> dict:
         self.params, self.opt_state, metrics = self._step(self.graphdef, self.cfg, self.params, self.opt_state,
-                                                          self.frozen, self.put(batch))
+                                                          self.frozen, self.put(batch, global_rows))
         return metrics
 
     def evaluate(self, batches: list[Batch]) -> dict:
@@ -167,29 +183,35 @@ def restore_latest(mngr: ocp.CheckpointManager, trainer: Trainer, packer: Packer
     return int(got.meta["step"])
 
 
-def run(rm: RowsModel, cfg: TrainConfig, mesh: Mesh, docs: list[Doc], out: Path, *,
+def run(rm: RowsModel, cfg: TrainConfig, mesh: Mesh, docs, out: Path, *,
         eval_docs: list[Doc] | None = None, resume: bool = False, show_progress: bool = True) -> RowsModel:
-    """Train `rm`'s rows for cfg.steps into `out` (metrics.jsonl, checkpoints/); returns the trained RowsModel."""
+    """Train `rm`'s rows for cfg.steps into `out` (metrics.jsonl, checkpoints/); returns the trained RowsModel.
+
+    `docs` is a list of Docs or a tokenized store (train/store.py). Every process plans the same global
+    batches; each reads and places only the rows its devices hold. Process 0 alone writes metrics.
+    """
     trainer = Trainer(rm, cfg, mesh)
     packer = Packer(docs, cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.seed)
+    rows = trainer.local_rows(cfg.batch_size)
     evals = eval_batches(eval_docs, cfg.seq_len, cfg.batch_size) if eval_docs else None
+    main = jax.process_index() == 0
     with checkpoint_manager(out / "checkpoints", cfg.keep) as mngr:
         start = restore_latest(mngr, trainer, packer) if resume else 0
-        metrics = report.MetricsLog(out / "metrics.jsonl", keep_through=start if resume else None)
-        bar = report.progress_bar(cfg.steps, start, disable=not show_progress)
+        metrics = report.MetricsLog(out / "metrics.jsonl", keep_through=start if resume else None) if main else None
+        bar = report.progress_bar(cfg.steps, start, disable=not (show_progress and main))
         try:
             t_prev = time.perf_counter()
             for step in range(start + 1, cfg.steps + 1):
-                batch = packer.next()
-                m = jax.device_get(trainer.step(batch))
+                batch = packer.next(rows)
+                m = jax.device_get(trainer.step(batch, cfg.batch_size))
                 now = time.perf_counter()
-                tokens = int(np.count_nonzero(batch.segments))
                 rec = {"step": step, "loss": float(m["loss"]), "lr": float(trainer.lr(step - 1)),
-                       "grad_norm": float(m["grad_norm"]), "tokens": tokens,
-                       "targets": int(m["targets"]), "tokens_per_s": tokens / max(now - t_prev, 1e-9)}
+                       "grad_norm": float(m["grad_norm"]), "tokens": packer.last_tokens,
+                       "targets": int(m["targets"]), "tokens_per_s": packer.last_tokens / max(now - t_prev, 1e-9)}
                 if evals and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                     rec.update(trainer.evaluate(evals))
-                metrics.log(rec)
+                if metrics:
+                    metrics.log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update(1)
                 if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
@@ -197,7 +219,8 @@ def run(rm: RowsModel, cfg: TrainConfig, mesh: Mesh, docs: list[Doc], out: Path,
                 t_prev = time.perf_counter()
         finally:
             bar.close()
-            metrics.close()
-    report.plot_loss(out / "metrics.jsonl", out / "loss.png")
+            if metrics:
+                metrics.close()
+    if main:
+        report.plot_loss(out / "metrics.jsonl", out / "loss.png")
     return trainer.model()
-
