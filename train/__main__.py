@@ -15,12 +15,17 @@ import sys
 from pathlib import Path
 
 from jaxvocab.errors import UsageError, run_command
+from jaxvocab.io.multihost import barrier, is_main
+from train import distributed
+from train.distributed import say
 
 EPILOG = """examples:
   jaxvocab-train --model ckpt --data train.jsonl --out run1 --steps 500 --dtype bfloat16
   jaxvocab-train --model ckpt --data chat.jsonl --eval eval.jsonl --out run2 --trainable new+untrained \\
                  --mesh data=1,fsdp=2,tensor=4 --save-every 100 --export-hf run2-hf
   jaxvocab-train ... --out run2 --resume          # continue after a crash / preemption
+  jaxvocab-train tokenize --model ckpt --data a.jsonl.gz b.parquet --out store --workers 8
+  jaxvocab-train --model ckpt --data store --out run3 --distributed   # same command on every host of a pod
 
 data lines: {"text": "..."} | {"messages": [{"role": "user", "content": "..."}, ...]}
             | {"input_ids": [...], "loss_mask": [...]}   (loss_mask optional)
@@ -36,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxvocab-train", description=__doc__.splitlines()[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="checkpoint dir (jaxvocab, HF or Meta)")
-    p.add_argument("--data", type=Path, required=True, help="training JSONL")
+    p.add_argument("--data", type=Path, required=True,
+                   help="a tokenized store (jaxvocab-train tokenize; read lazily, per host) or a JSONL file")
     p.add_argument("--eval", type=Path, help="eval JSONL (loss and new-token accuracy)")
     p.add_argument("--out", type=Path, required=True, help="run dir (refused if it exists, unless --resume/--overwrite)")
     p.add_argument("--trainable", default="new", help="which rows train (default: new; see below)")
@@ -63,7 +69,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (always at the end)")
     p.add_argument("--export-hf", type=Path, help="also write the final model as an HF dir here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    distributed.add_args(p)
     return p
+
+
+def build_tokenize_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxvocab-train tokenize",
+                                description="Tokenize JSONL (.jsonl, .jsonl.gz) and Parquet files once, in parallel, "
+                                            "into a store that training reads lazily, per host.")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint dir whose tokenizer (and vocab plan) to use")
+    p.add_argument("--data", type=Path, nargs="+", required=True, metavar="SRC",
+                   help="source files, in order: records with 'text', 'messages' or 'input_ids' (+ 'loss_mask')")
+    p.add_argument("--out", type=Path, required=True, help="store dir to write (atomically)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return p
+
+
+def cmd_tokenize(args) -> None:
+    from train import store
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: must be at least 1")
+    out = args.out.resolve()
+    for src in (args.model, *args.data):
+        if out == src.resolve() or out in src.resolve().parents or src.resolve() in out.parents:
+            raise UsageError(f"--out {args.out} overlaps {src}; choose an --out outside your inputs")
+    from jaxvocab.io.atomic import check_output
+    check_output(args.out, args.overwrite, "--out")
+    m = store.tokenize(args.model, args.data, args.out, args.workers, args.overwrite)
+    print(f"wrote {args.out}: {m['docs']} documents, {m['tokens']} tokens, {m['targets']} targets"
+          + (f" ({m['dropped']} records without a target dropped)" if m["dropped"] else ""))
 
 
 def check_flags(args) -> None:
@@ -211,15 +246,18 @@ def cmd_train(args) -> None:
     tok = tokenizer_of(model)
     ids = resolve_trainable(args.trainable, model, tok)
     rm = rows.split(model, ids, args.tables)
-    docs = read_jsonl(args.data, tok, model.config.vocab_size)
+    docs = _training_data(args, model, tok)
     eval_docs = read_jsonl(args.eval, tok, model.config.vocab_size) if args.eval else None
     rec = _run_record(args, ids)
     if args.resume:
         _check_resume(args.out, rec)
-    elif args.overwrite and args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "run.json").write_text(json.dumps(rec, indent=2) + "\n")
+    barrier("flags-checked")    # every process has judged --out before process 0 creates it
+    if is_main():
+        if args.overwrite and not args.resume and args.out.exists():
+            shutil.rmtree(args.out)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "run.json").write_text(json.dumps(rec, indent=2) + "\n")
+    barrier("out-created")
 
     cfg = loop.TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                            grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
@@ -228,22 +266,66 @@ def cmd_train(args) -> None:
                            remat=args.remat)
     trained = loop.run(rm, cfg, mesh, docs, args.out, eval_docs=eval_docs, resume=args.resume,
                        show_progress=not args.quiet)
+    _report_reads(args.out, docs)
     final = rows.merge(trained)
     jaxvocab.save_checkpoint(final, args.out / "final", overwrite=True)
-    print(f"trained {len(ids)} rows for {args.steps} steps; wrote {args.out / 'final'}")
+    say(f"trained {len(ids)} rows for {args.steps} steps; wrote {args.out / 'final'}")
     if args.export_hf is not None:
         jaxvocab.save_hf(final, args.export_hf, overwrite=args.overwrite, show_progress=not args.quiet)
-        print(f"wrote {args.export_hf}")
+        say(f"wrote {args.export_hf}")
+
+
+def _training_data(args, model, tok):
+    """A store dir is opened (checked, nothing read yet); a JSONL file is tokenized here, in RAM."""
+    from train.data import read_jsonl
+    from train.store import Store, is_store
+    if is_store(args.data):
+        src = getattr(model, "source_dir", None)
+        return Store(args.data, model.config.vocab_size, Path(src) if src else None)
+    return read_jsonl(args.data, tok, model.config.vocab_size)
+
+
+def _report_reads(out: Path, docs) -> None:
+    """data_read/process-I.json: what this process read of the store (each host reads only its share)."""
+    import jax
+
+    from train import store
+    if not isinstance(docs, store.Store):
+        return
+    (out / "data_read").mkdir(exist_ok=True)
+    rec = {"process": jax.process_index(), "processes": jax.process_count(), "bytes": store.BYTES_READ,
+           "pieces": store.ROWS_READ, "store_bytes": 5 * docs.manifest["tokens"]}
+    (out / "data_read" / f"process-{jax.process_index()}.json").write_text(json.dumps(rec) + "\n")
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    tokenize = argv[:1] == ["tokenize"]
+    parser = build_tokenize_parser() if tokenize else build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(argv[1:] if tokenize else argv)
     except SystemExit as e:
         return int(e.code or 0)
-    return run_command(lambda: cmd_train(args),
-                       f"rerun with --resume to continue from the last checkpoint in {args.out}")
+    if tokenize:
+        return run_command(lambda: cmd_tokenize(args), "no store was written")
+    failure = []
+
+    def command():
+        try:
+            distributed.start(args)
+            cmd_train(args)
+        except BaseException as e:
+            failure.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise
+
+    try:
+        code = run_command(command, f"rerun with --resume to continue from the last checkpoint in {args.out}")
+    finally:
+        if failure:
+            distributed.fail(failure[0])     # peers stop too, with this message; never returns in a job
+    if code == 0:
+        distributed.finish()
+    return code
 
 
 if __name__ == "__main__":

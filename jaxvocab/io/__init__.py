@@ -9,7 +9,7 @@ from jax.sharding import Mesh
 
 from jaxvocab.errors import CheckpointError, UsageError
 from jaxvocab.io import checkpoint, hf
-from jaxvocab.io.atomic import atomic_dir
+from jaxvocab.io.multihost import is_main, shared_atomic_dir
 from jaxvocab.model import Llama
 
 
@@ -81,19 +81,21 @@ def save_hf(model: Llama, out_dir, max_shard_size="5GB", *, plan=None, overwrite
     """Write an HF dir that transformers / vLLM / llama.cpp load: safetensors shards under
     `max_shard_size`, index, config.json, generation_config.json and the tokenizer files."""
     out = Path(out_dir)
-    with atomic_dir(out, overwrite) as tmp:
-        hf.write_weights(model, tmp, max_shard_size, show_progress)
-        config = model.config.to_hf_dict()
-        config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(model.embed[...].dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _write_support_files(model, tmp, plan)
+    with shared_atomic_dir(out, overwrite) as tmp:   # many processes: each tensor gathered, process 0 writes
+        hf.write_weights(model, tmp, max_shard_size, show_progress and is_main())
+        if is_main():
+            config = model.config.to_hf_dict()
+            config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(model.embed[...].dtype)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            _write_support_files(model, tmp, plan)
     return out
 
 
 def save_checkpoint(model: Llama, out_dir, *, plan=None, overwrite: bool = False) -> Path:
     """A jaxvocab checkpoint dir (orbax state + config + tokenizer files + vocab plan)."""
     out = Path(out_dir)
-    with atomic_dir(out, overwrite) as tmp:
+    with shared_atomic_dir(out, overwrite) as tmp:   # many processes: orbax's multi-host save, process 0 the rest
         checkpoint.save_state(model, tmp)
-        _write_support_files(model, tmp, plan)
+        if is_main():
+            _write_support_files(model, tmp, plan)
     return out

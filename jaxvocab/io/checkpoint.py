@@ -44,6 +44,8 @@ def save_state(model: Llama, out: Path) -> None:
     """Orbax tree + config + marker into `out` (an already-created temp dir)."""
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save((out / "state").absolute(), params_of(model))
+    if jax.process_index() != 0:   # orbax wrote this process's shards; the small files are process 0's
+        return
     (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
     (out / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "vocab_size": model.config.vocab_size}) + "\n")
 

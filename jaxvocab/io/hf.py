@@ -23,6 +23,7 @@ from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import CheckpointError, UsageError
 from jaxvocab.io import keys as K
 from jaxvocab.io.safetensors_io import FLOATS, TensorInfo, aligned_empty, read_header, read_slice, write_file
+from jaxvocab.io.multihost import gather_only, is_main, to_host
 from jaxvocab.model import Llama
 from jaxvocab.progress import progress
 from jaxvocab.sharding import sharding_for, single_device_mesh
@@ -191,7 +192,7 @@ def host_tensor(model: Llama, key: K.Key, layer: int | None) -> np.ndarray:
     arr = K.get_param(model, key)[...]
     if layer is not None:
         arr = arr[layer]
-    return np.asarray(jax.device_get(arr))
+    return to_host(arr)
 
 
 def write_weights(model: Llama, out: Path, max_shard_size="5GB", show_progress: bool = True) -> dict:
@@ -223,9 +224,10 @@ def write_weights(model: Llama, out: Path, max_shard_size="5GB", show_progress: 
                 bar.update(1)
                 return host_tensor(model, key, layer)
 
-            total += write_file(out / fname, [(e[0], np.dtype(e[3]), e[4]) for e in shard], produce)
+            write = write_file if is_main() else gather_only   # a gather is collective: all take part
+            total += write(out / fname, [(e[0], np.dtype(e[3]), e[4]) for e in shard], produce)
             weight_map.update({e[0]: fname for e in shard})
-    if len(shards) > 1:
+    if len(shards) > 1 and is_main():
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return {"total_size": total, "shards": len(shards)}
