@@ -22,8 +22,8 @@ from jax.sharding import Mesh
 from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import CheckpointError, UsageError
 from jaxvocab.io import keys as K
-from jaxvocab.io.safetensors_io import FLOATS, TensorInfo, aligned_empty, read_header, read_slice, write_file
 from jaxvocab.io.multihost import gather_only, is_main, to_host
+from jaxvocab.io.safetensors_io import FLOATS, TensorInfo, aligned_empty, read_header, read_slice, write_file
 from jaxvocab.model import Llama
 from jaxvocab.progress import progress
 from jaxvocab.sharding import sharding_for, single_device_mesh
