@@ -320,10 +320,15 @@ def main(argv=None) -> int:
 
     try:
         code = run_command(command, f"rerun with --resume to continue from the last checkpoint in {args.out}")
-    finally:
-        if failure:
-            distributed.fail(failure[0])     # peers stop too, with this message; never returns in a job
-    if code == 0:
+    except BaseException:
+        if distributed.Watchdog.current is None:
+            raise
+        print(f"error: {failure[0]}", file=sys.stderr)     # in a job: one line, then stop every process
+        distributed.fail(failure[0])
+        raise
+    if failure:
+        distributed.fail(failure[0], code)   # peers stop too, with this message; never returns in a job
+    elif code == 0:
         distributed.finish()
     return code
 

@@ -100,7 +100,7 @@ def say(*a, **kw) -> None:
         print(*a, **kw)
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 1) -> None:
     """Tell the peers this process failed (they print it and stop), then leave without JAX's shutdown
     barrier, which would wait for peers that are stuck waiting for us."""
     dog = Watchdog.current
@@ -114,7 +114,7 @@ def fail(message: str) -> None:
         time.sleep(4 * BEAT_S)   # the coordination service lives here: let the peers read the error first
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)
+    os._exit(code)
 
 
 def finish() -> None:

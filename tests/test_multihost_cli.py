@@ -1,0 +1,145 @@
+"""jaxvocab-train as a 2-process job (4 CPU devices each, gloo), driven through the CLI like a pod.
+
+One tokenized store feeds every run. The 2-process run killed with -9 on process 1 after step 3
+must stop process 0 too, with one error line, within --distributed-timeout + 10 s; `--resume`
+must then end with rows bit-identical to an uninterrupted 2-process run and within 1e-6 of one
+process driving the same 8 devices; every other exported tensor is untouched and bit-identical.
+Each process reads only its half of every global batch from the store (counted in bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tests.builders import make_hf_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+IDS = [5, 9, 77, 200]
+TIMEOUT = 10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=str(ROOT))
+    return env
+
+
+def _cmd(model, store, out, *extra):
+    return [sys.executable, "-m", "train", "--model", str(model), "--data", str(store), "--out", str(out),
+            "--trainable", "ids:" + ",".join(map(str, IDS)), "--steps", "6", "--batch-size", "8", "--seq-len", "64",
+            "--lr", "1e-2", "--warmup", "2", "--dtype", "float32", "--save-every", "1", "--quiet",
+            "--export-hf", str(out) + "-hf", *map(str, extra)]
+
+
+def _start_job(model, store, out, *extra):
+    """Two processes; the coordinator comes from the environment for one and from flags for the other."""
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = _env(4)
+        if i == 0:
+            env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0")
+            flags = ["--distributed"]
+        else:
+            flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1"]
+        procs.append(subprocess.Popen(_cmd(model, store, out, *extra, *flags, "--distributed-timeout", TIMEOUT),
+                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _finish(procs, timeout=300):
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
+    return outs
+
+
+def _tensors(hf_dir: Path) -> dict:
+    return load_file(hf_dir / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def job_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mh")
+    model, _ = make_hf_checkpoint(d / "model", tied=False, seed=6, max_pos=128)
+    rs = np.random.RandomState(0)
+    with (d / "train.jsonl").open("w") as f:
+        for _ in range(300):
+            ids = rs.randint(0, 256, rs.randint(10, 150))
+            ids[1::3] = rs.choice(IDS, len(ids[1::3]))
+            f.write(json.dumps({"input_ids": ids.tolist()}) + "\n")
+    from train.__main__ import main
+    assert main(["tokenize", "--model", model, "--data", d / "train.jsonl", "--out", d / "store"]) == 0
+    return model, d / "store"
+
+
+@pytest.mark.slow
+def test_two_processes_kill_9_resume_and_one_process(job_inputs, tmp_path):
+    model, store = job_inputs
+    ref = tmp_path / "ref2"
+    _finish(_start_job(model, store, ref))
+    reads = [json.loads((ref / "data_read" / f"process-{i}.json").read_text()) for i in range(2)]
+    total = sum(r["bytes"] for r in reads)
+    for r in reads:   # each process read its half of the rows: ~half the bytes, never the whole store
+        assert 0.35 < r["bytes"] / total < 0.65 and r["bytes"] < r["store_bytes"], reads
+    print(f"\nbytes read per process: {[r['bytes'] for r in reads]} of a {reads[0]['store_bytes']}-byte store; "
+          f"pieces: {[r['pieces'] for r in reads]}")
+
+    # kill -9 process 1 after step 3: process 0 must stop too, quickly, with one error line
+    out = tmp_path / "killed"
+    procs = _start_job(model, store, out)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 240
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    assert all(p.poll() is None for p in procs), "the job ended before step 3"
+    os.kill(procs[1].pid, signal.SIGKILL)
+    killed_at = time.time()
+    _, err0 = procs[0].communicate(timeout=TIMEOUT + 60)
+    took = time.time() - killed_at
+    procs[1].wait()
+    assert procs[0].returncode != 0 and took <= TIMEOUT + 10, (took, err0[-2000:])
+    errors = [line for line in err0.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "process 1" in errors[0], err0[-2000:]
+    assert not (out / "final").exists() and not Path(str(out) + "-hf").exists()
+    print(f"process 0 stopped {took:.1f} s after kill -9 of process 1: {errors[0]}")
+
+    _finish(_start_job(model, store, out, "--resume"))
+    one = tmp_path / "one"
+    single = subprocess.run(_cmd(model, store, one), env=_env(8), cwd=ROOT, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    base = load_file(model / "model.safetensors")
+    a, b, c = (_tensors(Path(str(p) + "-hf")) for p in (ref, out, one))
+    assert set(a) == set(b) == set(c) == set(base)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert np.array_equal(a[name], b[name]), name                       # bit-identical after kill -9
+        rel = np.abs(a[name][IDS] - c[name][IDS]).max() / np.abs(c[name][IDS]).max()
+        assert rel <= 1e-6, (name, rel)                                      # 2 processes vs 1
+        assert not np.array_equal(a[name][IDS], base[name][IDS])             # the rows did train
+        keep = np.setdiff1d(np.arange(256), IDS)
+        assert np.array_equal(a[name][keep], base[name][keep]) and np.array_equal(c[name][keep], base[name][keep])
+    for name in set(base) - {"model.embed_tokens.weight", "lm_head.weight"}:
+        assert np.array_equal(a[name], base[name]) and np.array_equal(b[name], base[name]), name
+        assert np.array_equal(c[name], base[name]), name
+    ra, rb = ((json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()) for p in (ref, out))
+    assert [(r["step"], r["loss"]) for r in ra] == [(r["step"], r["loss"]) for r in rb]
