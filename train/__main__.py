@@ -323,7 +323,10 @@ def main(argv=None) -> int:
     except BaseException:
         if distributed.Watchdog.current is None:
             raise
-        print(f"error: {failure[0]}", file=sys.stderr)     # in a job: one line, then stop every process
+        # In a job an unexpected failure is mostly a collective broken by a dead peer: one line, stop all.
+        failure[0] = f"{failure[0]} (a peer process may have died; rerun with --resume to continue from the last " \
+                     f"checkpoint in {args.out})"
+        print(f"error: {failure[0]}", file=sys.stderr)
         distributed.fail(failure[0])
         raise
     if failure:
