@@ -49,7 +49,7 @@ def _cmd(model, store, out, *extra):
             "--export-hf", str(out) + "-hf", *map(str, extra)]
 
 
-def _start_job(model, store, out, *extra):
+def _start_job(model, store, out, *extra, only_1=()):
     """Two processes; the coordinator comes from the environment for one and from flags for the other."""
     port = _free_port()
     procs = []
@@ -59,7 +59,7 @@ def _start_job(model, store, out, *extra):
             env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0")
             flags = ["--distributed"]
         else:
-            flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1"]
+            flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1", *only_1]
         procs.append(subprocess.Popen(_cmd(model, store, out, *extra, *flags, "--distributed-timeout", TIMEOUT),
                                       env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
@@ -150,13 +150,12 @@ def test_two_processes_kill_9_resume_and_one_process(job_inputs, tmp_path):
 def test_a_failing_or_hung_process_stops_the_job(job_inputs, tmp_path):
     """A process that fails says why on every host; one that hangs is caught by the watchdog."""
     model, store = job_inputs
-    procs = _start_job(model, store, tmp_path / "a", "--eval", tmp_path / "only-on-process-0.jsonl")
-    (tmp_path / "only-on-process-0.jsonl").write_text('{"input_ids": [1, 2, 3]}\n')
+    procs = _start_job(model, store, tmp_path / "a", only_1=["--eval", str(tmp_path / "missing-on-host-1.jsonl")])
     outs = [p.communicate(timeout=TIMEOUT + 120)[1] for p in procs]
     assert all(p.returncode == 1 for p in procs), outs
     for err in outs:
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
-        assert len(errors) == 1 and "only-on-process-0.jsonl" in errors[0], err[-2000:]
+        assert len(errors) == 1 and "missing-on-host-1.jsonl: no such file" in errors[0], err[-2000:]
 
     out = tmp_path / "hung"
     procs = _start_job(model, store, out)

@@ -79,7 +79,7 @@ def start(args) -> bool:
     try:
         # JAX's own heartbeat is the backstop; the watchdog, at `timeout`, fires first with one line.
         jax.distributed.initialize(**{k: v for k, v in spec.items() if v is not None},
-                                   initialization_timeout=max(timeout, 30), heartbeat_timeout_seconds=timeout + 5,
+                                   initialization_timeout=max(timeout, 30), heartbeat_timeout_seconds=2 * timeout + 10,
                                    shutdown_timeout_seconds=timeout)
     except (RuntimeError, ValueError) as e:
         raise UsageError(f"--distributed: could not join the job ({str(e).splitlines()[0]}); pass --coordinator "
