@@ -80,9 +80,9 @@ def _parquet_rows(path: Path):
     try:
         n = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK):
-            for row in batch.to_pylist():
+            for row in batch.to_pylist():   # a column a row lacks reads as None: the row does not have it
                 n += 1
-                yield f"{path}:row {n}", row
+                yield f"{path}:row {n}", {k: v for k, v in row.items() if v is not None}
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
 
