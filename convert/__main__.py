@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from convert import vocab_cli
+from train import distributed
 
 EPILOG = """examples:
   jaxvocab-convert inspect ./Llama-3.2-1B
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Meta dirs only: llama3 rope factor params.json omits (default: 32 if the head is tied "
                           "to the embedding, as in 3.2 1B/3B, else 8)")
     vocab_cli.add_import_args(imp)
+    distributed.add_args(imp)
     imp.set_defaults(run=cmd_import)
 
     exp = sub.add_parser("export", help="jaxvocab checkpoint dir -> HF dir (transformers, vLLM, llama.cpp)",
@@ -46,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--max-shard-size", default="5GB", help="largest shard file (default 5GB; e.g. 500MB, 2GiB)")
     exp.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], help="cast weights on export")
     exp.add_argument("--overwrite", action="store_true", help="replace OUT_HF if it exists")
+    exp.add_argument("--mesh", help="device mesh to load onto (default: one device; with --distributed: fsdp over "
+                                    "every host's devices)")
+    distributed.add_args(exp)
     exp.set_defaults(run=cmd_export)
 
     ins = sub.add_parser("inspect", help="describe a checkpoint from its headers (fast; loads weights only with --probe)")
@@ -72,7 +77,7 @@ def cmd_import(args) -> None:
     model = jaxvocab.load(args.src, dtype=args.dtype, mesh=_mesh(args.mesh), rope_factor=args.rope_factor)
     plan = vocab_cli.expand_for_import(model, args)
     jaxvocab.save_checkpoint(model, args.out, plan=plan, overwrite=args.overwrite)
-    print(f"wrote {args.out} ({model.config.num_params() / 1e6:.1f}M params, {model.embed[...].dtype})")
+    distributed.say(f"wrote {args.out} ({model.config.num_params() / 1e6:.1f}M params, {model.embed[...].dtype})")
 
 
 def cmd_export(args) -> None:
@@ -81,9 +86,10 @@ def cmd_export(args) -> None:
     from jaxvocab.io.hf import parse_size
     check_output(args.out, args.overwrite)
     parse_size(args.max_shard_size)  # a bad flag fails now, not after minutes of loading
-    model = jaxvocab.load(args.ckpt, dtype=args.dtype)
+    mesh = _mesh(args.mesh) if args.mesh or getattr(args, "multi", False) else None
+    model = jaxvocab.load(args.ckpt, dtype=args.dtype, mesh=mesh)
     jaxvocab.save_hf(model, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    print(f"wrote {args.out}")
+    distributed.say(f"wrote {args.out}")
 
 
 def cmd_inspect(args) -> None:
@@ -103,7 +109,14 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from jaxvocab.errors import run_command
-    return run_command(lambda: args.run(args), "no output was written")
+    if not hasattr(args, "distributed"):
+        return run_command(lambda: args.run(args), "no output was written")
+    return distributed.run_job(lambda: _start_and_run(args), "no output was written")
+
+
+def _start_and_run(args) -> None:
+    args.multi = distributed.start(args)
+    args.run(args)
 
 
 if __name__ == "__main__":

@@ -173,3 +173,21 @@ def test_a_failing_or_hung_process_stops_the_job(job_inputs, tmp_path):
     errors = [line for line in err0.splitlines() if line.startswith("error: ")]
     assert procs[0].returncode == 1 and took <= TIMEOUT + 10, (took, err0[-2000:])
     assert len(errors) == 1 and "process 1 gave no sign of life" in errors[0], err0[-2000:]
+
+
+@pytest.mark.slow
+def test_convert_import_and_export_from_two_processes(job_inputs, tmp_path):
+    """jaxvocab-convert in a 2-process job: orbax multi-host save, then tensor-by-tensor gathered export."""
+    model, _ = job_inputs
+    for sub, src, dst in (("import", model, tmp_path / "ckpt"), ("export", tmp_path / "ckpt", tmp_path / "hf")):
+        port = _free_port()
+        procs = [subprocess.Popen([sys.executable, "-m", "convert", sub, str(src), str(dst), "--coordinator",
+                                   f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                                   "--distributed-timeout", str(TIMEOUT)],
+                                  env=_env(4), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        outs = _finish(procs, timeout=200)
+        assert [o.count("wrote") for o, _ in outs] == [1, 0]          # process 0 alone reports
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp dirs left
+    got, want = _tensors(tmp_path / "hf"), load_file(model / "model.safetensors")
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)

@@ -308,32 +308,12 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     if tokenize:
         return run_command(lambda: cmd_tokenize(args), "no store was written")
-    failure = []
 
     def command():
-        try:
-            distributed.start(args)
-            cmd_train(args)
-        except BaseException as e:
-            failure.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
-            raise
+        distributed.start(args)
+        cmd_train(args)
 
-    try:
-        code = run_command(command, f"rerun with --resume to continue from the last checkpoint in {args.out}")
-    except BaseException:
-        if distributed.Watchdog.current is None:
-            raise
-        # In a job an unexpected failure is mostly a collective broken by a dead peer: one line, stop all.
-        failure[0] = f"{failure[0]} (a peer process may have died; rerun with --resume to continue from the last " \
-                     f"checkpoint in {args.out})"
-        print(f"error: {failure[0]}", file=sys.stderr)
-        distributed.fail(failure[0])
-        raise
-    if failure:
-        distributed.fail(failure[0], code)   # peers stop too, with this message; never returns in a job
-    elif code == 0:
-        distributed.finish()
-    return code
+    return distributed.run_job(command, f"rerun with --resume to continue from the last checkpoint in {args.out}")
 
 
 if __name__ == "__main__":

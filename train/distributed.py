@@ -89,6 +89,36 @@ def start(args) -> bool:
     return True
 
 
+def run_job(command, interrupted: str) -> int:
+    """`run_command` for a command that may join a job: a failure on this process stops every process
+    (one `error:` line each, the failing one's message); success leaves the job together."""
+    from jaxvocab.errors import run_command
+    failure = []
+
+    def guarded():
+        try:
+            command()
+        except BaseException as e:
+            failure.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise
+
+    try:
+        code = run_command(guarded, interrupted)
+    except BaseException:
+        if Watchdog.current is None:
+            raise
+        # In a job an unexpected failure is mostly a collective broken by a dead peer: one line, stop all.
+        failure[0] = f"{failure[0]} (a peer process may have died; {interrupted})"
+        print(f"error: {failure[0]}", file=sys.stderr)
+        fail(failure[0])
+        raise
+    if failure:
+        fail(failure[0], code)   # peers stop too, with this message; never returns in a job
+    elif code == 0:
+        finish()
+    return code
+
+
 def is_main() -> bool:
     import jax
     return jax.process_index() == 0
