@@ -233,7 +233,7 @@ def cmd_train(args) -> None:
     from train.data import read_jsonl
 
     mesh = parse_mesh(args.mesh)
-    model = jaxvocab.load(args.model, mesh=mesh, show_progress=not args.quiet)
+    model = jaxvocab.load(args.model, mesh=mesh, show_progress=not args.quiet and is_main())
     model.compute_dtype = args.dtype
     plan = Path(getattr(model, "source_dir", None) or args.model) / "vocab_plan.json"
     if not getattr(model, "vocab_plan", None) and plan.is_file():   # an HF dir exported by jaxvocab
