@@ -23,6 +23,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+from array import array
 from collections import deque
 from pathlib import Path
 
@@ -158,18 +159,18 @@ def tokenize(model_dir: Path, sources: list[Path], out: Path, workers: int = 1, 
     from jaxvocab.io.atomic import atomic_dir
     vocab_size = vocab_size or model_vocab_size(model_dir)
     with atomic_dir(out, overwrite) as tmp:
-        offsets, total, counts = [0], 0, {"dropped": 0, "targets": 0, "text": 0}
+        offsets, total, counts = array("q", [0]), 0, {"dropped": 0, "targets": 0, "text": 0}   # 8 bytes a doc
         with open(tmp / "tokens.bin", "wb") as ft, open(tmp / "mask.bin", "wb") as fm:
             for lengths, ids, mask, got in _results(sources, model_dir, vocab_size, workers):
                 ft.write(ids.astype("<i4").tobytes())
                 fm.write(mask.tobytes())
-                offsets.extend((total + np.cumsum(lengths)).tolist())
+                offsets.extend(total + np.cumsum(lengths))
                 total += len(ids)
                 counts = {k: counts[k] + got[k] for k in counts}
         if len(offsets) == 1:
             raise DataError(f"{', '.join(map(str, sources))}: no record has a token to train on "
                             "(empty files, or every loss_mask is 0)")
-        np.save(tmp / "offsets.npy", np.array(offsets, np.int64))
+        np.save(tmp / "offsets.npy", np.frombuffer(offsets, np.int64))
         manifest = {"format": FORMAT, "docs": len(offsets) - 1, "tokens": total, "targets": counts["targets"],
                     "dropped": counts["dropped"], "vocab_size": vocab_size,
                     "tokenizer": fingerprint(model_dir) if counts["text"] else None,
