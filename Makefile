@@ -24,7 +24,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
-	$(BIN)/python bench/import.py && $(BIN)/python bench/expand.py && $(BIN)/python bench/train.py
+	$(BIN)/python bench/import.py && $(BIN)/python bench/expand.py && $(BIN)/python bench/train.py && $(BIN)/python bench/data.py
 
 clean:
 	rm -rf demo-out .pytest_cache
