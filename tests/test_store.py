@@ -63,8 +63,8 @@ def test_tokenize_workers_formats_and_same_docs_as_jsonl(tok_model, tmp_path, ca
     rows = [{k: r.get(k) for k in ("text", "messages", "input_ids", "loss_mask")} for r in recs]  # absent: null
     pq.write_table(pa.Table.from_pylist(rows[:700]), tmp_path / "c1.parquet")   # split as `datasets` shards
     pq.write_table(pa.Table.from_pylist(rows[700:]), tmp_path / "c2.parquet")
-    runs = {"one": ([jsonl], 1), "two": ([jsonl], 2), "gz": ([tmp_path / "b.jsonl.gz"], 2),
-            "parquet": ([tmp_path / "c1.parquet", tmp_path / "c2.parquet"], 2)}
+    runs = {"one": ([jsonl], 1), "two": ([jsonl], 2), "gz": ([tmp_path / "b.jsonl.gz"], 1),
+            "parquet": ([tmp_path / "c1.parquet", tmp_path / "c2.parquet"], 1)}
     for name, (srcs, workers) in runs.items():
         code = main(["tokenize", "--model", tok_model, "--data", *srcs, "--out", tmp_path / name,
                      "--workers", workers])
