@@ -3,7 +3,8 @@
 One tokenized store feeds every run. The 2-process run killed with -9 on process 1 after step 3
 must stop process 0 too, with one error line, within --distributed-timeout + 10 s; `--resume`
 must then end with rows bit-identical to an uninterrupted 2-process run and within 1e-6 of one
-process driving the same 8 devices; every other exported tensor is untouched and bit-identical.
+process driving the same 8 devices (from scratch, or resuming the killed job's checkpoint); every
+other exported tensor is untouched and bit-identical.
 Each process reads only its half of every global batch from the store (counted in bytes).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,18 +125,27 @@ def test_two_processes_kill_9_resume_and_one_process(job_inputs, tmp_path):
     assert not (out / "final").exists() and not Path(str(out) + "-hf").exists()
     print(f"process 0 stopped {took:.1f} s after kill -9 of process 1: {errors[0]}")
 
+    other = tmp_path / "killed-then-1-process"
+    shutil.copytree(out, other)
+    assert sorted(os.listdir(other / "checkpoints"))      # there is a checkpoint to resume from
     _finish(_start_job(model, store, out, "--resume"))
     one = tmp_path / "one"
-    single = subprocess.run(_cmd(model, store, one), env=_env(8), cwd=ROOT, capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr[-3000:]
+    for run_dir, extra in ((one, ()), (other, ("--resume",))):   # 1 process on the same 8 devices
+        single = subprocess.run(_cmd(model, store, run_dir, *extra), env=_env(8), cwd=ROOT, capture_output=True,
+                                text=True)
+        assert single.returncode == 0, single.stderr[-3000:]
 
     base = load_file(model / "model.safetensors")
     a, b, c = (_tensors(Path(str(p) + "-hf")) for p in (ref, out, one))
+    d = _tensors(Path(str(other) + "-hf"))   # resumed with another process count
     assert set(a) == set(b) == set(c) == set(base)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert np.array_equal(a[name], b[name]), name                       # bit-identical after kill -9
         rel = np.abs(a[name][IDS] - c[name][IDS]).max() / np.abs(c[name][IDS]).max()
         assert rel <= 1e-6, (name, rel)                                      # 2 processes vs 1
+        rel_resumed = np.abs(a[name][IDS] - d[name][IDS]).max() / np.abs(a[name][IDS]).max()
+        assert rel_resumed <= 1e-6, (name, rel_resumed)                      # killed on 2, resumed on 1
+        print(f"{name}: killed on 2 processes, resumed on 1: max relative difference {rel_resumed:.2e}")
         print(f"{name}: 2 processes vs 1, max relative difference of the trained rows {rel:.2e}")
         assert not np.array_equal(a[name][IDS], base[name][IDS])             # the rows did train
         keep = np.setdiff1d(np.arange(256), IDS)
