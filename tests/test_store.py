@@ -84,7 +84,7 @@ def test_tokenize_workers_formats_and_same_docs_as_jsonl(tok_model, tmp_path, ca
     assert len(st) == len(docs) == m["docs"] and m["dropped"] == len(recs) - len(docs)
     for i in (0, 1, 2, 500, len(docs) - 1):
         assert np.array_equal(st[i].ids, docs[i].ids) and np.array_equal(st[i].mask, docs[i].mask.astype(np.uint8))
-    import grain   # the store is a random-access source Grain reads as is
+    import grain  # the store is a random-access source Grain reads as is
     ds = grain.MapDataset.source(st)
     assert len(ds) == len(docs) and np.array_equal(ds[7].ids, docs[7].ids)
     # a store packs exactly like the same docs in memory, and reading one row reads only that row
