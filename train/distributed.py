@@ -192,7 +192,7 @@ class Watchdog:
                 if err is not None:
                     self._die(f"{err} (stopping this process too)")
                 now = time.monotonic()
-                for p, (old, since) in self.seen.items():
+                for p, (old, _) in self.seen.items():
                     beat = self._try_get(f"jaxvocab/alive/{p}")
                     if beat != old:
                         self.seen[p] = (beat, now)
