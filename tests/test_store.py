@@ -73,14 +73,10 @@ def test_tokenize_workers_formats_and_same_docs_as_jsonl(tok_model, tmp_path, ca
     for name in ("two", "gz", "parquet"):
         assert _arrays(tmp_path / name) == one, name
     m = json.loads((tmp_path / "two" / "manifest.json").read_text())
-    assert m["tokenizer"] == S.fingerprint(tok_model) and m["vocab_size"] == 128256
-
-    from types import SimpleNamespace
-
-    from train.__main__ import tokenizer_of
-    tok = tokenizer_of(SimpleNamespace(source_dir=str(tok_model), vocab_plan=None))
+    tok = S.tokenizer_for(tok_model)
+    assert m["tokenizer"] == S.fingerprint(tok) and m["vocab_size"] == 128256
     docs = read_jsonl(jsonl, tok, 128256)
-    st = S.Store(tmp_path / "two", 128256, tok_model)
+    st = S.Store(tmp_path / "two", 128256, tok)
     assert len(st) == len(docs) == m["docs"] and m["dropped"] == len(recs) - len(docs)
     for i in (0, 1, 2, 500, len(docs) - 1):
         assert np.array_equal(st[i].ids, docs[i].ids) and np.array_equal(st[i].mask, docs[i].mask.astype(np.uint8))

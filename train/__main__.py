@@ -280,8 +280,7 @@ def _training_data(args, model, tok):
     from train.data import read_jsonl
     from train.store import Store, is_store
     if is_store(args.data):
-        src = getattr(model, "source_dir", None)
-        return Store(args.data, model.config.vocab_size, Path(src) if src else None)
+        return Store(args.data, model.config.vocab_size, tok)
     return read_jsonl(args.data, tok, model.config.vocab_size)
 
 

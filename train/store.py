@@ -6,7 +6,7 @@ killed `tokenize` leaves nothing that looks complete):
     tokens.bin      int32 little-endian token ids of every kept document, back to back
     mask.bin        uint8 loss-mask bit per token (1: a training target)
     offsets.npy     int64 [docs + 1]: document i is tokens[offsets[i]:offsets[i+1]]
-    manifest.json   format, counts, tokenizer fingerprint, vocab size and plan digest, sources
+    manifest.json   format, counts, vocab size, tokenizer fingerprint (when text was tokenized), sources
 
 Flat arrays rather than ArrayRecord: packing needs arbitrary [start, end) windows of documents
 (long ones are split with one token of overlap), which a flat file serves with one positioned
@@ -35,8 +35,6 @@ from train.data import Doc, load_json, parse_record
 FORMAT = 1
 MANIFEST = "manifest.json"
 CHUNK = 512            # records per task handed to a worker
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab_plan.json")
 BYTES_READ = 0          # store bytes this process has read (tests check each host reads its share)
 ROWS_READ = 0           # document pieces this process has read
 
@@ -45,15 +43,17 @@ def is_store(path: Path) -> bool:
     return Path(path).is_dir()
 
 
-def fingerprint(model_dir: Path) -> str | None:
-    """sha256 over the files that decide how text becomes ids (tokenizer + vocab plan)."""
-    h, found = hashlib.sha256(), False
-    for name in TOKENIZER_FILES:
-        f = Path(model_dir) / name
-        if f.is_file():
-            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
-            found = True
-    return h.hexdigest() if found else None
+def fingerprint(tok) -> str | None:
+    """sha256 of what decides how text becomes ids: the merges, the special and added tokens. Taken
+    from the parsed tokenizer, not its files, so a re-written but equal tokenizer.json still matches."""
+    if tok is None:
+        return None
+    h = hashlib.sha256()
+    for piece, rank in sorted(tok.mergeable_ranks.items(), key=lambda x: x[1]):
+        h.update(rank.to_bytes(4, "little") + len(piece).to_bytes(2, "little") + piece)
+    h.update(json.dumps([sorted(tok.special_tokens.items()), sorted(tok.added_plain), tok.bos_id, tok.eos_id,
+                         tok.eot_id]).encode())
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ records
@@ -173,7 +173,7 @@ def tokenize(model_dir: Path, sources: list[Path], out: Path, workers: int = 1, 
         np.save(tmp / "offsets.npy", np.frombuffer(offsets, np.int64))
         manifest = {"format": FORMAT, "docs": len(offsets) - 1, "tokens": total, "targets": counts["targets"],
                     "dropped": counts["dropped"], "vocab_size": vocab_size,
-                    "tokenizer": fingerprint(model_dir) if counts["text"] else None,
+                    "tokenizer": fingerprint(tokenizer_for(Path(model_dir))) if counts["text"] else None,
                     "sources": [str(Path(s).name) for s in sources]}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -193,7 +193,7 @@ def model_vocab_size(model_dir: Path) -> int:
 class Store:
     """A store opened for training: checked up front, then read by positioned reads only."""
 
-    def __init__(self, path, vocab_size: int | None = None, model_dir: Path | None = None):
+    def __init__(self, path, vocab_size: int | None = None, tok=None):
         self.path = Path(path)
         self.manifest = self._manifest()
         n, total = self.manifest["docs"], self.manifest["tokens"]
@@ -212,8 +212,8 @@ class Store:
             raise DataError(f"{self.path}: tokenized for a vocabulary of {self.manifest['vocab_size']}, the model has "
                             f"{vocab_size}; tokenize again with this --model")
         want = self.manifest["tokenizer"]
-        if model_dir is not None and want is not None and fingerprint(model_dir) != want:
-            raise DataError(f"{self.path}: tokenized with another tokenizer or vocab plan than {model_dir}'s; "
+        if want is not None and fingerprint(tok) != want:
+            raise DataError(f"{self.path}: tokenized with another tokenizer or vocab plan than --model's; "
                             "tokenize again with this --model")
 
     def _manifest(self) -> dict:
