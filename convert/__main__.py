@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--max-shard-size", default="5GB", help="largest shard file (default 5GB; e.g. 500MB, 2GiB)")
     exp.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], help="cast weights on export")
     exp.add_argument("--overwrite", action="store_true", help="replace OUT_HF if it exists")
+    exp.add_argument("--keep-padding", action="store_true",
+                     help="keep the padding rows jaxvocab added to divide the mesh (default: drop them, so no "
+                          "client can sample them; padding the source already had is always kept)")
     exp.set_defaults(run=cmd_export)
 
     ins = sub.add_parser("inspect", help="describe a checkpoint from its headers (fast; loads weights only with --probe)")
@@ -69,9 +72,15 @@ def cmd_import(args) -> None:
     import jaxvocab
     from jaxvocab.io.atomic import check_output
     check_output(args.out, args.overwrite)
+    if args.llama_version:
+        from jaxvocab.errors import UsageError
+        from jaxvocab.io.meta_tokenizer import is_meta_tokenizer_dir
+        if not is_meta_tokenizer_dir(args.src):
+            raise UsageError(f"--llama-version: {args.src} is not a Meta dir with a bare tokenizer.model; "
+                             "its tokenizer files already name the special tokens")
     model = jaxvocab.load(args.src, dtype=args.dtype, mesh=_mesh(args.mesh), rope_factor=args.rope_factor)
     plan = vocab_cli.expand_for_import(model, args)
-    jaxvocab.save_checkpoint(model, args.out, plan=plan, overwrite=args.overwrite)
+    jaxvocab.save_checkpoint(model, args.out, plan=plan, overwrite=args.overwrite, llama_version=args.llama_version)
     print(f"wrote {args.out} ({model.config.num_params() / 1e6:.1f}M params, {model.embed[...].dtype})")
 
 
@@ -82,7 +91,8 @@ def cmd_export(args) -> None:
     check_output(args.out, args.overwrite)
     parse_size(args.max_shard_size)  # a bad flag fails now, not after minutes of loading
     model = jaxvocab.load(args.ckpt, dtype=args.dtype)
-    jaxvocab.save_hf(model, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    jaxvocab.save_hf(model, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                     keep_padding=args.keep_padding)
     print(f"wrote {args.out}")
 
 
