@@ -7,7 +7,6 @@ import hashlib
 import inspect
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -62,11 +62,11 @@ def _write_support_files(model: Llama, out: Path, plan, *, hf_export: bool, llam
     from jaxvocab.io.meta_tokenizer import is_meta_tokenizer_dir, write_meta_tokenizer_files
     src = getattr(model, "source_dir", None) or None
     plan = _plan_of(model, plan)
-    tok_dir = src
-    if src and is_meta_tokenizer_dir(src):
+    tok_dir, generated = src, bool(src and is_meta_tokenizer_dir(src))
+    if generated:
         write_meta_tokenizer_files(src, out, llama_version)
         tok_dir = out
-    if plan is not None and (plan.renamed or plan.appended) and tok_dir and not plan.applied_in(tok_dir):
+    if plan is not None and (plan.renamed or plan.appended) and tok_dir and (generated or not plan.applied_in(tok_dir)):
         from jaxvocab.io.tokenizer_files import write_tokenizer_files
         write_tokenizer_files(tok_dir, out, plan.renamed, plan.appended, plan.special_ids, model.config.vocab_size)
     # HF exports keep the tiktoken tokenizer.model under original/ as Meta's HF repos do: at the top

@@ -119,8 +119,9 @@ def _tiktoken(path: Path) -> str:
     return "".join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in sorted(ranks.items(), key=lambda kv: kv[1]))
 
 
-def read(path) -> str:
-    """The re-written text of allow-listed file `path` (read through links), or an error naming it."""
+def parse(path):
+    """Allow-listed file `path` (read through links) parsed and cleaned to its known keys: a dict for
+    JSON files, text otherwise; or an error naming it."""
     path = Path(path)
     name = path.name
     if name not in ALLOWED:
@@ -139,13 +140,26 @@ def read(path) -> str:
             return VocabPlan.from_json(json.dumps(obj)).to_json() + "\n"
         except VocabError:
             raise _bad(path, "not a vocabulary plan jaxvocab wrote") from None
-    obj = _str_to_int(path, obj) if ALLOWED[name] is None else _object(path, obj, ALLOWED[name])
-    return json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
+    return _str_to_int(path, obj) if ALLOWED[name] is None else _object(path, obj, ALLOWED[name])
+
+
+def dumps(name: str, obj) -> str:
+    """JSON as written into outputs; tokenizer.json (megabytes) compact, through the C encoder."""
+    return json.dumps(obj, ensure_ascii=False, indent=None if name == "tokenizer.json" else 2) + "\n"
+
+
+def read(path) -> str:
+    """The re-written text of allow-listed file `path`."""
+    obj = parse(path)
+    return obj if isinstance(obj, str) else dumps(Path(path).name, obj)
 
 
 def read_json(path) -> dict:
     """An allow-listed JSON file as the cleaned object `read` would write."""
-    return json.loads(read(path))
+    obj = parse(path)
+    if not isinstance(obj, dict):
+        raise _bad(path, "expected a JSON object")
+    return obj
 
 
 def carry(src, out: Path, names=tuple(ALLOWED), dest: dict[str, str] | None = None) -> list[str]:

@@ -115,5 +115,5 @@ def write_meta_tokenizer_files(src, out: Path, version: str | None = None) -> li
         "tokenizer_class": "PreTrainedTokenizerFast",
         "chat_template": CHAT_TEMPLATE_31 if version == "3.1" else CHAT_TEMPLATE_30}
     for name, obj in zip(FILES, (tj, config, {"bos_token": bos, "eos_token": eos})):
-        (out / name).write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        (out / name).write_text(carried.dumps(name, obj), encoding="utf-8")
     return list(FILES)

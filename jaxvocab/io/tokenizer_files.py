@@ -6,7 +6,6 @@ Every file is read and written through `carried` (allow-listed keys only, never 
 """
 from __future__ import annotations
 
-import json
 import os
 
 from jaxvocab.errors import CheckpointError, VocabError
@@ -22,8 +21,7 @@ def _read(path: str):
 
 def _write(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
+        f.write(carried.dumps(os.path.basename(path), obj))
 
 
 def _entry(i: int, text: str, special: bool) -> dict:
