@@ -90,43 +90,38 @@ def run(*argv) -> None:
     assert main([str(a) for a in argv]) == 0
 
 
-def tokens_file(path: Path, n_filler: int) -> Path:
-    """Plain and control tokens first (they take reserved slots), filler, then two that are appended."""
-    lines = ["<think>", "<|tool_call|>", *[f"<|lang_{i}|>" for i in range(n_filler)], "</think>", "<|x|>"]
+def tokens_file(path: Path, src: Path) -> Path:
+    """Plain and control tokens that take reserved slots (filling all of them), then two appended."""
+    import jaxvocab
+    free = len(jaxvocab.load_tokenizer(src).free_reserved())
+    lines = ["<think>", "<|tool_call|>", *[f"<|lang_{i}|>" for i in range(free - 2)], "</think>", "<|x|>"]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def test_llama3_hf_source_renamed_and_appended_padded_and_not(tmp_path, converter, llama3_tokenizer_dir):
+NEW = {128002: ("<think>", USER_DEFINED), 128003: ("<|tool_call|>", CONTROL),
+       128256: ("</think>", USER_DEFINED), 128257: ("<|x|>", CONTROL), 128009: ("<|eot_id|>", CONTROL)}
+
+
+def test_llama3_hf_source_renamed_and_appended(tmp_path, converter):
     from convert.demo_model import write_text_tokenizer
     from tests.builders import make_hf_checkpoint
     src = tmp_path / "src"
     make_hf_checkpoint(src, vocab=128256, hidden=32, intermediate=64, layers=1)
     write_text_tokenizer(src)          # Llama-3 files, tokenizer.model at the top as some repos have it
-    run("import", src, tmp_path / "ck", "--add-tokens", f"@{tokens_file(tmp_path / 't.txt', 245)}")
-    run("export", tmp_path / "ck", tmp_path / "hf")
-    run("export", tmp_path / "ck", tmp_path / "hf-pad", "--keep-padding")
+    run("import", src, tmp_path / "ck", "--add-tokens", f"@{tokens_file(tmp_path / 't.txt', src)}")
+    run("export", tmp_path / "ck", tmp_path / "hf")      # padding to 128384 dropped
     assert not (tmp_path / "hf" / "tokenizer.model").exists()
-    new = {128002: ("<think>", USER_DEFINED), 128003: ("<|tool_call|>", CONTROL),
-           128256: ("</think>", USER_DEFINED), 128257: ("<|x|>", CONTROL)}
-    reader = convert_to_gguf(converter, tmp_path / "hf", tmp_path / "m.gguf")
-    check_gguf(reader, 128258, new, "llama-bpe")
-    template = json.loads((src / "tokenizer_config.json").read_text()).get("chat_template")
-    if template:
-        assert field(reader, "tokenizer.chat_template") == template
-    padded = convert_to_gguf(converter, tmp_path / "hf-pad", tmp_path / "p.gguf")
-    check_gguf(padded, 128384, {**new, 128258: ("[PAD128258]", UNUSED)}, "llama-bpe")
+    check_gguf(convert_to_gguf(converter, tmp_path / "hf", tmp_path / "m.gguf"), 128258, NEW, "llama-bpe")
 
 
 def test_llama3_meta_source_with_chat_template(tmp_path, converter, llama3_tokenizer_dir):
     _, model = make_hf_model(tmp_path / "m-hf", vocab=128256, dim=32, layers=1, heads=4, kv_heads=2, factor=8)
     meta = write_meta(model, tmp_path / "meta", tokenizer=llama3_tokenizer_dir / "tokenizer.model")
-    run("import", meta, tmp_path / "ck", "--add-tokens", f"@{tokens_file(tmp_path / 't.txt', 245)}")
+    run("import", meta, tmp_path / "ck", "--add-tokens", f"@{tokens_file(tmp_path / 't.txt', meta)}")
     run("export", tmp_path / "ck", tmp_path / "hf")
     reader = convert_to_gguf(converter, tmp_path / "hf", tmp_path / "m.gguf")
-    new = {128002: ("<think>", USER_DEFINED), 128003: ("<|tool_call|>", CONTROL),
-           128256: ("</think>", USER_DEFINED), 128257: ("<|x|>", CONTROL), 128009: ("<|eot_id|>", CONTROL)}
-    check_gguf(reader, 128258, new, "llama-bpe")
+    check_gguf(reader, 128258, NEW, "llama-bpe")
     template = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"]
     assert field(reader, "tokenizer.chat_template") == template
     assert field(reader, "tokenizer.ggml.bos_token_id") == 128000
