@@ -69,10 +69,10 @@ def _write_support_files(model: Llama, out: Path, plan, *, hf_export: bool, llam
     if plan is not None and (plan.renamed or plan.appended) and tok_dir and (generated or not plan.applied_in(tok_dir)):
         from jaxvocab.io.tokenizer_files import write_tokenizer_files
         write_tokenizer_files(tok_dir, out, plan.renamed, plan.appended, plan.special_ids, model.config.vocab_size)
-    # HF exports keep the tiktoken tokenizer.model under original/ as Meta's HF repos do: at the top
-    # level llama.cpp's converter takes it for a SentencePiece model and fails.
     if plan is not None:
         (out / "vocab_plan.json").write_text(plan.to_json() + "\n")
+    # HF exports keep the tiktoken tokenizer.model under original/ as Meta's HF repos do: at the top
+    # level llama.cpp's converter takes it for a SentencePiece model and fails.
     carried.carry(src, out, dest={"tokenizer.model": "original/tokenizer.model"} if hf_export else None)
     gen = out / "generation_config.json"
     if not gen.exists():   # token ids only: sampling settings are the model author's to state, not ours
