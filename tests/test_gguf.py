@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from convert.__main__ import main
-from tests.meta_writer import make_hf_model, write_meta
+from tests._meta_export import PLANNED, tokens_file
 
 LLAMA_CPP_PYTHON = "0.3.36"
 CACHE = Path(os.environ.get("JAXVOCAB_TEST_CACHE", Path.home() / ".cache" / "jaxvocab-tests"))
@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 
 
 def _pip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "pip", *args], check=False, capture_output=True, text=True,
+                          timeout=600)
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +58,11 @@ def converter() -> Path:
         for m in members:
             m.name = m.name[len(prefix):]
         tar.extractall(tmp, members=members, filter="data")
-    os.replace(tmp, root)
+    try:
+        os.replace(tmp, root)
+    except OSError:          # another session unpacked it first
+        import shutil
+        shutil.rmtree(tmp)
     return script
 
 
@@ -66,7 +71,7 @@ def convert_to_gguf(script: Path, hf_dir: Path, out: Path):
     from gguf import GGUFReader
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}   # its own gguf-py goes first on sys.path
     got = subprocess.run([sys.executable, str(script), str(hf_dir), "--outfile", str(out), "--outtype", "f32"],
-                         capture_output=True, text=True, env=env, timeout=600)
+                         check=False, capture_output=True, text=True, env=env, timeout=600)
     assert got.returncode == 0, got.stderr[-3000:]
     return GGUFReader(out)
 
@@ -90,17 +95,8 @@ def run(*argv) -> None:
     assert main([str(a) for a in argv]) == 0
 
 
-def tokens_file(path: Path, src: Path) -> Path:
-    """Plain and control tokens that take reserved slots (filling all of them), then two appended."""
-    import jaxvocab
-    free = len(jaxvocab.load_tokenizer(src).free_reserved())
-    lines = ["<think>", "<|tool_call|>", *[f"<|lang_{i}|>" for i in range(free - 2)], "</think>", "<|x|>"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-NEW = {128002: ("<think>", USER_DEFINED), 128003: ("<|tool_call|>", CONTROL),
-       128256: ("</think>", USER_DEFINED), 128257: ("<|x|>", CONTROL), 128009: ("<|eot_id|>", CONTROL)}
+NEW = {**{i: (t, CONTROL if t.startswith("<|") else USER_DEFINED) for i, t in PLANNED.items()},
+       128009: ("<|eot_id|>", CONTROL)}
 
 
 def test_llama3_hf_source_renamed_and_appended(tmp_path, converter):
@@ -115,14 +111,11 @@ def test_llama3_hf_source_renamed_and_appended(tmp_path, converter):
     check_gguf(convert_to_gguf(converter, tmp_path / "hf", tmp_path / "m.gguf"), 128258, NEW, "llama-bpe")
 
 
-def test_llama3_meta_source_with_chat_template(tmp_path, converter, llama3_tokenizer_dir):
-    _, model = make_hf_model(tmp_path / "m-hf", vocab=128256, dim=32, layers=1, heads=4, kv_heads=2, factor=8)
-    meta = write_meta(model, tmp_path / "meta", tokenizer=llama3_tokenizer_dir / "tokenizer.model")
-    run("import", meta, tmp_path / "ck", "--add-tokens", f"@{tokens_file(tmp_path / 't.txt', meta)}")
-    run("export", tmp_path / "ck", tmp_path / "hf")
-    reader = convert_to_gguf(converter, tmp_path / "hf", tmp_path / "m.gguf")
+def test_llama3_meta_source_with_chat_template(tmp_path, converter, meta_export):
+    _, _, hf = meta_export
+    reader = convert_to_gguf(converter, hf, tmp_path / "m.gguf")
     check_gguf(reader, 128258, NEW, "llama-bpe")
-    template = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"]
+    template = json.loads((hf / "tokenizer_config.json").read_text())["chat_template"]
     assert field(reader, "tokenizer.chat_template") == template
     assert field(reader, "tokenizer.ggml.bos_token_id") == 128000
     assert reader.get_field("general.sampling.temp") is None      # no invented sampling settings
@@ -130,8 +123,8 @@ def test_llama3_meta_source_with_chat_template(tmp_path, converter, llama3_token
 
 def gpt2_tokenizer_dir(vocab_gguf: Path, out: Path) -> int:
     """GPT-2's real tokenizer (the vocab llama.cpp ships for its tests) as HF files; returns its size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from gguf import GGUFReader
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     reader = GGUFReader(vocab_gguf)
     merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
     vocab = {t: i for i, t in enumerate(field(reader, "tokenizer.ggml.tokens"))}

@@ -14,6 +14,7 @@ import pytest
 
 import jaxvocab
 from convert.__main__ import main
+from tests._meta_export import PLANNED
 from tests._tok_util import LLAMA3_CHAT_TEMPLATE, reference_tiktoken
 from tests.builders import make_hf_checkpoint
 from tests.meta_writer import make_hf_model, write_meta
@@ -177,38 +178,29 @@ def meta_model(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_meta_source_takes_new_tokens_and_exports_hf_tokenizer_files(tmp_path, capsys, meta_model,
-                                                                      llama3_tokenizer_dir):
+def test_meta_source_takes_new_tokens_and_exports_hf_tokenizer_files(meta_export, llama3_tokenizer_dir):
     from transformers import AutoTokenizer
     tm = llama3_tokenizer_dir / "tokenizer.model"
-    meta = write_meta(meta_model, tmp_path / "meta", tokenizer=tm)     # use_scaled_rope: 3.1 names
-    before = tree(meta)
-    code, out, err = run(capsys, "import", meta, tmp_path / "ck2", "--add-tokens", "<|tool_call|>,<think>")
-    assert code == 0, err            # the default path: reserved slots renamed in generated files
-    assert "renames <|reserved_special_token_0|>" in out and "renames <|reserved_special_token_1|>" in out
-    # (appended tokens on a Meta source: tests/test_gguf.py, through llama.cpp's converter too)
-    for ck, planned in ((tmp_path / "ck2", {128002: "<|tool_call|>", 128003: "<think>"}),):
-        hf = tmp_path / f"hf-{ck.name}"
-        code, out, err = run(capsys, "export", ck, hf)
-        assert code == 0, err
-        assert sorted(p.name for p in hf.iterdir() if not p.name.endswith(".safetensors")) == [
-            "config.json", "generation_config.json", "original", "special_tokens_map.json", "tokenizer.json",
-            "tokenizer_config.json", "vocab_plan.json"]
-        assert (hf / "original" / "tokenizer.model").read_bytes() == tm.read_bytes()
-        plan = json.loads((hf / "vocab_plan.json").read_text())
-        hf_tok = AutoTokenizer.from_pretrained(hf)
-        assert hf_tok.convert_tokens_to_ids(list(planned.values())) == list(planned)
-        assert len(hf_tok) == plan["tokenizer_size_after"] == json.loads((hf / "config.json").read_text())["vocab_size"]
-        assert hf_tok.convert_ids_to_tokens([128000, 128004, 128009]) == [
-            "<|begin_of_text|>", "<|finetune_right_pad_id|>", "<|eot_id|>"]
-        # special flags: deliberate and the same in both files
-        tj = {e["id"]: e["special"] for e in json.loads((hf / "tokenizer.json").read_text())["added_tokens"]}
-        tc = {int(i): e["special"] for i, e in
-              json.loads((hf / "tokenizer_config.json").read_text())["added_tokens_decoder"].items()}
-        assert tj == tc
-        assert {i: tj[i] for i in planned} == {i: t.startswith("<|") for i, t in planned.items()}
+    _, ck, hf = meta_export       # use_scaled_rope: 3.1 names; reserved slots renamed, two tokens appended
+    assert sorted(p.name for p in hf.iterdir() if not p.name.endswith(".safetensors")) == [
+        "config.json", "generation_config.json", "original", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json", "vocab_plan.json"]
+    assert (hf / "original" / "tokenizer.model").read_bytes() == tm.read_bytes()
+    assert json.loads((hf / "generation_config.json").read_text()) == {"bos_token_id": 0, "eos_token_id": 1}
+    plan = json.loads((hf / "vocab_plan.json").read_text())
+    hf_tok = AutoTokenizer.from_pretrained(hf)
+    assert hf_tok.convert_tokens_to_ids(list(PLANNED.values())) == list(PLANNED)
+    assert len(hf_tok) == plan["tokenizer_size_after"] == json.loads((hf / "config.json").read_text())["vocab_size"]
+    assert hf_tok.convert_ids_to_tokens([128000, 128004, 128009]) == [
+        "<|begin_of_text|>", "<|finetune_right_pad_id|>", "<|eot_id|>"]
+    # special flags: deliberate and the same in both files
+    tj = {e["id"]: e["special"] for e in json.loads((hf / "tokenizer.json").read_text())["added_tokens"]}
+    tc = {int(i): e["special"] for i, e in
+          json.loads((hf / "tokenizer_config.json").read_text())["added_tokens_decoder"].items()}
+    assert tj == tc and len(tj) == plan["tokenizer_size_after"] - 128000
+    assert {i: tj[i] for i in PLANNED} == {i: t.startswith("<|") for i, t in PLANNED.items()}
     # ids identical to jaxvocab's tokenizer and to tiktoken built straight from tokenizer.model
-    ours = jaxvocab.load_tokenizer(tmp_path / "ck2")
+    ours = jaxvocab.load_tokenizer(ck)
     ref = reference_tiktoken(str(tm))
     for text in corpus():
         want = ref.encode_ordinary(text)
@@ -223,7 +215,6 @@ def test_meta_source_takes_new_tokens_and_exports_hf_tokenizer_files(tmp_path, c
                         "<|start_header_id|>assistant<|end_header_id|>\n\nHello! <think><|eot_id|>")
     ids = hf_tok.apply_chat_template(msgs, tokenize=True, return_dict=False)
     assert list(ids) == ours.encode_chat(msgs)[0]
-    assert tree(meta) == before
 
 
 def test_meta_names_follow_params_json_and_the_flag(tmp_path, capsys, meta_model, llama3_tokenizer_dir):
