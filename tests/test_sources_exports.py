@@ -273,3 +273,20 @@ def test_special_flags_generation_config_chat_template_and_padding(tmp_path, cap
     rendered = AutoTokenizer.from_pretrained(tmp_path / "hf-jinja").apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False)
     assert rendered == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+
+
+def test_special_flag_syntax_and_defaults(llama3_tokenizer_dir):
+    from convert.vocab_cli import parse_token_flags
+    from jaxvocab.errors import UsageError
+    tokens, flags = parse_token_flags("<|a|>, <b> [special],<|c|>  [plain],zqxword,[plain]")
+    assert list(tokens) == ["<|a|>", "<b>", "<|c|>", "zqxword", "[plain]"] and flags == {"<b>": True, "<|c|>": False}
+    tok = jaxvocab.load_tokenizer(llama3_tokenizer_dir)
+
+    def flagged(special="auto"):
+        plan = jaxvocab.plan_vocab(tok, tokens, special=special)
+        return {t.token for t in plan.tokens if t.special}
+    assert flagged() == {"<|a|>", "<|c|>"}                   # default: <|...|> special, the rest plain
+    assert flagged(flags) == {"<|a|>", "<b>"}                 # per-token overrides on top of the default
+    assert flagged(True) == set(tokens) and flagged(False) == set()
+    with pytest.raises(UsageError):
+        parse_token_flags("<x> [plain],<x>")
