@@ -69,7 +69,7 @@ def tokenizer_json(model_file: Path, specials: dict[str, int]) -> dict:
         from transformers.convert_slow_tokenizer import TikTokenConverter
     except ImportError as e:
         raise CheckpointError(f"{model_file}: writing tokenizer.json for a Meta source needs transformers and "
-                              f"tokenizers ({e}); pip install transformers tokenizers") from None
+                              f"tokenizers ({e}); pip install 'jaxvocab[meta]'") from None
     # tiktoken caches files by their *path* in /tmp unless told not to; a later file at the same path
     # would be read stale, so caching is off for this one read.
     cache = os.environ.get("TIKTOKEN_CACHE_DIR")
