@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--mesh", help="device mesh to load onto (default: one device; with --distributed: fsdp over "
                                     "every host's devices)")
     distributed.add_args(exp)
+    exp.add_argument("--keep-padding", action="store_true",
+                     help="keep the padding rows jaxvocab added to divide the mesh (default: drop them, so no "
+                          "client can sample them; padding the source already had is always kept)")
     exp.set_defaults(run=cmd_export)
 
     ins = sub.add_parser("inspect", help="describe a checkpoint from its headers (fast; loads weights only with --probe)")
@@ -74,9 +77,15 @@ def cmd_import(args) -> None:
     import jaxvocab
     from jaxvocab.io.atomic import check_output
     check_output(args.out, args.overwrite)
+    if args.llama_version:
+        from jaxvocab.errors import UsageError
+        from jaxvocab.io.meta_tokenizer import is_meta_tokenizer_dir
+        if not is_meta_tokenizer_dir(args.src):
+            raise UsageError(f"--llama-version: {args.src} is not a Meta dir with a bare tokenizer.model; "
+                             "its tokenizer files already name the special tokens")
     model = jaxvocab.load(args.src, dtype=args.dtype, mesh=_mesh(args.mesh), rope_factor=args.rope_factor)
     plan = vocab_cli.expand_for_import(model, args)
-    jaxvocab.save_checkpoint(model, args.out, plan=plan, overwrite=args.overwrite)
+    jaxvocab.save_checkpoint(model, args.out, plan=plan, overwrite=args.overwrite, llama_version=args.llama_version)
     distributed.say(f"wrote {args.out} ({model.config.num_params() / 1e6:.1f}M params, {model.embed[...].dtype})")
 
 
@@ -88,7 +97,8 @@ def cmd_export(args) -> None:
     parse_size(args.max_shard_size)  # a bad flag fails now, not after minutes of loading
     mesh = _mesh(args.mesh) if args.mesh or getattr(args, "multi", False) else None
     model = jaxvocab.load(args.ckpt, dtype=args.dtype, mesh=mesh)
-    jaxvocab.save_hf(model, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    jaxvocab.save_hf(model, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                     keep_padding=args.keep_padding)
     distributed.say(f"wrote {args.out}")
 
 

@@ -3,12 +3,15 @@
 Token lists come inline (`--add-tokens '<a>,<b>'`) or from a file (`--add-tokens @tokens.txt`): one
 token per line, optionally `token=description` (the description's tokenization seeds the subword
 init; the line is split at its first '=', so a token containing '=' cannot carry a description).
+A token may end with ` [special]` or ` [plain]` (after a space) to set its special flag, overriding
+`--special-tokens` (default auto: `<|...|>` tokens special, every other token plain).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -31,8 +34,14 @@ def add_import_args(p: argparse.ArgumentParser) -> None:
                    help="re-initialise rows the checkpoint never trained (all ~0 or duplicated), like new rows")
     g.add_argument("--pad-to-multiple-of", type=int, metavar="N",
                    help="pad the row count to a multiple of N (default: what the mesh needs, >= 128 on several devices)")
-    g.add_argument("--special-tokens", action="store_true",
-                   help="flag the new tokens special (control tokens, matched only when allowed); default: plain text")
+    g.add_argument("--special-tokens", nargs="?", const="all", default="auto", choices=("auto", "all", "none"),
+                   help="which new tokens are special (control tokens: skipped in decoded output by vLLM and "
+                        "transformers by default, typed CONTROL by llama.cpp): auto (default) = <|...|> tokens, "
+                        "all (also the bare flag), none; a token written 'TOKEN [special]' or 'TOKEN [plain]' "
+                        "in --add-tokens overrides this")
+    g.add_argument("--llama-version", choices=("3.0", "3.1"),
+                   help="Meta dirs only: name the 256 special tokens as Llama 3.0 or 3.1+ "
+                        "(default: 3.1 if params.json sets use_scaled_rope, else 3.0)")
 
 
 def add_inspect_args(p: argparse.ArgumentParser) -> None:
@@ -42,6 +51,36 @@ def add_inspect_args(p: argparse.ArgumentParser) -> None:
                    help=f"LOADS THE WEIGHTS: list untrained rows and, with --add-tokens, score the expansion on the "
                         f"first {PROBE_TOKENS} tokens of this text: KL(old||new) and new-row mass under mean and "
                         "random init beside the bound log(1+k/n)")
+
+
+_FLAG = re.compile(r"(.*?\S)\s+\[(special|plain)\]")
+
+
+def split_flag(token: str) -> tuple[str, bool | None]:
+    """'<think> [plain]' -> ('<think>', False); a token without the suffix -> (token, None)."""
+    m = _FLAG.fullmatch(token)
+    return (m.group(1), m.group(2) == "special") if m else (token, None)
+
+
+def parse_token_flags(spec: str) -> tuple[dict[str, str | None], dict[str, bool]]:
+    """--add-tokens value -> ({token: description or None}, {token: special} for annotated tokens)."""
+    tokens, flags = {}, {}
+    for raw, desc in parse_tokens(spec).items():
+        token, flag = split_flag(raw)
+        if token in tokens:
+            from jaxvocab.errors import UsageError
+            raise UsageError(f"--add-tokens: {token!r} is listed twice; list each token once")
+        tokens[token] = desc
+        if flag is not None:
+            flags[token] = flag
+    return tokens, flags
+
+
+def special_arg(args, tokens, flags: dict[str, bool]) -> set[str]:
+    """The tokens to flag special: per-token annotations first, then --special-tokens."""
+    from jaxvocab.vocab import looks_special
+    rule = {"auto": looks_special, "all": lambda t: True, "none": lambda t: False}[args.special_tokens]
+    return {t for t in tokens if flags.get(t, rule(t))}
 
 
 def parse_tokens(spec: str) -> dict[str, str | None]:
@@ -92,24 +131,19 @@ def expand_for_import(model, args):
     from jaxvocab.errors import UsageError
     from jaxvocab.vocab import VocabPlan, describe_untrained
     if not (args.add_tokens or args.fix_untrained or args.pad_to_multiple_of):
-        given = [f for f, v in (("--init", args.init), ("--special-tokens", args.special_tokens),
+        given = [f for f, v in (("--init", args.init), ("--special-tokens", args.special_tokens != "auto"),
                                 ("--no-reuse-reserved", not args.reuse_reserved)) if v]
         if given:
             raise UsageError(f"{given[0]} needs --add-tokens, --fix-untrained or --pad-to-multiple-of")
         return None
-    tokens = parse_tokens(args.add_tokens) if args.add_tokens else {}
+    tokens, flags = parse_token_flags(args.add_tokens) if args.add_tokens else ({}, {})
     with _warnings_as_lines():
-        tok = jaxvocab.load_tokenizer(model.source_dir)
+        tok = jaxvocab.load_tokenizer(model.source_dir, llama_version=args.llama_version)
         plan = jaxvocab.plan_vocab(tok, tokens, reuse_reserved=args.reuse_reserved,
                                    pad_to_multiple_of=args.pad_to_multiple_of, model=model,
-                                   special=bool(args.special_tokens))
+                                   special=special_arg(args, tokens, flags))
         jaxvocab.expand_vocab(model, tok, plan, init=args.init or "mean", fix_untrained=args.fix_untrained)
     plan = VocabPlan.from_json(model.vocab_plan)
-    src = Path(model.source_dir)
-    named = any((src / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    if (plan.renamed or plan.appended) and not named:
-        print(f"warning: {src} has no tokenizer.json / tokenizer_config.json; the new tokens are recorded in "
-              "vocab_plan.json only, not in the written tokenizer files", file=sys.stderr)
     print(plan.table())
     if plan.untrained_fixed:
         shown = describe_untrained(plan.untrained_fixed, tok, limit=5)
@@ -138,7 +172,7 @@ def inspect_report(args) -> str | None:
     from jaxvocab import diagnostics
     from jaxvocab.errors import UsageError
     from jaxvocab.vocab import describe_untrained
-    tokens = parse_tokens(args.add_tokens) if args.add_tokens else None
+    tokens, flags = parse_token_flags(args.add_tokens) if args.add_tokens else (None, {})
     probe_text = None
     if args.probe:
         try:
@@ -160,7 +194,7 @@ def inspect_report(args) -> str | None:
                                                                if untrained else ""))
         if tokens is None:
             return "\n".join(lines)
-        plan = jaxvocab.plan_vocab(tok, tokens, model=model)
+        plan = jaxvocab.plan_vocab(tok, tokens, model=model, special=flags or "auto")
         lines += ["", plan.table()]
         if args.probe:
             ids = diagnostics.probe_ids(tok, probe_text, PROBE_TOKENS)

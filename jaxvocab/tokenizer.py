@@ -333,7 +333,7 @@ def _load_tiktoken_model(path: str) -> dict[bytes, int]:
     return ranks
 
 
-def _from_tiktoken(path: str) -> Tokenizer:
+def _from_tiktoken(path: str, llama_version: str | None = None) -> Tokenizer:
     ranks = _load_tiktoken_model(path)
     d = os.path.dirname(path)
     from_files, cfg, plain = _added_from_files(d)
@@ -341,8 +341,11 @@ def _from_tiktoken(path: str) -> Tokenizer:
         specials = _overlay(LLAMA31_SPECIALS if len(ranks) == N_BASE else {}, from_files)
         log.info("%s: special tokens taken from tokenizer.json/tokenizer_config.json beside it", path)
     elif len(ranks) == N_BASE:
-        specials = dict(LLAMA31_SPECIALS)
-        log.info("%s: no tokenizer.json beside it; assuming the Llama-3.1 special-token set", path)
+        # A Meta dir: the names its generated tokenizer.json will carry (3.0 or 3.1+, from params.json).
+        from jaxvocab.io.meta_tokenizer import meta_specials, meta_version
+        version = meta_version(d or ".", llama_version)
+        specials = meta_specials(version)
+        log.info("%s: no tokenizer.json beside it; using Meta's Llama-%s special-token names", path, version)
     else:
         raise CheckpointError(f"{path}: {len(ranks)} ranks is not Llama-3's {N_BASE} and no tokenizer.json "
                               "names its special tokens; put tokenizer.json beside it")
@@ -401,13 +404,15 @@ def _from_hf_json(path: str) -> Tokenizer:
                      bos_text=_cfg_token(cfg, "bos_token"), eos_text=_cfg_token(cfg, "eos_token"))
 
 
-def load_tokenizer(path) -> Tokenizer:
+def load_tokenizer(path, llama_version: str | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint dir (or one tokenizer file). `llama_version` ('3.0' / '3.1')
+    names the special tokens of a bare Meta tokenizer.model (default: from params.json beside it)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         tm, tj = os.path.join(path, "tokenizer.model"), os.path.join(path, "tokenizer.json")
         if os.path.isfile(tm):
             try:
-                return _from_tiktoken(tm)
+                return _from_tiktoken(tm, llama_version)
             except CheckpointError:
                 if not os.path.isfile(tj):
                     raise
@@ -422,5 +427,5 @@ def load_tokenizer(path) -> Tokenizer:
             return load_tokenizer(os.path.dirname(path) or ".")
         if name.endswith(".json"):
             return _from_hf_json(path)
-        return _from_tiktoken(path)
+        return _from_tiktoken(path, llama_version)
     raise CheckpointError(f"{path}: no such tokenizer file or directory; check the path")

@@ -193,22 +193,46 @@ def _roles_in_use(model) -> set[str]:
     return {v.get("content") if isinstance(v, dict) else v for v in vals if v}
 
 
+def looks_special(text: str) -> bool:
+    """`<|...|>` tokens: llama.cpp types them CONTROL whatever the files say, so they default to
+    special (transformers, vLLM and llama.cpp then agree); every other new token defaults to plain."""
+    return len(text) > 4 and text.startswith("<|") and text.endswith("|>")
+
+
+def _flagged(texts: list[str], special) -> set[str]:
+    """special: "auto" (`<|...|>` only), True / False (all / none), texts to flag (only those), or
+    {text: bool} overriding "auto" per token."""
+    if special == "auto":
+        return {t for t in texts if looks_special(t)}
+    if isinstance(special, bool):
+        return set(texts) if special else set()
+    if isinstance(special, Mapping):
+        if not all(isinstance(v, bool) for v in special.values()):
+            raise UsageError("special={text: bool}: give True (special) or False (plain) per token")
+        return {t for t in texts if special.get(t, looks_special(t))} | {t for t, v in special.items() if v}
+    if isinstance(special, str):
+        raise UsageError(f"special={special!r}: use 'auto', True, False, a list of texts or {{text: bool}}")
+    return set(special or ())
+
+
 def plan_vocab(tok, new_tokens, reuse_reserved: bool | str = True, pad_to_multiple_of: int | None = None,
-               model=None, *, special: bool | Iterable[str] = False) -> VocabPlan:
+               model=None, *, special: bool | str | Iterable[str] | Mapping[str, bool] = "auto") -> VocabPlan:
     """Decide the id of every requested token.
 
     new_tokens: texts, or {text: description or None} (a description seeds the subword init).
     reuse_reserved: True (every new token may take a free reserved slot), False (append all), or
     "special" (only control tokens take reserved slots, which Llama-3 declares special anyway;
     plain words are appended).
-    special: True flags all new tokens as control tokens, or give the texts to flag.
+    special: which new tokens are control tokens (special=True in the tokenizer files; vLLM and
+    transformers drop them from decoded output by default): "auto" (default: `<|...|>` tokens),
+    True / False (all / none), the texts to flag, or {text: bool} overriding "auto" per token.
     model: gives the current row count (spare padding rows are used before growing) and the mesh
     (default padding); without it the model is assumed to have exactly the tokenizer's rows.
     """
     if reuse_reserved not in (True, False, "special"):
         raise UsageError(f"reuse_reserved={reuse_reserved!r}: use True, False or 'special'")
     requests = _requests(new_tokens)
-    flagged = {t for t, _ in requests} if special is True else set(special or ())
+    flagged = _flagged([t for t, _ in requests], special)
     if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int)
                                            or pad_to_multiple_of < 1):
         raise UsageError(f"--pad-to-multiple-of {pad_to_multiple_of!r}: give a positive integer")

@@ -31,3 +31,6 @@ def mesh24():
 def mesh1():
     from jaxvocab.sharding import single_device_mesh
     return single_device_mesh()
+
+
+from tests._meta_export import meta_export  # noqa: E402,F401  (a session fixture two test files share)

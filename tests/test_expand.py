@@ -238,15 +238,18 @@ def test_export_reloads_in_transformers(gpt2_ckpt, mesh24, tmp_path):
     cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert cfg["added_tokens_decoder"][str(n)]["special"] is False
     assert cfg["added_tokens_decoder"][str(n + 1)]["special"] is True
-    assert json.loads((out / "config.json").read_text())["vocab_size"] == 384
+    # the 69 padding rows jaxvocab added for the mesh are dropped: 313 + 2 tokens = 315 rows
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == n + 2 < model.config.vocab_size == 384
     assert VocabPlan.from_json((out / "vocab_plan.json").read_text()) == VocabPlan.from_json(model.vocab_plan)
     hf = LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    np.testing.assert_array_equal(hf.model.embed_tokens.weight.detach().numpy(), np.asarray(model.embed.get_value()))
-    np.testing.assert_array_equal(hf.lm_head.weight.detach().numpy(), np.asarray(model.lm_head.get_value()))
+    np.testing.assert_array_equal(hf.model.embed_tokens.weight.detach().numpy(), np.asarray(model.embed.get_value())[:n + 2])
+    np.testing.assert_array_equal(hf.lm_head.weight.detach().numpy(), np.asarray(model.lm_head.get_value())[:n + 2])
     ids = random_ids(n, batch=1, length=520)
     got = torch_logits(hf, ids)
     np.testing.assert_allclose(got[..., :n], torch_logits(ref, ids), rtol=0, atol=1e-5)   # old tokens: same logits
-    np.testing.assert_allclose(got, np.asarray(model(ids)), rtol=0, atol=1e-4)    # test_parity's tolerance
+    np.testing.assert_allclose(got, np.asarray(model(ids))[..., :n + 2], rtol=0, atol=1e-4)  # test_parity's tolerance
+    kept = jaxvocab.save_hf(model, tmp_path / "hf-pad", show_progress=False, keep_padding=True)
+    assert json.loads((kept / "config.json").read_text())["vocab_size"] == 384
 
 
 def test_export_real_tokenizer_reserved_and_appended(text_tok_dir, mesh24, tmp_path):
@@ -262,7 +265,8 @@ def test_export_real_tokenizer_reserved_and_appended(text_tok_dir, mesh24, tmp_p
     assert len(plan.renamed) == 247 and len(plan.appended) == 3 and plan.new_rows == 128384
     jaxvocab.expand_vocab(model, tok, plan)
     out = jaxvocab.save_hf(model, tmp_path / "hf", show_progress=False)
-    assert (out / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
+    assert not (out / "tokenizer.model").exists()     # tiktoken file: under original/, as in Meta's HF repos
+    assert (out / "original" / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
     hf_tok = AutoTokenizer.from_pretrained(str(out))
     planned = {**plan.renamed, **plan.appended}
     assert hf_tok.convert_tokens_to_ids(list(planned.values())) == list(planned)
@@ -275,8 +279,8 @@ def test_export_real_tokenizer_reserved_and_appended(text_tok_dir, mesh24, tmp_p
     reloaded = jaxvocab.load_tokenizer(out)
     assert all(reloaded.special_tokens[t] == i for i, t in planned.items())
     hf = LlamaForCausalLM.from_pretrained(str(out))
-    assert hf.config.vocab_size == 128384
-    np.testing.assert_array_equal(hf.lm_head.weight.detach().numpy(), np.asarray(model.lm_head.get_value()))
+    assert hf.config.vocab_size == 128259          # padding jaxvocab added is dropped
+    np.testing.assert_array_equal(hf.lm_head.weight.detach().numpy(), np.asarray(model.lm_head.get_value())[:128259])
 
 
 # --------------------------------------------------------------------------------------- CLI

@@ -217,7 +217,9 @@ def test_write_tokenizer_files_llama(tmp_path, tok):
     renamed = {128002: "<think>", 128003: "<|ctrl|>"}
     appended = {128257: "</think>", 128258: "<|tool|>"}
     written = write_tokenizer_files(TOK_DIR, out, renamed, appended, {128003, 128258}, vocab_size=128264)
-    assert sorted(written) == ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(written) == ["tokenizer.json", "tokenizer_config.json"]
+    from jaxvocab.io import carried
+    assert carried.carry(TOK_DIR, out, ["tokenizer.model"]) == ["tokenizer.model"]   # parsed, re-written
     assert dir_hashes(TOK_DIR) == before
     assert (out / "tokenizer.model").read_bytes() == open(os.path.join(TOK_DIR, "tokenizer.model"), "rb").read()
 

@@ -55,47 +55,72 @@ def _plan_of(model: Llama, plan):
     return plan if isinstance(plan, VocabPlan) else VocabPlan.from_json(plan if isinstance(plan, str) else json.dumps(plan))
 
 
-def _write_support_files(model: Llama, out: Path, plan) -> None:
-    """config.json's siblings: tokenizer files (edited per the vocab plan), generation config, plan."""
+def _write_support_files(model: Llama, out: Path, plan, *, hf_export: bool, llama_version: str | None) -> None:
+    """config.json's siblings: tokenizer files (generated for a Meta source, edited per the vocab
+    plan), the source's other allow-listed files (parsed and re-written), generation config, plan."""
+    from jaxvocab.io import carried
+    from jaxvocab.io.meta_tokenizer import is_meta_tokenizer_dir, write_meta_tokenizer_files
     src = getattr(model, "source_dir", None) or None
     plan = _plan_of(model, plan)
-    if plan is not None and (plan.renamed or plan.appended) and src and not plan.applied_in(src):
+    tok_dir, generated = src, bool(src and is_meta_tokenizer_dir(src))
+    if generated:
+        write_meta_tokenizer_files(src, out, llama_version)
+        tok_dir = out
+    if plan is not None and (plan.renamed or plan.appended) and tok_dir and (generated or not plan.applied_in(tok_dir)):
         from jaxvocab.io.tokenizer_files import write_tokenizer_files
-        write_tokenizer_files(src, out, plan.renamed, plan.appended, plan.special_ids, model.config.vocab_size)
-    checkpoint.carry_files(src, out)
+        write_tokenizer_files(tok_dir, out, plan.renamed, plan.appended, plan.special_ids, model.config.vocab_size)
     if plan is not None:
         (out / "vocab_plan.json").write_text(plan.to_json() + "\n")
+    # HF exports keep the tiktoken tokenizer.model under original/ as Meta's HF repos do: at the top
+    # level llama.cpp's converter takes it for a SentencePiece model and fails.
+    carried.carry(src, out, dest={"tokenizer.model": "original/tokenizer.model"} if hf_export else None)
     gen = out / "generation_config.json"
-    if not gen.exists():
+    if not gen.exists():   # token ids only: sampling settings are the model author's to state, not ours
         c = model.config
-        gen.write_text(json.dumps({"bos_token_id": hf_ids(c.bos_token_id), "eos_token_id": hf_ids(c.eos_token_id),
-                                   "do_sample": True, "temperature": 0.6, "top_p": 0.9}, indent=2) + "\n")
+        ids = {k: hf_ids(v) for k, v in (("bos_token_id", c.bos_token_id), ("eos_token_id", c.eos_token_id),
+                                         ("pad_token_id", c.pad_token_id)) if v is not None}
+        gen.write_text(json.dumps(ids, indent=2) + "\n")
 
 
 def hf_ids(v):
     return list(v) if isinstance(v, tuple) else v
 
 
+def export_rows(model: Llama, plan, keep_padding: bool = False) -> int:
+    """Rows an HF export keeps: padding jaxvocab added to divide a mesh axis is dropped (it carries
+    the mean init, and a client that cannot suppress it gives it real probability); padding the
+    source already had stays."""
+    plan = _plan_of(model, plan)
+    rows = model.config.vocab_size
+    if keep_padding or plan is None or rows != plan.new_rows:
+        return rows
+    return max(plan.old_rows, plan.tokenizer_size_after)
+
+
 def save_hf(model: Llama, out_dir, max_shard_size="5GB", *, plan=None, overwrite: bool = False,
-            show_progress: bool = True) -> Path:
+            show_progress: bool = True, keep_padding: bool = False, llama_version: str | None = None) -> Path:
     """Write an HF dir that transformers / vLLM / llama.cpp load: safetensors shards under
-    `max_shard_size`, index, config.json, generation_config.json and the tokenizer files."""
+    `max_shard_size`, index, config.json, generation_config.json and the tokenizer files.
+    Padding rows jaxvocab added are dropped unless `keep_padding`; `llama_version` ('3.0'/'3.1')
+    names the special tokens when the source is a bare Meta tokenizer.model (default: params.json)."""
     out = Path(out_dir)
+    rows = export_rows(model, plan, keep_padding)
     with shared_atomic_dir(out, overwrite) as tmp:   # many processes: each tensor gathered, process 0 writes
-        hf.write_weights(model, tmp, max_shard_size, show_progress and is_main())
+        hf.write_weights(model, tmp, max_shard_size, show_progress and is_main(), rows=rows)
         if is_main():
-            config = model.config.to_hf_dict()
+            config = model.config.replace(vocab_size=rows).to_hf_dict()
             config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(model.embed[...].dtype)
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            _write_support_files(model, tmp, plan)
+            _write_support_files(model, tmp, plan, hf_export=True, llama_version=llama_version)
     return out
 
 
-def save_checkpoint(model: Llama, out_dir, *, plan=None, overwrite: bool = False) -> Path:
+def save_checkpoint(model: Llama, out_dir, *, plan=None, overwrite: bool = False,
+                    llama_version: str | None = None) -> Path:
     """A jaxvocab checkpoint dir (orbax state + config + tokenizer files + vocab plan)."""
     out = Path(out_dir)
     with shared_atomic_dir(out, overwrite) as tmp:   # many processes: orbax's multi-host save, process 0 the rest
         checkpoint.save_state(model, tmp)
         if is_main():
-            _write_support_files(model, tmp, plan)
+            _write_support_files(model, tmp, plan, hf_export=False, llama_version=llama_version)
     return out

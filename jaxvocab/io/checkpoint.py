@@ -4,13 +4,12 @@ Layout:
     jaxvocab.json      marker and format version (how `load` recognises the dir)
     config.json        HF-style config, so every tool that reads configs can read ours
     state/             orbax StandardCheckpointer tree of the params (sharded, restorable on any mesh)
-    tokenizer.*, generation_config.json, vocab_plan.json   carried along verbatim / as planned
+    tokenizer.*, generation_config.json, vocab_plan.json   carried along (parsed, re-written) / as planned
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -27,8 +26,6 @@ from jaxvocab.sharding import sharding_for, single_device_mesh
 
 MARKER = "jaxvocab.json"
 FORMAT_VERSION = 1
-CARRIED = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-           "generation_config.json", "vocab_plan.json")
 
 
 def is_jaxvocab_dir(path: Path) -> bool:
@@ -48,18 +45,6 @@ def save_state(model: Llama, out: Path) -> None:
         return
     (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
     (out / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "vocab_size": model.config.vocab_size}) + "\n")
-
-
-def carry_files(src: str | Path | None, out: Path, names=CARRIED) -> list[str]:
-    if not src:
-        return []
-    copied = []
-    for name in names:
-        f = Path(src) / name
-        if f.is_file() and not (out / name).exists():
-            shutil.copy2(f, out / name)
-            copied.append(name)
-    return copied
 
 
 def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Llama:

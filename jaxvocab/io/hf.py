@@ -45,13 +45,13 @@ def tensor_index(path: Path) -> dict[str, TensorInfo]:
             weight_map = json.loads(index_file.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise CheckpointError(f"{index_file}: not a valid index (needs a 'weight_map' object)") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_file}: 'weight_map' must map tensor names to shard file names; fix the index")
         files = sorted(set(weight_map.values()))
-        root = path.resolve()
         for f in files:
-            target = (path / f).resolve()
-            if os.path.isabs(f) or root not in target.parents:
+            if not _inside(f):
                 raise CheckpointError(f"{index_file}: weight_map entry {f!r} points outside {path}; fix the index")
-            if not target.is_file():
+            if not (path / f).is_file():  # follows links: a hub snapshot's shards live in ../../blobs
                 raise CheckpointError(f"{index_file}: shard {f!r} is named in the index but missing from {path}")
     elif (path / SINGLE).is_file():
         weight_map, files = None, [SINGLE]
@@ -71,6 +71,13 @@ def tensor_index(path: Path) -> dict[str, TensorInfo]:
         if name not in infos:
             raise CheckpointError(f"{index_file}: {name!r} is mapped to {f} but that file does not contain it")
     return infos
+
+
+def _inside(name: str) -> bool:
+    """Whether an index NAME stays inside its dir. Only the name is judged: where a link in the dir
+    resolves (a hub snapshot's blobs) is the filesystem's business, as for transformers."""
+    parts = name.replace("\\", "/").split("/")
+    return bool(name) and not os.path.isabs(name) and "\0" not in name and not any(p in ("", ".", "..") for p in parts)
 
 
 def validate(config: LlamaConfig, infos: dict, path: Path) -> None:
@@ -187,17 +194,25 @@ def tensors_of(model: Llama) -> list[tuple[str, K.Key, int | None]]:
     return out
 
 
-def host_tensor(model: Llama, key: K.Key, layer: int | None) -> np.ndarray:
-    """One checkpoint tensor gathered to host (for stacked params, only that layer's slice)."""
+_TABLES = (("embed",), ("lm_head",))
+
+
+def host_tensor(model: Llama, key: K.Key, layer: int | None, rows: int | None = None) -> np.ndarray:
+    """One checkpoint tensor gathered to host (for stacked params, only that layer's slice; for the
+    vocab tables, only the first `rows` rows)."""
     arr = K.get_param(model, key)[...]
     if layer is not None:
         arr = arr[layer]
+    if rows is not None:
+        arr = arr[:rows]
     return to_host(arr)
 
 
-def write_weights(model: Llama, out: Path, max_shard_size="5GB", show_progress: bool = True) -> dict:
+def write_weights(model: Llama, out: Path, max_shard_size="5GB", show_progress: bool = True,
+                  rows: int | None = None) -> dict:
+    """The weights as safetensors shards; `rows` keeps only the first rows of the vocab tables."""
     limit = parse_size(max_shard_size)
-    config = model.config
+    config = model.config if rows is None else model.config.replace(vocab_size=rows)
     plan = []
     for name, key, layer in tensors_of(model):
         p = K.get_param(model, key)[...]
@@ -220,9 +235,9 @@ def write_weights(model: Llama, out: Path, max_shard_size="5GB", show_progress: 
             fname = SINGLE if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
 
             def produce(name):
-                _, key, layer, *_ = by_name[name]
+                _, key, layer, _, shape, _ = by_name[name]
                 bar.update(1)
-                return host_tensor(model, key, layer)
+                return host_tensor(model, key, layer, rows=shape[0] if key.path in _TABLES else None)
 
             write = write_file if is_main() else gather_only   # a gather is collective: all take part
             total += write(out / fname, [(e[0], np.dtype(e[3]), e[4]) for e in shard], produce)

@@ -1,35 +1,27 @@
 """Write the tokenizer files of an edited checkpoint so HF / Meta loaders see the planned ids.
 
-Only the added-token tables are edited: model.vocab and merges stay byte-identical, because the
+Only the added-token tables are edited: model.vocab and merges stay identical, because the
 BPE part of the vocabulary never changes and any drift there would silently re-tokenize data.
-tokenizer.model is copied unchanged; jaxvocab's loader takes names from tokenizer.json beside it.
+Every file is read and written through `carried` (allow-listed keys only, never byte-copied).
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 from jaxvocab.errors import CheckpointError, VocabError
+from jaxvocab.io import carried
 
-COPIED = ("tokenizer.model", "special_tokens_map.json", "generation_config.json",
-          "vocab.json", "merges.txt")
-EDITED = ("tokenizer.json", "tokenizer_config.json", "added_tokens.json")
+EDITED = ("tokenizer.json", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json")
 _ROLE_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
 
 
 def _read(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e}); re-download the tokenizer files") from e
+    return carried.read_json(path)
 
 
 def _write(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
+        f.write(carried.dumps(os.path.basename(path), obj))
 
 
 def _entry(i: int, text: str, special: bool) -> dict:
@@ -59,9 +51,9 @@ def write_tokenizer_files(src_dir, out_dir, renamed: dict[int, str], appended: d
     renamed = {int(k): v for k, v in renamed.items()}
     appended = {int(k): v for k, v in appended.items()}
     special_ids = {int(i) for i in special_ids}
-    present = [n for n in COPIED + EDITED if os.path.isfile(os.path.join(src_dir, n))]
-    if not any(n in present for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise CheckpointError(f"{src_dir}: no tokenizer.json / tokenizer_config.json / tokenizer.model; "
+    present = [n for n in EDITED if os.path.isfile(os.path.join(src_dir, n))]
+    if not any(n in present for n in ("tokenizer.json", "tokenizer_config.json")):
+        raise CheckpointError(f"{src_dir}: no tokenizer.json / tokenizer_config.json to add the new tokens to; "
                               "point at the checkpoint's tokenizer directory")
     new = {**renamed, **appended}
     if set(renamed) & set(appended):
@@ -116,10 +108,6 @@ def write_tokenizer_files(src_dir, out_dir, renamed: dict[int, str], appended: d
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for n in present:
-        if n in COPIED:
-            shutil.copyfile(os.path.join(src_dir, n), os.path.join(out_dir, n))
-            written.append(n)
     if tj is not None:
         entries = []
         for e in tj.get("added_tokens") or []:
@@ -147,8 +135,9 @@ def write_tokenizer_files(src_dir, out_dir, renamed: dict[int, str], appended: d
         at.update({t: i for i, t in appended.items()})
         _write(os.path.join(out_dir, "added_tokens.json"), at)
         written.append("added_tokens.json")
-    stm = os.path.join(out_dir, "special_tokens_map.json")
-    if "special_tokens_map.json" in present and old_to_new:
-        m = _read(stm)
-        _write(stm, {k: _replace_names(v, old_to_new) if k.startswith("additional") else v for k, v in m.items()})
+    if "special_tokens_map.json" in present:
+        m = _read(os.path.join(src_dir, "special_tokens_map.json"))
+        m = {k: _replace_names(v, old_to_new) if k.startswith("additional") else v for k, v in m.items()}
+        _write(os.path.join(out_dir, "special_tokens_map.json"), m)
+        written.append("special_tokens_map.json")
     return written
