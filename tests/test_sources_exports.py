@@ -186,8 +186,9 @@ def test_meta_source_takes_new_tokens_and_exports_hf_tokenizer_files(meta_export
         "config.json", "generation_config.json", "original", "special_tokens_map.json", "tokenizer.json",
         "tokenizer_config.json", "vocab_plan.json"]
     assert (hf / "original" / "tokenizer.model").read_bytes() == tm.read_bytes()
-    assert json.loads((hf / "generation_config.json").read_text()) == {   # ids only: no sampling settings
-        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}
+    src_cfg = json.loads((src / "config.json").read_text())
+    ids = {k: src_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if src_cfg.get(k) is not None}
+    assert ids and json.loads((hf / "generation_config.json").read_text()) == ids   # ids only: no sampling settings
     plan = json.loads((hf / "vocab_plan.json").read_text())
     hf_tok = AutoTokenizer.from_pretrained(hf)
     assert hf_tok.convert_tokens_to_ids(list(PLANNED.values())) == list(PLANNED)
@@ -258,8 +259,9 @@ def test_special_flags_generation_config_chat_template_and_padding(tmp_path, cap
     assert {e["content"]: e["special"] for e in tc["added_tokens_decoder"].values()} == special
     assert {t: special[t] for t in ("<|tool|>", "<think>", "<|visible|>", "<tag>", "zqxjaxvocab")} == {
         "<|tool|>": True, "<think>": False, "<|visible|>": False, "<tag>": True, "zqxjaxvocab": False}
-    assert json.loads((hf / "generation_config.json").read_text()) == {   # ids only: no sampling settings
-        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}
+    src_cfg = json.loads((src / "config.json").read_text())
+    ids = {k: src_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if src_cfg.get(k) is not None}
+    assert ids and json.loads((hf / "generation_config.json").read_text()) == ids   # ids only: no sampling settings
     assert tc["chat_template"] == LLAMA3_CHAT_TEMPLATE
     assert json.loads((hf / "config.json").read_text())["vocab_size"] == 128261      # padding dropped
     code, out, err = run(capsys, "export", tmp_path / "ck", tmp_path / "hf-pad", "--keep-padding")
