@@ -14,6 +14,8 @@ so the forward pass is exactly the merged model's forward pass (what you train i
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,7 +139,7 @@ def merge(rm: RowsModel, dtype=None) -> Llama:
     dtype = jnp.dtype(dtype or rm.embed[...].dtype)
     model = nnx.eval_shape(lambda: Llama(c, dtype=dtype, compute_dtype=rm.compute_dtype))
     ids = rm.ids[...]
-    model.embed.set_value(_write_rows(_cast(rm.embed[...], dtype), ids, rm.embed_rows))
+    model.embed.set_value(_write_rows(rm.embed[...], ids, rm.embed_rows, dtype))
     layers = {name: w[...] for name, w in rm.layers.items()}
     if rm.lora is None:
         layers = {name: _cast(w, dtype) for name, w in layers.items()}
@@ -147,7 +149,7 @@ def merge(rm: RowsModel, dtype=None) -> Llama:
         getattr(model.layers, name).set_value(w)
     model.norm.set_value(_cast(rm.norm[...], dtype))
     if not rm.tied:
-        model.lm_head.set_value(_write_rows(_cast(rm.lm_head[...], dtype), ids, rm.head_rows))
+        model.lm_head.set_value(_write_rows(rm.lm_head[...], ids, rm.head_rows, dtype))
     model.remat = rm.remat
     model.source_dir = rm.source_dir
     model.vocab_plan = rm.vocab_plan
@@ -194,14 +196,16 @@ def _rows(table, ids: np.ndarray) -> nnx.Param:
     return nnx.Param(_replicated(table[jnp.asarray(ids)].astype(jnp.float32), table), logical=("rows", None))
 
 
-@jax.jit
-def _scatter(table, ids, rows):
-    return table.at[ids].set(rows.astype(table.dtype))
+@functools.partial(jax.jit, static_argnums=3)
+def _scatter(table, ids, rows, dtype):
+    # Rows pass through the table's own dtype first, as in the forward pass that trained them, so a
+    # wider export (f32 from a bf16 checkpoint) holds exactly the model that was trained.
+    return table.astype(dtype).at[ids].set(rows.astype(table.dtype).astype(dtype))
 
 
-def _write_rows(table, ids, rows: nnx.Param | None):
+def _write_rows(table, ids, rows: nnx.Param | None, dtype):
     if rows is None:
-        return table
-    out = _scatter(table, ids, rows[...])
+        return _cast(table, dtype)
+    out = _scatter(table, ids, rows[...], jnp.dtype(dtype))
     sharding = getattr(table, "sharding", None)
     return jax.device_put(out, sharding) if sharding is not None else out
