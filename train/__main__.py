@@ -33,7 +33,7 @@ data lines: {"text": "..."} | {"messages": [{"role": "user", "content": "..."}, 
 # Flags whose change makes a resumed run a different run.
 RUN_KEYS = ("model", "data", "eval", "trainable_ids", "tables", "seq_len", "batch_size", "grad_accum", "lr",
             "warmup", "schedule", "weight_decay", "clip", "dtype", "seed", "lora_rank", "lora_alpha", "lora_targets",
-            "lora_dropout", "lora_lr")
+            "lora_dropout", "lora_lr", "lora_init")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="projections that get adapters (default: all seven)")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
     g.add_argument("--lora-lr", type=float, help="adapters' peak learning rate (default: --lr)")
+    g.add_argument("--lora-init", type=Path, help="start the adapters from a PEFT LoRA dir (same r, alpha, targets)")
     g.add_argument("--export-peft", type=Path, help="also write the adapters + rows as a PEFT adapter dir here")
     p.add_argument("--export-dtype", choices=["float32"],
                    help="--export-hf / final/ dtype (default: the checkpoint's; float32 keeps the f32 merge)")
@@ -110,6 +111,7 @@ def check_flags(args) -> None:
 def check_lora_flags(args) -> None:
     """The LoRA flags, checked (and --lora-alpha / --lora-lr defaulted) before anything loads."""
     lora_only = {"--lora-alpha": args.lora_alpha, "--lora-lr": args.lora_lr, "--export-peft": args.export_peft,
+                 "--lora-init": args.lora_init,
                  "--lora-dropout": args.lora_dropout or None,
                  "--lora-targets": None if args.lora_targets == "q,k,v,o,gate,up,down" else args.lora_targets}
     if args.lora_rank is None:
@@ -212,7 +214,8 @@ def _token_file_ids(spec: str, tok) -> list[int]:
 def _run_record(args, ids) -> dict:
     rec = {"model": str(args.model.resolve()), "data": str(args.data.resolve()),
            "eval": str(args.eval.resolve()) if args.eval else None, "trainable": args.trainable,
-           "trainable_ids": ids, "steps": args.steps}
+           "trainable_ids": ids, "steps": args.steps,
+           "lora_init": str(args.lora_init.resolve()) if args.lora_init else None}
     rec.update({k: getattr(args, k) for k in RUN_KEYS if k not in rec})
     return rec
 
@@ -252,6 +255,9 @@ def cmd_train(args) -> None:
     tok = tokenizer_of(model)
     ids = resolve_trainable(args.trainable, model, tok)
     rm = rows.split(model, ids, args.tables, getattr(args, "lora_spec", None), args.seed)
+    if args.lora_init is not None:
+        from jaxvocab.io.peft import load_adapters
+        load_adapters(rm, args.lora_init)
     docs = read_jsonl(args.data, tok, model.config.vocab_size)
     eval_docs = read_jsonl(args.eval, tok, model.config.vocab_size) if args.eval else None
     rec = _run_record(args, ids)

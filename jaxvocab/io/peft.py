@@ -98,3 +98,28 @@ def read_peft(path) -> tuple[dict, dict[str, np.ndarray]]:
         if not np.all(np.isfinite(arr)):
             raise CheckpointError(f"{weights}: {name} holds NaN or infinite values")
     return cfg, tensors
+
+
+def load_adapters(rm, path) -> None:
+    """Start `rm`'s adapters from a PEFT LoRA dir (e.g. one --export-peft wrote): its r, lora_alpha and
+    target_modules must be the run's; the rows keep their own init (the vocab plan's)."""
+    cfg, tensors = read_peft(path)
+    spec = rm.lora_spec
+    targets = sorted(HF_MODULES[t].split(".")[1] for t in spec.targets)
+    got = (cfg["r"], float(cfg.get("lora_alpha") or 0), sorted(cfg.get("target_modules") or []))
+    if got != (spec.rank, spec.alpha, targets):
+        raise CheckpointError(f"{Path(path) / CONFIG}: r={got[0]}, lora_alpha={got[1]:g}, target_modules={got[2]} "
+                              f"but this run has --lora-rank {spec.rank} --lora-alpha {spec.alpha:g} with {targets}; "
+                              "pass the adapter's values")
+    for name in spec.targets:
+        for ab, key in (("A", a_key(name)), ("B", b_key(name))):
+            var = rm.lora[key]
+            layers = []
+            for i in range(var.shape[0]):
+                k = lora_key(i, name, ab)
+                if k not in tensors or tensors[k].shape != tuple(var.shape[1:]):
+                    shape = tensors[k].shape if k in tensors else "missing"
+                    raise CheckpointError(f"{Path(path) / WEIGHTS}: {k} is {shape}; expected {tuple(var.shape[1:])} "
+                                          "(an adapter for another model?)")
+                layers.append(tensors[k].astype(np.float32))
+            var.set_value(jax.device_put(np.stack(layers), var[...].sharding))
