@@ -1,7 +1,5 @@
 """LoRA beside the rows: parity with PEFT (loss, grads, 3 AdamW steps), merges, sharding, frozen weights."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +8,9 @@ import pytest
 import jaxvocab
 from jaxvocab import lora as L
 from jaxvocab import rows as R
-from jaxvocab.errors import UsageError
 from jaxvocab.sharding import parse_mesh
 from tests.builders import make_hf_checkpoint
-from train import loop, loss
+from train import loop
 from train.data import Batch
 
 IDS = [5, 9, 77, 200]
@@ -98,7 +95,7 @@ def _rel(a, b):
 def test_parity_with_peft(tmp_path, tied):
     """Same base, same adapters, same 520-token batch: loss, grads and 3 AdamW steps agree with PEFT."""
     import torch
-    model, rm, tm = _setup(tmp_path, tied)
+    _, rm, tm = _setup(tmp_path, tied)
     pm = _peft(tm, rm, tied)
     batch = _batch()
     cfg = loop.TrainConfig(steps=3, lr=1e-3, lora_lr=2e-3, schedule="constant", clip=0.0, weight_decay=0.0,

@@ -119,7 +119,8 @@ class Trainer:
         # Copies: the step donates its inputs, and the caller's RowsModel must stay usable. Rows are
         # replicated; adapters keep the shardings their logical axes gave them (lora.py).
         params = nnx.to_pure_dict(params)
-        shardings = {k: jax.tree.map(lambda a: a.sharding if k == "lora" else replicated, v) for k, v in params.items()}
+        shardings = {k: jax.tree.map(lambda a, k=k: a.sharding if k == "lora" else replicated, v)
+                     for k, v in params.items()}
         self.params = jax.device_put(jax.tree.map(jnp.copy, params), shardings)
         opt_state = jax.jit(optimizer(cfg).init)(self.params)     # moments follow their params' shardings
         opt_shardings = jax.tree.map(lambda a: a.sharding if isinstance(a.sharding, NamedSharding) else replicated,
@@ -148,14 +149,17 @@ class Trainer:
         self.steps_done += 1
         return metrics
 
-    def evaluate(self, batches: list[Batch]) -> dict:
-        sums = np.zeros(4)
+    def evaluate(self, batches: list[Batch], prefix: str = "eval_") -> dict:
+        """Loss, and loss / argmax accuracy on the targets that are trained ids (what rows training is
+        for: on a big model the total loss hides them)."""
+        sums = np.zeros(5)
         for b in batches:
             sums += np.array(jax.device_get(self._eval(self.graphdef, self.params, self.frozen, self.put(b),
                                                        self.is_new)))
-        s, n, correct, on_new = sums
-        return {"eval_loss": s / max(n, 1.0), "new_token_acc": correct / on_new if on_new else None,
-                "eval_new_tokens": int(on_new)}
+        s, n, correct, on_new, new_nll = sums
+        acc_key = "new_token_acc" if prefix == "eval_" else prefix + "new_token_acc"
+        return {prefix + "loss": s / max(n, 1.0), acc_key: correct / on_new if on_new else None,
+                prefix + "new_token_loss": new_nll / on_new if on_new else None, prefix + "new_tokens": int(on_new)}
 
     def model(self) -> RowsModel:
         return nnx.merge(self.graphdef, self.params, self.frozen)
@@ -213,6 +217,7 @@ def run(rm: RowsModel, cfg: TrainConfig, mesh: Mesh, docs: list[Doc], out: Path,
                        "targets": int(m["targets"]), "tokens_per_s": tokens / max(now - t_prev, 1e-9)}
                 if evals and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                     rec.update(trainer.evaluate(evals))
+                    rec.update(trainer.evaluate([batch], prefix="train_"))   # the batch just trained on
                 metrics.log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update(1)

@@ -106,13 +106,16 @@ def token_sums(graphdef, params, frozen, mb: Batch, dropout_key=None):
 
 
 def eval_sums(graphdef, params, frozen, mb: Batch, is_new):
-    """(NLL sum, target count, argmax hits on new-id targets, new-id targets) of one micro-batch."""
+    """(NLL sum, target count, argmax hits on new-id targets, new-id targets, NLL sum on new-id targets)
+    of one micro-batch."""
     model = nnx.merge(graphdef, params, frozen)
 
     def chunk(h, t, w):
         logits = model.head(h)
         on_new = (w > 0) & is_new[t]
         hits = (jnp.argmax(logits, axis=-1) == t) & on_new
-        return nll_sums(logits, t, w) + (jnp.sum(hits, dtype=jnp.float32), jnp.sum(on_new, dtype=jnp.float32))
+        new_nll, _ = nll_sums(logits, t, on_new.astype(jnp.float32))
+        return nll_sums(logits, t, w) + (jnp.sum(hits, dtype=jnp.float32), jnp.sum(on_new, dtype=jnp.float32),
+                                         new_nll)
 
-    return _scan_sum(chunk, _chunks(model, mb), 4)
+    return _scan_sum(chunk, _chunks(model, mb), 5)
