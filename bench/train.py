@@ -221,7 +221,7 @@ with open(metrics, "w") as f:
         opt.zero_grad(set_to_none=True)
         loss = float(out.loss)
         dt = time.perf_counter() - t0
-        f.write(json.dumps({{"step": step + 1, "loss": loss, "tokens": int(x.numel()), "tokens_per_s": x.numel() / dt}}) + "\n")
+        f.write(json.dumps({{"step": step + 1, "loss": loss, "tokens": int(x.numel()), "tokens_per_s": x.numel() / dt}}) + "\\n")
         f.flush()
 """
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import jaxvocab
 from jaxvocab import lora as L
@@ -124,6 +125,13 @@ def test_parity_with_peft(tmp_path, tied):
     diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), jp, tp)))
     print(f"after 3 AdamW steps: {100 * frac:.3f}% of elements within 1e-5, max abs diff {diff:.2e}")
     assert frac >= 0.999
+    # adapters stay sharded by their weight's logical axes (A [L, r, in]: in = embed -> fsdp; B [L, out, r]:
+    # q_heads -> tensor), and the frozen weights are the very arrays we started from
+    assert trainer.params["lora"][L.a_key("wq")].sharding.spec == P(None, None, "fsdp")
+    assert trainer.params["lora"][L.b_key("wq")].sharding.spec == P(None, "tensor", None)
+    after = trainer.model()
+    for name, w in rm.layers.items():
+        assert np.array_equal(_host(after.layers[name][...]), _host(w[...]))
 
 
 def _logits_t(model, ids):
