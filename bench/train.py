@@ -212,7 +212,7 @@ opt = torch.optim.AdamW(params, lr={lr}, weight_decay=0.0)
 docs = [json.loads(line)["input_ids"] for line in open(data)]
 with open(metrics, "w") as f:
     for step in range(steps):
-        x = torch.tensor(docs[step * {b}:(step + 1) * {b}], dtype=torch.long)[:, :{t}]
+        x = torch.tensor(docs[step * {b}:(step + 1) * {b}], dtype=torch.long)
         t0 = time.perf_counter()
         out = model(input_ids=x, labels=x)
         out.loss.backward()
@@ -227,15 +227,15 @@ with open(metrics, "w") as f:
 
 
 def write_lora_data(path: Path, n_docs: int) -> None:
-    """Docs of SEQ + 1 ids (one packed row each), the new ids at 5% of the positions."""
+    """Docs of SEQ ids (one packed row each: SEQ inputs, SEQ - 1 targets), the new ids at 5% of the positions."""
     import json
 
     import numpy as np
     rs = np.random.RandomState(0)
     with path.open("w") as f:
         for _ in range(n_docs):
-            x = rs.randint(0, NEW[0], SEQ + 1)
-            hit = rs.rand(SEQ + 1) < 0.05
+            x = rs.randint(0, NEW[0], SEQ)
+            hit = rs.rand(SEQ) < 0.05
             x[hit] = rs.choice(NEW, hit.sum())
             f.write(json.dumps({"input_ids": x.tolist()}) + "\n")
 
@@ -284,7 +284,7 @@ def _lora_rounds(path: Path, work: Path, steps: int, repeats: int, env: dict) ->
                    "--steps", str(steps + 2), "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--lr", str(LR),
                    "--dtype", "float32", "--save-every", "0", "--quiet"]
         runs["jaxvocab"].append(run_cli(jax_cmd, out / "metrics.jsonl", env))
-        code = _PEFT_CLI.format(new=NEW, r=LORA_R, alpha=2 * LORA_R, lr=LR, b=BATCH, t=SEQ)
+        code = _PEFT_CLI.format(new=NEW, r=LORA_R, alpha=2 * LORA_R, lr=LR, b=BATCH)
         peft_metrics = work / f"peft{i}.jsonl"
         runs["peft"].append(run_cli([sys.executable, "-c", code, str(path), str(data), str(peft_metrics),
                                      str(steps + 2)], peft_metrics, env))

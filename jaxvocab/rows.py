@@ -10,6 +10,10 @@ position map (`lookup[id]` = row index or -1); the head projects onto the frozen
 replaces the chosen columns by `h @ rows.T`. The rows pass through the table's dtype on the way in,
 so the forward pass is exactly the merged model's forward pass (what you train is what you ship).
 `merge(rows_model)` writes the rows back into the tables and returns an ordinary `Llama`.
+
+With a `LoraSpec`, the RowsModel also holds LoRA adapters (lora.py) as Params beside the rows: the
+frozen stacked weights and the adapters ride the decoder's one scan together, and `merge` folds
+W + (alpha/r) B A back in. `--trainable none` is then allowed: adapters only, no rows.
 """
 
 from __future__ import annotations
