@@ -2,6 +2,7 @@
 
     python bench/train.py                      # ~135M Llama (SmolLM-135M shapes), f32, batch 4 x 256, CPU
     python bench/train.py --steps 10 --keep-dir /tmp/b135m
+    python bench/train.py --lora --steps 6 --repeats 1   # LoRA r=16 (7 projections) + rows: jaxvocab-train vs PEFT
 
 A random f32 checkpoint with SmolLM-135M's shapes (30 layers, d 576, 9 / 3 heads of 64,
 intermediate 1536, vocab 49152, tied) is written once by transformers. Each tool then runs in its
@@ -191,12 +192,129 @@ def report(r: dict, steps: int, repeats: int) -> str:
     return "\n".join(lines)
 
 
+# --- LoRA r=16 on all seven projections + the 16 rows, through the CLIs -------------------------------
+
+LORA_R = 16
+_PEFT_CLI = """
+import json, sys, time
+import numpy as np, torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaForCausalLM
+ckpt, data, metrics, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+new = {new}
+model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+cfg = LoraConfig(r={r}, lora_alpha={alpha}, lora_dropout=0.0, trainable_token_indices=new,
+                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+model = get_peft_model(model, cfg)
+model.train()
+params = [p for p in model.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr={lr}, weight_decay=0.0)
+docs = [json.loads(line)["input_ids"] for line in open(data)]
+with open(metrics, "w") as f:
+    for step in range(steps):
+        x = torch.tensor(docs[step * {b}:(step + 1) * {b}], dtype=torch.long)
+        t0 = time.perf_counter()
+        out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = float(out.loss)
+        dt = time.perf_counter() - t0
+        f.write(json.dumps({{"step": step + 1, "loss": loss, "tokens": int(x.numel()), "tokens_per_s": x.numel() / dt}}) + "\\n")
+        f.flush()
+"""
+
+
+def write_lora_data(path: Path, n_docs: int) -> None:
+    """Docs of SEQ ids (one packed row each: SEQ inputs, SEQ - 1 targets), the new ids at 5% of the positions."""
+    import json
+
+    import numpy as np
+    rs = np.random.RandomState(0)
+    with path.open("w") as f:
+        for _ in range(n_docs):
+            x = rs.randint(0, NEW[0], SEQ)
+            hit = rs.rand(SEQ) < 0.05
+            x[hit] = rs.choice(NEW, hit.sum())
+            f.write(json.dumps({"input_ids": x.tolist()}) + "\n")
+
+
+def run_cli(cmd: list[str], metrics: Path, env: dict) -> dict:
+    """One CLI process: wall time, its peak RSS (VmHWM, polled until it exits) and the per-step
+    tokens/s of metrics.jsonl after the first two steps (the first one compiles)."""
+    import json
+    import os
+    import subprocess
+    import time
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                peak = max([peak] + [int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:")])
+        except OSError:
+            pass
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
+    recs = [json.loads(x) for x in metrics.read_text().splitlines()][2:]
+    secs = sum(r["tokens"] / r["tokens_per_s"] for r in recs)
+    return {"tokens_per_s": sum(r["tokens"] for r in recs) / secs, "peak_rss": peak, "wall_s": time.perf_counter() - t,
+            "steps": len(recs), "last_loss": recs[-1]["loss"]}
+
+
+def lora_bench(path: Path, steps: int, repeats: int, env: dict) -> str:
+    work = Path(tempfile.mkdtemp(prefix="jaxvocab-bench-lora-"))   # the CLI refuses an --out inside --model
+    try:
+        return _lora_rounds(path, work, steps, repeats, env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _lora_rounds(path: Path, work: Path, steps: int, repeats: int, env: dict) -> str:
+    data = work / "lora_data.jsonl"
+    write_lora_data(data, BATCH * (steps + 2))
+    runs = {"jaxvocab": [], "peft": []}
+    for i in range(repeats):
+        out = work / f"run{i}"
+        jax_cmd = [sys.executable, "-m", "train", "--model", str(path), "--data", str(data), "--out", str(out),
+                   "--overwrite", "--trainable", "ids:" + ",".join(map(str, NEW)), "--lora-rank", str(LORA_R),
+                   "--steps", str(steps + 2), "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--lr", str(LR),
+                   "--dtype", "float32", "--save-every", "0", "--quiet"]
+        runs["jaxvocab"].append(run_cli(jax_cmd, out / "metrics.jsonl", env))
+        code = _PEFT_CLI.format(new=NEW, r=LORA_R, alpha=2 * LORA_R, lr=LR, b=BATCH)
+        peft_metrics = work / f"peft{i}.jsonl"
+        runs["peft"].append(run_cli([sys.executable, "-c", code, str(path), str(data), str(peft_metrics),
+                                     str(steps + 2)], peft_metrics, env))
+        for name, rs in runs.items():
+            print(f"  {name}: {rs[-1]['tokens_per_s']:.0f} tokens/s, peak {fmt_bytes(rs[-1]['peak_rss'])}", file=sys.stderr)
+    med = {k: {m: statistics.median(r[m] for r in rs) for m in ("tokens_per_s", "peak_rss", "wall_s")}
+           for k, rs in runs.items()}
+    j, p = med["jaxvocab"], med["peft"]
+    rows = [["jaxvocab-train --lora-rank 16 (CLI, default remat)", f"{j['tokens_per_s']:.0f}",
+             " / ".join(f"{r['tokens_per_s']:.0f}" for r in runs["jaxvocab"]), fmt_bytes(j["peak_rss"]), f"{j['wall_s']:.0f}"],
+            ["PEFT LoRA + trainable_token_indices, torch AdamW", f"{p['tokens_per_s']:.0f}",
+             " / ".join(f"{r['tokens_per_s']:.0f}" for r in runs["peft"]), fmt_bytes(p["peak_rss"]), f"{p['wall_s']:.0f}"]]
+    speed, mem = j["tokens_per_s"] / p["tokens_per_s"], j["peak_rss"] / p["peak_rss"]
+    head = f"## LoRA r={LORA_R} on q,k,v,o,gate,up,down + 16 new rows: ~135M Llama, f32, batch {BATCH} x {SEQ}"
+    how = (f"{machine()}; each tool a fresh process on the same weights and data, {steps} timed steps after 2 "
+           f"warm-up steps, {repeats} interleaved round(s), medians; peak RSS is the process VmHWM (whole run).")
+    verdict = (f"- jaxvocab {speed:.2f}x PEFT's tokens/s ({'PASS' if speed >= 1 else 'MISS'}; target >= 1.0x); "
+               f"peak RSS {mem:.2f}x PEFT's ({'PASS' if mem <= 0.6 else 'MISS'}; target <= 0.6x)")
+    return "\n".join([head, "", how, "", table(["", "tokens/s (median)", "per run", "peak RSS", "wall (s)"], rows),
+                      "", verdict])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians reported)")
     ap.add_argument("--keep-dir", type=Path, help="write the checkpoint here and keep it (reused if there)")
     ap.add_argument("--only", choices=["jaxvocab", "jaxvocab-no-remat", "peft"], help="run one side (for profiling)")
+    ap.add_argument("--lora", action="store_true",
+                    help="the LoRA r=16 + rows comparison instead, both through their CLI / training script")
     args = ap.parse_args(argv)
     path = args.keep_dir or Path(tempfile.mkdtemp(prefix="jaxvocab-bench-train-"))
     env = {"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
@@ -205,6 +323,11 @@ def main(argv=None) -> int:
         if not (path / "config.json").is_file():
             print(f"writing a random SmolLM-135M-shaped f32 checkpoint to {path}", file=sys.stderr)
             write_checkpoint(path)
+        if args.lora:
+            text = lora_bench(path, args.steps, args.repeats, env)
+            print(text)
+            print(f"\n(written to {save('train_lora.md', text)})", file=sys.stderr)
+            return 0
         children = {"jaxvocab": jax_child(path, args.steps), "jaxvocab-no-remat": jax_child(path, args.steps, False),
                     "peft": peft_child(path, args.steps)}
         runs = {name: [] for name in children if args.only in (None, name)}

@@ -15,7 +15,7 @@ import numpy as np
 
 from convert.demo_data import EVAL, NEW_SPECIAL, NEW_PLAIN, PROBE, TRAIN, write_jsonl
 
-STAGES = 9
+STAGES = 10
 
 
 class Stage:
@@ -80,6 +80,14 @@ def run_demo(out: Path, overwrite: bool = False) -> None:
         run = tmp / "run"
         _train(ckpt, data, run)
         _summarise(run / "metrics.jsonl")
+        print(f"  loss and new-token accuracy plotted in {(run / 'loss.png').relative_to(tmp)}")
+
+        stage("fine-tuning LoRA adapters (all 7 projections) + the new rows, merged export reloaded in transformers")
+        lora_run, lora_hf = tmp / "run-lora", tmp / "hf-lora"
+        _train(ckpt, data, lora_run, ["--lora-rank", "8", "--lora-lr", "5e-3", "--steps", "60", "--eval-every", "20",
+                                      "--export-hf", str(lora_hf), "--export-peft", str(tmp / "peft-adapter")])
+        _summarise(lora_run / "metrics.jsonl")
+        _compare_transformers(jaxvocab.load(lora_run / "final"), lora_hf, tok, plan)
 
         stage("exporting to Hugging Face and reloading in transformers")
         final = jaxvocab.load(run / "final")
@@ -92,7 +100,7 @@ def run_demo(out: Path, overwrite: bool = False) -> None:
             text = jaxvocab.generate(final, tok, prompt, max_new_tokens=12)
             print(f"  {prompt!r} -> {text!r}")
     print(f"\ndone in {time.perf_counter() - stage.t0:.0f}s; everything is in {out}/ "
-          "(base, ckpt, run/metrics.jsonl, run/final, hf)")
+          "(base, ckpt, run/metrics.jsonl, run/final, hf, run-lora, hf-lora, peft-adapter)")
 
 
 def _indent(text: str) -> str:
@@ -107,12 +115,12 @@ def _mass(model, probe, ids) -> float:
     return float(p[..., ids].sum(-1).mean())
 
 
-def _train(ckpt: Path, data: Path, run: Path) -> None:
+def _train(ckpt: Path, data: Path, run: Path, extra: tuple[str, ...] = ()) -> None:
     from jaxvocab.errors import JaxVocabError
     from train.__main__ import main as train_main
     argv = ["--model", str(ckpt), "--data", str(data / "train.jsonl"), "--eval", str(data / "eval.jsonl"),
             "--out", str(run), "--steps", "120", "--batch-size", "8", "--seq-len", "64", "--lr", "0.05",
-            "--warmup", "10", "--dtype", "float32", "--save-every", "60", "--eval-every", "30"]
+            "--warmup", "10", "--dtype", "float32", "--save-every", "60", "--eval-every", "30", *extra]
     print("  jaxvocab-train " + " ".join(argv))
     if train_main(argv) != 0:
         raise JaxVocabError("the demo's training stage failed (see the error above)")
@@ -125,9 +133,9 @@ def _summarise(metrics: Path) -> None:
     print(f"  train loss {first['loss']:.3f} (step 1) -> {last['loss']:.3f} (step {last['step']}), "
           f"{last['tokens_per_s']:.0f} tokens/s")
     for r in evals:
-        acc = r.get("new_token_acc")
+        acc, tacc = r.get("new_token_acc"), r.get("train_new_token_acc")
         print(f"  step {r['step']:>4}: eval loss {r['eval_loss']:.3f}, new-token accuracy "
-              f"{'n/a' if acc is None else f'{acc:.0%}'}")
+              f"{'n/a' if acc is None else f'{acc:.0%}'} (eval) / {'n/a' if tacc is None else f'{tacc:.0%}'} (train batch)")
 
 
 def _compare_transformers(model, hf: Path, tok, plan) -> None:

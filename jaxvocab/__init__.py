@@ -28,7 +28,7 @@ _LAZY = {
     "fix_untrained": "jaxvocab.vocab",
     "generate": "jaxvocab.generation",
 }
-_SUBMODULES = ("rows", "diagnostics", "vocab", "tokenizer", "generation")
+_SUBMODULES = ("rows", "lora", "diagnostics", "vocab", "tokenizer", "generation")
 
 __all__ = [
     "JaxVocabError", "KVCache", "Llama", "LlamaConfig", "PRESETS", "RopeScaling",

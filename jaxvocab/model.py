@@ -34,6 +34,7 @@ LAYER_AXES: dict[str, tuple[str, ...]] = {
     "w_down": ("layers", "embed", "mlp"),
 }
 TABLE_AXES = ("vocab", "embed")
+LORA_ORDER = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")   # fixes each adapter's dropout stream
 
 
 def layer_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -178,7 +179,8 @@ def _layer(w, h, kv, c: LlamaConfig, dtype, positions, inv_freq, mask, cache):
     B, T, _ = h.shape
     H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     def linear(x, name):  # x [B, T, in] . w [out, in] -> [B, T, out]
-        return jnp.einsum("bti,oi->bto", x, w[name].astype(dtype))
+        y = jnp.einsum("bti,oi->bto", x, w[name].astype(dtype))
+        return y + lora_delta(x, w, name, dtype) if "lora_a_" + name in w else y
 
     a = rms_norm(h, w["attn_norm"], c.rms_norm_eps)
     q = apply_rope(linear(a, "wq").reshape(B, T, H, hd), positions, inv_freq)
@@ -198,3 +200,14 @@ def _layer(w, h, kv, c: LlamaConfig, dtype, positions, inv_freq, mask, cache):
     m = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
     h = h + linear(jax.nn.silu(linear(m, "w_gate")) * linear(m, "w_up"), "w_down")
     return h, kv
+
+
+def lora_delta(x, w, name, dtype):
+    """LoRA (lora.py): scale * dropout(x) A^T B^T, PEFT's order, in the compute dtype."""
+    if "lora_drop_key" in w:
+        key = jax.random.fold_in(w["lora_drop_key"], LORA_ORDER.index(name))
+        p = w["lora_drop_p"]
+        keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
+        x = jnp.where(keep, x / (1.0 - p).astype(x.dtype), 0).astype(x.dtype)
+    r = jnp.einsum("bti,ri->btr", x, w["lora_a_" + name].astype(dtype))
+    return jnp.einsum("btr,or->bto", r, w["lora_b_" + name].astype(dtype)) * w["lora_scale"].astype(dtype)

@@ -10,9 +10,15 @@ position map (`lookup[id]` = row index or -1); the head projects onto the frozen
 replaces the chosen columns by `h @ rows.T`. The rows pass through the table's dtype on the way in,
 so the forward pass is exactly the merged model's forward pass (what you train is what you ship).
 `merge(rows_model)` writes the rows back into the tables and returns an ordinary `Llama`.
+
+With a `LoraSpec`, the RowsModel also holds LoRA adapters (lora.py) as Params beside the rows: the
+frozen stacked weights and the adapters ride the decoder's one scan together, and `merge` folds
+W + (alpha/r) B A back in. `--trainable none` is then allowed: adapters only, no rows.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +27,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxvocab import lora as lora_lib
 from jaxvocab.errors import UsageError
+from jaxvocab.lora import LoraSpec
 from jaxvocab.model import Llama, decode, project, rms_norm
 
 TABLES = ("both", "embed", "head")
@@ -38,7 +46,7 @@ class RowsModel(nnx.Module):
     is the sum of both uses, exactly as for the tied table itself.
     """
 
-    def __init__(self, model: Llama, ids, tables: str = "both"):
+    def __init__(self, model: Llama, ids, tables: str = "both", lora: LoraSpec | None = None, seed: int = 0):
         config = model.config
         tied = model.lm_head is None
         if tables not in TABLES:
@@ -46,7 +54,7 @@ class RowsModel(nnx.Module):
         if tied and tables != "both":
             raise UsageError(f"--tables {tables}: the model ties embedding and head, so one set of rows "
                              "serves both; drop --tables")
-        ids = _check_ids(ids, config.vocab_size)
+        ids = _check_ids(ids, config.vocab_size, allow_empty=lora is not None)
         self.config = config
         self.compute_dtype = model.compute_dtype
         self.remat = model.remat
@@ -61,8 +69,11 @@ class RowsModel(nnx.Module):
         self.layers = nnx.Dict({name: Frozen(w) for name, w in model.layers.weights().items()})
         self.norm = Frozen(model.norm[...])
         self.lm_head = None if tied else Frozen(model.lm_head[...])
-        self.embed_rows = _rows(table, ids) if tables in ("both", "embed") else None
-        self.head_rows = None if tied or tables == "embed" else _rows(model.lm_head[...], ids)
+        trains_rows = ids.size > 0
+        self.embed_rows = _rows(table, ids) if trains_rows and tables in ("both", "embed") else None
+        self.head_rows = None if tied or tables == "embed" or not trains_rows else _rows(model.lm_head[...], ids)
+        self.lora_spec = lora
+        self.lora = None if lora is None else lora_lib.init(model.layers.weights(), lora, jax.random.key(seed))
         self.source_dir = getattr(model, "source_dir", None)
         self.vocab_plan = getattr(model, "vocab_plan", None)
 
@@ -80,12 +91,17 @@ class RowsModel(nnx.Module):
         logits = self.head(h)
         return logits if cache is None else (logits, cache)
 
-    def hidden(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None, cache=None):
+    def hidden(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None, cache=None,
+               dropout_key=None):
         """Final-norm hidden states [B, T, D] (and the cache): the head is applied separately so a
-        loss can project a few tokens at a time instead of materialising [B, T, V] logits."""
+        loss can project a few tokens at a time instead of materialising [B, T, V] logits.
+        `dropout_key` turns on the adapters' dropout (training only)."""
         dtype = jnp.dtype(self.compute_dtype)
         x = self.embed_lookup(input_ids, dtype)
         layers = {name: v[...] for name, v in self.layers.items()}
+        if self.lora is not None:
+            layers |= lora_lib.forward_weights({k: v[...] for k, v in self.lora.items()}, self.lora_spec,
+                                               self.config.num_hidden_layers, dropout_key)
         h, cache = decode(layers, x, self.config, dtype, attention_mask=attention_mask, segment_ids=segment_ids,
                           positions=positions, cache=cache, remat=self.remat)
         return rms_norm(h, self.norm[...], self.config.rms_norm_eps), cache
@@ -114,23 +130,30 @@ def head_logits(h, table, rows, ids, dtype):
     return logits.at[..., ids].set(project(h, rows.astype(table.dtype), dtype))
 
 
-def split(model: Llama, ids, tables: str = "both") -> RowsModel:
-    """`model` with only rows `ids` trainable (`tables`: which tables of an untied model train)."""
-    return RowsModel(model, ids, tables)
+def split(model: Llama, ids, tables: str = "both", lora: LoraSpec | None = None, seed: int = 0) -> RowsModel:
+    """`model` with only rows `ids` trainable (`tables`: which tables of an untied model train), plus
+    LoRA adapters on its projections when `lora` is given (then `ids` may be empty); `seed` draws A."""
+    return RowsModel(model, ids, tables, lora, seed)
 
 
-def merge(rm: RowsModel) -> Llama:
-    """An ordinary Llama with the rows written back (cast to the tables' dtype; all else untouched)."""
+def merge(rm: RowsModel, dtype=None) -> Llama:
+    """An ordinary Llama with the rows written back and the adapters folded in (W + (alpha/r) B A in
+    f32), stored in the checkpoint's dtype or `dtype`; every other weight untouched."""
     c = rm.config
-    dtype = rm.embed[...].dtype
+    dtype = jnp.dtype(dtype or rm.embed[...].dtype)
     model = nnx.eval_shape(lambda: Llama(c, dtype=dtype, compute_dtype=rm.compute_dtype))
     ids = rm.ids[...]
-    model.embed.set_value(_write_rows(rm.embed[...], ids, rm.embed_rows))
-    for name, w in rm.layers.items():
-        getattr(model.layers, name).set_value(w[...])
-    model.norm.set_value(rm.norm[...])
+    model.embed.set_value(_write_rows(rm.embed[...], ids, rm.embed_rows, dtype))
+    layers = {name: w[...] for name, w in rm.layers.items()}
+    if rm.lora is None:
+        layers = {name: _cast(w, dtype) for name, w in layers.items()}
+    else:
+        layers = lora_lib.merge_layers(layers, {k: v[...] for k, v in rm.lora.items()}, rm.lora_spec, dtype)
+    for name, w in layers.items():
+        getattr(model.layers, name).set_value(w)
+    model.norm.set_value(_cast(rm.norm[...], dtype))
     if not rm.tied:
-        model.lm_head.set_value(_write_rows(rm.lm_head[...], ids, rm.head_rows))
+        model.lm_head.set_value(_write_rows(rm.lm_head[...], ids, rm.head_rows, dtype))
     model.remat = rm.remat
     model.source_dir = rm.source_dir
     model.vocab_plan = rm.vocab_plan
@@ -152,14 +175,18 @@ def new_ids(model) -> list[int]:
     return sorted({t.id for t in plan.tokens if t.action != "existing"})
 
 
-def _check_ids(ids, vocab_size: int) -> np.ndarray:
+def _check_ids(ids, vocab_size: int, allow_empty: bool = False) -> np.ndarray:
     arr = np.unique(np.asarray(list(ids), dtype=np.int64))
-    if arr.size == 0:
+    if arr.size == 0 and not allow_empty:
         raise UsageError("no trainable ids: pass at least one id (e.g. --trainable ids:128256)")
     bad = arr[(arr < 0) | (arr >= vocab_size)]
     if bad.size:
         raise UsageError(f"trainable id {int(bad[0])} is outside the model's vocabulary [0, {vocab_size})")
     return arr.astype(np.int32)
+
+
+def _cast(x, dtype):
+    return x if x.dtype == dtype else x.astype(dtype)
 
 
 def _replicated(x, like):
@@ -173,14 +200,16 @@ def _rows(table, ids: np.ndarray) -> nnx.Param:
     return nnx.Param(_replicated(table[jnp.asarray(ids)].astype(jnp.float32), table), logical=("rows", None))
 
 
-@jax.jit
-def _scatter(table, ids, rows):
-    return table.at[ids].set(rows.astype(table.dtype))
+@functools.partial(jax.jit, static_argnums=3)
+def _scatter(table, ids, rows, dtype):
+    # Rows pass through the table's own dtype first, as in the forward pass that trained them, so a
+    # wider export (f32 from a bf16 checkpoint) holds exactly the model that was trained.
+    return table.astype(dtype).at[ids].set(rows.astype(table.dtype).astype(dtype))
 
 
-def _write_rows(table, ids, rows: nnx.Param | None):
+def _write_rows(table, ids, rows: nnx.Param | None, dtype):
     if rows is None:
-        return table
-    out = _scatter(table, ids, rows[...])
+        return _cast(table, dtype)
+    out = _scatter(table, ids, rows[...], jnp.dtype(dtype))
     sharding = getattr(table, "sharding", None)
     return jax.device_put(out, sharding) if sharding is not None else out

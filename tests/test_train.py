@@ -187,7 +187,7 @@ def test_eval_loss_and_new_token_accuracy(ckpt, mesh1):
     trainer = loop.Trainer(R.split(model, IDS), loop.TrainConfig(batch_size=2, seq_len=64), mesh1)
     batches = eval_batches(_docs(6, seed=3), 64, 2)
     got = trainer.evaluate(batches)
-    s = n = correct = on_new = 0.0
+    s = n = correct = on_new = new_nll = 0.0
     for b in batches:
         mb = jax.tree.map(lambda a: a[0], b)
         logits = np.asarray(_logits(model, mb), np.float64)
@@ -197,10 +197,12 @@ def test_eval_loss_and_new_token_accuracy(ckpt, mesh1):
         sel = (mb.weights > 0) & np.isin(mb.targets, IDS)
         correct += (logits.argmax(-1) == mb.targets)[sel].sum()
         on_new += sel.sum()
+        new_nll += nll[sel].sum()
     assert on_new > 0
     assert got["eval_loss"] == pytest.approx(s / n, abs=1e-5)
     assert got["new_token_acc"] == pytest.approx(correct / on_new)
     assert got["eval_new_tokens"] == on_new
+    assert got["eval_new_token_loss"] == pytest.approx(new_nll / on_new, abs=1e-5)
 
 
 def test_run_resume_from_checkpoint_is_exact(ckpt, mesh1, tmp_path):

@@ -159,7 +159,9 @@ def _env():
 
 
 @pytest.mark.slow
-def test_kill_9_and_resume_is_bit_identical(setup, tmp_path):
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "2", "--lora-targets", "q,down", "--lora-dropout", "0.1"]],
+                         ids=["rows", "rows+lora"])
+def test_kill_9_and_resume_is_bit_identical(setup, tmp_path, lora):
     ckpt, data, _ = setup
     steps = 200
 
@@ -167,7 +169,7 @@ def test_kill_9_and_resume_is_bit_identical(setup, tmp_path):
         return [sys.executable, "-m", "train", "--model", str(ckpt), "--data", str(data), "--out", str(out),
                 "--trainable", f"ids:{IDS}", "--steps", str(steps), "--batch-size", "2", "--seq-len", "32",
                 "--lr", "1e-2", "--warmup", "5", "--save-every", "7", "--keep", "2", "--dtype", "float32",
-                "--mesh", "fsdp=2", "--quiet", *extra]
+                "--mesh", "fsdp=2", "--quiet", *lora, *extra]
 
     ref = subprocess.run(cmd(tmp_path / "ref"), env=_env(), cwd=ROOT, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
@@ -193,6 +195,8 @@ def test_kill_9_and_resume_is_bit_identical(setup, tmp_path):
     a = jaxvocab.load(tmp_path / "ref" / "final", show_progress=False)
     b = jaxvocab.load(out / "final", show_progress=False)
     assert np.array_equal(_host(a.embed[...]), _host(b.embed[...]))
+    for name, w in a.layers.weights().items():     # with --lora-rank: the merged adapters too
+        assert np.array_equal(_host(w), _host(b.layers.weights()[name])), name
 
 
 @pytest.mark.slow

@@ -26,15 +26,19 @@ EPILOG = """examples:
   jaxvocab-train ... --out run2 --resume          # continue after a crash / preemption
   jaxvocab-train tokenize --model ckpt --data a.jsonl.gz b.parquet --out store --workers 8
   jaxvocab-train --model ckpt --data store --out run3 --distributed   # same command on every host of a pod
+  jaxvocab-train --model ckpt --data chat.jsonl --out run3 --lora-rank 16 --lora-lr 2e-4 \
+                 --export-hf run3-merged --export-peft run3-adapter   # LoRA on all 7 projections + the rows
 
 data lines: {"text": "..."} | {"messages": [{"role": "user", "content": "..."}, ...]}
             | {"input_ids": [...], "loss_mask": [...]}   (loss_mask optional)
 --trainable: new | untrained | new+untrained | ids:1,2,3 | tokens:@file.txt (one token per line)
+             | none (adapters only; needs --lora-rank)
 """
 
 # Flags whose change makes a resumed run a different run.
 RUN_KEYS = ("model", "data", "eval", "trainable_ids", "tables", "seq_len", "batch_size", "grad_accum", "lr",
-            "warmup", "schedule", "weight_decay", "clip", "dtype", "seed")
+            "warmup", "schedule", "weight_decay", "clip", "dtype", "seed", "lora_rank", "lora_alpha", "lora_targets",
+            "lora_dropout", "lora_lr", "lora_init")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (always at the end)")
-    p.add_argument("--export-hf", type=Path, help="also write the final model as an HF dir here")
+    p.add_argument("--export-hf", type=Path, help="also write the final model as an HF dir here (adapters merged)")
+    g = p.add_argument_group("LoRA (adapters on the frozen projections, trained beside the rows)")
+    g.add_argument("--lora-rank", type=int, help="adapter rank r (enables LoRA)")
+    g.add_argument("--lora-alpha", type=float, help="scale is alpha/r (default: 2 x rank)")
+    g.add_argument("--lora-targets", default="q,k,v,o,gate,up,down",
+                   help="projections that get adapters (default: all seven)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
+    g.add_argument("--lora-lr", type=float, help="adapters' peak learning rate (default: --lr)")
+    g.add_argument("--lora-init", type=Path, help="start the adapters from a PEFT LoRA dir (same r, alpha, targets)")
+    g.add_argument("--export-peft", type=Path, help="also write the adapters + rows as a PEFT adapter dir here")
+    p.add_argument("--export-dtype", choices=["float32"],
+                   help="--export-hf / final/ dtype (default: the checkpoint's; float32 keeps the f32 merge)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     distributed.add_args(p)
     return p
@@ -122,8 +137,34 @@ def check_flags(args) -> None:
     for flag, p in (("--model", args.model), ("--data", args.data), ("--eval", args.eval)):
         if p is not None and (out == p.resolve() or out in p.resolve().parents or p.resolve() in out.parents):
             raise UsageError(f"--out {args.out} overlaps {flag} {p}; choose an --out outside your inputs")
-    if args.export_hf is not None and args.export_hf.exists() and not args.overwrite:
-        raise UsageError(f"--export-hf {args.export_hf}: already exists; pass --overwrite or choose another dir")
+    for flag, d in (("--export-hf", args.export_hf), ("--export-peft", args.export_peft)):
+        if d is not None and d.exists() and not args.overwrite:
+            raise UsageError(f"{flag} {d}: already exists; pass --overwrite or choose another dir")
+    check_lora_flags(args)
+
+
+def check_lora_flags(args) -> None:
+    """The LoRA flags, checked (and --lora-alpha / --lora-lr defaulted) before anything loads."""
+    lora_only = {"--lora-alpha": args.lora_alpha, "--lora-lr": args.lora_lr, "--export-peft": args.export_peft,
+                 "--lora-init": args.lora_init,
+                 "--lora-dropout": args.lora_dropout or None,
+                 "--lora-targets": None if args.lora_targets == "q,k,v,o,gate,up,down" else args.lora_targets}
+    if args.lora_rank is None:
+        given = [f for f, v in lora_only.items() if v is not None]
+        if given:
+            raise UsageError(f"{given[0]} needs --lora-rank R (LoRA is off without it)")
+        if args.trainable == "none":
+            raise UsageError("--trainable none: nothing would train; add --lora-rank R to train adapters only")
+        args.lora_targets = None
+        return
+    if args.lora_rank <= 0:
+        raise UsageError(f"--lora-rank {args.lora_rank}: must be a positive integer (e.g. 16)")
+    if args.lora_lr is not None and not args.lora_lr > 0:
+        raise UsageError(f"--lora-lr {args.lora_lr}: must be positive")
+    from jaxvocab.lora import LoraSpec, parse_targets
+    args.lora_alpha = float(2 * args.lora_rank if args.lora_alpha is None else args.lora_alpha)
+    args.lora_targets = ",".join(parse_targets(args.lora_targets))
+    args.lora_spec = LoraSpec(args.lora_rank, args.lora_alpha, tuple(args.lora_targets.split(",")), args.lora_dropout)
 
 
 def tokenizer_of(model):
@@ -149,6 +190,8 @@ def tokenizer_of(model):
 def resolve_trainable(spec: str, model, tok) -> list[int]:
     """--trainable value -> sorted ids (see EPILOG)."""
     from jaxvocab.rows import new_ids
+    if spec == "none":
+        return []
     if spec.startswith("ids:"):
         try:
             ids = {int(x) for x in spec[4:].split(",") if x.strip()}
@@ -206,7 +249,8 @@ def _token_file_ids(spec: str, tok) -> list[int]:
 def _run_record(args, ids) -> dict:
     rec = {"model": str(args.model.resolve()), "data": str(args.data.resolve()),
            "eval": str(args.eval.resolve()) if args.eval else None, "trainable": args.trainable,
-           "trainable_ids": ids, "steps": args.steps}
+           "trainable_ids": ids, "steps": args.steps,
+           "lora_init": str(args.lora_init.resolve()) if args.lora_init else None}
     rec.update({k: getattr(args, k) for k in RUN_KEYS if k not in rec})
     return rec
 
@@ -245,7 +289,10 @@ def cmd_train(args) -> None:
                          f"pass --seq-len {limit} or less")
     tok = tokenizer_of(model)
     ids = resolve_trainable(args.trainable, model, tok)
-    rm = rows.split(model, ids, args.tables)
+    rm = rows.split(model, ids, args.tables, getattr(args, "lora_spec", None), args.seed)
+    if args.lora_init is not None:
+        from jaxvocab.io.peft import load_adapters
+        load_adapters(rm, args.lora_init)
     docs = _training_data(args, model, tok)
     eval_docs = read_jsonl(args.eval, tok, model.config.vocab_size) if args.eval else None
     rec = _run_record(args, ids)
@@ -261,18 +308,23 @@ def cmd_train(args) -> None:
 
     cfg = loop.TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                            grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
-                           weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
+                           lora_lr=args.lora_lr, weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
                            save_every=args.save_every, keep=args.keep, eval_every=args.eval_every,
                            remat=args.remat)
     trained = loop.run(rm, cfg, mesh, docs, args.out, eval_docs=eval_docs, resume=args.resume,
                        show_progress=not args.quiet)
     _report_reads(args.out, docs)
-    final = rows.merge(trained)
+    final = rows.merge(trained, args.export_dtype)
     jaxvocab.save_checkpoint(final, args.out / "final", overwrite=True)
-    say(f"trained {len(ids)} rows for {args.steps} steps; wrote {args.out / 'final'}")
+    what = f"{len(ids)} rows" + (f" + rank-{args.lora_rank} adapters" if args.lora_rank else "")
+    say(f"trained {what} for {args.steps} steps; wrote {args.out / 'final'}")
     if args.export_hf is not None:
         jaxvocab.save_hf(final, args.export_hf, overwrite=args.overwrite, show_progress=not args.quiet)
         say(f"wrote {args.export_hf}")
+    if args.export_peft is not None:
+        from jaxvocab.io.peft import save_peft
+        save_peft(trained, args.export_peft, overwrite=args.overwrite)
+        say(f"wrote {args.export_peft}")
 
 
 def _training_data(args, model, tok):

@@ -1,4 +1,4 @@
-"""The training loop: one jitted, donated step over the rows; orbax checkpoints; exact resume.
+"""The training loop: one jitted, donated step over the rows (and LoRA adapters); orbax checkpoints; exact resume.
 
 The step takes the whole accumulated batch [K, B, T] and scans over its K micro-batches inside
 the jit, so gradient accumulation adds no second compiled function and no extra optimizer state
@@ -41,6 +41,7 @@ class TrainConfig:
     seq_len: int = 512
     grad_accum: int = 1
     lr: float = 1e-3
+    lora_lr: float | None = None   # the adapters' peak learning rate (None: lr)
     warmup: int = 0
     schedule: str = "cosine"       # cosine | constant (after linear warmup)
     weight_decay: float = 0.0
@@ -53,34 +54,47 @@ class TrainConfig:
                                    # one [B, T, D] per layer for ~10% more compute
 
 
-def schedule(cfg: TrainConfig) -> optax.Schedule:
+def schedule(cfg: TrainConfig, peak: float | None = None) -> optax.Schedule:
+    peak = cfg.lr if peak is None else peak
     main_steps = max(cfg.steps - cfg.warmup, 1)
-    main = optax.cosine_decay_schedule(cfg.lr, main_steps) if cfg.schedule == "cosine" else optax.constant_schedule(cfg.lr)
+    main = optax.cosine_decay_schedule(peak, main_steps) if cfg.schedule == "cosine" else optax.constant_schedule(peak)
     if cfg.warmup <= 0:
         return main
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup), main], [cfg.warmup])
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, cfg.warmup), main], [cfg.warmup])
+
+
+def param_labels(params: dict) -> dict:
+    """'lora' for the adapters (the params' "lora" subtree), 'rows' for the embedding/head rows."""
+    return {k: jax.tree.map(lambda _, k=k: "lora" if k == "lora" else "rows", v) for k, v in params.items()}
 
 
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    adamw = optax.adamw(schedule(cfg), weight_decay=cfg.weight_decay)
+    """One AdamW over rows and adapters, each group at its own learning rate; clipping by their joint norm."""
+    adamw = optax.multi_transform(
+        {"rows": optax.adamw(schedule(cfg), weight_decay=cfg.weight_decay),
+         "lora": optax.adamw(schedule(cfg, cfg.lora_lr), weight_decay=cfg.weight_decay)}, param_labels)
     return optax.chain(optax.clip_by_global_norm(cfg.clip), adamw) if cfg.clip > 0 else adamw
 
 
-def batch_grads(graphdef, params, frozen, batch: Batch):
-    """Summed NLL, target count and summed row gradients over the K micro-batches of `batch`."""
-    def micro(carry, mb):
+def batch_grads(graphdef, params, frozen, batch: Batch, dropout_key=None):
+    """Summed NLL, target count and summed gradients over the K micro-batches of `batch`."""
+    def micro(carry, xs):
+        mb, k = xs
         grads, total, count = carry
-        loss_fn = lambda p: token_sums(graphdef, p, frozen, mb)  # noqa: E731  (NLL sum, aux: count)
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, k)
+        loss_fn = lambda p: token_sums(graphdef, p, frozen, mb, key)  # noqa: E731  (NLL sum, aux: count)
         (s, n), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
 
     init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
-    (grads, total, count), _ = jax.lax.scan(micro, init, batch)
+    (grads, total, count), _ = jax.lax.scan(micro, init, (batch, jnp.arange(batch.inputs.shape[0])))
     return total, count, grads
 
 
-def train_step(graphdef, cfg: TrainConfig, params, opt_state, frozen, batch: Batch):
-    total, count, grads = batch_grads(graphdef, params, frozen, batch)
+def train_step(graphdef, cfg: TrainConfig, params, opt_state, frozen, batch: Batch, step):
+    # Adapter dropout draws from (seed, step, micro-batch): a resumed run replays the same masks.
+    key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    total, count, grads = batch_grads(graphdef, params, frozen, batch, key)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = optimizer(cfg).update(grads, opt_state, params)
@@ -102,16 +116,25 @@ class Trainer:
         rm.remat = caller_remat
         self.frozen = nnx.to_pure_dict(frozen)
         replicated = NamedSharding(mesh, P())
-        # Copies: the step donates its inputs, and the caller's RowsModel must stay usable.
-        self.params = jax.device_put(jax.tree.map(jnp.copy, nnx.to_pure_dict(params)), replicated)
-        self.opt_state = jax.jit(optimizer(cfg).init, out_shardings=replicated)(self.params)
+        # Copies: the step donates its inputs, and the caller's RowsModel must stay usable. Rows are
+        # replicated; adapters keep the shardings their logical axes gave them (lora.py).
+        params = nnx.to_pure_dict(params)
+        shardings = {k: jax.tree.map(lambda a, k=k: a.sharding if k == "lora" else replicated, v)
+                     for k, v in params.items()}
+        self.params = jax.device_put(jax.tree.map(jnp.copy, params), shardings)
+        opt_state = jax.jit(optimizer(cfg).init)(self.params)     # moments follow their params' shardings
+        opt_shardings = jax.tree.map(lambda a: a.sharding if isinstance(a.sharding, NamedSharding) else replicated,
+                                     opt_state)
+        self.opt_state = jax.device_put(opt_state, opt_shardings)
         self.lr = schedule(cfg)
         is_new = jnp.zeros(rm.config.vocab_size, bool).at[rm.ids[...]].set(True)
         self.is_new = jax.device_put(is_new, replicated)
         # Pinned output shardings: left to the compiler, the rows come back sharded, the second step
         # compiles a differently partitioned program, and a resumed run would not be bit-identical.
         # graphdef and cfg are static: Trainers of the same model and config share one compilation.
-        self._step = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=(2, 3), out_shardings=replicated)
+        self._step = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=(2, 3),
+                             out_shardings=(shardings, opt_shardings, replicated))
+        self.steps_done = 0
         self._eval = jax.jit(eval_step, static_argnums=0)
 
     def batch_sharding(self, B: int) -> NamedSharding:
@@ -138,23 +161,28 @@ class Trainer:
 
     def step(self, batch: Batch, global_rows: int | None = None) -> dict:
         self.params, self.opt_state, metrics = self._step(self.graphdef, self.cfg, self.params, self.opt_state,
-                                                          self.frozen, self.put(batch, global_rows))
+                                                          self.frozen, self.put(batch, global_rows),
+                                                          jnp.int32(self.steps_done))
+        self.steps_done += 1
         return metrics
 
-    def evaluate(self, batches: list[Batch]) -> dict:
-        sums = np.zeros(4)
+    def evaluate(self, batches: list[Batch], prefix: str = "eval_", global_rows: int | None = None) -> dict:
+        """Loss, and loss / argmax accuracy on the targets that are trained ids (what rows training is
+        for: on a big model the total loss hides them). `global_rows` as for `put`."""
+        sums = np.zeros(5)
         for b in batches:
-            sums += np.array(jax.device_get(self._eval(self.graphdef, self.params, self.frozen, self.put(b),
+            sums += np.array(jax.device_get(self._eval(self.graphdef, self.params, self.frozen, self.put(b, global_rows),
                                                        self.is_new)))
-        s, n, correct, on_new = sums
-        return {"eval_loss": s / max(n, 1.0), "new_token_acc": correct / on_new if on_new else None,
-                "eval_new_tokens": int(on_new)}
+        s, n, correct, on_new, new_nll = sums
+        acc_key = "new_token_acc" if prefix == "eval_" else prefix + "new_token_acc"
+        return {prefix + "loss": s / max(n, 1.0), acc_key: correct / on_new if on_new else None,
+                prefix + "new_token_loss": new_nll / on_new if on_new else None, prefix + "new_tokens": int(on_new)}
 
     def model(self) -> RowsModel:
         return nnx.merge(self.graphdef, self.params, self.frozen)
 
     def state(self) -> dict:
-        return {"rows": self.params, "opt_state": self.opt_state}
+        return {"rows": self.params, "opt_state": self.opt_state}   # "rows" also holds the adapters ("lora")
 
     def restore(self, state: dict) -> None:
         self.params, self.opt_state = state["rows"], state["opt_state"]
@@ -179,6 +207,7 @@ def restore_latest(mngr: ocp.CheckpointManager, trainer: Trainer, packer: Packer
     got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                     meta=ocp.args.JsonRestore()))
     trainer.restore(got.state)
+    trainer.steps_done = int(got.meta["step"])
     packer.load_state(got.meta["data"])
     return int(got.meta["step"])
 
@@ -210,6 +239,7 @@ def run(rm: RowsModel, cfg: TrainConfig, mesh: Mesh, docs, out: Path, *,
                        "targets": int(m["targets"]), "tokens_per_s": packer.last_tokens / max(now - t_prev, 1e-9)}
                 if evals and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                     rec.update(trainer.evaluate(evals))
+                    rec.update(trainer.evaluate([batch], prefix="train_", global_rows=cfg.batch_size))
                 if metrics:
                     metrics.log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")

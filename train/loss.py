@@ -81,8 +81,8 @@ def _by_chunk(x, C: int):
     return x.reshape(B, n, C, *x.shape[2:]).swapaxes(0, 1)
 
 
-def _chunks(model, mb: Batch):
-    h, _ = model.hidden(mb.inputs, segment_ids=mb.segments)
+def _chunks(model, mb: Batch, dropout_key=None):
+    h, _ = model.hidden(mb.inputs, segment_ids=mb.segments, dropout_key=dropout_key)
     B, T, _ = h.shape
     C = chunk_len(B, T, model.config.vocab_size)
     return _by_chunk(h, C), _by_chunk(mb.targets, C), _by_chunk(mb.weights, C)
@@ -95,23 +95,27 @@ def _scan_sum(fn, xs, n_out: int):
     return sums
 
 
-def token_sums(graphdef, params, frozen, mb: Batch):
-    """(NLL sum, target count) of one micro-batch [B, T]: the differentiable training loss."""
+def token_sums(graphdef, params, frozen, mb: Batch, dropout_key=None):
+    """(NLL sum, target count) of one micro-batch [B, T]: the differentiable training loss
+    (`dropout_key`: the adapters' dropout, when they have any)."""
     model = nnx.merge(graphdef, params, frozen)
     rows = model.head_param
     rows = None if rows is None else rows[...]
     table, ids, dtype = model.head_table[...], model.ids[...], jnp.dtype(model.compute_dtype)
-    return _scan_sum(lambda h, t, w: chunk_nll(dtype, h, rows, table, ids, t, w), _chunks(model, mb), 2)
+    return _scan_sum(lambda h, t, w: chunk_nll(dtype, h, rows, table, ids, t, w), _chunks(model, mb, dropout_key), 2)
 
 
 def eval_sums(graphdef, params, frozen, mb: Batch, is_new):
-    """(NLL sum, target count, argmax hits on new-id targets, new-id targets) of one micro-batch."""
+    """(NLL sum, target count, argmax hits on new-id targets, new-id targets, NLL sum on new-id targets)
+    of one micro-batch."""
     model = nnx.merge(graphdef, params, frozen)
 
     def chunk(h, t, w):
         logits = model.head(h)
         on_new = (w > 0) & is_new[t]
         hits = (jnp.argmax(logits, axis=-1) == t) & on_new
-        return nll_sums(logits, t, w) + (jnp.sum(hits, dtype=jnp.float32), jnp.sum(on_new, dtype=jnp.float32))
+        new_nll, _ = nll_sums(logits, t, on_new.astype(jnp.float32))
+        return nll_sums(logits, t, w) + (jnp.sum(hits, dtype=jnp.float32), jnp.sum(on_new, dtype=jnp.float32),
+                                         new_nll)
 
-    return _scan_sum(chunk, _chunks(model, mb), 4)
+    return _scan_sum(chunk, _chunks(model, mb), 5)

@@ -56,7 +56,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss(metrics: Path, png: Path) -> bool:
-    """Train (and eval) loss against step; quietly skipped without matplotlib."""
+    """Left: train (and eval) loss against step. Right, when the run has new-token targets: loss and
+    argmax accuracy on them (train batch and eval), which is what rows training moves; on a big or
+    random model the total loss barely shows it. Quietly skipped without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -64,17 +66,30 @@ def plot_loss(metrics: Path, png: Path) -> bool:
     except ImportError:
         return False
     recs = read_metrics(metrics)
-    train = [(r["step"], r["loss"]) for r in recs if r.get("loss") is not None]
-    evals = [(r["step"], r["eval_loss"]) for r in recs if r.get("eval_loss") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    series = lambda key: [(r["step"], r[key]) for r in recs if r.get(key) is not None]  # noqa: E731
+    has_new = bool(series("new_token_acc") or series("train_new_token_acc"))
+    fig, axes = plt.subplots(1, 2 if has_new else 1, figsize=(12 if has_new else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    for key, style, label in (("loss", "-", "train loss"), ("eval_loss", "o-", "eval loss")):
+        if series(key):
+            ax.plot(*zip(*series(key)), style, label=label, lw=1)
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="all targets")
     ax.grid(alpha=0.3)
     ax.legend()
+    if has_new:
+        ax = axes[0][1]
+        acc = ax.twinx()
+        for prefix, label in (("train_", "train batch"), ("eval_", "eval")):
+            if series(prefix + "new_token_loss"):
+                ax.plot(*zip(*series(prefix + "new_token_loss")), "o-", label=f"{label} loss", lw=1)
+            acc_key = "new_token_acc" if prefix == "eval_" else "train_new_token_acc"
+            if series(acc_key):
+                acc.plot(*zip(*series(acc_key)), "s--", label=f"{label} accuracy", lw=1)
+        ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="targets that are trained ids")
+        acc.set(ylabel="argmax accuracy", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        lines = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
+        ax.legend(lines, [h.get_label() for h in lines], fontsize=8)
     fig.tight_layout()
     tmp = png.with_name(png.name + ".tmp.png")
     fig.savefig(tmp, dpi=100)
