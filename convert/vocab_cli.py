@@ -46,7 +46,7 @@ def add_inspect_args(p: argparse.ArgumentParser) -> None:
 
 def parse_tokens(spec: str) -> dict[str, str | None]:
     """--add-tokens value -> {token: description or None}, in order."""
-    from jaxvocab.errors import UsageError
+    from jaxvocab.errors import UsageError, brief
     if spec.startswith("@"):
         path = Path(spec[1:])
         try:
@@ -55,11 +55,13 @@ def parse_tokens(spec: str) -> dict[str, str | None]:
             raise UsageError(f"--add-tokens {spec}: cannot read {path} ({e}); give a UTF-8 file, one token per line") from None
         out: dict[str, str | None] = {}
         for n, line in enumerate(lines, 1):
-            if not line.strip():
+            line = line.strip()   # like the inline list: surrounding spaces are never part of a token
+            if not line:
                 continue
             token, sep, desc = line.partition("=") if line.find("=") > 0 else (line, "", "")
+            token = token.strip()
             if token in out:
-                raise UsageError(f"--add-tokens {spec}:{n}: {token!r} is listed twice; list each token once")
+                raise UsageError(f"--add-tokens {spec}:{n}: {brief(token)} is listed twice; list each token once")
             if sep and not desc.strip():
                 raise UsageError(f"--add-tokens {spec}:{n}: empty description after '='; drop the '=' or add text")
             out[token] = desc.strip() if sep else None
@@ -86,18 +88,32 @@ def _warnings_as_lines():
         yield
 
 
-def expand_for_import(model, args):
-    """Apply the vocabulary flags of `import` to the loaded model; returns the plan (or None)."""
-    import jaxvocab
+def check_import_flags(args) -> bool:
+    """Vocabulary flags checked before any loading; True when they ask for an expansion."""
     from jaxvocab.errors import UsageError
-    from jaxvocab.vocab import VocabPlan, describe_untrained
+    if args.add_tokens is not None and not args.add_tokens.strip():
+        raise UsageError("--add-tokens '': no tokens given; list tokens (T1,T2) or @FILE, or drop the flag")
+    if args.pad_to_multiple_of is not None and args.pad_to_multiple_of < 1:
+        raise UsageError(f"--pad-to-multiple-of {args.pad_to_multiple_of}: give a positive integer")
+    if args.add_tokens is not None:
+        parse_tokens(args.add_tokens)
     if not (args.add_tokens or args.fix_untrained or args.pad_to_multiple_of):
         given = [f for f, v in (("--init", args.init), ("--special-tokens", args.special_tokens),
                                 ("--no-reuse-reserved", not args.reuse_reserved)) if v]
         if given:
             raise UsageError(f"{given[0]} needs --add-tokens, --fix-untrained or --pad-to-multiple-of")
+        return False
+    return True
+
+
+def expand_for_import(model, args):
+    """Apply the vocabulary flags of `import` to the loaded model; returns the plan (or None)."""
+    import jaxvocab
+    from jaxvocab.errors import UsageError
+    from jaxvocab.vocab import VocabPlan, describe_untrained
+    if not check_import_flags(args):
         return None
-    tokens = parse_tokens(args.add_tokens) if args.add_tokens else {}
+    tokens = parse_tokens(args.add_tokens) if args.add_tokens is not None else {}
     with _warnings_as_lines():
         tok = jaxvocab.load_tokenizer(model.source_dir)
         plan = jaxvocab.plan_vocab(tok, tokens, reuse_reserved=args.reuse_reserved,
@@ -130,13 +146,21 @@ def _abstract_model(src: Path):
     return model
 
 
+def check_inspect_flags(args) -> None:
+    from jaxvocab.errors import UsageError
+    if args.add_tokens is not None and not args.add_tokens.strip():
+        raise UsageError("--add-tokens '': no tokens given; list tokens (T1,T2) or @FILE, or drop the flag")
+    if args.add_tokens is not None:
+        parse_tokens(args.add_tokens)
+
+
 def inspect_report(args) -> str | None:
     """The vocabulary part of `inspect`: free slots, the plan, untrained rows and the KL probe."""
+    from jaxvocab.errors import UsageError
     if not (args.add_tokens or args.probe):
         return None
     import jaxvocab
     from jaxvocab import diagnostics
-    from jaxvocab.errors import UsageError
     from jaxvocab.vocab import describe_untrained
     tokens = parse_tokens(args.add_tokens) if args.add_tokens else None
     probe_text = None

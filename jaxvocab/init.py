@@ -188,7 +188,7 @@ def _exact_duplicates(table, small: np.ndarray, fingerprint: np.ndarray) -> np.n
 
 
 def untrained_mask(model, rel_eps: float = REL_EPS) -> np.ndarray:
-    """[rows] bool over all rows: tiny in the embedding or the head, or an exact duplicate of
+    """[rows] bool over all rows: tiny or non-finite in the embedding or the head, or an exact duplicate of
     another head row (Llama-3.1 base repeats one non-zero head row over its reserved ids; the
     embedding rows of never-seen tokens stay tiny, so only the head needs the duplicate pass)."""
     probe = np.random.RandomState(0).standard_normal((model.config.hidden_size, 2)).astype(np.float32)
@@ -196,7 +196,9 @@ def untrained_mask(model, rel_eps: float = REL_EPS) -> np.ndarray:
     for p in tables(model):
         table = p.get_value()
         rowmax = np.asarray(row_absmax(table))
-        small = rowmax <= rel_eps * np.median(rowmax)   # 128k floats: the host sorts them in ms
+        finite = np.isfinite(rowmax)   # a NaN / Inf row is never trained (nor part of any mean)
+        scale = np.median(rowmax[finite]) if finite.any() else 0.0   # 128k floats: the host sorts them in ms
+        small = (rowmax <= rel_eps * scale) | ~finite
         out |= small
         if p is model.head_table:
             out[_exact_duplicates(table, small, np.asarray(row_fingerprint(table, probe)))] = True

@@ -29,10 +29,19 @@ def detect(path: Path) -> str:
 
 
 def load(path, dtype=None, mesh: Mesh | None = None, *, show_progress: bool = True,
-         rope_factor: float | None = None) -> Llama:
+         rope_factor: float | None = None, allow_nonfinite: bool = False) -> Llama:
     """Load any supported checkpoint dir onto `mesh` (default: one device), params in `dtype`
-    (default: as stored). `rope_factor` overrides the llama3 rope factor a Meta params.json omits."""
+    (default: as stored). `rope_factor` overrides the llama3 rope factor a Meta params.json omits.
+    Weights holding NaN or Inf are refused unless `allow_nonfinite`."""
     path = Path(path)
+    model = _load(path, dtype, mesh, show_progress, rope_factor)
+    if not allow_nonfinite:
+        from jaxvocab.io.finite import check_finite
+        check_finite(model, path)
+    return model
+
+
+def _load(path: Path, dtype, mesh, show_progress: bool, rope_factor) -> Llama:
     kind = detect(path)
     if rope_factor is not None and kind != "meta":
         raise UsageError(f"--rope-factor: {path} is not a Meta checkpoint; its config.json states its own rope scaling")

@@ -42,8 +42,12 @@ def tensor_index(path: Path) -> dict[str, TensorInfo]:
     if index_file.is_file():
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index_file}: not a valid index (needs a 'weight_map' object)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
+            weight_map = None
+        if not (isinstance(weight_map, dict) and all(isinstance(k, str) and isinstance(v, str) and v and "\0" not in v
+                                                     for k, v in weight_map.items())):
+            raise CheckpointError(f"{index_file}: not a valid index (needs a 'weight_map' object of tensor name -> "
+                                  "shard file name); fix or re-download it")
         files = sorted(set(weight_map.values()))
         root = path.resolve()
         for f in files:
