@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
 
-from jaxvocab.errors import UsageError, run_command
+from jaxvocab.errors import CheckpointError, UsageError, brief, run_command
+from jaxvocab.io.atomic import check_output, check_overlap
 
 EPILOG = """examples:
   jaxvocab-train --model ckpt --data train.jsonl --out run1 --steps 500 --dtype bfloat16
@@ -62,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (always at the end)")
     p.add_argument("--export-hf", type=Path, help="also write the final model as an HF dir here")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip (and log) a step whose loss or gradient is NaN/Inf instead of stopping the run there")
+    p.add_argument("--allow-nonfinite", action="store_true", help="load a --model whose weights hold NaN or Inf")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -70,12 +75,12 @@ def check_flags(args) -> None:
     positive = {"--steps": args.steps, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum,
                 "--keep": args.keep, "--lr": args.lr}
     for flag, v in positive.items():
-        if not v > 0:
-            raise UsageError(f"{flag} {v}: must be positive")
+        if not (v > 0 and math.isfinite(v)):
+            raise UsageError(f"{flag} {v}: must be a positive (finite) number")
     for flag, v in {"--warmup": args.warmup, "--save-every": args.save_every, "--eval-every": args.eval_every,
                     "--weight-decay": args.weight_decay, "--clip": args.clip}.items():
-        if v < 0:
-            raise UsageError(f"{flag} {v}: must be >= 0")
+        if not (v >= 0 and math.isfinite(v)):
+            raise UsageError(f"{flag} {v}: must be a finite number >= 0")
     if args.seq_len is not None and args.seq_len < 2:
         raise UsageError(f"--seq-len {args.seq_len}: need at least 2 (one input and one target per row)")
     if args.resume and args.overwrite:
@@ -83,12 +88,12 @@ def check_flags(args) -> None:
     if args.out.exists() and not (args.resume or args.overwrite):
         raise UsageError(f"{args.out}: already exists; pass --resume to continue it, --overwrite to replace it, "
                          "or choose another --out")
-    out = args.out.resolve()
-    for flag, p in (("--model", args.model), ("--data", args.data), ("--eval", args.eval)):
-        if p is not None and (out == p.resolve() or out in p.resolve().parents or p.resolve() in out.parents):
-            raise UsageError(f"--out {args.out} overlaps {flag} {p}; choose an --out outside your inputs")
-    if args.export_hf is not None and args.export_hf.exists() and not args.overwrite:
-        raise UsageError(f"--export-hf {args.export_hf}: already exists; pass --overwrite or choose another dir")
+    tokens_file = Path(args.trainable[len("tokens:@"):]) if args.trainable.startswith("tokens:@") else None
+    check_overlap({"--out": args.out, "--export-hf": args.export_hf},
+                  {"--model": args.model, "--data": args.data, "--eval": args.eval, "--trainable": tokens_file})
+    check_output(args.out, True, "--out")
+    if args.export_hf is not None:
+        check_output(args.export_hf, args.overwrite, "--export-hf")
 
 
 def tokenizer_of(model):
@@ -180,12 +185,18 @@ def _check_resume(out: Path, rec: dict) -> None:
     f = out / "run.json"
     if not f.is_file():
         return
-    old = json.loads(f.read_text())
+    try:
+        old = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        old = None
+    if not isinstance(old, dict):
+        raise CheckpointError(f"{f}: corrupt (not a JSON object); --resume cannot tell which run this was: "
+                              "restore the file or start a new --out")
     keys = RUN_KEYS + (("steps",) if rec["schedule"] == "cosine" else ())
     for k in keys:
         if old.get(k) != rec[k]:
             flag = "--trainable" if k == "trainable_ids" else "--" + k.replace("_", "-")
-            raise UsageError(f"--resume: {flag} is {rec[k]!r} but the run in {out} used {old.get(k)!r}; "
+            raise UsageError(f"--resume: {flag} is {brief(rec[k])} but the run in {out} used {brief(old.get(k))}; "
                              "resume with the same flags or start a new --out")
 
 
@@ -198,7 +209,7 @@ def cmd_train(args) -> None:
     from train.data import read_jsonl
 
     mesh = parse_mesh(args.mesh)
-    model = jaxvocab.load(args.model, mesh=mesh, show_progress=not args.quiet)
+    model = jaxvocab.load(args.model, mesh=mesh, show_progress=not args.quiet, allow_nonfinite=args.allow_nonfinite)
     model.compute_dtype = args.dtype
     plan = Path(getattr(model, "source_dir", None) or args.model) / "vocab_plan.json"
     if not getattr(model, "vocab_plan", None) and plan.is_file():   # an HF dir exported by jaxvocab
@@ -225,7 +236,7 @@ def cmd_train(args) -> None:
                            grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
                            weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
                            save_every=args.save_every, keep=args.keep, eval_every=args.eval_every,
-                           remat=args.remat)
+                           remat=args.remat, skip_nonfinite=args.skip_nonfinite)
     trained = loop.run(rm, cfg, mesh, docs, args.out, eval_docs=eval_docs, resume=args.resume,
                        show_progress=not args.quiet)
     final = rows.merge(trained)
