@@ -164,6 +164,8 @@ def read_json(file: Path, need: str):
         raise ConfigError(f"{file}: not found; {need}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{file}: not readable JSON ({type(e).__name__}); fix or re-download it") from None
 
 
 def _positive_int(d: dict, key: str, where: str, default=None) -> int:

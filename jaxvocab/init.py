@@ -48,14 +48,22 @@ def masked_mean(values, mask, mesh: Mesh):
     then replicated (the optimisation barrier stops XLA from turning gather-then-sum back into a
     sharded reduction) and added in one fixed order on every device.
     """
+    parts = _block_sums(values, mask, mesh)
+    # 0 x NaN is NaN: a non-finite row outside the mask poisons the product. Only then (the sums
+    # show it) pay for zeroing the excluded rows first; their values never enter the mean.
+    parts = jax.lax.cond(jnp.all(jnp.isfinite(parts)), lambda: parts,
+                         lambda: _block_sums(jnp.where(mask[:, None], values, jnp.zeros((), values.dtype)), mask, mesh))
+    return parts.sum(axis=0) / jnp.maximum(mask.sum(), 1).astype(jnp.float32)
+
+
+def _block_sums(values, mask, mesh):
     v, d = values.shape
     b = _blocks(v)
     rows = jnp.broadcast_to(mask.reshape(b, 1, v // b).astype(values.dtype), (b, _GEMM_ROWS, v // b))
     parts = jnp.einsum("bkr,brd->bkd", rows, values.reshape(b, v // b, d), precision=jax.lax.Precision.HIGHEST,
                        preferred_element_type=jnp.float32)[:, 0]
     parts = jax.lax.with_sharding_constraint(parts, NamedSharding(mesh, P()))
-    parts = jax.lax.optimization_barrier(parts)
-    return parts.sum(axis=0) / jnp.maximum(mask.sum(), 1).astype(jnp.float32)
+    return jax.lax.optimization_barrier(parts)
 
 
 def covariance(table, mask, mu):

@@ -72,11 +72,14 @@ def read_params(path: Path) -> dict:
         raise ConfigError(f"{file}: missing {', '.join(missing)}")
     for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
         v = d.get(k)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and k != "vocab_size")):
+        required = k in ("dim", "n_layers", "n_heads")
+        if (v is not None or required) and (isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and k != "vocab_size")):
             raise ConfigError(f"{file}: {k} must be a positive integer, got {brief(v)}")
     for k in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
         if d.get(k) is not None:
             _positive_float(d[k], k, str(file))
+    if not isinstance(d.get("use_scaled_rope", False), (bool, type(None))):
+        raise ConfigError(f"{file}: use_scaled_rope must be true or false, got {brief(d['use_scaled_rope'])}")
     if d.get("vocab_size") is not None and d["vocab_size"] <= 0 and d["vocab_size"] != -1:
         raise ConfigError(f"{file}: vocab_size must be a positive integer (or -1), got {d['vocab_size']}")
     dim, heads, kv = d["dim"], d["n_heads"], d.get("n_kv_heads") or d["n_heads"]
