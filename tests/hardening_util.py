@@ -66,7 +66,9 @@ def attempt(capsys, main, argv, *, inputs=(), outs=(), codes=(1, 2), ok=False, c
     if code == 0 and ok:
         return code, err
     assert code in codes, (code, err)
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    lines = [x for x in err.splitlines() if not x.startswith("warning: ")]   # one-line warnings may precede it
+    assert len(lines) == 1 and lines[0].startswith("error: ") and err.endswith("\n") and "Traceback" not in err, err
+    err = lines[0] + "\n"
     for o in outs:
         assert not Path(o).exists(), f"{o} was written"
     return code, err

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
@@ -75,11 +74,11 @@ def check_flags(args) -> None:
     positive = {"--steps": args.steps, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum,
                 "--keep": args.keep, "--lr": args.lr}
     for flag, v in positive.items():
-        if not (v > 0 and math.isfinite(v)):
+        if not (0 < v < 1e38):   # also finite in float32, where the step computes
             raise UsageError(f"{flag} {v}: must be a positive (finite) number")
     for flag, v in {"--warmup": args.warmup, "--save-every": args.save_every, "--eval-every": args.eval_every,
                     "--weight-decay": args.weight_decay, "--clip": args.clip}.items():
-        if not (v >= 0 and math.isfinite(v)):
+        if not (0 <= v < 1e38):
             raise UsageError(f"{flag} {v}: must be a finite number >= 0")
     if args.seq_len is not None and args.seq_len < 2:
         raise UsageError(f"--seq-len {args.seq_len}: need at least 2 (one input and one target per row)")
