@@ -65,7 +65,7 @@ def fault_point(name: str) -> None:
     if not spec:
         return
     for item in spec.split(","):
-        point, _, sig = item.partition(":")
+        point, _, sig = item.rpartition(":")
         if point == name:
             os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
 

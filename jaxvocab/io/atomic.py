@@ -21,6 +21,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -181,13 +182,32 @@ def os_error_in(e: BaseException) -> OSError | None:
     return None
 
 
-def write_error(out: Path, e: BaseException) -> CheckpointError | None:
-    """A one-line error for a failed write (full or read-only disk, ...), or None if not an OS error."""
+def _fs_errno(e: BaseException, where: Path) -> int | None:
+    """The errno behind a failed write: from an OSError in the chain, from the text of a library
+    error that carries one (tensorstore: os_error_code='28'), or from the filesystem's own state."""
     os_err = os_error_in(e)
-    if os_err is None:
+    if os_err is not None:
+        return os_err.errno
+    m = re.search(r"os_error_code='?(\d+)", str(e))
+    if m:
+        return int(m.group(1))
+    with contextlib.suppress(OSError):
+        st = os.statvfs(where)
+        if st.f_flag & os.ST_RDONLY:
+            return errno.EROFS
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            return errno.ENOSPC
+    return None
+
+
+def write_error(out: Path, e: BaseException) -> CheckpointError | None:
+    """A one-line error for a failed write (full or read-only disk, ...), or None if not a filesystem error.
+    Call it before removing the temp dir: a full disk stops looking full once that is gone."""
+    code = _fs_errno(e, out.parent if out.parent.exists() else Path("/"))
+    if code is None:
         return None
-    hint = "free some space or choose another OUT" if os_err.errno in _NO_SPACE else "check the target filesystem"
-    return CheckpointError(f"{out}: cannot write it ({os_err.strerror}); nothing was written; {hint}")
+    hint = "free some space or choose another OUT" if code in _NO_SPACE else "check the target filesystem"
+    return CheckpointError(f"{out}: cannot write it ({os.strerror(code)}); nothing was written; {hint}")
 
 
 @contextlib.contextmanager
@@ -216,9 +236,9 @@ def atomic_dir(out, overwrite: bool = False):
         with signals_blocked():
             _publish(tmp, out, overwrite)
     except BaseException as e:
+        err = write_error(out, e) if isinstance(e, Exception) and not isinstance(e, JaxVocabError) else None
         with signals_blocked():
             shutil.rmtree(tmp, ignore_errors=True)
-        err = write_error(out, e) if isinstance(e, Exception) and not isinstance(e, JaxVocabError) else None
         if err is not None:
             raise err from None
         raise
