@@ -8,7 +8,7 @@ from pathlib import Path
 from jax.sharding import Mesh
 
 from jaxvocab.errors import CheckpointError, UsageError
-from jaxvocab.io import checkpoint, hf
+from jaxvocab.io import checkpoint, finite, hf
 from jaxvocab.io.atomic import atomic_dir
 from jaxvocab.model import Llama
 
@@ -34,10 +34,10 @@ def load(path, dtype=None, mesh: Mesh | None = None, *, show_progress: bool = Tr
     (default: as stored). `rope_factor` overrides the llama3 rope factor a Meta params.json omits.
     Weights holding NaN or Inf are refused unless `allow_nonfinite`."""
     path = Path(path)
-    model = _load(path, dtype, mesh, show_progress, rope_factor)
+    with finite.scan_reads() as scan:
+        model = _load(path, dtype, mesh, show_progress, rope_factor)
     if not allow_nonfinite:
-        from jaxvocab.io.finite import check_finite
-        check_finite(model, path)
+        finite.check_loaded(model, path, scan)
     return model
 
 

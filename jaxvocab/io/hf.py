@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import CheckpointError, UsageError
+from jaxvocab.io import finite
 from jaxvocab.io import keys as K
 from jaxvocab.io.safetensors_io import FLOATS, TensorInfo, aligned_empty, read_header, read_slice, write_file
 from jaxvocab.model import Llama
@@ -154,7 +155,8 @@ def build(config: LlamaConfig, dtype, mesh: Mesh | None, source_for, show_progre
             read, nbytes = sources[key]
             shape = K.param_shape(key, config)
             sharding = sharding_for(shape, K.logical_axes(key), mesh)
-            arr = jax.make_array_from_callback(shape, sharding, lambda idx, r=read: _as_dtype(r(_full(idx, shape)), dtype))
+            arr = jax.make_array_from_callback(
+                shape, sharding, lambda idx, r=read: finite.observe(_as_dtype(r(_full(idx, shape)), dtype)))
             K.get_param(model, key).set_value(arr)
             bar.update(nbytes)
     model.source_dir = source
