@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, measure, save, summarize  # noqa: E402
+from common import machine, measure, save, summarize
 
-from jaxvocab.config import PRESETS  # noqa: E402
+from jaxvocab.config import PRESETS
 
 SETUP = "import jax\nimport jaxvocab\nfrom jaxvocab.io.checkpoint import params_of"
 BODY = """

@@ -109,13 +109,12 @@ def check_import_flags(args) -> bool:
 def expand_for_import(model, args):
     """Apply the vocabulary flags of `import` to the loaded model; returns the plan (or None)."""
     import jaxvocab
-    from jaxvocab.errors import UsageError
     from jaxvocab.vocab import VocabPlan, describe_untrained
     if not check_import_flags(args):
         return None
     tokens = parse_tokens(args.add_tokens) if args.add_tokens is not None else {}
     with _warnings_as_lines():
-        tok = jaxvocab.load_tokenizer(model.source_dir)
+        tok = _tokenizer(model.source_dir)
         plan = jaxvocab.plan_vocab(tok, tokens, reuse_reserved=args.reuse_reserved,
                                    pad_to_multiple_of=args.pad_to_multiple_of, model=model,
                                    special=bool(args.special_tokens))
@@ -133,9 +132,17 @@ def expand_for_import(model, args):
     return plan
 
 
+def _tokenizer(src):
+    import jaxvocab
+    from jaxvocab.errors import malformed
+    with malformed(f"{src}: tokenizer.json / tokenizer_config.json", "fix or re-download the tokenizer files"):
+        return jaxvocab.load_tokenizer(src)
+
+
 def _abstract_model(src: Path):
     """Config-only stand-in (no weights) so plan_vocab sees the row count and the tokenizer dir."""
     from flax import nnx
+
     from convert.inspect import _meta_config
     from jaxvocab.config import LlamaConfig
     from jaxvocab.io import detect
@@ -171,7 +178,7 @@ def inspect_report(args) -> str | None:
             raise UsageError(f"--probe {args.probe}: cannot read it ({e}); give a UTF-8 text file") from None
     lines = ["vocabulary"]
     with _warnings_as_lines():
-        tok = jaxvocab.load_tokenizer(args.src)
+        tok = _tokenizer(args.src)
         model = jaxvocab.load(args.src, show_progress=False) if args.probe else _abstract_model(args.src)
         rows = model.config.vocab_size
         lines.append(f"  tokenizer      {tok.n_words} ids, {len(tok.free_reserved())} free reserved slots")

@@ -3,6 +3,7 @@
 Every message names the offending file or flag and says what to do about it.
 """
 
+import contextlib
 import os
 import reprlib
 import signal
@@ -68,6 +69,16 @@ def fault_point(name: str) -> None:
         point, _, sig = item.rpartition(":")
         if point == name:
             os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
+
+
+@contextlib.contextmanager
+def malformed(what: str, fix: str):
+    """Reading a file whose structure a parser trusts: a wrong JSON type deep inside (a list where
+    an object belongs) surfaces as TypeError & co.; report it as one line naming the file."""
+    try:
+        yield
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError, RecursionError) as e:
+        raise CheckpointError(f"{what}: malformed ({type(e).__name__}: {brief(str(e))}); {fix}") from None
 
 
 def _terminate(signum, frame):

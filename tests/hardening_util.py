@@ -58,7 +58,7 @@ def attempt(capsys, main, argv, *, inputs=(), outs=(), codes=(1, 2), ok=False, c
     before = {Path(p): tree_hash(p) for p in inputs if p is not None}
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
-    err = re.sub(r"^.*\r", "", err, flags=re.M)   # a progress bar a terminal overwrites (it ends in \r)
+    err = re.sub(r"^.*\r", "", err, flags=re.MULTILINE)   # a progress bar a terminal overwrites (it ends in \r)
     for p, h in before.items():
         assert tree_hash(p) == h, f"input {p} changed"
     for o in outs:

@@ -24,7 +24,14 @@ from hypothesis import strategies as st
 
 from convert.__main__ import main
 from tests.builders import make_hf_checkpoint
-from tests.hardening_util import (JSON_VALUES, attempt, boundaries, cases, join_safetensors, split_safetensors)
+from tests.hardening_util import (
+    JSON_VALUES,
+    attempt,
+    boundaries,
+    cases,
+    join_safetensors,
+    split_safetensors,
+)
 from tests.meta_writer import make_hf_model, write_meta
 
 

@@ -265,3 +265,21 @@ def test_bad_training_data(world, capsys, tmp_path, line):
     attempt(capsys, train, ["--model", world["hf"], "--data", data, "--out", tmp_path / "run", "--trainable", "ids:5",
                             "--quiet"], inputs=[world["hf"]], outs=[tmp_path / "run"], category="bad training data")
     assert tree_hash(data) == h
+
+
+# ----------------------------------------------------------------------------- tokenizer files
+@cases(12)
+@given(data=st.data())
+def test_tokenizer_json_type_swaps(world, capsys, data, tmp_path_factory):
+    from tests.hardening_util import JSON_VALUES
+    tmp = tmp_path_factory.mktemp("tok")
+    src = tmp / "hf"
+    shutil.copytree(world["hf"], src)
+    name = data.draw(st.sampled_from(["tokenizer_config.json", "tokenizer.json"]))
+    doc = json.loads((src / name).read_text())
+    key = data.draw(st.sampled_from(sorted(doc)))
+    doc[key] = data.draw(JSON_VALUES)
+    (src / name).write_text(json.dumps(doc))
+    attempt(capsys, convert, ["inspect", src, "--add-tokens", "<x>,<y>"], inputs=[src], ok=True,
+            category="tokenizer files: field type swap")
+    shutil.rmtree(tmp)

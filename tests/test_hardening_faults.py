@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -48,7 +47,7 @@ def _cli(module: str, *argv, fault: str | None = None, preexec=None) -> subproce
 
 
 def _one_line(stderr: str) -> str:
-    lines = [x for x in re.sub(r"^.*\r", "", stderr, flags=re.M).splitlines()
+    lines = [x for x in re.sub(r"^.*\r", "", stderr, flags=re.MULTILINE).splitlines()
              if x.strip() and not re.match(r"\w+: +\d+%\|", x)]   # progress bars (not a terminal: one per line)
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     return lines[0]

@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from jaxvocab.errors import CheckpointError, UsageError, brief, run_command
+from jaxvocab.errors import CheckpointError, UsageError, brief, malformed, run_command
 from jaxvocab.io.atomic import check_output, check_overlap
 
 EPILOG = """examples:
@@ -107,7 +107,8 @@ def tokenizer_of(model):
         return None
     from jaxvocab.tokenizer import load_tokenizer
     from jaxvocab.vocab import VocabPlan
-    tok = load_tokenizer(src)
+    with malformed(f"{src}: tokenizer.json / tokenizer_config.json", "fix or re-download the tokenizer files"):
+        tok = load_tokenizer(src)
     plan = getattr(model, "vocab_plan", None)
     if plan:
         tok.added_plain |= {t.token for t in VocabPlan.from_json(plan).tokens

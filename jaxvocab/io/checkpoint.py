@@ -21,8 +21,8 @@ from jax.sharding import Mesh
 
 from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import CheckpointError, JaxVocabError, brief, fault_point
-from jaxvocab.io.atomic import signals_blocked
 from jaxvocab.io import keys as K
+from jaxvocab.io.atomic import signals_blocked
 from jaxvocab.model import Llama
 from jaxvocab.sharding import sharding_for, single_device_mesh
 

@@ -20,7 +20,6 @@ import numpy as np
 from jaxvocab.errors import CheckpointError
 from jaxvocab.io import keys as K
 
-
 # A float is NaN or Inf exactly when its exponent bits are all ones. Testing the bits as unsigned
 # integers (the max over the masked exponents equals the mask iff some value is non-finite) runs
 # at memory speed on XLA:CPU, where isfinite on bf16 first converts every element to f32 (7x slower).
