@@ -91,7 +91,7 @@ def _pretokenized(obj: dict, where: str):
     ids, mask = obj["input_ids"], obj.get("loss_mask")
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and -2**31 <= i < 2**31
                                             for i in ids):
-        raise DataError(f"{where}: 'input_ids' must be a list of integer token ids (int32)")
+        raise DataError(f"{where}: 'input_ids' must be a list of integers (int32 token ids)")
     if mask is None:
         return ids, [1] * len(ids)
     if not isinstance(mask, list) or len(mask) != len(ids) or any(m not in (0, 1) for m in mask):
