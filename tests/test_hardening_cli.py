@@ -94,6 +94,18 @@ def test_train_outputs_overlapping_inputs_are_refused(world, capsys, no_load, tm
         assert not (tmp_path / "run").exists()
 
 
+def test_library_saves_refuse_the_models_source_dir(world, tmp_path):
+    from jaxvocab.errors import UsageError
+    count("overlap: library")
+    model = jaxvocab.load(world["ckpt"])
+    before = tree_hash(world["ckpt"])
+    for save, out in ((jaxvocab.save_checkpoint, world["ckpt"]), (jaxvocab.save_hf, world["ckpt"] / "hf"),
+                      (jaxvocab.save_checkpoint, world["ckpt"].parent)):
+        with pytest.raises(UsageError, match="overlaps"):
+            save(model, out, overwrite=True)
+    assert tree_hash(world["ckpt"]) == before
+
+
 # ------------------------------------------------------------------------------ bad outputs
 def test_unusable_outputs_fail_before_loading(world, capsys, no_load, tmp_path):
     a_file = tmp_path / "file"

@@ -9,7 +9,7 @@ from jax.sharding import Mesh
 
 from jaxvocab.errors import CheckpointError, UsageError
 from jaxvocab.io import checkpoint, finite, hf
-from jaxvocab.io.atomic import atomic_dir
+from jaxvocab.io.atomic import atomic_dir, check_overlap
 from jaxvocab.model import Llama
 
 
@@ -85,11 +85,19 @@ def hf_ids(v):
     return list(v) if isinstance(v, tuple) else v
 
 
+def _check_source(model: Llama, out: Path) -> None:
+    """Library callers too: writing over the dir the model was read from would destroy it."""
+    src = getattr(model, "source_dir", None)
+    if src:
+        check_overlap({"out_dir": out}, {"the model's source dir": Path(src)})
+
+
 def save_hf(model: Llama, out_dir, max_shard_size="5GB", *, plan=None, overwrite: bool = False,
             show_progress: bool = True) -> Path:
     """Write an HF dir that transformers / vLLM / llama.cpp load: safetensors shards under
     `max_shard_size`, index, config.json, generation_config.json and the tokenizer files."""
     out = Path(out_dir)
+    _check_source(model, out)
     with atomic_dir(out, overwrite) as tmp:
         hf.write_weights(model, tmp, max_shard_size, show_progress)
         config = model.config.to_hf_dict()
@@ -102,6 +110,7 @@ def save_hf(model: Llama, out_dir, max_shard_size="5GB", *, plan=None, overwrite
 def save_checkpoint(model: Llama, out_dir, *, plan=None, overwrite: bool = False) -> Path:
     """A jaxvocab checkpoint dir (orbax state + config + tokenizer files + vocab plan)."""
     out = Path(out_dir)
+    _check_source(model, out)
     with atomic_dir(out, overwrite) as tmp:
         checkpoint.save_state(model, tmp)
         _write_support_files(model, tmp, plan)
