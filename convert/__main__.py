@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from convert import vocab_cli
+from jaxvocab.errors import fault_point
 from train import distributed
 
 EPILOG = """examples:
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--rope-factor", type=float, metavar="F",
                      help="Meta dirs only: llama3 rope factor params.json omits (default: 32 if the head is tied "
                           "to the embedding, as in 3.2 1B/3B, else 8)")
+    imp.add_argument("--allow-nonfinite", action="store_true",
+                     help="load weights holding NaN or Inf instead of refusing them (such rows never enter a mean)")
     vocab_cli.add_import_args(imp)
     distributed.add_args(imp)
     imp.set_defaults(run=cmd_import)
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--keep-padding", action="store_true",
                      help="keep the padding rows jaxvocab added to divide the mesh (default: drop them, so no "
                           "client can sample them; padding the source already had is always kept)")
+    exp.add_argument("--allow-nonfinite", action="store_true", help="export weights holding NaN or Inf")
     exp.set_defaults(run=cmd_export)
 
     ins = sub.add_parser("inspect", help="describe a checkpoint from its headers (fast; loads weights only with --probe)")
@@ -73,9 +77,14 @@ def _mesh(spec):
     return parse_mesh(spec)
 
 
+def _token_file(spec):
+    return Path(spec[1:]) if spec and spec.startswith("@") else None
+
+
 def cmd_import(args) -> None:
     import jaxvocab
-    from jaxvocab.io.atomic import check_output
+    from jaxvocab.io.atomic import check_output, check_overlap
+    check_overlap({"OUT": args.out}, {"SRC": args.src, "--add-tokens": _token_file(args.add_tokens)})
     check_output(args.out, args.overwrite)
     if args.llama_version:
         from jaxvocab.errors import UsageError
@@ -83,7 +92,10 @@ def cmd_import(args) -> None:
         if not is_meta_tokenizer_dir(args.src):
             raise UsageError(f"--llama-version: {args.src} is not a Meta dir with a bare tokenizer.model; "
                              "its tokenizer files already name the special tokens")
-    model = jaxvocab.load(args.src, dtype=args.dtype, mesh=_mesh(args.mesh), rope_factor=args.rope_factor)
+    vocab_cli.check_import_flags(args)   # bad flags fail now, not after minutes of loading
+    model = jaxvocab.load(args.src, dtype=args.dtype, mesh=_mesh(args.mesh), rope_factor=args.rope_factor,
+                          allow_nonfinite=args.allow_nonfinite)
+    fault_point("import:loaded")
     plan = vocab_cli.expand_for_import(model, args)
     jaxvocab.save_checkpoint(model, args.out, plan=plan, overwrite=args.overwrite, llama_version=args.llama_version)
     distributed.say(f"wrote {args.out} ({model.config.num_params() / 1e6:.1f}M params, {model.embed[...].dtype})")
@@ -91,12 +103,14 @@ def cmd_import(args) -> None:
 
 def cmd_export(args) -> None:
     import jaxvocab
-    from jaxvocab.io.atomic import check_output
+    from jaxvocab.io.atomic import check_output, check_overlap
     from jaxvocab.io.hf import parse_size
-    check_output(args.out, args.overwrite)
+    check_overlap({"OUT_HF": args.out}, {"CKPT": args.ckpt})
+    check_output(args.out, args.overwrite, "OUT_HF")
     parse_size(args.max_shard_size)  # a bad flag fails now, not after minutes of loading
     mesh = _mesh(args.mesh) if args.mesh or getattr(args, "multi", False) else None
-    model = jaxvocab.load(args.ckpt, dtype=args.dtype, mesh=mesh)
+    model = jaxvocab.load(args.ckpt, dtype=args.dtype, mesh=mesh, allow_nonfinite=args.allow_nonfinite)
+    fault_point("export:loaded")
     jaxvocab.save_hf(model, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                      keep_padding=args.keep_padding)
     distributed.say(f"wrote {args.out}")
@@ -104,6 +118,7 @@ def cmd_export(args) -> None:
 
 def cmd_inspect(args) -> None:
     from convert.inspect import describe
+    vocab_cli.check_inspect_flags(args)   # bad flags fail before the description is printed
     print(describe(args.src))
     report = vocab_cli.inspect_report(args)
     if report:

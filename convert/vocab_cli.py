@@ -85,7 +85,7 @@ def special_arg(args, tokens, flags: dict[str, bool]) -> set[str]:
 
 def parse_tokens(spec: str) -> dict[str, str | None]:
     """--add-tokens value -> {token: description or None}, in order."""
-    from jaxvocab.errors import UsageError
+    from jaxvocab.errors import UsageError, brief
     if spec.startswith("@"):
         path = Path(spec[1:])
         try:
@@ -94,11 +94,13 @@ def parse_tokens(spec: str) -> dict[str, str | None]:
             raise UsageError(f"--add-tokens {spec}: cannot read {path} ({e}); give a UTF-8 file, one token per line") from None
         out: dict[str, str | None] = {}
         for n, line in enumerate(lines, 1):
-            if not line.strip():
+            line = line.strip()   # like the inline list: surrounding spaces are never part of a token
+            if not line:
                 continue
             token, sep, desc = line.partition("=") if line.find("=") > 0 else (line, "", "")
+            token = token.strip()
             if token in out:
-                raise UsageError(f"--add-tokens {spec}:{n}: {token!r} is listed twice; list each token once")
+                raise UsageError(f"--add-tokens {spec}:{n}: {brief(token)} is listed twice; list each token once")
             if sep and not desc.strip():
                 raise UsageError(f"--add-tokens {spec}:{n}: empty description after '='; drop the '=' or add text")
             out[token] = desc.strip() if sep else None
@@ -125,20 +127,33 @@ def _warnings_as_lines():
         yield
 
 
-def expand_for_import(model, args):
-    """Apply the vocabulary flags of `import` to the loaded model; returns the plan (or None)."""
-    import jaxvocab
+def check_import_flags(args) -> bool:
+    """Vocabulary flags checked before any loading; True when they ask for an expansion."""
     from jaxvocab.errors import UsageError
-    from jaxvocab.vocab import VocabPlan, describe_untrained
+    if args.add_tokens is not None and not args.add_tokens.strip():
+        raise UsageError("--add-tokens '': no tokens given; list tokens (T1,T2) or @FILE, or drop the flag")
+    if args.pad_to_multiple_of is not None and args.pad_to_multiple_of < 1:
+        raise UsageError(f"--pad-to-multiple-of {args.pad_to_multiple_of}: give a positive integer")
+    if args.add_tokens is not None:
+        parse_token_flags(args.add_tokens)
     if not (args.add_tokens or args.fix_untrained or args.pad_to_multiple_of):
         given = [f for f, v in (("--init", args.init), ("--special-tokens", args.special_tokens != "auto"),
                                 ("--no-reuse-reserved", not args.reuse_reserved)) if v]
         if given:
             raise UsageError(f"{given[0]} needs --add-tokens, --fix-untrained or --pad-to-multiple-of")
+        return False
+    return True
+
+
+def expand_for_import(model, args):
+    """Apply the vocabulary flags of `import` to the loaded model; returns the plan (or None)."""
+    import jaxvocab
+    from jaxvocab.vocab import VocabPlan, describe_untrained
+    if not check_import_flags(args):
         return None
-    tokens, flags = parse_token_flags(args.add_tokens) if args.add_tokens else ({}, {})
+    tokens, flags = parse_token_flags(args.add_tokens) if args.add_tokens is not None else ({}, {})
     with _warnings_as_lines():
-        tok = jaxvocab.load_tokenizer(model.source_dir, llama_version=args.llama_version)
+        tok = _tokenizer(model.source_dir, args.llama_version)
         plan = jaxvocab.plan_vocab(tok, tokens, reuse_reserved=args.reuse_reserved,
                                    pad_to_multiple_of=args.pad_to_multiple_of, model=model,
                                    special=special_arg(args, tokens, flags))
@@ -151,9 +166,17 @@ def expand_for_import(model, args):
     return plan
 
 
+def _tokenizer(src, llama_version=None):
+    import jaxvocab
+    from jaxvocab.errors import malformed
+    with malformed(f"{src}: tokenizer.json / tokenizer_config.json", "fix or re-download the tokenizer files"):
+        return jaxvocab.load_tokenizer(src, llama_version=llama_version)
+
+
 def _abstract_model(src: Path):
     """Config-only stand-in (no weights) so plan_vocab sees the row count and the tokenizer dir."""
     from flax import nnx
+
     from convert.inspect import _meta_config
     from jaxvocab.config import LlamaConfig
     from jaxvocab.io import detect
@@ -164,13 +187,21 @@ def _abstract_model(src: Path):
     return model
 
 
+def check_inspect_flags(args) -> None:
+    from jaxvocab.errors import UsageError
+    if args.add_tokens is not None and not args.add_tokens.strip():
+        raise UsageError("--add-tokens '': no tokens given; list tokens (T1,T2) or @FILE, or drop the flag")
+    if args.add_tokens is not None:
+        parse_tokens(args.add_tokens)
+
+
 def inspect_report(args) -> str | None:
     """The vocabulary part of `inspect`: free slots, the plan, untrained rows and the KL probe."""
+    from jaxvocab.errors import UsageError
     if not (args.add_tokens or args.probe):
         return None
     import jaxvocab
     from jaxvocab import diagnostics
-    from jaxvocab.errors import UsageError
     from jaxvocab.vocab import describe_untrained
     tokens, flags = parse_token_flags(args.add_tokens) if args.add_tokens else (None, {})
     probe_text = None
@@ -181,7 +212,7 @@ def inspect_report(args) -> str | None:
             raise UsageError(f"--probe {args.probe}: cannot read it ({e}); give a UTF-8 text file") from None
     lines = ["vocabulary"]
     with _warnings_as_lines():
-        tok = jaxvocab.load_tokenizer(args.src)
+        tok = _tokenizer(args.src)
         model = jaxvocab.load(args.src, show_progress=False) if args.probe else _abstract_model(args.src)
         rows = model.config.vocab_size
         lines.append(f"  tokenizer      {tok.n_words} ids, {len(tok.free_reserved())} free reserved slots")

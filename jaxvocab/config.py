@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from jaxvocab.errors import ConfigError
+from jaxvocab.errors import ConfigError, brief
 
 _TokenIds = int | tuple[int, ...] | None
 
@@ -81,37 +81,41 @@ class LlamaConfig:
     # ------------------------------------------------------------------ HF
     @classmethod
     def from_hf_dict(cls, d: dict, where: str = "config.json") -> "LlamaConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}; fix the file")
         if d.get("model_type", "llama") != "llama":
-            raise ConfigError(f"{where}: model_type={d.get('model_type')!r} is not supported; jaxvocab converts Llama models only")
+            raise ConfigError(f"{where}: model_type={brief(d.get('model_type'))} is not supported; jaxvocab converts "
+                              "Llama models only")
         for flag in ("attention_bias", "mlp_bias"):
             if d.get(flag):
                 raise ConfigError(f"{where}: {flag}=true is not a Llama-3 layout and is not supported")
         if d.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{where}: hidden_act={d['hidden_act']!r} is not supported (Llama uses silu)")
-        if d.get("pretraining_tp", 1) not in (1, None):
-            raise ConfigError(f"{where}: pretraining_tp={d['pretraining_tp']} is not supported; re-save the model with pretraining_tp=1")
+            raise ConfigError(f"{where}: hidden_act={brief(d['hidden_act'])} is not supported (Llama uses silu)")
+        if d.get("pretraining_tp", 1) not in (1, None) or isinstance(d.get("pretraining_tp"), bool):
+            raise ConfigError(f"{where}: pretraining_tp={brief(d['pretraining_tp'])} is not supported; re-save the model "
+                              "with pretraining_tp=1")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in d]
         if missing:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
         theta, scaling = _rope_from_hf(d, where)
-        as_ids = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
+        size = lambda k, default=None: _positive_int(d, k, where, default)  # noqa: E731
         return cls(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
-            num_attention_heads=int(d["num_attention_heads"]),
-            num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
-            head_dim=d.get("head_dim"),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            vocab_size=size("vocab_size"),
+            hidden_size=size("hidden_size"),
+            intermediate_size=size("intermediate_size"),
+            num_hidden_layers=size("num_hidden_layers"),
+            num_attention_heads=size("num_attention_heads"),
+            num_key_value_heads=size("num_key_value_heads") if d.get("num_key_value_heads") else size("num_attention_heads"),
+            head_dim=size("head_dim") if d.get("head_dim") is not None else None,
+            rms_norm_eps=_positive_float(d.get("rms_norm_eps", 1e-5), "rms_norm_eps", where),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            bos_token_id=as_ids(d.get("bos_token_id")),
-            eos_token_id=as_ids(d.get("eos_token_id")),
-            pad_token_id=as_ids(d.get("pad_token_id")),
-            dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
+            max_position_embeddings=size("max_position_embeddings", 131072),
+            tie_word_embeddings=_bool(d.get("tie_word_embeddings", False), "tie_word_embeddings", where),
+            bos_token_id=_token_ids(d.get("bos_token_id"), "bos_token_id", where),
+            eos_token_id=_token_ids(d.get("eos_token_id"), "eos_token_id", where),
+            pad_token_id=_token_ids(d.get("pad_token_id"), "pad_token_id", where),
+            dtype=_dtype_name(d.get("dtype") or d.get("torch_dtype") or "float32", where),
             source=dict(d),
         )
 
@@ -160,6 +164,43 @@ def read_json(file: Path, need: str):
         raise ConfigError(f"{file}: not found; {need}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{file}: not readable JSON ({type(e).__name__}); fix or re-download it") from None
+
+
+def _positive_int(d: dict, key: str, where: str, default=None) -> int:
+    """A size: a JSON integer > 0 (2.0, "2" or true would build a model nobody described)."""
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConfigError(f"{where}: {key} must be a positive integer, got {brief(v)}; fix the file")
+    return v
+
+
+def _positive_float(v, key: str, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+        raise ConfigError(f"{where}: {key} must be a finite number > 0, got {brief(v)}; fix the file")
+    return float(v)
+
+
+def _bool(v, key: str, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, got {brief(v)}; fix the file")
+    return v
+
+
+def _token_ids(v, key: str, where: str) -> _TokenIds:
+    ok = lambda x: isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**31  # noqa: E731
+    if v is None or ok(v):
+        return v
+    if isinstance(v, list) and v and all(ok(x) for x in v):
+        return tuple(v)
+    raise ConfigError(f"{where}: {key} must be a token id, a list of them or null, got {brief(v)}; fix the file")
+
+
+def _dtype_name(v, where: str) -> str:
+    if not isinstance(v, str) or v not in ("float32", "bfloat16", "float16", "float64"):
+        raise ConfigError(f"{where}: dtype {brief(v)} is not a float dtype jaxvocab knows; fix the file")
+    return v
 
 
 def _ids_json(v):
@@ -168,29 +209,34 @@ def _ids_json(v):
 
 def _rope_from_hf(d: dict, where: str) -> tuple[float, RopeScaling | None]:
     params = d.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{where}: rope_parameters must be an object, got {brief(params)}; fix the file")
     if params is not None and "rope_type" not in params and "type" not in params:
         # transformers-5 may nest per layer-type ({"full_attention": {...}}); Llama has one type.
         nested = [v for v in params.values() if isinstance(v, dict)]
         params = nested[0] if len(nested) == 1 else params
     scaling = params if params is not None else d.get("rope_scaling")
-    theta = float((params or {}).get("rope_theta", d.get("rope_theta", 10000.0)))
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConfigError(f"{where}: rope_scaling must be an object or null, got {brief(scaling)}; fix the file")
+    theta = _positive_float((params or {}).get("rope_theta", d.get("rope_theta", 10000.0)), "rope_theta", where)
     if not scaling:
         return theta, None
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return theta, None
     if kind != "llama3":
-        raise ConfigError(f"{where}: rope type {kind!r} is not supported (only default and llama3)")
-    try:
-        rs = RopeScaling(
-            factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-        )
-    except KeyError as e:
-        raise ConfigError(f"{where}: llama3 rope scaling is missing {e.args[0]!r}") from None
-    if not (rs.factor > 0 and rs.high_freq_factor > rs.low_freq_factor and math.isfinite(rs.factor)):
+        raise ConfigError(f"{where}: rope type {brief(kind)} is not supported (only default and llama3)")
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+               if k not in scaling]
+    if missing:
+        raise ConfigError(f"{where}: llama3 rope scaling is missing {missing[0]!r}")
+    rs = RopeScaling(
+        factor=_positive_float(scaling["factor"], "rope factor", where),
+        low_freq_factor=_positive_float(scaling["low_freq_factor"], "low_freq_factor", where),
+        high_freq_factor=_positive_float(scaling["high_freq_factor"], "high_freq_factor", where),
+        original_max_position_embeddings=_positive_int(scaling, "original_max_position_embeddings", where),
+    )
+    if not rs.high_freq_factor > rs.low_freq_factor:
         raise ConfigError(f"{where}: llama3 rope scaling needs factor > 0 and high_freq_factor > low_freq_factor")
     return theta, rs
 

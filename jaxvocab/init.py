@@ -48,14 +48,22 @@ def masked_mean(values, mask, mesh: Mesh):
     then replicated (the optimisation barrier stops XLA from turning gather-then-sum back into a
     sharded reduction) and added in one fixed order on every device.
     """
+    parts = _block_sums(values, mask, mesh)
+    # 0 x NaN is NaN: a non-finite row outside the mask poisons the product. Only then (the sums
+    # show it) pay for zeroing the excluded rows first; their values never enter the mean.
+    parts = jax.lax.cond(jnp.all(jnp.isfinite(parts)), lambda: parts,
+                         lambda: _block_sums(jnp.where(mask[:, None], values, jnp.zeros((), values.dtype)), mask, mesh))
+    return parts.sum(axis=0) / jnp.maximum(mask.sum(), 1).astype(jnp.float32)
+
+
+def _block_sums(values, mask, mesh):
     v, d = values.shape
     b = _blocks(v)
     rows = jnp.broadcast_to(mask.reshape(b, 1, v // b).astype(values.dtype), (b, _GEMM_ROWS, v // b))
     parts = jnp.einsum("bkr,brd->bkd", rows, values.reshape(b, v // b, d), precision=jax.lax.Precision.HIGHEST,
                        preferred_element_type=jnp.float32)[:, 0]
     parts = jax.lax.with_sharding_constraint(parts, NamedSharding(mesh, P()))
-    parts = jax.lax.optimization_barrier(parts)
-    return parts.sum(axis=0) / jnp.maximum(mask.sum(), 1).astype(jnp.float32)
+    return jax.lax.optimization_barrier(parts)
 
 
 def covariance(table, mask, mu):
@@ -188,7 +196,7 @@ def _exact_duplicates(table, small: np.ndarray, fingerprint: np.ndarray) -> np.n
 
 
 def untrained_mask(model, rel_eps: float = REL_EPS) -> np.ndarray:
-    """[rows] bool over all rows: tiny in the embedding or the head, or an exact duplicate of
+    """[rows] bool over all rows: tiny or non-finite in the embedding or the head, or an exact duplicate of
     another head row (Llama-3.1 base repeats one non-zero head row over its reserved ids; the
     embedding rows of never-seen tokens stay tiny, so only the head needs the duplicate pass)."""
     probe = np.random.RandomState(0).standard_normal((model.config.hidden_size, 2)).astype(np.float32)
@@ -196,7 +204,9 @@ def untrained_mask(model, rel_eps: float = REL_EPS) -> np.ndarray:
     for p in tables(model):
         table = p.get_value()
         rowmax = np.asarray(row_absmax(table))
-        small = rowmax <= rel_eps * np.median(rowmax)   # 128k floats: the host sorts them in ms
+        finite = np.isfinite(rowmax)   # a NaN / Inf row is never trained (nor part of any mean)
+        scale = np.median(rowmax[finite]) if finite.any() else 0.0   # 128k floats: the host sorts them in ms
+        small = (rowmax <= rel_eps * scale) | ~finite
         out |= small
         if p is model.head_table:
             out[_exact_duplicates(table, small, np.asarray(row_fingerprint(table, probe)))] = True

@@ -379,6 +379,22 @@ def expansion_layout(model, tok, plan: VocabPlan, init: str = "mean", fix_untrai
     return plan, targets, trained, [texts_by_id.get(int(i)) for i in targets]
 
 
+def _check_size(model, plan: VocabPlan) -> None:
+    """Refuse a plan whose tables cannot exist (ids past int32) or fit (checked before allocating)."""
+    if plan.new_rows >= 2**31:
+        raise UsageError(f"the plan grows the vocabulary to {plan.new_rows} rows, past the int32 token ids; "
+                         "use a smaller --pad-to-multiple-of")
+    from jaxvocab.memory import check_fits
+    grow = plan.new_rows - model.config.vocab_size
+    if grow <= 0:
+        return
+    ts = tables(model)
+    row = model.config.hidden_size * ts[0].get_value().dtype.itemsize
+    # Peak: the model plus one new table being written, then every table larger by `grow` rows.
+    check_fits(plan.new_rows * row + grow * row * (len(ts) - 1), model_mesh(model),
+               f"growing the vocabulary to {plan.new_rows} rows", "use a smaller --pad-to-multiple-of or fewer tokens")
+
+
 def expand_vocab(model, tok, plan: VocabPlan, init: str = "mean", *, fix_untrained: bool = False, seed: int = 0):
     """Grow `model` (in place; also returned) and `tok` as planned. Returns (model, new tokenizer).
 
@@ -388,6 +404,7 @@ def expand_vocab(model, tok, plan: VocabPlan, init: str = "mean", *, fix_untrain
     the model plus one new table: keep a host copy if you need the old tables.
     `model.vocab_plan` records the plan with its init.
     """
+    _check_size(model, plan)
     plan, targets, trained, texts = expansion_layout(model, tok, plan, init, fix_untrained)
     new_tok = tok.with_tokens(plan.renamed, plan.appended, plan.special_ids)
     vocab_axis = axis_size(model_mesh(model), "vocab")

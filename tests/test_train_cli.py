@@ -120,7 +120,7 @@ def test_existing_out_and_flag_conflicts(setup, tmp_path, capsys):
     code, cap = _run(capsys, *base, "--resume", "--lr", "0.5")
     assert code == 2 and "--lr" in cap.err
     code, cap = _run(capsys, "--model", ckpt, "--data", data, "--out", ckpt / "sub", "--trainable", "ids:5")
-    assert code == 2 and "outside your inputs" in cap.err
+    assert code == 2 and "outside the inputs" in cap.err
     code, cap = _run(capsys, "--model", ckpt, "--data", data, "--out", tmp_path / "x", "--schedule", "linear")
     assert code == 2 and "invalid choice" in cap.err
 

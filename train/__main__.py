@@ -14,7 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from jaxvocab.errors import UsageError, run_command
+from jaxvocab.errors import CheckpointError, UsageError, brief, malformed, run_command
+from jaxvocab.io.atomic import check_output, check_overlap
 from jaxvocab.io.multihost import barrier, is_main
 from train import distributed
 from train.distributed import say
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--export-peft", type=Path, help="also write the adapters + rows as a PEFT adapter dir here")
     p.add_argument("--export-dtype", choices=["float32"],
                    help="--export-hf / final/ dtype (default: the checkpoint's; float32 keeps the f32 merge)")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip (and log) a step whose loss or gradient is NaN/Inf instead of stopping the run there")
+    p.add_argument("--allow-nonfinite", action="store_true", help="load a --model whose weights hold NaN or Inf")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     distributed.add_args(p)
     return p
@@ -120,12 +124,12 @@ def check_flags(args) -> None:
     positive = {"--steps": args.steps, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum,
                 "--keep": args.keep, "--lr": args.lr}
     for flag, v in positive.items():
-        if not v > 0:
-            raise UsageError(f"{flag} {v}: must be positive")
+        if not (0 < v < 1e38):   # also finite in float32, where the step computes
+            raise UsageError(f"{flag} {v}: must be a positive (finite) number")
     for flag, v in {"--warmup": args.warmup, "--save-every": args.save_every, "--eval-every": args.eval_every,
                     "--weight-decay": args.weight_decay, "--clip": args.clip}.items():
-        if v < 0:
-            raise UsageError(f"{flag} {v}: must be >= 0")
+        if not (0 <= v < 1e38):
+            raise UsageError(f"{flag} {v}: must be a finite number >= 0")
     if args.seq_len is not None and args.seq_len < 2:
         raise UsageError(f"--seq-len {args.seq_len}: need at least 2 (one input and one target per row)")
     if args.resume and args.overwrite:
@@ -133,13 +137,14 @@ def check_flags(args) -> None:
     if args.out.exists() and not (args.resume or args.overwrite):
         raise UsageError(f"{args.out}: already exists; pass --resume to continue it, --overwrite to replace it, "
                          "or choose another --out")
-    out = args.out.resolve()
-    for flag, p in (("--model", args.model), ("--data", args.data), ("--eval", args.eval)):
-        if p is not None and (out == p.resolve() or out in p.resolve().parents or p.resolve() in out.parents):
-            raise UsageError(f"--out {args.out} overlaps {flag} {p}; choose an --out outside your inputs")
+    tokens_file = Path(args.trainable[len("tokens:@"):]) if args.trainable.startswith("tokens:@") else None
+    check_overlap({"--out": args.out, "--export-hf": args.export_hf, "--export-peft": args.export_peft},
+                  {"--model": args.model, "--data": args.data, "--eval": args.eval, "--trainable": tokens_file,
+                   "--lora-init": args.lora_init})
+    check_output(args.out, True, "--out")
     for flag, d in (("--export-hf", args.export_hf), ("--export-peft", args.export_peft)):
-        if d is not None and d.exists() and not args.overwrite:
-            raise UsageError(f"{flag} {d}: already exists; pass --overwrite or choose another dir")
+        if d is not None:
+            check_output(d, args.overwrite, flag)
     check_lora_flags(args)
 
 
@@ -179,7 +184,8 @@ def tokenizer_of(model):
         return None
     from jaxvocab.tokenizer import load_tokenizer
     from jaxvocab.vocab import VocabPlan
-    tok = load_tokenizer(src)
+    with malformed(f"{src}: tokenizer.json / tokenizer_config.json", "fix or re-download the tokenizer files"):
+        tok = load_tokenizer(src)
     plan = getattr(model, "vocab_plan", None)
     if plan:
         tok.added_plain |= {t.token for t in VocabPlan.from_json(plan).tokens
@@ -259,12 +265,18 @@ def _check_resume(out: Path, rec: dict) -> None:
     f = out / "run.json"
     if not f.is_file():
         return
-    old = json.loads(f.read_text())
+    try:
+        old = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        old = None
+    if not isinstance(old, dict):
+        raise CheckpointError(f"{f}: corrupt (not a JSON object); --resume cannot tell which run this was: "
+                              "restore the file or start a new --out")
     keys = RUN_KEYS + (("steps",) if rec["schedule"] == "cosine" else ())
     for k in keys:
         if old.get(k) != rec[k]:
             flag = "--trainable" if k == "trainable_ids" else "--" + k.replace("_", "-")
-            raise UsageError(f"--resume: {flag} is {rec[k]!r} but the run in {out} used {old.get(k)!r}; "
+            raise UsageError(f"--resume: {flag} is {brief(rec[k])} but the run in {out} used {brief(old.get(k))}; "
                              "resume with the same flags or start a new --out")
 
 
@@ -277,7 +289,8 @@ def cmd_train(args) -> None:
     from train.data import read_jsonl
 
     mesh = parse_mesh(args.mesh)
-    model = jaxvocab.load(args.model, mesh=mesh, show_progress=not args.quiet and is_main())
+    model = jaxvocab.load(args.model, mesh=mesh, show_progress=not args.quiet and is_main(),
+                          allow_nonfinite=args.allow_nonfinite)
     model.compute_dtype = args.dtype
     plan = Path(getattr(model, "source_dir", None) or args.model) / "vocab_plan.json"
     if not getattr(model, "vocab_plan", None) and plan.is_file():   # an HF dir exported by jaxvocab
@@ -310,7 +323,7 @@ def cmd_train(args) -> None:
                            grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
                            lora_lr=args.lora_lr, weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
                            save_every=args.save_every, keep=args.keep, eval_every=args.eval_every,
-                           remat=args.remat)
+                           remat=args.remat, skip_nonfinite=args.skip_nonfinite)
     trained = loop.run(rm, cfg, mesh, docs, args.out, eval_docs=eval_docs, resume=args.resume,
                        show_progress=not args.quiet)
     _report_reads(args.out, docs)

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxvocab.errors import DataError, JaxVocabError
+from jaxvocab.errors import DataError, JaxVocabError, brief
 
 
 class Doc(NamedTuple):
@@ -65,6 +65,8 @@ def load_json(line: str, where: str):
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg}); each line must be one JSON object") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply; each line must be one flat JSON object") from None
 
 
 def parse_record(obj, where: str, tok, vocab_size: int) -> Doc:
@@ -80,7 +82,7 @@ def parse_record(obj, where: str, tok, vocab_size: int) -> Doc:
                                 "lacks; pass pre-tokenized 'input_ids' instead")
             ids, mask = _tokenize(obj, where, tok)
         else:
-            raise DataError(f"{where}: expected a key 'text', 'messages' or 'input_ids' (got {', '.join(obj) or 'none'})")
+            raise DataError(f"{where}: expected a key 'text', 'messages' or 'input_ids' (got {brief(list(obj)) if obj else 'none'})")
     except DataError:
         raise
     except JaxVocabError as e:
@@ -95,8 +97,9 @@ def parse_record(obj, where: str, tok, vocab_size: int) -> Doc:
 
 def _pretokenized(obj: dict, where: str):
     ids, mask = obj["input_ids"], obj.get("loss_mask")
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise DataError(f"{where}: 'input_ids' must be a list of integers")
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and -2**31 <= i < 2**31
+                                            for i in ids):
+        raise DataError(f"{where}: 'input_ids' must be a list of integers (int32 token ids)")
     if mask is None:
         return ids, [1] * len(ids)
     if not isinstance(mask, list) or len(mask) != len(ids) or any(m not in (0, 1) for m in mask):

@@ -15,6 +15,7 @@ resumed run replays the very batches an uninterrupted one would have seen: kill 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxvocab.errors import CheckpointError, TrainError, brief, fault_point
 from jaxvocab.rows import Frozen, RowsModel
 from jaxvocab.sharding import RULES, axis_size
 from train import report
@@ -52,6 +54,7 @@ class TrainConfig:
     eval_every: int = 0            # 0: only at the end
     remat: bool = True             # recompute each layer in the backward pass: activations shrink to
                                    # one [B, T, D] per layer for ~10% more compute
+    skip_nonfinite: bool = False   # a step with a non-finite loss / gradient: skip it (logged) instead of stopping
 
 
 def schedule(cfg: TrainConfig, peak: float | None = None) -> optax.Schedule:
@@ -91,15 +94,25 @@ def batch_grads(graphdef, params, frozen, batch: Batch, dropout_key=None):
     return total, count, grads
 
 
+def _all_finite(*trees) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]))
+
+
 def train_step(graphdef, cfg: TrainConfig, params, opt_state, frozen, batch: Batch, step):
+    """One optimizer step; a step whose loss, gradients or new rows are not finite changes nothing
+    (`finite` says so, and the host stops or skips)."""
     # Adapter dropout draws from (seed, step, micro-batch): a resumed run replays the same masks.
     key = jax.random.fold_in(jax.random.key(cfg.seed), step)
     total, count, grads = batch_grads(graphdef, params, frozen, batch, key)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = optimizer(cfg).update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": total / denom, "grad_norm": optax.global_norm(grads), "targets": count}
+    updates, new_opt_state = optimizer(cfg).update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(total) & _all_finite(grads, new_params)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    params, opt_state = jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
+    return params, opt_state, {"loss": total / denom, "grad_norm": optax.global_norm(grads), "targets": count,
+                               "finite": finite}
 
 
 def eval_step(graphdef, params, frozen, batch: Batch, is_new):
@@ -212,6 +225,26 @@ def restore_latest(mngr: ocp.CheckpointManager, trainer: Trainer, packer: Packer
     return int(got.meta["step"])
 
 
+def _check_finite(m: dict, step: int, cfg: TrainConfig, mngr: ocp.CheckpointManager, out: Path) -> None:
+    """Stop at the first non-finite step (its update was not applied), unless told to skip it."""
+    if m["finite"] or cfg.skip_nonfinite:
+        return
+    last = mngr.latest_step()
+    kept = f"the last good checkpoint (step {last}) is in {out / 'checkpoints'}" if last else "no checkpoint was saved yet"
+    raise TrainError(f"step {step}: the loss ({float(m['loss'])}) or a gradient / updated row is not finite; {kept}. "
+                     "Lower --lr, check --weight-decay and the data, or pass --skip-nonfinite to skip such steps")
+
+
+def _restore(mngr: ocp.CheckpointManager, trainer: Trainer, packer: Packer, out: Path) -> int:
+    """restore_latest, with a damaged checkpoint as one line (orbax raises many types for it)."""
+    try:
+        return restore_latest(mngr, trainer, packer)
+    except Exception as e:
+        raise CheckpointError(f"{out / 'checkpoints'}: the latest checkpoint cannot be restored ({type(e).__name__}: "
+                              f"{brief(str(e).splitlines()[0] if str(e) else '')}); delete that step's dir to resume "
+                              "from the one before, or start a new --out") from None
+
+
 def run(rm: RowsModel, cfg: TrainConfig, mesh: Mesh, docs, out: Path, *,
         eval_docs: list[Doc] | None = None, resume: bool = False, show_progress: bool = True) -> RowsModel:
     """Train `rm`'s rows for cfg.steps into `out` (metrics.jsonl, checkpoints/); returns the trained RowsModel.
@@ -225,7 +258,7 @@ def run(rm: RowsModel, cfg: TrainConfig, mesh: Mesh, docs, out: Path, *,
     evals = eval_batches(eval_docs, cfg.seq_len, cfg.batch_size) if eval_docs else None
     main = jax.process_index() == 0
     with checkpoint_manager(out / "checkpoints", cfg.keep) as mngr:
-        start = restore_latest(mngr, trainer, packer) if resume else 0
+        start = _restore(mngr, trainer, packer, out) if resume else 0
         metrics = report.MetricsLog(out / "metrics.jsonl", keep_through=start if resume else None) if main else None
         bar = report.progress_bar(cfg.steps, start, disable=not (show_progress and main))
         try:
@@ -234,9 +267,15 @@ def run(rm: RowsModel, cfg: TrainConfig, mesh: Mesh, docs, out: Path, *,
                 batch = packer.next(rows)
                 m = jax.device_get(trainer.step(batch, cfg.batch_size))
                 now = time.perf_counter()
+                _check_finite(m, step, cfg, mngr, out)
                 rec = {"step": step, "loss": float(m["loss"]), "lr": float(trainer.lr(step - 1)),
                        "grad_norm": float(m["grad_norm"]), "tokens": packer.last_tokens,
                        "targets": int(m["targets"]), "tokens_per_s": packer.last_tokens / max(now - t_prev, 1e-9)}
+                if not m["finite"]:
+                    rec["skipped"] = "non-finite loss or gradient"
+                    if main:
+                        print(f"warning: step {step}: non-finite loss or gradient; step skipped (--skip-nonfinite)",
+                              file=sys.stderr)
                 if evals and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                     rec.update(trainer.evaluate(evals))
                     rec.update(trainer.evaluate([batch], prefix="train_", global_rows=cfg.batch_size))
@@ -246,6 +285,7 @@ def run(rm: RowsModel, cfg: TrainConfig, mesh: Mesh, docs, out: Path, *,
                 bar.update(1)
                 if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
                     save(mngr, step, trainer, packer.state)
+                    fault_point("train:checkpoint")
                 t_prev = time.perf_counter()
         finally:
             bar.close()

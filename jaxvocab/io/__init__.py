@@ -8,7 +8,8 @@ from pathlib import Path
 from jax.sharding import Mesh
 
 from jaxvocab.errors import CheckpointError, UsageError
-from jaxvocab.io import checkpoint, hf
+from jaxvocab.io import checkpoint, finite, hf
+from jaxvocab.io.atomic import check_overlap
 from jaxvocab.io.multihost import is_main, shared_atomic_dir
 from jaxvocab.model import Llama
 
@@ -29,10 +30,19 @@ def detect(path: Path) -> str:
 
 
 def load(path, dtype=None, mesh: Mesh | None = None, *, show_progress: bool = True,
-         rope_factor: float | None = None) -> Llama:
+         rope_factor: float | None = None, allow_nonfinite: bool = False) -> Llama:
     """Load any supported checkpoint dir onto `mesh` (default: one device), params in `dtype`
-    (default: as stored). `rope_factor` overrides the llama3 rope factor a Meta params.json omits."""
+    (default: as stored). `rope_factor` overrides the llama3 rope factor a Meta params.json omits.
+    Weights holding NaN or Inf are refused unless `allow_nonfinite`."""
     path = Path(path)
+    with finite.scan_reads() as scan:
+        model = _load(path, dtype, mesh, show_progress, rope_factor)
+    if not allow_nonfinite:
+        finite.check_loaded(model, path, scan)
+    return model
+
+
+def _load(path: Path, dtype, mesh, show_progress: bool, rope_factor) -> Llama:
     kind = detect(path)
     if rope_factor is not None and kind != "meta":
         raise UsageError(f"--rope-factor: {path} is not a Meta checkpoint; its config.json states its own rope scaling")
@@ -97,6 +107,13 @@ def export_rows(model: Llama, plan, keep_padding: bool = False) -> int:
     return max(plan.old_rows, plan.tokenizer_size_after)
 
 
+def _check_source(model: Llama, out: Path) -> None:
+    """Library callers too: writing over the dir the model was read from would destroy it."""
+    src = getattr(model, "source_dir", None)
+    if src:
+        check_overlap({"out_dir": out}, {"the model's source dir": Path(src)})
+
+
 def save_hf(model: Llama, out_dir, max_shard_size="5GB", *, plan=None, overwrite: bool = False,
             show_progress: bool = True, keep_padding: bool = False, llama_version: str | None = None) -> Path:
     """Write an HF dir that transformers / vLLM / llama.cpp load: safetensors shards under
@@ -104,6 +121,7 @@ def save_hf(model: Llama, out_dir, max_shard_size="5GB", *, plan=None, overwrite
     Padding rows jaxvocab added are dropped unless `keep_padding`; `llama_version` ('3.0'/'3.1')
     names the special tokens when the source is a bare Meta tokenizer.model (default: params.json)."""
     out = Path(out_dir)
+    _check_source(model, out)
     rows = export_rows(model, plan, keep_padding)
     with shared_atomic_dir(out, overwrite) as tmp:   # many processes: each tensor gathered, process 0 writes
         hf.write_weights(model, tmp, max_shard_size, show_progress and is_main(), rows=rows)
@@ -119,6 +137,7 @@ def save_checkpoint(model: Llama, out_dir, *, plan=None, overwrite: bool = False
                     llama_version: str | None = None) -> Path:
     """A jaxvocab checkpoint dir (orbax state + config + tokenizer files + vocab plan)."""
     out = Path(out_dir)
+    _check_source(model, out)
     with shared_atomic_dir(out, overwrite) as tmp:   # many processes: orbax's multi-host save, process 0 the rest
         checkpoint.save_state(model, tmp)
         if is_main():

@@ -19,8 +19,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxvocab.config import LlamaConfig
-from jaxvocab.errors import CheckpointError
+from jaxvocab.errors import CheckpointError, JaxVocabError, brief, fault_point
 from jaxvocab.io import keys as K
+from jaxvocab.io.atomic import signals_blocked
 from jaxvocab.model import Llama
 from jaxvocab.sharding import sharding_for, single_device_mesh
 
@@ -40,37 +41,59 @@ def params_of(model: Llama) -> dict:
 def save_state(model: Llama, out: Path) -> None:
     """Orbax tree + config + marker into `out` (an already-created temp dir)."""
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save((out / "state").absolute(), params_of(model))
+        try:
+            ckptr.save((out / "state").absolute(), params_of(model))
+            fault_point("save:state")
+        finally:
+            # An interrupt must not leave orbax writing into a dir the caller is about to remove.
+            with signals_blocked():
+                ckptr.wait_until_finished()
+    fault_point("save:files")
     if jax.process_index() != 0:   # orbax wrote this process's shards; the small files are process 0's
         return
     (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
     (out / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "vocab_size": model.config.vocab_size}) + "\n")
 
 
-def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Llama:
-    try:
-        marker = json.loads((path / MARKER).read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path / MARKER}: corrupt marker file; re-create the checkpoint") from None
-    if marker.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path / MARKER}: format {marker.get('format')} is not supported by this jaxvocab")
-    config = LlamaConfig.from_hf_file(path)
-    mesh = mesh or single_device_mesh()
+def _restore(state: Path, config: LlamaConfig, dtype, mesh: Mesh):
+    """The orbax tree, checked against config.json, restored onto `mesh`; (params, dtype)."""
     with ocp.StandardCheckpointer() as ckptr:
-        stored = ckptr.metadata((path / "state").absolute())
+        stored = ckptr.metadata(state)
         tree = getattr(stored, "item_metadata", stored)
-        first = tree["embed"]
-        stored_dtype = jnp.dtype(first.dtype)
-        dtype = jnp.dtype(dtype) if dtype is not None else stored_dtype
+        if not hasattr(tree, "get") or tree.get("embed") is None:
+            raise CheckpointError(f"{state}: holds no 'embed' param; the checkpoint is corrupt, re-create it")
+        dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(tree["embed"].dtype)
         target = {}
         for k in K.keys_for(config):
             shape = K.param_shape(k, config)
             name = "/".join(k.path)
             if name not in tree or tuple(tree[name].shape) != shape:
-                raise CheckpointError(f"{path / 'state'}: {name} is missing or does not match config.json")
+                raise CheckpointError(f"{state}: {name} is missing or does not match config.json")
             target[name] = jax.ShapeDtypeStruct(shape, jnp.dtype(tree[name].dtype),
                                                 sharding=sharding_for(shape, K.logical_axes(k), mesh))
-        params = ckptr.restore((path / "state").absolute(), target)
+        return ckptr.restore(state, target), dtype
+
+
+def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Llama:
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise CheckpointError(f"{path / MARKER}: corrupt marker file; re-create the checkpoint") from None
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path / MARKER}: format {brief(marker.get('format') if isinstance(marker, dict) else marker)} "
+                              "is not supported by this jaxvocab; re-create the checkpoint")
+    config = LlamaConfig.from_hf_file(path)
+    mesh = mesh or single_device_mesh()
+    state = (path / "state").absolute()
+    if not state.is_dir():
+        raise CheckpointError(f"{state}: missing; the checkpoint is incomplete, re-create it")
+    try:
+        params, dtype = _restore(state, config, dtype, mesh)
+    except JaxVocabError:
+        raise
+    except Exception as e:  # orbax / tensorstore raise many types for a damaged state dir
+        raise CheckpointError(f"{state}: cannot be read ({type(e).__name__}: {brief(str(e).splitlines()[0] if str(e) else '')}); "
+                              "the checkpoint is corrupt, re-create it") from None
     model = nnx.eval_shape(lambda: Llama(config.replace(dtype=dtype.name), dtype=dtype))
     for k in K.keys_for(config):
         K.get_param(model, k).set_value(params["/".join(k.path)].astype(dtype))

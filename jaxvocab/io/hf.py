@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import CheckpointError, UsageError
+from jaxvocab.io import finite
 from jaxvocab.io import keys as K
 from jaxvocab.io.multihost import gather_only, is_main, to_host
 from jaxvocab.io.safetensors_io import FLOATS, TensorInfo, aligned_empty, read_header, read_slice, write_file
@@ -43,10 +44,12 @@ def tensor_index(path: Path) -> dict[str, TensorInfo]:
     if index_file.is_file():
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index_file}: not a valid index (needs a 'weight_map' object)") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{index_file}: 'weight_map' must map tensor names to shard file names; fix the index")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
+            weight_map = None
+        if not (isinstance(weight_map, dict) and all(isinstance(k, str) and isinstance(v, str) and v and "\0" not in v
+                                                     for k, v in weight_map.items())):
+            raise CheckpointError(f"{index_file}: not a valid index (needs a 'weight_map' object of tensor name -> "
+                                  "shard file name); fix or re-download it")
         files = sorted(set(weight_map.values()))
         for f in files:
             if not _inside(f):
@@ -158,7 +161,8 @@ def build(config: LlamaConfig, dtype, mesh: Mesh | None, source_for, show_progre
             read, nbytes = sources[key]
             shape = K.param_shape(key, config)
             sharding = sharding_for(shape, K.logical_axes(key), mesh)
-            arr = jax.make_array_from_callback(shape, sharding, lambda idx, r=read: _as_dtype(r(_full(idx, shape)), dtype))
+            arr = jax.make_array_from_callback(
+                shape, sharding, lambda idx, r=read: finite.observe(_as_dtype(r(_full(idx, shape)), dtype)))
             K.get_param(model, key).set_value(arr)
             bar.update(nbytes)
     model.source_dir = source

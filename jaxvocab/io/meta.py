@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxvocab.config import LlamaConfig, RopeScaling, read_json
-from jaxvocab.errors import CheckpointError, ConfigError, UsageError
+from jaxvocab.config import LlamaConfig, RopeScaling, _positive_float, read_json
+from jaxvocab.errors import CheckpointError, ConfigError, UsageError, brief
 from jaxvocab.io import keys as K
 from jaxvocab.io.hf import build
 from jaxvocab.io.pth import LazyTensor, read_pth
@@ -71,8 +71,17 @@ def read_params(path: Path) -> dict:
     if missing:
         raise ConfigError(f"{file}: missing {', '.join(missing)}")
     for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
-        if d.get(k) is not None and not isinstance(d[k], int):
-            raise ConfigError(f"{file}: {k} must be an integer, got {d[k]!r}")
+        v = d.get(k)
+        required = k in ("dim", "n_layers", "n_heads")
+        if (v is not None or required) and (isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and k != "vocab_size")):
+            raise ConfigError(f"{file}: {k} must be a positive integer, got {brief(v)}")
+    for k in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+        if d.get(k) is not None:
+            _positive_float(d[k], k, str(file))
+    if not isinstance(d.get("use_scaled_rope", False), (bool, type(None))):
+        raise ConfigError(f"{file}: use_scaled_rope must be true or false, got {brief(d['use_scaled_rope'])}")
+    if d.get("vocab_size") is not None and d["vocab_size"] <= 0 and d["vocab_size"] != -1:
+        raise ConfigError(f"{file}: vocab_size must be a positive integer (or -1), got {d['vocab_size']}")
     dim, heads, kv = d["dim"], d["n_heads"], d.get("n_kv_heads") or d["n_heads"]
     if dim <= 0 or heads <= 0 or d["n_layers"] <= 0 or dim % heads or heads % kv or (dim // heads) % 2:
         raise ConfigError(f"{file}: dim={dim}, n_heads={heads}, n_kv_heads={kv} do not describe a Llama "

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import io
+import math
 import mmap
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 from pathlib import Path
@@ -24,7 +27,15 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from jaxvocab.errors import CheckpointError
+from jaxvocab.errors import CheckpointError, brief
+
+# Bounds on the unpickler's work (a torch state dict of a 405B shard needs a small fraction of each):
+MAX_PICKLE = 16 << 20       # bytes of data.pkl
+MAX_OPS = 2_000_000         # opcodes
+MAX_MEMO = 500_000          # memo entries
+MAX_DEPTH = 32              # nesting of built values (a shared-tuple DAG of depth 60 hashes 2**60 times)
+MAX_NUMEL = 1 << 40         # elements of one tensor view
+_INPLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
 
 # Bytes copied out of .pth storages by this process (the multi-host test checks each host reads its share).
 BYTES_READ = 0
@@ -101,8 +112,11 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     ints = lambda t: isinstance(t, tuple) and all(isinstance(v, int) and v >= 0 for v in t)  # noqa: E731
     if not (isinstance(storage_offset, int) and storage_offset >= 0 and ints(size) and ints(stride)
             and len(size) == len(stride)):
-        raise CheckpointError(f"{storage.path}: malformed tensor record (offset {storage_offset!r}, size {size!r}, "
-                              f"stride {stride!r})")
+        raise CheckpointError(f"{storage.path}: malformed tensor record (offset {brief(storage_offset)}, size "
+                              f"{brief(size)}, stride {brief(stride)})")
+    if math.prod(size) > MAX_NUMEL:
+        raise CheckpointError(f"{storage.path}: a tensor of {len(size)} dims claims more than {MAX_NUMEL} elements; "
+                              "the file is corrupt")
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) if 0 not in size else -1
     if last >= storage.numel:
         raise CheckpointError(f"{storage.path}: a tensor of shape {list(size)} reaches past the end of its storage; "
@@ -134,7 +148,7 @@ class _Unpickler(pickle.Unpickler):
             return _StorageType(name)
         fn = _ALLOWED.get((module, name))
         if fn is None:
-            raise CheckpointError(f"{self.path}: refusing to unpickle the global {module}.{name}: a tensor state dict "
+            raise CheckpointError(f"{self.path}: refusing to unpickle the global {module[:80]}.{name[:80]}: a tensor state dict "
                                   "never needs it, and jaxvocab does not run code from checkpoint files")
         return fn
 
@@ -142,7 +156,7 @@ class _Unpickler(pickle.Unpickler):
         ok = (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
               and isinstance(pid[2], str) and isinstance(pid[4], int) and pid[4] >= 0)
         if not ok:
-            raise CheckpointError(f"{self.path}: unsupported persistent id {pid!r:.80}; only tensor storages are read")
+            raise CheckpointError(f"{self.path}: unsupported persistent id {brief(pid)}; only tensor storages are read")
         return self.storage_for(pid[2], pid[1].dtype, pid[4])
 
 
@@ -160,7 +174,15 @@ def read_pth(path) -> dict[str, LazyTensor]:
             if order != b"little":
                 raise CheckpointError(f"{path}: byte order {order.decode(errors='replace')!r} is not supported; "
                                       "re-save it on a little-endian machine")
-            data = z.open(pkl[0])
+            if members[pkl[0]].file_size > MAX_PICKLE:
+                raise CheckpointError(f"{path}: data.pkl is {members[pkl[0]].file_size} bytes, more than a state dict "
+                                      f"needs ({MAX_PICKLE}); refusing to unpickle it")
+            with z.open(pkl[0]) as f:
+                blob = f.read(MAX_PICKLE + 1)
+            if len(blob) > MAX_PICKLE:
+                raise CheckpointError(f"{path}: data.pkl inflates past {MAX_PICKLE} bytes; refusing to unpickle it")
+            check_pickle(blob, path)
+            data = io.BytesIO(blob)
             with open(path, "rb") as raw:
                 storages = {}
 
@@ -175,12 +197,65 @@ def read_pth(path) -> dict[str, LazyTensor]:
                               "re-save the file with a recent torch.save") from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise CheckpointError(f"{path}: corrupt data.pkl ({type(e).__name__}: {e})") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            RecursionError, MemoryError, OverflowError, zipfile.LargeZipFile, NotImplementedError) as e:
+        raise CheckpointError(f"{path}: corrupt data.pkl ({type(e).__name__}: {brief(str(e))})") from None
     flat = isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, LazyTensor) for k, v in state.items())
     if not flat:
         raise CheckpointError(f"{path}: expected a flat state dict of tensors")
     return dict(state)
+
+
+def check_pickle(blob: bytes, path: Path) -> None:
+    """Walk the pickle's opcodes before running any (pickletools parses, never executes): bound the
+    opcode count, the memo and the nesting depth of every value the real unpickler would build."""
+    stack: list[int | None] = []   # depth of each stack value; None marks a MARK
+    memo: dict = {}
+    try:
+        for n, (op, arg, _) in enumerate(pickletools.genops(blob)):
+            if n > MAX_OPS or len(memo) > MAX_MEMO:
+                raise CheckpointError(f"{path}: data.pkl needs more than {MAX_OPS} opcodes / {MAX_MEMO} memo entries; "
+                                      "a state dict never does, refusing to unpickle it")
+            _simulate(op, arg, stack, memo)
+    except (ValueError, IndexError, KeyError) as e:
+        raise CheckpointError(f"{path}: corrupt data.pkl ({type(e).__name__}: {brief(str(e))})") from None
+    if max((d for d in stack if d is not None), default=0) > MAX_DEPTH or any(
+            d is not None and d > MAX_DEPTH for d in memo.values()):
+        raise CheckpointError(f"{path}: data.pkl nests values deeper than {MAX_DEPTH}; refusing to unpickle it")
+
+
+def _simulate(op, arg, stack: list, memo: dict) -> None:
+    """One opcode's effect on value depths (a leaf is 1, a container 1 + its deepest item)."""
+    name = op.name
+    if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+        memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+        return
+    if name in ("GET", "BINGET", "LONG_BINGET"):
+        stack.append(memo[arg])
+        return
+    before = op.stack_before
+    if pickletools.markobject in before:
+        k = len(stack) - 1 - stack[::-1].index(None)
+        items, pre_n = stack[k + 1:], before.index(pickletools.markobject)
+        pre = stack[k - pre_n:k] if pre_n else []
+        del stack[k - pre_n:]
+    else:
+        pre = stack[len(stack) - len(before):] if before else []
+        if len(pre) != len(before):
+            raise IndexError("stack underflow")
+        del stack[len(stack) - len(before):]
+        items = []
+    depths = [d or 0 for d in pre + items]
+    if name == "DUP":
+        stack += [depths[0]] * 2
+        return
+    if name in _INPLACE:
+        d = max([depths[0]] + [1 + x for x in depths[1:]])
+    else:
+        d = 1 + max(depths, default=0)
+    if d > MAX_DEPTH:
+        raise ValueError(f"values nested deeper than {MAX_DEPTH}")
+    stack += [None if s is pickletools.markobject else d for s in op.stack_after]
 
 
 def _storage(path: Path, raw, info: zipfile.ZipInfo | None, key: str, dtype: np.dtype, numel: int) -> Storage:

@@ -11,6 +11,7 @@ header of {name: {dtype, shape, data_offsets}}, then the raw bytes.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -19,7 +20,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from jaxvocab.errors import CheckpointError
+from jaxvocab.errors import CheckpointError, brief
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -44,8 +45,13 @@ class TensorInfo:
         return self.end - self.start
 
 
+MAX_HEADER = 100_000_000   # the safetensors library's limit
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
-    """Parse one file's header; every inconsistency is an error naming the file."""
+    """Parse one file's header with at least the safetensors library's rules: bounded size, a JSON
+    object starting with '{', string metadata, known dtypes, integer shapes whose byte size matches
+    the offsets, and offsets that tile the data region exactly (no gaps, overlaps or trailing bytes)."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -53,27 +59,65 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
                 raise CheckpointError(f"{path}: too short to be a safetensors file; re-download it")
             (n,) = struct.unpack("<Q", raw)
             size = os.fstat(f.fileno()).st_size
-            if n > size - 8:
-                raise CheckpointError(f"{path}: header length {n} exceeds the file size; the file is truncated or not safetensors")
-            header = json.loads(f.read(n))
+            if n > size - 8 or n > MAX_HEADER or n < 2:
+                raise CheckpointError(f"{path}: header length {n} is impossible for a file of {size} bytes; "
+                                      "the file is truncated or not safetensors")
+            text = f.read(n)
+        if not text.startswith(b"{"):
+            raise CheckpointError(f"{path}: header does not start with '{{'; the file is corrupt or not safetensors")
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
         raise CheckpointError(f"{path}: header is not valid JSON; the file is corrupt or not safetensors") from None
-    base = 8 + n
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt or not safetensors")
     meta = header.pop("__metadata__", None) or {}
-    infos = {}
-    for name, e in header.items():
-        try:
-            dtype = DTYPES[e["dtype"]]
-            shape = tuple(int(s) for s in e["shape"])
-            start, end = (base + int(o) for o in e["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has an unsupported or malformed header entry {e!r}") from None
-        if end - start != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or end > size:
-            raise CheckpointError(f"{path}: tensor {name!r} data does not match its shape {list(shape)}; the file is truncated")
-        infos[name] = TensorInfo(name, dtype, shape, start, end, Path(path))
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: __metadata__ must be an object of strings; the file is corrupt")
+    base = 8 + n
+    infos = {name: _entry(path, name, e, base) for name, e in header.items()}
+    _check_layout(path, infos, base, size)
     return infos, meta
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate key")
+    return dict(pairs)
+
+
+def _entry(path: Path, name: str, e, base: int) -> TensorInfo:
+    """One header entry, every field type-checked (ints are JSON integers, never floats or bools)."""
+    nat = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    ok = (isinstance(e, dict) and isinstance(e.get("dtype"), str) and e["dtype"] in DTYPES
+          and isinstance(e.get("shape"), list) and all(nat(s) for s in e["shape"])
+          and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
+          and all(nat(o) for o in e["data_offsets"]) and e["data_offsets"][0] <= e["data_offsets"][1])
+    if not ok:
+        raise CheckpointError(f"{path}: tensor {brief(name)} has an unsupported or malformed header entry {brief(e)}; "
+                              "the file is corrupt")
+    dtype, shape = DTYPES[e["dtype"]], tuple(e["shape"])
+    start, end = (base + o for o in e["data_offsets"])
+    if end - start != math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(f"{path}: tensor {brief(name)} spans {end - start} bytes but its shape "
+                              f"{brief(list(shape))} of {e['dtype']} needs {math.prod(shape) * dtype.itemsize}; "
+                              "the file is corrupt")
+    return TensorInfo(name, dtype, shape, start, end, Path(path))
+
+
+def _check_layout(path: Path, infos: dict[str, TensorInfo], base: int, size: int) -> None:
+    """Offsets must tile the data region [base, size) in order: no overlap, gap or trailing byte."""
+    cursor = base
+    for info in sorted(infos.values(), key=lambda i: (i.start, i.end)):
+        if info.start != cursor:
+            raise CheckpointError(f"{path}: tensor {brief(info.name)} starts at data offset {info.start - base}, "
+                                  f"expected {cursor - base} (offsets overlap or leave a gap); the file is corrupt")
+        cursor = info.end
+    if cursor != size:
+        raise CheckpointError(f"{path}: the tensors cover {cursor - base} data bytes but the file holds {size - base}; "
+                              "the file is truncated or has trailing bytes")
 
 
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
