@@ -50,6 +50,7 @@ class RowsModel(nnx.Module):
         self.config = config
         self.compute_dtype = model.compute_dtype
         self.remat = model.remat
+        self.attention = model.attention
         self.tied = tied
         self.tables = tables
         table = model.embed[...]
@@ -87,7 +88,7 @@ class RowsModel(nnx.Module):
         x = self.embed_lookup(input_ids, dtype)
         layers = {name: v[...] for name, v in self.layers.items()}
         h, cache = decode(layers, x, self.config, dtype, attention_mask=attention_mask, segment_ids=segment_ids,
-                          positions=positions, cache=cache, remat=self.remat)
+                          positions=positions, cache=cache, remat=self.remat, attention=self.attention)
         return rms_norm(h, self.norm[...], self.config.rms_norm_eps), cache
 
     def embed_lookup(self, input_ids, dtype):
@@ -123,7 +124,8 @@ def merge(rm: RowsModel) -> Llama:
     """An ordinary Llama with the rows written back (cast to the tables' dtype; all else untouched)."""
     c = rm.config
     dtype = rm.embed[...].dtype
-    model = nnx.eval_shape(lambda: Llama(c, dtype=dtype, compute_dtype=rm.compute_dtype))
+    model = nnx.eval_shape(lambda: Llama(c, dtype=dtype, compute_dtype=rm.compute_dtype, attention=rm.attention,
+                                         remat=rm.remat))
     ids = rm.ids[...]
     model.embed.set_value(_write_rows(rm.embed[...], ids, rm.embed_rows))
     for name, w in rm.layers.items():
@@ -131,7 +133,6 @@ def merge(rm: RowsModel) -> Llama:
     model.norm.set_value(rm.norm[...])
     if not rm.tied:
         model.lm_head.set_value(_write_rows(rm.lm_head[...], ids, rm.head_rows))
-    model.remat = rm.remat
     model.source_dir = rm.source_dir
     model.vocab_plan = rm.vocab_plan
     return model

@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 from jaxvocab.errors import CheckpointError, UsageError
 from jaxvocab.io import checkpoint, hf
 from jaxvocab.io.atomic import atomic_dir
-from jaxvocab.model import Llama
+from jaxvocab.model import Llama, check_attention, check_remat
 
 
 def detect(path: Path) -> str:
@@ -29,10 +29,16 @@ def detect(path: Path) -> str:
 
 
 def load(path, dtype=None, mesh: Mesh | None = None, *, show_progress: bool = True,
-         rope_factor: float | None = None) -> Llama:
+         rope_factor: float | None = None, attention: str = "auto", remat: str = "auto") -> Llama:
     """Load any supported checkpoint dir onto `mesh` (default: one device), params in `dtype`
-    (default: as stored). `rope_factor` overrides the llama3 rope factor a Meta params.json omits."""
-    path = Path(path)
+    (default: as stored). `rope_factor` overrides the llama3 rope factor a Meta params.json omits.
+    `attention` and `remat` are the model's construction choices (see Llama)."""
+    model = _read(Path(path), dtype, mesh, show_progress, rope_factor)
+    model.attention, model.remat = check_attention(attention), check_remat(remat)
+    return model
+
+
+def _read(path: Path, dtype, mesh, show_progress: bool, rope_factor) -> Llama:
     kind = detect(path)
     if rope_factor is not None and kind != "meta":
         raise UsageError(f"--rope-factor: {path} is not a Meta checkpoint; its config.json states its own rope scaling")
