@@ -144,7 +144,8 @@ def xla(q, k, v, mask: Mask) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------- chunked
-def chunked(q, k, v, mask: Mask, block: int = BLOCK) -> jax.Array:
+def chunked(q, k, v, mask: Mask, block: int | None = None) -> jax.Array:
+    block = block or BLOCK
     B, T, H, hd = q.shape
     S, KV = k.shape[1], k.shape[2]
     bq, bk = min(block, T), min(block, S)

@@ -160,3 +160,46 @@ def test_auto_picks_xla_short_chunked_long():
     short, long = (jax.ShapeDtypeStruct((1, T, 4, 64), jnp.float32) for T in (1024, A.AUTO_CHUNKED_FROM))
     assert A.choose("auto", short, short, A.make_mask(1, 1024)) == "xla"
     assert A.choose("auto", long, long, A.make_mask(1, A.AUTO_CHUNKED_FROM)) == "chunked"
+
+
+# ------------------------------------------------------------------------------ model-level choices
+def _tiny(**kw):
+    from flax import nnx
+
+    from jaxvocab import Llama, LlamaConfig
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096)
+    return Llama(cfg, rngs=nnx.Rngs(0), **kw)
+
+
+def _grad_jaxpr(model, T: int) -> str:
+    from flax import nnx
+    graph, state = nnx.split(model)
+    loss = lambda s, ids: nnx.merge(graph, s)(ids).sum()  # noqa: E731
+    return str(jax.make_jaxpr(jax.grad(loss))(state, jnp.zeros((1, T), jnp.int32)))
+
+
+def test_model_uses_the_chosen_implementation():
+    assert " cond[" in _grad_jaxpr(_tiny(attention="chunked"), 16)
+    assert " cond[" not in _grad_jaxpr(_tiny(attention="xla"), 16)
+    assert " cond[" in _grad_jaxpr(_tiny(), A.AUTO_CHUNKED_FROM)   # auto, long: chunked
+    with pytest.raises(UsageError, match="--attention 'flash'"):
+        _tiny(attention="flash")
+
+
+def test_remat_auto_decides_from_traced_shapes(monkeypatch):
+    """Remat shows as the forward's matmuls recomputed inside the backward scan."""
+    from jaxvocab import remat
+    dots = lambda model, T: _grad_jaxpr(model, T).count("dot_general[")  # noqa: E731
+    full, none = dots(_tiny(remat="full"), 64), dots(_tiny(remat="none"), 64)
+    assert full > none
+    model = _tiny()
+    need = remat.activation_bytes(model.config, 1, 64, 64, jnp.float32, "xla")
+    monkeypatch.setattr(remat, "memory_bytes", lambda: 4 * need)          # fits in half: keep activations
+    assert dots(model, 64) == none
+    monkeypatch.setattr(remat, "memory_bytes", lambda: need)              # does not: recompute
+    assert dots(model, 64) == full
+    assert dots(model, 16) < full                                         # shorter: fits again
+    assert _tiny(remat=True).remat == "full" and _tiny(remat=False).remat == "none"
+    with pytest.raises(UsageError, match="--remat 'some'"):
+        _tiny(remat="some")
