@@ -18,17 +18,18 @@ Time: one jit(grad) step at T = 2048 for a SmolLM-135M-shaped model (d 576, 9 / 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt_bytes, machine, measure, save, table  # noqa: E402
+from common import fmt_bytes, machine, measure, save, table
 
-LLAMA_1B = dict(vocab_size=1024, hidden_size=2048, intermediate_size=8192, num_hidden_layers=2,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-                rope_theta=500000.0, tie_word_embeddings=True, dtype="bfloat16")
-SMOL = dict(vocab_size=1024, hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
-            num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True)
+LLAMA_1B = {"vocab_size": 1024, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 2,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 131072,
+                "rope_theta": 500000.0, "tie_word_embeddings": True, "dtype": "bfloat16"}
+SMOL = {"vocab_size": 1024, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 2, "num_attention_heads": 9,
+            "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192, "tie_word_embeddings": True}
 
 _MODEL = """
 import jax, jax.numpy as jnp, numpy as np
@@ -93,7 +94,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def temp_bytes(setup: str, body: str) -> int | None:
     try:
         return measure(setup, body, env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}, timeout=1800)["temp"]
-    except Exception as e:   # a compile that runs out of memory or fails: the end of xla's column
+    except (RuntimeError, subprocess.TimeoutExpired) as e:   # a compile that fails or runs out of memory
         print(f"  failed: {str(e).splitlines()[-1][:200] if str(e) else type(e).__name__}", flush=True)
         return None
 
@@ -128,8 +129,8 @@ def main() -> None:
     mem = memory_rows(lengths, args.xla_max, not args.skip_rows)
     cols = ["xla grad", "xla rows step", "chunked grad", "chunked rows step"] if not args.skip_rows else \
         ["xla grad", "chunked grad"]
-    lines = [f"Compiled temp memory, Llama-3.2-1B shapes, 2 layers, vocab 1024, bf16, remat full, B=1 "
-             f"({machine()})", "", table(["T", *cols], [[r[0]] + [fmt_bytes(x) if x else "-" for x in r[1:]]
+    lines = [(f"Compiled temp memory, Llama-3.2-1B shapes, 2 layers, vocab 1024, bf16, remat full, B=1 "
+             f"({machine()})"), "", table(["T", *cols], [[r[0]] + [fmt_bytes(x) if x else "-" for x in r[1:]]
                                                         for r in mem])]
     chunked_col = 1 + cols.index("chunked grad")
     by_t = {int(r[0][:-1]) * 1024: r for r in mem}

@@ -261,7 +261,7 @@ def _flash_bwd(bq, bk, res, do):
                 dqi = jnp.einsum("bkgqs,bskh->bqkgh", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
                 return (dk, dv), dqi
 
-            skip = lambda carry: (carry, jnp.zeros(qi.shape, jnp.float32))  # noqa: E731
+            skip = lambda carry: (carry, jnp.zeros(qi.shape, jnp.float32))
             return jax.lax.cond(on, grads, skip, carry)
 
         zeros = jnp.zeros(kj.shape, jnp.float32)

@@ -108,7 +108,7 @@ def test_chunked_matches_xla(kv, hd, kind):
 def test_chunked_skips_blocks_no_query_can_see():
     """Causal: a 4 x 4 block grid has 10 live blocks; two documents split at a block edge: 8."""
     m = A.make_mask(1, 512)
-    blk = lambda x: A._blocks(x, 128)  # noqa: E731
+    blk = lambda x: A._blocks(x, 128)
     live = A._live(blk(m.q_seg), blk(m.q_pos), blk(m.kv_seg), blk(m.kv_pos))
     assert int(live.sum()) == 10 and not bool(live[0, 1])
     seg = jnp.asarray(np.repeat([1, 2], 256)[None], jnp.int32)
@@ -175,7 +175,7 @@ def _tiny(**kw):
 def _grad_jaxpr(model, T: int) -> str:
     from flax import nnx
     graph, state = nnx.split(model)
-    loss = lambda s, ids: nnx.merge(graph, s)(ids).sum()  # noqa: E731
+    loss = lambda s, ids: nnx.merge(graph, s)(ids).sum()
     return str(jax.make_jaxpr(jax.grad(loss))(state, jnp.zeros((1, T), jnp.int32)))
 
 
@@ -190,7 +190,7 @@ def test_model_uses_the_chosen_implementation():
 def test_remat_auto_decides_from_traced_shapes(monkeypatch):
     """Remat shows as the forward's matmuls recomputed inside the backward scan."""
     from jaxvocab import remat
-    dots = lambda model, T: _grad_jaxpr(model, T).count("dot_general[")  # noqa: E731
+    dots = lambda model, T: _grad_jaxpr(model, T).count("dot_general[")
     full, none = dots(_tiny(remat="full"), 64), dots(_tiny(remat="none"), 64)
     assert full > none
     model = _tiny()
