@@ -11,7 +11,7 @@ vocab 1024, bf16, remat full, B = 1) at T = 1k..16k:
     chunked loss, one packed row).
 Every compile runs in its own fresh process (XLA's CPU compiler keeps memory between compiles).
 xla stops at the first length that fails to compile or exceeds --xla-max.
-Time: one jit(grad) step at T = 2048 for a SmolLM-135M-shaped model (d 576, 9 / 3 heads of 64;
+Time: one jit(grad) step at T = 1k, 2k, 4k for a SmolLM-135M-shaped model (d 576, 9 / 3 heads of 64;
 2 layers, vocab 1024, f32, B = 1), median of 3 runs after a warm-up, per implementation.
 """
 
@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--xla-max", type=int, default=8192, help="longest T to compile xla at (16k needs ~60 GB)")
     ap.add_argument("--skip-rows", action="store_true", help="only jit(grad), not the rows step")
     ap.add_argument("--skip-time", action="store_true")
+    ap.add_argument("--time-lengths", default="1024,2048,4096", help="T for the CPU wall-time rows")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     mem = memory_rows(lengths, args.xla_max, not args.skip_rows)
@@ -138,15 +139,17 @@ def main() -> None:
         lines.append(f"\nchunked grad growth 2k -> 16k: {by_t[16384][chunked_col] / by_t[2048][chunked_col]:.2f}x "
                      f"(target <= 8.8x), at 16k {fmt_bytes(by_t[16384][chunked_col])} (target < 3 GB)")
     if not args.skip_time:
-        times = {}
-        for attention in ("xla", "chunked"):
-            print(f"time {attention}", flush=True)
-            r = measure(_TIME_SETUP.format(shape=SMOL, attention=attention, T=2048), _TIME_BODY,
-                        env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
-            times[attention] = r["step_s"]
-        lines.append(f"\nCPU jit(grad) step, SmolLM-135M shapes, 2 layers, f32, B=1, T=2048: "
-                     f"xla {times['xla']:.2f} s, chunked {times['chunked']:.2f} s "
-                     f"({times['chunked'] / times['xla']:.2f}x xla; target <= 1.5x)")
+        lines.append("\nCPU jit(grad) step, SmolLM-135M shapes, 2 layers, f32, B=1 (median of 3 after a warm-up):\n")
+        rows = []
+        for T in (int(x) for x in args.time_lengths.split(",")):
+            times = {}
+            for attention in ("xla", "chunked"):
+                print(f"time T={T} {attention}", flush=True)
+                r = measure(_TIME_SETUP.format(shape=SMOL, attention=attention, T=T), _TIME_BODY,
+                            env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+                times[attention] = r["step_s"]
+            rows.append([T, f"{times['xla']:.2f}", f"{times['chunked']:.2f}", f"{times['chunked'] / times['xla']:.2f}x"])
+        lines.append(table(["T", "xla s/step", "chunked s/step", "chunked / xla (target <= 1.5x at 2k)"], rows))
     text = "\n".join(lines)
     print(text)
     save("attention", text)

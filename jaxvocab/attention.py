@@ -8,9 +8,10 @@ positions offset by the cache index. Each implementation turns that into what it
 
 - `xla`: scores [B, KV, G, T, S] in f32 and a dense mask; the reference, fastest for short T.
 - `chunked`: blockwise online softmax with a custom VJP that recomputes blocks (FlashAttention-2's
-  backward, as levanter's `flash_attention` does): activation memory O(T) forward and backward,
-  blocks that no query of the batch can see (causal upper triangle, other documents, padding) skipped
-  with `lax.cond`. Written here because JAX ships no portable memory-linear attention.
+  backward, as levanter's `flash_attention` does): activation memory O(T) forward and backward. The
+  backward skips (`lax.cond`) blocks no query of the batch can see (causal upper triangle, other
+  documents, padding); the forward cannot (see `_forward`). Written here because JAX ships no
+  portable memory-linear attention (its Pallas kernels are TPU/GPU only).
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`; plain causal batches only (it
   takes no segment ids and no cache offset), bf16/fp16 on an NVIDIA GPU.
 - `splash`: JAX's Pallas TPU splash kernel (`attention_splash.py`), segment ids as its own.
@@ -187,20 +188,26 @@ def _scores(qb, kb, qs, qp, ks, kp):
 
 
 def _forward(bq, bk, q, k, v, m):
-    """Online softmax over kv blocks for every q block: (out [B, T, KV, G, hd], lse [nq, B, KV, G, bq])."""
+    """Online softmax over kv blocks for every q block: (out [B, T, KV, G, hd], lse [nq, B, KV, G, bq]).
+
+    Inside the layer scan under `grad`, JAX's scan partial evaluation splits this loop nest into
+    the part that depends on q and the part that does not, and stacks the latter's per-block values
+    ([nq, nk, ..., bq, bk]: quadratic, measured 91 GB at 16k) as residuals nobody reads. So the
+    forward has no `lax.cond` (it computes every block) and the block mask is tied to the scores;
+    the backward, which JAX does not partially evaluate, skips the blocks no query can see."""
     T = q.shape[1]
     qb, kb, vb = _blocks(q, bq), _blocks(k, bk), _blocks(v, bk)
     qs, ks, qp, kp = _blocks(m[0], bq), _blocks(m[1], bk), _blocks(m[2], bq), _blocks(m[3], bk)
-    live = _live(qs, qp, ks, kp)
     B, KV, G, hd = q.shape[0], q.shape[2], q.shape[3], q.shape[4]
 
     def q_block(xs):
-        qi, qsi, qpi, live_i = xs
+        qi, qsi, qpi = xs
 
         def kv_block(carry, ys):
             def update(carry):
                 mx, l, acc = carry
                 s, vis = _scores(qi, ys[0], qsi, qpi, ys[2], ys[3])
+                vis = vis & (s > _NEG)   # always true: ties the mask to q (see below)
                 s = jnp.where(vis, s, _NEG)
                 mx_new = jnp.maximum(mx, s.max(-1))
                 p = jnp.where(vis, jnp.exp(s - mx_new[..., None]), 0.0)
@@ -208,17 +215,17 @@ def _forward(bq, bk, q, k, v, m):
                 acc = alpha[..., None] * acc + jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), ys[1],
                                                           preferred_element_type=jnp.float32)
                 return mx_new, alpha * l + p.sum(-1), acc
-            return jax.lax.cond(ys[4], update, lambda c: c, carry), None
+            return update(carry), None
 
         init = (jnp.full((B, KV, G, bq), _NEG, jnp.float32), jnp.zeros((B, KV, G, bq), jnp.float32),
                 jnp.zeros((B, KV, G, bq, hd), jnp.float32))
-        (mx, l, acc), _ = jax.lax.scan(kv_block, init, (kb, vb, ks, kp, live_i))
+        (mx, l, acc), _ = jax.lax.scan(kv_block, init, (kb, vb, ks, kp))
         seen = l > 0
         out = acc / jnp.where(seen, l, 1.0)[..., None]
         lse = jnp.where(seen, mx + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
         return jnp.einsum("bkgqh->bqkgh", out).astype(q.dtype), lse
 
-    out, lse = jax.lax.map(q_block, (qb, qs, qp, live))
+    out, lse = jax.lax.map(q_block, (qb, qs, qp))
     return _unblock(out, T), lse
 
 

@@ -86,6 +86,8 @@ class Llama(nnx.Module):
 
     Build it abstractly with `nnx.eval_shape(lambda: Llama(cfg))` and fill it from a checkpoint;
     pass `rngs` only when you really want a random model (tests, benchmarks).
+    `attention`: auto | xla | chunked | cudnn | splash (jaxvocab/attention.py); `remat`: auto | full |
+    none, per-layer recompute in the backward pass, auto deciding from the traced shapes (remat.py).
     """
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, compute_dtype=None,
