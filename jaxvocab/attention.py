@@ -15,8 +15,8 @@ positions offset by the cache index. Each implementation turns that into what it
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`; plain causal batches only (it
   takes no segment ids and no cache offset), bf16/fp16 on an NVIDIA GPU.
 - `splash`: JAX's Pallas TPU splash kernel (`attention_splash.py`), segment ids as its own.
-- `auto`: splash on TPU, cudnn on GPU where supported, else xla up to AUTO_CHUNKED_FROM keys and
-  chunked beyond.
+- `auto`: splash on TPU, cudnn on GPU where supported, else xla below AUTO_CHUNKED_FROM keys and
+  chunked from there.
 GQA never repeats K/V: queries are viewed as [B, T, KV, G, hd] against K/V [B, S, KV, hd].
 """
 
@@ -31,9 +31,10 @@ import jax.numpy as jnp
 from jaxvocab.errors import UsageError
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
-# auto: xla below this many keys, chunked from here (measured on CPU, bench/attention.py: at 2k keys
-# chunked's skipped upper triangle already pays for its loop overhead; below 1k xla wins).
-AUTO_CHUNKED_FROM = 2048
+# auto: xla below this many keys, chunked from here. Measured (bench/attention.py, CPU, jit(grad) of
+# a 2-layer 135M-shaped model, chunked / xla step time): 1.15x at 256, 1.5x at 512 (one block: only
+# overhead), 0.69x at 1024, 0.53x at 2048; chunked also needs less memory from 1024 on.
+AUTO_CHUNKED_FROM = 1024
 BLOCK = 512
 _NEG = -1e30   # masked score: finite, so no inf - inf anywhere in the online softmax
 

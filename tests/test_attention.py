@@ -157,8 +157,9 @@ def test_refusals_are_one_line():
 
 
 def test_auto_picks_xla_short_chunked_long():
-    short, long = (jax.ShapeDtypeStruct((1, T, 4, 64), jnp.float32) for T in (1024, A.AUTO_CHUNKED_FROM))
-    assert A.choose("auto", short, short, A.make_mask(1, 1024)) == "xla"
+    n = A.AUTO_CHUNKED_FROM - 1
+    short, long = (jax.ShapeDtypeStruct((1, T, 4, 64), jnp.float32) for T in (n, A.AUTO_CHUNKED_FROM))
+    assert A.choose("auto", short, short, A.make_mask(1, n)) == "xla"
     assert A.choose("auto", long, long, A.make_mask(1, A.AUTO_CHUNKED_FROM)) == "chunked"
 
 
