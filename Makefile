@@ -24,7 +24,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
-	$(BIN)/python bench/import.py && $(BIN)/python bench/expand.py && $(BIN)/python bench/train.py && $(BIN)/python bench/data.py
+	$(BIN)/python bench/import.py && $(BIN)/python bench/expand.py && $(BIN)/python bench/train.py \
+		&& $(BIN)/python bench/data.py && $(BIN)/python bench/attention.py && $(BIN)/python bench/train_cli.py
 
 clean:
 	rm -rf demo-out .pytest_cache

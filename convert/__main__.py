@@ -63,13 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="describe a checkpoint from its headers (fast; loads weights only with --probe)")
     ins.add_argument("src", type=Path, metavar="SRC")
     vocab_cli.add_inspect_args(ins)
+    _attention_arg(ins, "the forward pass of --probe")
     ins.set_defaults(run=cmd_inspect)
 
     demo = sub.add_parser("demo", help="run the whole mission on a tiny deterministic Llama-3 model")
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output dir (default ./demo-out)")
     demo.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _attention_arg(demo, "every forward and training pass")
     demo.set_defaults(run=cmd_demo)
     return p
+
+
+def _attention_arg(p: argparse.ArgumentParser, used_by: str) -> None:
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "chunked", "cudnn", "splash"],
+                   help=f"attention implementation for {used_by} (default auto: splash on TPU, cuDNN on GPU, "
+                        "else xla for short sequences and memory-linear chunked for long ones)")
 
 
 def _mesh(spec):
@@ -127,7 +135,7 @@ def cmd_inspect(args) -> None:
 
 def cmd_demo(args) -> None:
     from convert.demo import run_demo
-    run_demo(args.out, overwrite=args.overwrite)
+    run_demo(args.out, overwrite=args.overwrite, attention=args.attention)
 
 
 def main(argv=None) -> int:

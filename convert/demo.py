@@ -29,7 +29,7 @@ class Stage:
         print(f"\n[{self.n}/{STAGES}] {title}  (t={time.perf_counter() - self.t0:.0f}s)", flush=True)
 
 
-def run_demo(out: Path, overwrite: bool = False) -> None:
+def run_demo(out: Path, overwrite: bool = False, attention: str = "auto") -> None:
     import jaxvocab
     from convert.demo_model import build_demo_checkpoint
     from jaxvocab import diagnostics
@@ -44,7 +44,7 @@ def run_demo(out: Path, overwrite: bool = False) -> None:
 
         stage("importing it onto a device mesh")
         mesh = jaxvocab.parse_mesh(None)
-        model = jaxvocab.load(base, mesh=mesh)
+        model = jaxvocab.load(base, mesh=mesh, attention=attention)
         tok = jaxvocab.load_tokenizer(base)
         print(f"  mesh {dict(mesh.shape)}; embed sharded as {model.embed[...].sharding.spec}")
 
@@ -78,19 +78,20 @@ def run_demo(out: Path, overwrite: bool = False) -> None:
         write_jsonl(data / "train.jsonl", TRAIN)
         write_jsonl(data / "eval.jsonl", EVAL)
         run = tmp / "run"
-        _train(ckpt, data, run)
+        _train(ckpt, data, run, attention=attention)
         _summarise(run / "metrics.jsonl")
         print(f"  loss and new-token accuracy plotted in {(run / 'loss.png').relative_to(tmp)}")
 
         stage("fine-tuning LoRA adapters (all 7 projections) + the new rows, merged export reloaded in transformers")
         lora_run, lora_hf = tmp / "run-lora", tmp / "hf-lora"
         _train(ckpt, data, lora_run, ["--lora-rank", "8", "--lora-lr", "5e-3", "--steps", "60", "--eval-every", "20",
-                                      "--export-hf", str(lora_hf), "--export-peft", str(tmp / "peft-adapter")])
+                                      "--export-hf", str(lora_hf), "--export-peft", str(tmp / "peft-adapter")],
+               attention=attention)
         _summarise(lora_run / "metrics.jsonl")
         _compare_transformers(jaxvocab.load(lora_run / "final"), lora_hf, tok, plan)
 
         stage("exporting to Hugging Face and reloading in transformers")
-        final = jaxvocab.load(run / "final")
+        final = jaxvocab.load(run / "final", attention=attention)
         hf = jaxvocab.save_hf(final, tmp / "hf", max_shard_size="20MB")
         print(f"  wrote {hf.relative_to(tmp)}: {', '.join(sorted(p.name for p in hf.iterdir()))}")
         _compare_transformers(final, hf, tok, plan)
@@ -115,12 +116,13 @@ def _mass(model, probe, ids) -> float:
     return float(p[..., ids].sum(-1).mean())
 
 
-def _train(ckpt: Path, data: Path, run: Path, extra: tuple[str, ...] = ()) -> None:
+def _train(ckpt: Path, data: Path, run: Path, extra: tuple[str, ...] = (), attention: str = "auto") -> None:
     from jaxvocab.errors import JaxVocabError
     from train.__main__ import main as train_main
     argv = ["--model", str(ckpt), "--data", str(data / "train.jsonl"), "--eval", str(data / "eval.jsonl"),
             "--out", str(run), "--steps", "120", "--batch-size", "8", "--seq-len", "64", "--lr", "0.05",
-            "--warmup", "10", "--dtype", "float32", "--save-every", "60", "--eval-every", "30", *extra]
+            "--warmup", "10", "--dtype", "float32", "--save-every", "60", "--eval-every", "30",
+            "--attention", attention, *extra]
     print("  jaxvocab-train " + " ".join(argv))
     if train_main(argv) != 0:
         raise JaxVocabError("the demo's training stage failed (see the error above)")

@@ -213,7 +213,8 @@ def inspect_report(args) -> str | None:
     lines = ["vocabulary"]
     with _warnings_as_lines():
         tok = _tokenizer(args.src)
-        model = jaxvocab.load(args.src, show_progress=False) if args.probe else _abstract_model(args.src)
+        model = (jaxvocab.load(args.src, show_progress=False, attention=args.attention) if args.probe
+                 else _abstract_model(args.src))
         rows = model.config.vocab_size
         lines.append(f"  tokenizer      {tok.n_words} ids, {len(tok.free_reserved())} free reserved slots")
         if rows > tok.n_words:

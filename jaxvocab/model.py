@@ -19,7 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxvocab.attention import IMPLEMENTATIONS, attend, choose, make_mask
 from jaxvocab.config import LlamaConfig
+from jaxvocab.errors import UsageError
+from jaxvocab.remat import REMATS, use_remat
 from jaxvocab.rope import apply_rope, inverse_frequencies
 
 LAYER_AXES: dict[str, tuple[str, ...]] = {
@@ -84,13 +87,16 @@ class Llama(nnx.Module):
 
     Build it abstractly with `nnx.eval_shape(lambda: Llama(cfg))` and fill it from a checkpoint;
     pass `rngs` only when you really want a random model (tests, benchmarks).
+    `attention`: auto | xla | chunked | cudnn | splash (jaxvocab/attention.py); `remat`: auto | full |
+    none, per-layer recompute in the backward pass, auto deciding from the traced shapes (remat.py).
     """
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, compute_dtype=None,
-                 rngs: nnx.Rngs | None = None):
+                 rngs: nnx.Rngs | None = None, attention: str = "auto", remat: str = "auto"):
         self.config = config
         self.compute_dtype = jnp.dtype(compute_dtype or dtype).name
-        self.remat = False
+        self.attention = check_attention(attention)
+        self.remat = check_remat(remat)
         shape = (config.vocab_size, config.hidden_size)
         self.embed = _param(shape, dtype, TABLE_AXES, rngs)
         self.layers = Layers(config, dtype, rngs)
@@ -106,10 +112,25 @@ class Llama(nnx.Module):
         dtype = jnp.dtype(self.compute_dtype)
         x = self.embed[...][input_ids].astype(dtype)
         h, cache = decode(self.layers.weights(), x, self.config, dtype, attention_mask=attention_mask,
-                          segment_ids=segment_ids, positions=positions, cache=cache, remat=self.remat)
+                          segment_ids=segment_ids, positions=positions, cache=cache, remat=self.remat,
+                          attention=self.attention)
         h = rms_norm(h, self.norm[...], self.config.rms_norm_eps)
         logits = project(h, self.head_table[...], dtype)
         return logits if cache is None else (logits, cache)
+
+
+def check_attention(attention: str) -> str:
+    if attention not in IMPLEMENTATIONS:
+        raise UsageError(f"--attention {attention!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
+    return attention
+
+
+def check_remat(remat) -> str:
+    """'auto' | 'full' | 'none'; True / False (the older spelling) mean 'full' / 'none'."""
+    remat = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
+    if remat not in REMATS:
+        raise UsageError(f"--remat {remat!r}: choose one of {', '.join(REMATS)}")
+    return remat
 
 
 def project(h, table, dtype):
@@ -133,25 +154,8 @@ def default_positions(B, T, segment_ids=None, start=0):
     return idx - last_start
 
 
-def attention_mask_for(T, attention_mask=None, segment_ids=None, cache: KVCache | None = None):
-    """Boolean [B, 1, 1, T, S] mask: causal, same document, real keys only."""
-    if cache is None:
-        causal = jnp.tril(jnp.ones((T, T), bool))[None]
-        mask = causal
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-            mask = mask & (segment_ids[:, None, :] != 0)
-        if attention_mask is not None:
-            mask = mask & attention_mask.astype(bool)[:, None, :]
-        return mask[:, None, None]
-    S = cache.valid.shape[1]
-    q_slot = cache.index + jnp.arange(T)
-    causal = jnp.arange(S)[None, :] <= q_slot[:, None]
-    return (causal[None] & cache.valid[:, None, :])[:, None, None]
-
-
 def decode(layers: dict, x, config: LlamaConfig, dtype, *, attention_mask=None, segment_ids=None,
-           positions=None, cache: KVCache | None = None, remat: bool = False):
+           positions=None, cache: KVCache | None = None, remat="auto", attention: str = "auto"):
     """Run all decoder layers with one scan. Returns (hidden [B, T, D], updated cache or None)."""
     B, T, _ = x.shape
     if positions is None:
@@ -160,14 +164,19 @@ def decode(layers: dict, x, config: LlamaConfig, dtype, *, attention_mask=None, 
     if cache is not None:
         new_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         cache = cache._replace(valid=jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index)))
-    mask = attention_mask_for(T, attention_mask, segment_ids, cache)
+        mask = make_mask(B, T, attention_mask, segment_ids, cache.valid, cache.index)
+    else:
+        mask = make_mask(B, T, attention_mask, segment_ids)
+    S = T if cache is None else cache.valid.shape[1]
+    impl = choose(attention, jax.ShapeDtypeStruct((B, T, config.num_attention_heads, config.head_dim), dtype),
+                  jax.ShapeDtypeStruct((B, S, config.num_key_value_heads, config.head_dim), dtype), mask)
 
     def layer(h, xs):
         w, kv = xs
-        h, kv = _layer(w, h, kv, config, dtype, positions, inv_freq, mask, cache)
+        h, kv = _layer(w, h, kv, config, dtype, positions, inv_freq, mask, cache, impl)
         return h, kv
 
-    body = jax.checkpoint(layer) if remat else layer
+    body = jax.checkpoint(layer) if use_remat(remat, config, B, T, S, dtype, impl) else layer
     kv_in = None if cache is None else (cache.k, cache.v)
     h, kv_out = jax.lax.scan(body, x, (layers, kv_in))
     if cache is not None:
@@ -175,7 +184,7 @@ def decode(layers: dict, x, config: LlamaConfig, dtype, *, attention_mask=None, 
     return h, cache
 
 
-def _layer(w, h, kv, c: LlamaConfig, dtype, positions, inv_freq, mask, cache):
+def _layer(w, h, kv, c: LlamaConfig, dtype, positions, inv_freq, mask, cache, impl):
     B, T, _ = h.shape
     H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     def linear(x, name):  # x [B, T, in] . w [out, in] -> [B, T, out]
@@ -191,11 +200,7 @@ def _layer(w, h, kv, c: LlamaConfig, dtype, positions, inv_freq, mask, cache):
         v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache.index, 0, 0))
         kv = (k_all, v_all)
         k, v = k_all.astype(dtype), v_all.astype(dtype)
-    q = q.reshape(B, T, KV, H // KV, hd)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    attn = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, H * hd)
+    attn = attend(q, k, v, mask, impl).reshape(B, T, H * hd)
     h = h + linear(attn, "wo")
     m = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
     h = h + linear(jax.nn.silu(linear(m, "w_gate")) * linear(m, "w_up"), "w_down")

@@ -58,6 +58,7 @@ class RowsModel(nnx.Module):
         self.config = config
         self.compute_dtype = model.compute_dtype
         self.remat = model.remat
+        self.attention = model.attention
         self.tied = tied
         self.tables = tables
         table = model.embed[...]
@@ -103,7 +104,7 @@ class RowsModel(nnx.Module):
             layers |= lora_lib.forward_weights({k: v[...] for k, v in self.lora.items()}, self.lora_spec,
                                                self.config.num_hidden_layers, dropout_key)
         h, cache = decode(layers, x, self.config, dtype, attention_mask=attention_mask, segment_ids=segment_ids,
-                          positions=positions, cache=cache, remat=self.remat)
+                          positions=positions, cache=cache, remat=self.remat, attention=self.attention)
         return rms_norm(h, self.norm[...], self.config.rms_norm_eps), cache
 
     def embed_lookup(self, input_ids, dtype):
@@ -141,7 +142,8 @@ def merge(rm: RowsModel, dtype=None) -> Llama:
     f32), stored in the checkpoint's dtype or `dtype`; every other weight untouched."""
     c = rm.config
     dtype = jnp.dtype(dtype or rm.embed[...].dtype)
-    model = nnx.eval_shape(lambda: Llama(c, dtype=dtype, compute_dtype=rm.compute_dtype))
+    model = nnx.eval_shape(lambda: Llama(c, dtype=dtype, compute_dtype=rm.compute_dtype, attention=rm.attention,
+                                         remat=rm.remat))
     ids = rm.ids[...]
     model.embed.set_value(_write_rows(rm.embed[...], ids, rm.embed_rows, dtype))
     layers = {name: w[...] for name, w in rm.layers.items()}
@@ -154,7 +156,6 @@ def merge(rm: RowsModel, dtype=None) -> Llama:
     model.norm.set_value(_cast(rm.norm[...], dtype))
     if not rm.tied:
         model.lm_head.set_value(_write_rows(rm.lm_head[...], ids, rm.head_rows, dtype))
-    model.remat = rm.remat
     model.source_dir = rm.source_dir
     model.vocab_plan = rm.vocab_plan
     return model

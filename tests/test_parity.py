@@ -7,6 +7,7 @@ tied head, llama3 rope scaling and its config spellings, single file vs sharded 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 
@@ -43,10 +44,11 @@ def _id(case):
 
 
 @functools.cache
-def _graph(config: LlamaConfig, compute_dtype: str):
+def _graph(config: LlamaConfig, compute_dtype: str, attention: str = "auto"):
     """The model's structure without loader attributes (source_dir differs per checkpoint), so
     the jitted forward below compiles once per config instead of once per test case."""
-    return nnx.graphdef(nnx.eval_shape(lambda: Llama(config, dtype=jnp.dtype(config.dtype), compute_dtype=compute_dtype)))
+    return nnx.graphdef(nnx.eval_shape(lambda: Llama(config, dtype=jnp.dtype(config.dtype), compute_dtype=compute_dtype,
+                                                     attention=attention)))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -54,8 +56,8 @@ def _forward(graph, state, ids, kw):
     return nnx.merge(graph, state)(ids, **kw)
 
 
-def logits(model, ids, **kw) -> np.ndarray:
-    graph = _graph(model.config, model.compute_dtype)
+def logits(model, ids, attention: str = "auto", **kw) -> np.ndarray:
+    graph = _graph(model.config, model.compute_dtype, attention)
     return np.asarray(_forward(graph, nnx.state(model), jnp.asarray(ids), {k: jnp.asarray(v) for k, v in kw.items()}))
 
 
@@ -88,6 +90,34 @@ def test_logits_match_transformers(tmp_path, case, record_property):
     ids = random_ids(256, batch=1, length=LENGTH, seed=seed)
     diff = assert_parity(logits(model, ids), torch_logits(ref_model, ids))
     record_property("max_abs_diff", diff)
+
+
+# MHA untied, GQA 8:1 tied with llama3 scaling, GQA 2:1 sharded
+CHUNKED = [(8, False, False, "rope_scaling", False), (1, True, True, "rope_parameters", False),
+           (4, False, True, "rope_scaling", True)]
+
+
+@pytest.mark.parametrize("case", CHUNKED, ids=[_id(c) for c in CHUNKED])
+def test_chunked_attention_matches_transformers(tmp_path, case):
+    """The memory-linear attention (block 128 here, so 520 tokens span 5 blocks, the last partial)."""
+    kv, tied, scaling, style, shards = case
+    path, ref_model = make_hf_checkpoint(tmp_path / "hf", heads=HEADS, kv_heads=kv, tied=tied, scaling=scaling,
+                                         style=style, shards=shards, seed=11, max_pos=1024)
+    model = jaxvocab.load(path, show_progress=False, attention="chunked")
+    assert model.attention == "chunked"
+    ids = random_ids(256, batch=1, length=LENGTH, seed=11)
+    with _block(128):
+        assert_parity(logits(model, ids, attention="chunked"), torch_logits(ref_model, ids))
+
+
+@contextlib.contextmanager
+def _block(n: int):
+    from jaxvocab import attention
+    old, attention.BLOCK = attention.BLOCK, n
+    try:
+        yield
+    finally:
+        attention.BLOCK = old
 
 
 def test_scaling_matters_at_these_lengths(tmp_path):
@@ -155,8 +185,10 @@ def test_left_padding_matches_transformers(gqa):
     assert np.abs(got[1, pad:] - logits(model, ids[1:])[0, pad:]).max() > 1e-2  # the mask is doing the work
 
 
-def test_packed_segments_equal_documents_run_alone(gqa):
+@pytest.mark.parametrize("attention", ["auto", "chunked"])
+def test_packed_segments_equal_documents_run_alone(gqa, attention):
     _, ref, model = gqa
+    logits = functools.partial(_logits_with, attention)
     a = random_ids(256, batch=1, length=LENGTH, seed=4)[0]
     b = random_ids(256, batch=1, length=300, seed=5)[0]
     tail = np.zeros(20, np.int32)
@@ -172,6 +204,11 @@ def test_packed_segments_equal_documents_run_alone(gqa):
     assert_parity(packed[0, len(a):len(a) + len(b)], torch_logits(ref, b[None])[0])
     unpacked = logits(model, ids)
     assert np.abs(unpacked[0, len(a):len(a) + len(b)] - alone_b).max() > 1e-2  # segments are doing the work
+
+
+def _logits_with(attention, model, ids, **kw):
+    with _block(128):   # chunked: documents of 520 and 300 tokens cross 128-token block edges
+        return logits(model, ids, attention=attention, **kw)
 
 
 def test_bfloat16_load_runs_close_to_f32(gqa):

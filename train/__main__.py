@@ -63,8 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay (applies to the rows only)")
     p.add_argument("--clip", type=float, default=1.0, help="global-norm gradient clipping (0: off)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
-    p.add_argument("--no-remat", dest="remat", action="store_false",
-                   help="keep every layer's activations instead of recomputing them (faster, much more memory)")
+    p.add_argument("--remat", default="auto", choices=["auto", "full", "none"],
+                   help="recompute each layer in the backward pass: full, none, or auto (default): keep "
+                        "activations when the estimate fits in half the device memory (CPU: available RAM)")
+    p.add_argument("--no-remat", dest="remat", action="store_const", const="none", help="same as --remat none")
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "chunked", "cudnn", "splash"],
+                   help="attention implementation (default auto: splash on TPU, cuDNN on GPU, else xla for "
+                        "short sequences and memory-linear chunked for long ones)")
     p.add_argument("--mesh", help="e.g. data=1,fsdp=2,tensor=4 (default: fsdp over all devices)")
     p.add_argument("--seed", type=int, default=0, help="data order seed")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: final only)")
@@ -290,7 +295,7 @@ def cmd_train(args) -> None:
 
     mesh = parse_mesh(args.mesh)
     model = jaxvocab.load(args.model, mesh=mesh, show_progress=not args.quiet and is_main(),
-                          allow_nonfinite=args.allow_nonfinite)
+                          allow_nonfinite=args.allow_nonfinite, attention=args.attention)
     model.compute_dtype = args.dtype
     plan = Path(getattr(model, "source_dir", None) or args.model) / "vocab_plan.json"
     if not getattr(model, "vocab_plan", None) and plan.is_file():   # an HF dir exported by jaxvocab

@@ -52,8 +52,9 @@ class TrainConfig:
     save_every: int = 0            # 0: only the final step
     keep: int = 3
     eval_every: int = 0            # 0: only at the end
-    remat: bool = True             # recompute each layer in the backward pass: activations shrink to
-                                   # one [B, T, D] per layer for ~10% more compute
+    remat: str = "auto"            # full: recompute each layer in the backward pass (activations shrink
+                                   # to one [B, T, D] per layer for one more forward); none; auto: full
+                                   # only when the activations would not fit (jaxvocab/remat.py)
     skip_nonfinite: bool = False   # a step with a non-finite loss / gradient: skip it (logged) instead of stopping
 
 

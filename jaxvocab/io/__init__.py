@@ -11,7 +11,7 @@ from jaxvocab.errors import CheckpointError, UsageError
 from jaxvocab.io import checkpoint, finite, hf
 from jaxvocab.io.atomic import check_overlap
 from jaxvocab.io.multihost import is_main, shared_atomic_dir
-from jaxvocab.model import Llama
+from jaxvocab.model import Llama, check_attention, check_remat
 
 
 def detect(path: Path) -> str:
@@ -30,15 +30,18 @@ def detect(path: Path) -> str:
 
 
 def load(path, dtype=None, mesh: Mesh | None = None, *, show_progress: bool = True,
-         rope_factor: float | None = None, allow_nonfinite: bool = False) -> Llama:
+         rope_factor: float | None = None, allow_nonfinite: bool = False, attention: str = "auto",
+         remat: str = "auto") -> Llama:
     """Load any supported checkpoint dir onto `mesh` (default: one device), params in `dtype`
     (default: as stored). `rope_factor` overrides the llama3 rope factor a Meta params.json omits.
-    Weights holding NaN or Inf are refused unless `allow_nonfinite`."""
+    Weights holding NaN or Inf are refused unless `allow_nonfinite`. `attention` and `remat` are
+    the model's construction choices (see Llama)."""
     path = Path(path)
     with finite.scan_reads() as scan:
         model = _load(path, dtype, mesh, show_progress, rope_factor)
     if not allow_nonfinite:
         finite.check_loaded(model, path, scan)
+    model.attention, model.remat = check_attention(attention), check_remat(remat)
     return model
 
 
