@@ -1,11 +1,13 @@
 """jaxvocab-train as a 2-process job (4 CPU devices each, gloo), driven through the CLI like a pod.
 
-One tokenized store feeds every run. The 2-process run killed with -9 on process 1 after step 3
-must stop process 0 too, with one error line, within --distributed-timeout + 10 s; `--resume`
-must then end with rows bit-identical to an uninterrupted 2-process run and within 1e-6 of one
-process driving the same 8 devices (from scratch, or resuming the killed job's checkpoint); every
-other exported tensor is untouched and bit-identical.
-Each process reads only its half of every global batch from the store (counted in bytes).
+The model is a tiny HF checkpoint expanded by `jaxvocab-convert import --add-tokens` (its two new
+rows are what `--trainable new` trains); one tokenized store feeds every run. The 2-process run
+killed with -9 on process 1 after step 3 must stop process 0 too, with one error line, within
+--distributed-timeout + 10 s; `--resume` must then end with rows bit-identical to an uninterrupted
+2-process run and within 1e-6 of one process driving the same 8 devices (from scratch, or resuming
+the killed job's checkpoint); every other exported tensor is untouched and bit-identical. Each
+process reads only its half of every global batch from the store (counted in bytes). A rows + LoRA
+job matches one process too.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+import jaxvocab
 from tests.builders import make_hf_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-IDS = [5, 9, 77, 200]
 TIMEOUT = 10
 
 
@@ -46,7 +48,7 @@ def _env(devices: int) -> dict:
 
 def _cmd(model, store, out, *extra):
     return [sys.executable, "-m", "train", "--model", str(model), "--data", str(store), "--out", str(out),
-            "--trainable", "ids:" + ",".join(map(str, IDS)), "--steps", "6", "--batch-size", "8", "--seq-len", "64",
+            "--trainable", "new", "--steps", "6", "--batch-size", "8", "--seq-len", "64",
             "--lr", "1e-2", "--warmup", "2", "--dtype", "float32", "--save-every", "1", "--quiet",
             "--export-hf", str(out) + "-hf", *map(str, extra)]
 
@@ -80,22 +82,34 @@ def _tensors(hf_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def job_inputs(tmp_path_factory):
+    """A tiny HF model with a GPT-2-style tokenizer, expanded by `jaxvocab-convert import --add-tokens`
+    (two appended rows, padded for the mesh), its HF export (the untrained reference) and one store."""
+    from convert.__main__ import main as convert_main
+    from tests._tok_util import build_gpt2_style
+    from train.__main__ import main
     d = tmp_path_factory.mktemp("mh")
-    model, _ = make_hf_checkpoint(d / "model", tied=False, seed=6, max_pos=128)
+    src = d / "src"
+    build_gpt2_style(str(src))
+    n = jaxvocab.load_tokenizer(src).n_words
+    make_hf_checkpoint(src, vocab=n, tied=False, seed=6, max_pos=128)
+    model, base_hf = d / "model", d / "model-hf"
+    assert convert_main(["import", str(src), str(model), "--add-tokens", "<tool>,<think>",
+                         "--pad-to-multiple-of", "64"]) == 0
+    assert convert_main(["export", str(model), str(base_hf)]) == 0
+    ids = [n, n + 1]                  # the appended rows: what `--trainable new` trains
     rs = np.random.RandomState(0)
     with (d / "train.jsonl").open("w") as f:
         for _ in range(300):
-            ids = rs.randint(0, 256, rs.randint(10, 150))
-            ids[1::3] = rs.choice(IDS, len(ids[1::3]))
-            f.write(json.dumps({"input_ids": ids.tolist()}) + "\n")
-    from train.__main__ import main
+            toks = rs.randint(0, n, rs.randint(10, 150))
+            toks[1::3] = rs.choice(ids, len(toks[1::3]))
+            f.write(json.dumps({"input_ids": toks.tolist()}) + "\n")
     assert main(["tokenize", "--model", model, "--data", d / "train.jsonl", "--out", d / "store"]) == 0
-    return model, d / "store"
+    return {"src": src, "model": model, "base": base_hf, "store": d / "store", "ids": ids}
 
 
 @pytest.mark.slow
 def test_two_processes_kill_9_resume_and_one_process(job_inputs, tmp_path):
-    model, store = job_inputs
+    model, store, ids = job_inputs["model"], job_inputs["store"], job_inputs["ids"]
     ref = tmp_path / "ref2"
     _finish(_start_job(model, store, ref))
     reads = [json.loads((ref / "data_read" / f"process-{i}.json").read_text()) for i in range(2)]
@@ -135,20 +149,20 @@ def test_two_processes_kill_9_resume_and_one_process(job_inputs, tmp_path):
                                 text=True)
         assert single.returncode == 0, single.stderr[-3000:]
 
-    base = load_file(model / "model.safetensors")
+    base = _tensors(job_inputs["base"])   # the expanded model before training, as exported
     a, b, c = (_tensors(Path(str(p) + "-hf")) for p in (ref, out, one))
     d = _tensors(Path(str(other) + "-hf"))   # resumed with another process count
     assert set(a) == set(b) == set(c) == set(base)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert np.array_equal(a[name], b[name]), name                       # bit-identical after kill -9
-        rel = np.abs(a[name][IDS] - c[name][IDS]).max() / np.abs(c[name][IDS]).max()
+        rel = np.abs(a[name][ids] - c[name][ids]).max() / np.abs(c[name][ids]).max()
         assert rel <= 1e-6, (name, rel)                                      # 2 processes vs 1
-        rel_resumed = np.abs(a[name][IDS] - d[name][IDS]).max() / np.abs(a[name][IDS]).max()
+        rel_resumed = np.abs(a[name][ids] - d[name][ids]).max() / np.abs(a[name][ids]).max()
         assert rel_resumed <= 1e-6, (name, rel_resumed)                      # killed on 2, resumed on 1
         print(f"{name}: killed on 2 processes, resumed on 1: max relative difference {rel_resumed:.2e}")
         print(f"{name}: 2 processes vs 1, max relative difference of the trained rows {rel:.2e}")
-        assert not np.array_equal(a[name][IDS], base[name][IDS])             # the rows did train
-        keep = np.setdiff1d(np.arange(256), IDS)
+        assert not np.array_equal(a[name][ids], base[name][ids])             # the rows did train
+        keep = np.setdiff1d(np.arange(len(base[name])), ids)
         assert np.array_equal(a[name][keep], base[name][keep]) and np.array_equal(c[name][keep], base[name][keep])
     for name in set(base) - {"model.embed_tokens.weight", "lm_head.weight"}:
         assert np.array_equal(a[name], base[name]) and np.array_equal(b[name], base[name]), name
@@ -160,7 +174,7 @@ def test_two_processes_kill_9_resume_and_one_process(job_inputs, tmp_path):
 @pytest.mark.slow
 def test_a_failing_or_hung_process_stops_the_job(job_inputs, tmp_path):
     """A process that fails says why on every host; one that hangs is caught by the watchdog."""
-    model, store = job_inputs
+    model, store = job_inputs["model"], job_inputs["store"]
     procs = _start_job(model, store, tmp_path / "a", only_1=["--eval", str(tmp_path / "missing-on-host-1.jsonl")])
     outs = [p.communicate(timeout=TIMEOUT + 120)[1] for p in procs]
     assert all(p.returncode == 1 for p in procs), outs
@@ -189,7 +203,7 @@ def test_a_failing_or_hung_process_stops_the_job(job_inputs, tmp_path):
 @pytest.mark.slow
 def test_convert_import_and_export_from_two_processes(job_inputs, tmp_path):
     """jaxvocab-convert in a 2-process job: orbax multi-host save, then tensor-by-tensor gathered export."""
-    model, _ = job_inputs
+    model = job_inputs["src"]
     for sub, src, dst in (("import", model, tmp_path / "ckpt"), ("export", tmp_path / "ckpt", tmp_path / "hf")):
         port = _free_port()
         procs = [subprocess.Popen([sys.executable, "-m", "convert", sub, str(src), str(dst), "--coordinator",
@@ -202,3 +216,28 @@ def test_convert_import_and_export_from_two_processes(job_inputs, tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp dirs left
     got, want = _tensors(tmp_path / "hf"), load_file(model / "model.safetensors")
     assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_two_processes_with_lora_match_one_process(job_inputs, tmp_path):
+    """Rows + LoRA adapters as a 2-process job: merged export and PEFT adapter match one process."""
+    model, store = job_inputs["model"], job_inputs["store"]
+    lora = ("--lora-rank", "4", "--lora-targets", "q,v,down", "--steps", "3", "--save-every", "0")
+    two, one = tmp_path / "two", tmp_path / "one"
+    _finish(_start_job(model, store, two, *lora, "--export-peft", str(two) + "-peft"))
+    single = subprocess.run(_cmd(model, store, one, *lora, "--export-peft", str(one) + "-peft"), env=_env(8),
+                            cwd=ROOT, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    base = _tensors(job_inputs["base"])
+    for a, b in ((_tensors(Path(str(two) + "-hf")), _tensors(Path(str(one) + "-hf"))),
+                 (load_file(Path(str(two) + "-peft") / "adapter_model.safetensors"),
+                  load_file(Path(str(one) + "-peft") / "adapter_model.safetensors"))):
+        assert set(a) == set(b)
+        for name in a:
+            scale = max(np.abs(b[name]).max(), 1e-6)   # Adam turns reduction-order noise into ~lr-sized steps
+            assert np.abs(a[name] - b[name]).max() / scale <= 1e-4, name
+    merged = _tensors(Path(str(two) + "-hf"))
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert not np.array_equal(merged[name], base[name]), name      # the adapters trained and were merged
+    assert np.array_equal(merged["model.layers.0.self_attn.k_proj.weight"],
+                          base["model.layers.0.self_attn.k_proj.weight"])   # not a target: untouched

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from jaxvocab.errors import CheckpointError
-from jaxvocab.io.atomic import atomic_dir
+from jaxvocab.io.multihost import gather_only, is_main, shared_atomic_dir, to_host
 from jaxvocab.io.safetensors_io import read_header, read_slice, write_file
 from jaxvocab.lora import HF_MODULES, LoraSpec, a_key, b_key
 
@@ -50,7 +50,7 @@ def save_peft(rm, out_dir, *, overwrite: bool = False) -> Path:
     """Write a RowsModel's adapters and rows (f32) as a PEFT adapter dir."""
     if rm.lora is None:
         raise CheckpointError("--export-peft: this run has no LoRA adapters; pass --lora-rank")
-    spec, ids = rm.lora_spec, [int(i) for i in np.asarray(jax.device_get(rm.ids[...]))]
+    spec, ids = rm.lora_spec, [int(i) for i in to_host(rm.ids[...])]
     tensors: dict[str, tuple] = {}
     for name in spec.targets:
         for ab, key in (("A", a_key(name)), ("B", b_key(name))):
@@ -68,13 +68,14 @@ def save_peft(rm, out_dir, *, overwrite: bool = False) -> Path:
     def produce(key):
         var, where = tensors[key]
         arr = var[...][where] if isinstance(where, int) else var[...].astype(where)
-        return np.asarray(jax.device_get(arr), np.float32)
+        return np.asarray(to_host(arr), np.float32)   # gathered when the job spans several processes
 
     config = adapter_config(spec, ids, rm.tied, rm.head_rows is not None, rm.embed_rows is not None)
     out = Path(out_dir)
-    with atomic_dir(out, overwrite) as tmp:
-        write_file(tmp / WEIGHTS, entries, produce)
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    with shared_atomic_dir(out, overwrite) as tmp:   # many processes: each tensor gathered, process 0 writes
+        (write_file if is_main() else gather_only)(tmp / WEIGHTS, entries, produce)
+        if is_main():
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
