@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fmt_bytes, machine, measure, save, summarize, table  # noqa: E402
 
 from jaxvocab.config import LLAMA_3_8B  # noqa: E402
-from jaxvocab.io import keys as K  # noqa: E402
+from jaxvocab.io import keys  # noqa: E402
 from jaxvocab.io.safetensors_io import write_file  # noqa: E402
 
 NEW_TOKENS = 1000
@@ -71,13 +71,14 @@ def _tokenizer_model() -> Path:
 def write_checkpoint(out: Path) -> int:
     """Random bf16 HF dir of CONFIG (one shard), tensors generated one at a time; reserved rows zero."""
     import ml_dtypes
+
     from jaxvocab.tokenizer import load_tokenizer
     bf16 = np.dtype(ml_dtypes.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(_tokenizer_model(), out / "tokenizer.model")   # alone: the 3.1 text set, 128256 ids
     dead = load_tokenizer(out).free_reserved()
-    entries = [(name, key) for key in K.keys_for(CONFIG) for name in K.names(key, CONFIG, "hf")]
-    shape_of = {name: K.checkpoint_shape(key, CONFIG) for name, key in entries}
+    entries = [(name, key) for key in keys.keys_for(CONFIG) for name in keys.names(key, CONFIG, "hf")]
+    shape_of = {name: keys.checkpoint_shape(key, CONFIG) for name, key in entries}
 
     def produce(name):
         rng = np.random.default_rng(zlib.crc32(name.encode()))

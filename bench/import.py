@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fmt_bytes, machine, measure, repeat, save, summarize, table  # noqa: E402
 
 from jaxvocab.config import PRESETS, LlamaConfig  # noqa: E402
-from jaxvocab.io import keys as K  # noqa: E402
+from jaxvocab.io import keys  # noqa: E402
 from jaxvocab.io.safetensors_io import write_file  # noqa: E402
 
 INDEX = "model.safetensors.index.json"
@@ -43,9 +43,9 @@ def write_checkpoint(config: LlamaConfig, out: Path, shards: int = 2) -> int:
     Tensors are generated one at a time, so writing needs no more memory than the largest one."""
     import ml_dtypes
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    entries = [(name, key) for key in K.keys_for(config) for name in K.names(key, config, "hf")]
+    entries = [(name, key) for key in keys.keys_for(config) for name in keys.names(key, config, "hf")]
     entries.sort(key=lambda e: _hf_order(e[0]))
-    shape_of = {name: K.checkpoint_shape(key, config) for name, key in entries}
+    shape_of = {name: keys.checkpoint_shape(key, config) for name, key in entries}
     total = sum(int(np.prod(s)) * 2 for s in shape_of.values())
     groups, before = [[] for _ in range(shards)], 0
     for name, _ in entries:  # each tensor goes to the shard its first byte falls in

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.demo_data import EVAL, NEW_SPECIAL, NEW_PLAIN, PROBE, TRAIN, write_jsonl
+from convert.demo_data import EVAL, NEW_PLAIN, NEW_SPECIAL, PROBE, TRAIN, write_jsonl
 
 STAGES = 10
 

@@ -69,7 +69,7 @@ class LlamaConfig:
         e = self.eos_token_id
         return () if e is None else ((e,) if isinstance(e, int) else tuple(e))
 
-    def replace(self, **changes) -> "LlamaConfig":
+    def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
     def num_params(self) -> int:
@@ -80,7 +80,7 @@ class LlamaConfig:
 
     # ------------------------------------------------------------------ HF
     @classmethod
-    def from_hf_dict(cls, d: dict, where: str = "config.json") -> "LlamaConfig":
+    def from_hf_dict(cls, d: dict, where: str = "config.json") -> LlamaConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}; fix the file")
         if d.get("model_type", "llama") != "llama":
@@ -120,7 +120,7 @@ class LlamaConfig:
         )
 
     @classmethod
-    def from_hf_file(cls, path: str | Path) -> "LlamaConfig":
+    def from_hf_file(cls, path: str | Path) -> LlamaConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"

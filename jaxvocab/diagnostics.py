@@ -59,7 +59,7 @@ def table(reports: list[KLReport]) -> str:
     rows = [head] + [(r.init, f"{r.max_kl:.3g}", f"{r.mean_kl:.3g}", f"{r.new_mass_mean:.3g}", f"{r.bound:.3g}",
                       str(r.k), str(r.n)) for r in reports]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
                      for row in rows)
 
 

@@ -13,7 +13,8 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxvocab.errors import UsageError
 
@@ -75,7 +76,7 @@ def axis_size(mesh: Mesh, logical: str) -> int:
 def spec_for(shape, logical_axes, mesh: Mesh) -> P:
     """PartitionSpec for a tensor; axes the mesh does not divide stay replicated."""
     out = []
-    for dim, name in zip(shape, logical_axes):
+    for dim, name in zip(shape, logical_axes, strict=True):
         target = RULES.get(name) if name else None
         if target is not None and dim % axis_size(mesh, name) == 0:
             out.append(target)

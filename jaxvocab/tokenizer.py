@@ -24,7 +24,7 @@ N_BASE = 128000
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000   # Meta: tiktoken's Rust side slows down / overflows beyond this
 MAX_NO_WHITESPACES_CHARS = 25_000     # Meta: longest run of (non-)whitespace handed to the regex
 _RESERVED = re.compile(r"<\|reserved_special_token_\d+\|>")
-_LONG_RUN = re.compile(r"\s{%d}|\S{%d}" % (MAX_NO_WHITESPACES_CHARS + 1, MAX_NO_WHITESPACES_CHARS + 1))
+_LONG_RUN = re.compile(rf"\s{{{MAX_NO_WHITESPACES_CHARS + 1}}}|\S{{{MAX_NO_WHITESPACES_CHARS + 1}}}")
 
 
 def _specials(names: list[str]) -> dict[str, int]:
@@ -65,7 +65,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 BYTE_ENCODER = _bytes_to_unicode()
@@ -227,7 +227,7 @@ class Tokenizer:
         return ids, mask
 
     def with_tokens(self, renamed: dict[int, str], appended: dict[int, str],
-                    special: set[int] | None = None) -> "Tokenizer":
+                    special: set[int] | None = None) -> Tokenizer:
         """A new tokenizer with reserved slots renamed and ids appended; `special` (default: none)
         marks control tokens, every other new token is matched in plain text."""
         special = set(special or ())

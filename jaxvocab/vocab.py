@@ -85,7 +85,7 @@ class VocabPlan:
         return "{\n" + ",\n".join(lines) + "\n}"
 
     @classmethod
-    def from_json(cls, text: str) -> "VocabPlan":
+    def from_json(cls, text: str) -> VocabPlan:
         try:
             d = json.loads(text)
             tokens = [PlannedToken(**t) for t in d.pop("tokens")]
@@ -119,7 +119,7 @@ class VocabPlan:
                 note += f", subword init from {t.description!r}"
             rows.append((json.dumps(t.token, ensure_ascii=False)[1:-1], str(t.id), t.action, note))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        out = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+        out = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]
         counts = {a: sum(t.action == a for t in self.tokens) for a in ACTIONS}
         out.append(f"{len(self.tokens)} token(s): {counts['existing']} existing, {counts['reserved']} in reserved "
                    f"slots, {counts['spare_row']} in spare rows, {counts['appended']} appended")

@@ -11,7 +11,7 @@ import pytest
 
 import jaxvocab
 from jaxvocab.errors import CheckpointError, UsageError
-from jaxvocab.io import checkpoint, keys as K
+from jaxvocab.io import checkpoint, keys
 from jaxvocab.io.checkpoint import params_of
 from jaxvocab.sharding import parse_mesh, sharding_for
 from tests.builders import make_hf_checkpoint, random_ids
@@ -48,7 +48,7 @@ def test_restore_onto_another_mesh(saved, spec):
     assert restored.config == model.config and restored.source_dir == str(out)
     before, after = params_of(model), params_of(restored)
     assert before.keys() == after.keys()
-    for k in K.keys_for(model.config):
+    for k in keys.keys_for(model.config):
         name = "/".join(k.path)
         a, b = before[name], after[name]
         assert b.dtype == a.dtype and np.array_equal(np.asarray(a), np.asarray(b)), name
@@ -56,7 +56,7 @@ def test_restore_onto_another_mesh(saved, spec):
             assert len(b.sharding.device_set) == 1, name
         else:
             assert b.sharding.mesh == mesh, name
-            assert b.sharding.is_equivalent_to(sharding_for(b.shape, K.logical_axes(k), mesh), b.ndim), name
+            assert b.sharding.is_equivalent_to(sharding_for(b.shape, keys.logical_axes(k), mesh), b.ndim), name
     if mesh is not None:  # fsdp is now 4 wide and tensor 1: the shards really moved
         assert {s.data.shape for s in after["embed"].addressable_shards} == {(256, 64 // 4)}
         assert {s.data.shape for s in after["layers/wq"].addressable_shards} == {(2, 64, 64 // 4)}

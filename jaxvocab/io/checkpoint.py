@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import CheckpointError, JaxVocabError, brief, fault_point
-from jaxvocab.io import keys as K
+from jaxvocab.io import keys
 from jaxvocab.io.atomic import signals_blocked
 from jaxvocab.model import Llama
 from jaxvocab.sharding import sharding_for, single_device_mesh
@@ -35,7 +35,7 @@ def is_jaxvocab_dir(path: Path) -> bool:
 
 def params_of(model: Llama) -> dict:
     """Plain {path: array} dict of the weights, the tree orbax stores."""
-    return {"/".join(k.path): K.get_param(model, k)[...] for k in K.keys_for(model.config)}
+    return {"/".join(k.path): keys.get_param(model, k)[...] for k in keys.keys_for(model.config)}
 
 
 def save_state(model: Llama, out: Path) -> None:
@@ -64,13 +64,13 @@ def _restore(state: Path, config: LlamaConfig, dtype, mesh: Mesh):
             raise CheckpointError(f"{state}: holds no 'embed' param; the checkpoint is corrupt, re-create it")
         dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(tree["embed"].dtype)
         target = {}
-        for k in K.keys_for(config):
-            shape = K.param_shape(k, config)
+        for k in keys.keys_for(config):
+            shape = keys.param_shape(k, config)
             name = "/".join(k.path)
             if name not in tree or tuple(tree[name].shape) != shape:
                 raise CheckpointError(f"{state}: {name} is missing or does not match config.json")
             target[name] = jax.ShapeDtypeStruct(shape, jnp.dtype(tree[name].dtype),
-                                                sharding=sharding_for(shape, K.logical_axes(k), mesh))
+                                                sharding=sharding_for(shape, keys.logical_axes(k), mesh))
         return ckptr.restore(state, target), dtype
 
 
@@ -95,8 +95,8 @@ def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Llama:
         raise CheckpointError(f"{state}: cannot be read ({type(e).__name__}: {brief(str(e).splitlines()[0] if str(e) else '')}); "
                               "the checkpoint is corrupt, re-create it") from None
     model = nnx.eval_shape(lambda: Llama(config.replace(dtype=dtype.name), dtype=dtype))
-    for k in K.keys_for(config):
-        K.get_param(model, k).set_value(params["/".join(k.path)].astype(dtype))
+    for k in keys.keys_for(config):
+        keys.get_param(model, k).set_value(params["/".join(k.path)].astype(dtype))
     model.source_dir = str(path)
     plan = path / "vocab_plan.json"
     model.vocab_plan = plan.read_text() if plan.is_file() else None

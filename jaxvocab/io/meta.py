@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from jaxvocab.config import LlamaConfig, RopeScaling, _positive_float, read_json
 from jaxvocab.errors import CheckpointError, ConfigError, UsageError, brief
-from jaxvocab.io import keys as K
+from jaxvocab.io import keys
 from jaxvocab.io.hf import build
 from jaxvocab.io.pth import LazyTensor, read_pth
 from jaxvocab.io.safetensors_io import FLOATS
@@ -106,7 +106,7 @@ class Merged:
                 raise bad
             self.groups = [(0, parts)]
             return
-        if len(local) != len(shape) or any(a != b for i, (a, b) in enumerate(zip(local, shape)) if i != dim):
+        if len(local) != len(shape) or any(a != b for i, (a, b) in enumerate(zip(local, shape, strict=True)) if i != dim):
             raise bad
         self.local = local[dim]
         if self.local == 0 or shape[dim] % self.local or (len(parts) * self.local) % shape[dim]:
@@ -197,15 +197,15 @@ class MetaCheckpoint:
         self.dtype = emb.dtype
         self.config = self._config(vocab, tied, rope_factor)
         self.tensors = dict(tables)
-        for key in K.KEYS:
+        for key in keys.KEYS:
             split = self.embed_split if key.path == ("embed",) else key.meta_split
-            for name in K.names(key, self.config, "meta"):
+            for name in keys.names(key, self.config, "meta"):
                 if name not in self.tensors:
-                    self.tensors[name] = self._merged(name, split, K.checkpoint_shape(key, self.config))
+                    self.tensors[name] = self._merged(name, split, keys.checkpoint_shape(key, self.config))
 
     def _check_names(self, n_layers: int) -> None:
-        expected = {k.meta.format(i=i) for k in K.KEYS for i in (range(n_layers) if k.layered else [0])}
-        for f, shard in zip(self.files, self.shards):
+        expected = {k.meta.format(i=i) for k in keys.KEYS for i in (range(n_layers) if k.layered else [0])}
+        for f, shard in zip(self.files, self.shards, strict=True):
             missing = sorted(expected - set(shard), key=_natural)
             if missing:
                 raise CheckpointError(f"{f}: tensor {missing[0]!r} is missing"
@@ -255,9 +255,9 @@ class MetaCheckpoint:
             dtype=self.dtype.name,
         )
 
-    def source_for(self, key: K.Key):
+    def source_for(self, key: keys.Key):
         """Reader of param-space slices for io.hf.build: (read(idx) -> np.ndarray, nbytes)."""
-        tensors = [self.tensors[n] for n in K.names(key, self.config, "meta")]
+        tensors = [self.tensors[n] for n in keys.names(key, self.config, "meta")]
         head_dim = self.config.head_dim
 
         def read_one(t: Merged, idx):
