@@ -15,7 +15,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m convert demo --out demo-out --overwrite
+	$(BIN)/python -m examples.demo --out demo-out --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

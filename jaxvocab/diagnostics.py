@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvocab.errors import VocabError
-from jaxvocab.init import init_rows
 from jaxvocab.model import decode, rms_norm
+from jaxvocab.row_init import init_rows
 from jaxvocab.vocab import VocabPlan, expansion_layout, model_mesh, subword_arrays
 
 CHUNK = 256   # probe positions per KL step: [CHUNK, V] f32 logits stay small even at 128k rows

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxvocab.errors import JaxVocabError, UsageError, VocabError
-from jaxvocab.init import INITS, REL_EPS, expand_table, no_subword, tables, untrained_mask
+from jaxvocab.row_init import INITS, REL_EPS, expand_table, no_subword, tables, untrained_mask
 from jaxvocab.sharding import axis_size, single_device_mesh
 
 ACTIONS = ("existing", "reserved", "spare_row", "appended")

@@ -9,8 +9,8 @@ import pytest
 
 import jaxvocab
 from convert.__main__ import main as convert_main
-from jaxvocab.init import COV_SCALE, NOISE_SCALE, RANDOM_STD, init_rows, no_subword
 from jaxvocab.model import TABLE_AXES
+from jaxvocab.row_init import COV_SCALE, NOISE_SCALE, RANDOM_STD, init_rows, no_subword
 from jaxvocab.sharding import sharding_for
 from jaxvocab.vocab import VocabPlan, find_untrained, fix_untrained, plan_vocab, subword_arrays
 from tests._tok_util import build_gpt2_style
@@ -39,7 +39,7 @@ def gpt2_ckpt_tied(tmp_path_factory):
 @pytest.fixture(scope="module")
 def text_tok_dir(tmp_path_factory):
     """The package's tokenizer minus the vision-only <|image|>: a Llama-3 text tokenizer (128256 ids)."""
-    from convert.demo_model import write_text_tokenizer
+    from examples.llama3_tokenizer import write_text_tokenizer
     d = tmp_path_factory.mktemp("texttok")
     write_text_tokenizer(d)
     return d

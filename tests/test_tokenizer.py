@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from examples.llama3_tokenizer import package_tokenizer_dir
 from jaxvocab.errors import CheckpointError, VocabError
 from jaxvocab.io.tokenizer_files import write_tokenizer_files
 from jaxvocab.tokenizer import LLAMA3_SPECIALS, LLAMA31_SPECIALS, LLAMA32_VISION_SPECIALS, load_tokenizer
@@ -14,7 +15,6 @@ try:
         LLAMA3_CHAT_TEMPLATE,
         build_gpt2_style,
         dir_hashes,
-        llama_tok_dir,
         meta_encode,
         reference_tiktoken,
     )
@@ -23,12 +23,11 @@ except ImportError:
         LLAMA3_CHAT_TEMPLATE,
         build_gpt2_style,
         dir_hashes,
-        llama_tok_dir,
         meta_encode,
         reference_tiktoken,
     )
 
-TOK_DIR = llama_tok_dir()
+TOK_DIR = str(package_tokenizer_dir())
 
 CORPUS = [
     "Hello, world! This is a simple sentence.",
