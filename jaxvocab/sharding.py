@@ -35,6 +35,11 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
+def round_up(n: int, multiple: int) -> int:
+    """Smallest multiple of `multiple` >= n (vocab padding, decode buckets, Meta's FFN width)."""
+    return -(-n // multiple) * multiple
+
+
 def parse_mesh(spec: str | None, devices=None) -> Mesh:
     """'data=1,fsdp=2,tensor=4' -> Mesh. Missing axes are 1; one axis may be -1 (the rest)."""
     devices = list(devices if devices is not None else jax.devices())
@@ -87,9 +92,3 @@ def spec_for(shape, logical_axes, mesh: Mesh) -> P:
 
 def sharding_for(shape, logical_axes, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec_for(shape, logical_axes, mesh))
-
-
-def batch_sharding(mesh: Mesh, ndim: int = 2, batch: int | None = None) -> NamedSharding:
-    """Batches split over (data, fsdp) on their first axis."""
-    first = RULES["batch"] if batch is None or batch % axis_size(mesh, "batch") == 0 else None
-    return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))

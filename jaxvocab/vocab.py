@@ -25,11 +25,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxvocab.errors import JaxVocabError, UsageError, VocabError
 from jaxvocab.row_init import INITS, REL_EPS, expand_table, no_subword, tables, untrained_mask
-from jaxvocab.sharding import axis_size, single_device_mesh
+from jaxvocab.sharding import axis_size, round_up, single_device_mesh
+from jaxvocab.tokenizer import ROLE_KEYS
 
 ACTIONS = ("existing", "reserved", "spare_row", "appended")
 MIN_SHARDED_MULTIPLE = 128   # rows on a multi-device mesh: MXU/tensor-core friendly and shardable
-_ROLE_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
 
 
 @dataclasses.dataclass
@@ -189,7 +189,7 @@ def _roles_in_use(model) -> set[str]:
             cfg = json.load(f)
     except (OSError, ValueError):
         return set()
-    vals = [cfg.get(k) for k in _ROLE_KEYS]
+    vals = [cfg.get(k) for k in ROLE_KEYS]
     return {v.get("content") if isinstance(v, dict) else v for v in vals if v}
 
 
@@ -262,7 +262,7 @@ def plan_vocab(tok, new_tokens, reuse_reserved: bool | str = True, pad_to_multip
     if unknown:
         raise VocabError(f"special tokens {sorted(unknown)[:3]} are not among the new tokens; flag only requested tokens")
     size_after = next_id
-    new_rows = -(-max(old_rows, size_after) // multiple) * multiple
+    new_rows = round_up(max(old_rows, size_after), multiple)
     unbacked = list(range(old_rows, tok.n_words))
     if unbacked:
         warnings.warn(f"the tokenizer has {len(unbacked)} id(s) beyond the model's {old_rows} rows (first: "

@@ -32,11 +32,6 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-def is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and ((path / SINGLE).is_file() or (path / INDEX).is_file()
-                                                  or any(path.glob("*.safetensors")))
-
-
 def tensor_index(path: Path) -> dict[str, TensorInfo]:
     """name -> header entry over all shards, with the index checked against the files."""
     index_file = path / INDEX
@@ -84,7 +79,7 @@ def _inside(name: str) -> bool:
 
 def validate(config: LlamaConfig, infos: dict, path: Path) -> None:
     expected = {n: (k, keys.checkpoint_shape(k, config)) for k in keys.keys_for(config) for n in keys.names(k, config)}
-    missing = sorted(set(expected) - set(infos), key=_natural)
+    missing = sorted(set(expected) - set(infos), key=keys.natural_order)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{path}: tensor {missing[0]!r}{more} is missing; the checkpoint does not match config.json")
@@ -99,10 +94,6 @@ def validate(config: LlamaConfig, infos: dict, path: Path) -> None:
             raise CheckpointError(f"{info.path}: {name} has shape {list(info.shape)} but config.json implies {list(shape)}")
         if info.dtype not in FLOATS:
             raise CheckpointError(f"{info.path}: {name} has dtype {info.dtype}; weights must be floating point")
-
-
-def _natural(s: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 def read_hf(path, *, dtype=None, mesh: Mesh | None = None, show_progress: bool = True) -> Llama:

@@ -29,6 +29,7 @@ from jaxvocab.io.hf import build
 from jaxvocab.io.pth import LazyTensor, read_pth
 from jaxvocab.io.safetensors_io import FLOATS
 from jaxvocab.model import Llama
+from jaxvocab.sharding import round_up
 
 log = logging.getLogger("jaxvocab")
 
@@ -57,7 +58,7 @@ def intermediate_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: floa
     hidden = int(2 * (4 * dim) / 3)
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+    return round_up(hidden, multiple_of)
 
 
 def read_params(path: Path) -> dict:
@@ -206,12 +207,12 @@ class MetaCheckpoint:
     def _check_names(self, n_layers: int) -> None:
         expected = {k.meta.format(i=i) for k in keys.KEYS for i in (range(n_layers) if k.layered else [0])}
         for f, shard in zip(self.files, self.shards, strict=True):
-            missing = sorted(expected - set(shard), key=_natural)
+            missing = sorted(expected - set(shard), key=keys.natural_order)
             if missing:
                 raise CheckpointError(f"{f}: tensor {missing[0]!r} is missing"
                                       f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                                       f"the checkpoint does not match {PARAMS} (n_layers={n_layers})")
-            extra = sorted(set(shard) - expected - _IGNORED, key=_natural)
+            extra = sorted(set(shard) - expected - _IGNORED, key=keys.natural_order)
             if extra:
                 raise CheckpointError(f"{f}: unexpected tensor {extra[0]!r}; jaxvocab reads plain Llama checkpoints")
             for name in expected:
@@ -269,10 +270,6 @@ class MetaCheckpoint:
             return np.stack([read_one(tensors[i], idx[1:]) for i in range(*idx[0].indices(len(tensors)))])
 
         return read, sum(t.nbytes for t in tensors)
-
-
-def _natural(s: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 def meta_config(path, rope_factor: float | None = None) -> LlamaConfig:
