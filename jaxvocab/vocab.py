@@ -18,6 +18,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping
+from typing import Literal, NamedTuple
 
 import jax
 import numpy as np
@@ -215,22 +216,32 @@ def _flagged(texts: list[str], special) -> set[str]:
     return set(special or ())
 
 
-def plan_vocab(tok, new_tokens, reuse_reserved: bool | str = True, pad_to_multiple_of: int | None = None,
+ReuseReserved = Literal["all", "special", "none"]
+_REUSE_MODES = {"all": "all", "special": "special", "none": "none", True: "all", False: "none"}
+
+
+def _reuse_mode(reuse_reserved) -> str:
+    """The Literal mode; True / False (the older spelling) keep their meaning: "all" / "none"."""
+    if isinstance(reuse_reserved, (bool, str)) and reuse_reserved in _REUSE_MODES:
+        return _REUSE_MODES[reuse_reserved]
+    raise UsageError(f"reuse_reserved={reuse_reserved!r}: use 'all', 'special' or 'none' (True / False mean all / none)")
+
+
+def plan_vocab(tok, new_tokens, reuse_reserved: ReuseReserved | bool = "all", pad_to_multiple_of: int | None = None,
                model=None, *, special: bool | str | Iterable[str] | Mapping[str, bool] = "auto") -> VocabPlan:
     """Decide the id of every requested token.
 
     new_tokens: texts, or {text: description or None} (a description seeds the subword init).
-    reuse_reserved: True (every new token may take a free reserved slot), False (append all), or
-    "special" (only control tokens take reserved slots, which Llama-3 declares special anyway;
-    plain words are appended).
+    reuse_reserved: "all" (default: every new token may take a free reserved slot), "none" (append
+    all), or "special" (only control tokens take reserved slots, which Llama-3 declares special
+    anyway; plain words are appended). True / False are still accepted and mean "all" / "none".
     special: which new tokens are control tokens (special=True in the tokenizer files; vLLM and
     transformers drop them from decoded output by default): "auto" (default: `<|...|>` tokens),
     True / False (all / none), the texts to flag, or {text: bool} overriding "auto" per token.
     model: gives the current row count (spare padding rows are used before growing) and the mesh
     (default padding); without it the model is assumed to have exactly the tokenizer's rows.
     """
-    if reuse_reserved not in (True, False, "special"):
-        raise UsageError(f"reuse_reserved={reuse_reserved!r}: use True, False or 'special'")
+    reuse = _reuse_mode(reuse_reserved)
     requests = _requests(new_tokens)
     flagged = _flagged([t for t, _ in requests], special)
     if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int)
@@ -241,7 +252,7 @@ def plan_vocab(tok, new_tokens, reuse_reserved: bool | str = True, pad_to_multip
     have_ids = {text: existing_id(tok, text) for text, _ in requests}
     # Slots a role or the request itself keeps (asking for "<|reserved_special_token_5|>") stay.
     kept = _roles_in_use(model) | {t for t, i in have_ids.items() if i is not None}
-    reserved = [i for i in tok.free_reserved() if tok.id_to_piece(i) not in kept] if reuse_reserved else []
+    reserved = [i for i in tok.free_reserved() if tok.id_to_piece(i) not in kept] if reuse != "none" else []
     next_id = tok.n_words
     tokens: list[PlannedToken] = []
     for text, desc in requests:
@@ -251,7 +262,7 @@ def plan_vocab(tok, new_tokens, reuse_reserved: bool | str = True, pad_to_multip
                 warnings.warn(f"token {text!r} already exists as id {have}; its description is ignored", stacklevel=2)
             tokens.append(PlannedToken(text, int(have), "existing", special=tok.is_special(have)))
             continue
-        if reserved and (reuse_reserved is True or text in flagged):
+        if reserved and (reuse == "all" or text in flagged):
             i = reserved.pop(0)
             tokens.append(PlannedToken(text, i, "reserved", tok.id_to_piece(i), text in flagged, desc))
             continue
@@ -358,9 +369,17 @@ def _trained(untrained: np.ndarray, limit: int, targets) -> np.ndarray:
     return trained
 
 
-def expansion_layout(model, tok, plan: VocabPlan, init: str = "mean", fix_untrained: bool = False):
-    """What an expansion writes and from which rows: (plan with init and untrained_fixed filled in,
-    sorted target ids, trained-row mask over the old rows, text per target for the subword init)."""
+class ExpansionLayout(NamedTuple):
+    """What an expansion writes and from which rows."""
+
+    plan: VocabPlan            # with init and untrained_fixed filled in
+    targets: np.ndarray        # sorted row ids the expansion initialises (int64)
+    trained: np.ndarray        # bool mask over the old rows: rows the init statistics are taken from
+    texts: list[str | None]    # per target: the text (or description) the subword init splits
+
+
+def expansion_layout(model, tok, plan: VocabPlan, init: str = "mean", fix_untrained: bool = False) -> ExpansionLayout:
+    """The rows an expansion of `model` by `plan` writes, and the trained rows it reads."""
     if plan.old_rows != model.config.vocab_size:
         raise VocabError(f"the plan was made for {plan.old_rows} model rows but the model has "
                          f"{model.config.vocab_size}; re-plan with plan_vocab(..., model=model)")
@@ -376,7 +395,7 @@ def expansion_layout(model, tok, plan: VocabPlan, init: str = "mean", fix_untrai
     texts_by_id = {t.id: t.description or t.token for t in plan.tokens if t.action != "existing"}
     texts_by_id.update({i: tok.id_to_piece(i) for i in fixed if i not in texts_by_id})
     trained = _trained(untrained, limit, targets[targets < plan.old_rows])
-    return plan, targets, trained, [texts_by_id.get(int(i)) for i in targets]
+    return ExpansionLayout(plan, targets, trained, [texts_by_id.get(int(i)) for i in targets])
 
 
 def _check_size(model, plan: VocabPlan) -> None:

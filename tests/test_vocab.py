@@ -131,6 +131,19 @@ def test_reuse_reserved_for_special_tokens_only(tok31):
         plan_vocab(tok31, ["<a>"], reuse_reserved="sometimes")
 
 
+def test_reuse_reserved_modes_match_the_old_booleans(tok31):
+    """"all" / "none" are what True / False always meant; other values are a usage error."""
+    model = abstract_model(128256)
+    words = ["<|tool|>", "jaxvocab"]
+    for mode, old, actions in (("all", True, ["reserved", "reserved"]), ("none", False, ["appended", "appended"])):
+        plan = plan_vocab(tok31, words, reuse_reserved=mode, pad_to_multiple_of=64, model=model)
+        assert plan == plan_vocab(tok31, words, reuse_reserved=old, pad_to_multiple_of=64, model=model)
+        assert [t.action for t in plan.tokens] == actions
+    for bad in (["all"], 1.5, None, "All"):
+        with pytest.raises(UsageError, match="reuse_reserved"):
+            plan_vocab(tok31, words, reuse_reserved=bad, model=model)
+
+
 def test_pre_padded_rows_are_used_first(tok31):
     model = abstract_model(128320)           # tokenizer 128256 ids, 64 spare padding rows
     plan = plan_vocab(tok31, [f"<t{i}>" for i in range(70)], reuse_reserved=False, model=model)

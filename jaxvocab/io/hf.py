@@ -12,6 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -202,18 +203,30 @@ def host_tensor(model: Llama, key: keys.Key, layer: int | None, rows: int | None
     return to_host(arr)
 
 
+class ExportTensor(NamedTuple):
+    """One tensor of an HF export: where it comes from in the model, and how it is stored."""
+
+    name: str                 # HF tensor name
+    key: keys.Key
+    layer: int | None         # index into the stacked layers, None for unstacked params
+    dtype: np.dtype
+    shape: tuple[int, ...]    # checkpoint shape (tables cut to the exported rows)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
 def write_weights(model: Llama, out: Path, max_shard_size="5GB", show_progress: bool = True,
                   rows: int | None = None) -> dict:
     """The weights as safetensors shards; `rows` keeps only the first rows of the vocab tables."""
     limit = parse_size(max_shard_size)
     config = model.config if rows is None else model.config.replace(vocab_size=rows)
-    plan = []
-    for name, key, layer in tensors_of(model):
-        p = keys.get_param(model, key)[...]
-        plan.append((name, key, layer, p.dtype, keys.checkpoint_shape(key, config), p.dtype.itemsize))
+    plan = [ExportTensor(name, key, layer, np.dtype(keys.get_param(model, key)[...].dtype),
+                         keys.checkpoint_shape(key, config)) for name, key, layer in tensors_of(model)]
     shards, current, size = [], [], 0
     for entry in plan:
-        nbytes = int(np.prod(entry[4])) * entry[5]
+        nbytes = entry.nbytes
         if current and size + nbytes > limit:
             shards.append(current)
             current, size = [], 0
@@ -222,20 +235,20 @@ def write_weights(model: Llama, out: Path, max_shard_size="5GB", show_progress: 
     shards.append(current)
     total = 0
     weight_map = {}
-    by_name = {e[0]: e for e in plan}
+    by_name = {e.name: e for e in plan}
     bar = progress(total=len(plan), desc="writing", unit="tensor", disable=not show_progress)
     with bar:
         for n, shard in enumerate(shards):
             fname = SINGLE if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
 
             def produce(name):
-                _, key, layer, _, shape, _ = by_name[name]
+                e = by_name[name]
                 bar.update(1)
-                return host_tensor(model, key, layer, rows=shape[0] if key.path in _TABLES else None)
+                return host_tensor(model, e.key, e.layer, rows=e.shape[0] if e.key.path in _TABLES else None)
 
             write = write_file if is_main() else gather_only   # a gather is collective: all take part
-            total += write(out / fname, [(e[0], np.dtype(e[3]), e[4]) for e in shard], produce)
-            weight_map.update({e[0]: fname for e in shard})
+            total += write(out / fname, [(e.name, e.dtype, e.shape) for e in shard], produce)
+            weight_map.update({e.name: fname for e in shard})
     if len(shards) > 1 and is_main():
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
