@@ -100,6 +100,33 @@ def test_interrupted_save_leaves_nothing(saved, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_format_1_checkpoint_loads_after_a_format_change(saved, tmp_path, monkeypatch):
+    """A checkpoint written by today's code (format 1, built here) still loads once the writer moves on:
+    a later jaxvocab that writes format 2 keeps 1 in READABLE_FORMATS and restores it bit for bit."""
+    _, model, out = saved
+    old = shutil.copytree(out, tmp_path / "v1")
+    assert json.loads((old / checkpoint.MARKER).read_text()) == {"format": 1, "vocab_size": model.config.vocab_size}
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(checkpoint, "READABLE_FORMATS", (1, 2))
+    restored = jaxvocab.load(old)
+    assert restored.config == model.config
+    before, after = params_of(model), params_of(restored)
+    assert all(np.array_equal(np.asarray(before[k]), np.asarray(after[k])) for k in before)
+
+
+@pytest.mark.parametrize("version", [2, 10**6])
+def test_future_format_is_one_line_naming_the_fix(saved, tmp_path, version):
+    _, _, out = saved
+    copy = shutil.copytree(out, tmp_path / "ck")
+    marker = json.loads((copy / checkpoint.MARKER).read_text())
+    (copy / checkpoint.MARKER).write_text(json.dumps({**marker, "format": version}))
+    with pytest.raises(CheckpointError) as e:
+        jaxvocab.load(copy)
+    msg = str(e.value)
+    assert "\n" not in msg and str(copy / checkpoint.MARKER) in msg
+    assert f"format {version}" in msg and "newer jaxvocab" in msg and "upgrade jaxvocab" in msg
+
+
 @pytest.mark.parametrize("damage, words", [
     (lambda d: (d / checkpoint.MARKER).write_text("{oops"), "corrupt marker"),
     (lambda d: (d / checkpoint.MARKER).write_text('{"format": 99}'), "format 99"),

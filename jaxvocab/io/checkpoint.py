@@ -26,7 +26,8 @@ from jaxvocab.model import Llama
 from jaxvocab.sharding import sharding_for, single_device_mesh
 
 MARKER = "jaxvocab.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1            # what save_checkpoint writes
+READABLE_FORMATS = (1,)       # every format `load` still reads: a new version is added here, none removed
 
 
 def is_jaxvocab_dir(path: Path) -> bool:
@@ -74,14 +75,25 @@ def _restore(state: Path, config: LlamaConfig, dtype, mesh: Mesh):
         return ckptr.restore(state, target), dtype
 
 
+def _check_format(path: Path, marker) -> None:
+    """One line for a marker this jaxvocab cannot read: newer (upgrade) or malformed (re-create)."""
+    fmt = marker.get("format") if isinstance(marker, dict) else marker
+    if isinstance(fmt, int) and not isinstance(fmt, bool):
+        if fmt in READABLE_FORMATS:
+            return
+        if fmt > FORMAT_VERSION:
+            raise CheckpointError(f"{path / MARKER}: format {fmt} was written by a newer jaxvocab (this one reads "
+                                  f"{', '.join(map(str, READABLE_FORMATS))}); upgrade jaxvocab")
+    raise CheckpointError(f"{path / MARKER}: format {brief(fmt)} is not supported by this jaxvocab; "
+                          "re-create the checkpoint")
+
+
 def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Llama:
     try:
         marker = json.loads((path / MARKER).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{path / MARKER}: corrupt marker file; re-create the checkpoint") from None
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path / MARKER}: format {brief(marker.get('format') if isinstance(marker, dict) else marker)} "
-                              "is not supported by this jaxvocab; re-create the checkpoint")
+    _check_format(path, marker)
     config = LlamaConfig.from_hf_file(path)
     mesh = mesh or single_device_mesh()
     state = (path / "state").absolute()
