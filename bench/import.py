@@ -23,60 +23,12 @@ import shutil
 import sys
 import tempfile
 import textwrap
-import zlib
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt_bytes, machine, measure, repeat, save, summarize, table  # noqa: E402
+from common import INDEX, fmt_bytes, machine, measure, repeat, save, summarize, table, write_random_checkpoint  # noqa: E402
 
 from jaxvocab.config import PRESETS, LlamaConfig  # noqa: E402
-from jaxvocab.io import keys as K  # noqa: E402
-from jaxvocab.io.safetensors_io import write_file  # noqa: E402
-
-INDEX = "model.safetensors.index.json"
-
-
-def write_checkpoint(config: LlamaConfig, out: Path, shards: int = 2) -> int:
-    """Random bf16 HF checkpoint of `config`'s shapes, split into `shards` files like HF's.
-    Tensors are generated one at a time, so writing needs no more memory than the largest one."""
-    import ml_dtypes
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-    entries = [(name, key) for key in K.keys_for(config) for name in K.names(key, config, "hf")]
-    entries.sort(key=lambda e: _hf_order(e[0]))
-    shape_of = {name: K.checkpoint_shape(key, config) for name, key in entries}
-    total = sum(int(np.prod(s)) * 2 for s in shape_of.values())
-    groups, before = [[] for _ in range(shards)], 0
-    for name, _ in entries:  # each tensor goes to the shard its first byte falls in
-        groups[min(shards - 1, before * shards // total)].append(name)
-        before += int(np.prod(shape_of[name])) * 2
-    groups = [g for g in groups if g]
-
-    def produce(name):
-        rng = np.random.default_rng(zlib.crc32(name.encode()))
-        if name.endswith("norm.weight"):
-            return (1.0 + 0.05 * rng.standard_normal(shape_of[name], np.float32)).astype(bf16)
-        return (0.02 * rng.standard_normal(shape_of[name], np.float32)).astype(bf16)
-
-    out.mkdir(parents=True, exist_ok=True)
-    weight_map, written = {}, 0
-    for i, group in enumerate(groups):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        written += write_file(out / fname, [(n, bf16, shape_of[n]) for n in group], produce)
-        weight_map.update(dict.fromkeys(group, fname))
-        print(f"  wrote {fname}", file=sys.stderr)
-    hf_config = config.replace(dtype="bfloat16").to_hf_dict()
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    # The index last: its presence is what --keep-dir takes as "complete, reuse it".
-    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": written}, "weight_map": weight_map}, indent=2))
-    return written
-
-
-def _hf_order(name: str):
-    parts = name.split(".")
-    layer = int(parts[2]) if parts[1:2] == ["layers"] else (-1 if "embed" in name else 10**9)
-    return layer, name
 
 
 def checkpoint_bytes(path: Path) -> int:
@@ -179,7 +131,7 @@ def main(argv=None) -> int:
             print(f"reusing {path}", file=sys.stderr)
         else:
             print(f"writing a random {args.preset} checkpoint to {path}", file=sys.stderr)
-            write_checkpoint(config, path)
+            write_random_checkpoint(config, path, shards=2)
         results = run(path, args.repeats)
         text = report(args.preset, path, results, args.repeats)
     finally:

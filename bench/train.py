@@ -33,7 +33,7 @@ import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt_bytes, machine, measure, save, table  # noqa: E402
+from common import RSS_SAMPLER, fmt_bytes, machine, measure, save, table  # noqa: E402
 
 SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
              num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
@@ -41,14 +41,6 @@ SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidd
 NEW = list(range(49152 - 16, 49152))
 BATCH, SEQ, LR = 4, 256, 1e-3
 
-_SAMPLER = """
-import threading, psutil
-_proc, _peak, _stop = psutil.Process(), [0], threading.Event()
-def _sample():
-    while not _stop.is_set():
-        _peak[0] = max(_peak[0], _proc.memory_info().rss)
-        _stop.wait(0.002)
-"""
 
 # Both children draw the same batches: random ids with the new ids at 5% of the positions.
 _BATCHES = f"""
@@ -119,7 +111,7 @@ def jax_child(path: Path, steps: int, remat: bool = True) -> tuple[str, str]:
         def _step(b):
             return float(trainer.step(b)["loss"])
         """)
-    return load + _BATCHES + step + _SAMPLER, _TIMED
+    return load + _BATCHES + step + RSS_SAMPLER, _TIMED
 
 
 def peft_child(path: Path, steps: int) -> tuple[str, str]:
@@ -148,10 +140,10 @@ def peft_child(path: Path, steps: int) -> tuple[str, str]:
             opt.zero_grad(set_to_none=True)
             return float(out.loss)
         """)
-    return load + _BATCHES + step + _SAMPLER, _TIMED
+    return load + _BATCHES + step + RSS_SAMPLER, _TIMED
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize_steps(runs: list[dict]) -> dict:
     """Median throughput over interleaved runs (robust to a noisy neighbour), worst peak RSS."""
     out = dict(runs[len(runs) // 2])
     for k in ("tokens_per_s", "timed_s", "cpu_per_step", "first_step_s"):
@@ -336,7 +328,7 @@ def main(argv=None) -> int:
                 x = measure(*children[name], env=env)
                 runs[name].append(x)
                 print(f"  {name}: {x['tokens_per_s']:.0f} tokens/s, peak {fmt_bytes(x['step_peak_rss'])}", file=sys.stderr)
-        results = {name: summarize(rs) for name, rs in runs.items()}
+        results = {name: summarize_steps(rs) for name, rs in runs.items()}
     finally:
         if args.keep_dir is None:
             shutil.rmtree(path, ignore_errors=True)

@@ -29,7 +29,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from common import fmt_bytes, machine, measure, save, table
+from common import fmt_bytes, machine, measure, save, table  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_train", BENCH / "train.py")
 bench_train = importlib.util.module_from_spec(_spec)

@@ -125,7 +125,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from convert.inspect import describe
+    from convert.describe import describe
     vocab_cli.check_inspect_flags(args)   # bad flags fail before the description is printed
     print(describe(args.src))
     report = vocab_cli.inspect_report(args)
@@ -134,7 +134,14 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from convert.demo import run_demo
+    """Thin alias of `make demo` (examples/demo.py), kept so the subcommand users know still works."""
+    try:
+        from examples.demo import run_demo
+    except ModuleNotFoundError as e:
+        if e.name not in ("examples", "examples.demo"):
+            raise
+        from jaxvocab.errors import UsageError
+        raise UsageError("the demo lives in examples/ of a source checkout: run `make demo` there") from None
     run_demo(args.out, overwrite=args.overwrite, attention=args.attention)
 
 

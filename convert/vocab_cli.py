@@ -16,9 +16,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from jaxvocab.row_init import INITS  # the CLI imports jax anyway (jaxvocab.errors loads the package)
+
 PROBE_TOKENS = 1024   # probe positions used by inspect --probe (a CPU can score these against 128k rows)
-# jaxvocab.init.INITS, spelled out so that building the parser (and --help) does not import jax.
-INITS = ("mean", "mean-noise", "covariance", "subword", "random", "zeros")
 
 
 def add_import_args(p: argparse.ArgumentParser) -> None:
@@ -177,7 +177,7 @@ def _abstract_model(src: Path):
     """Config-only stand-in (no weights) so plan_vocab sees the row count and the tokenizer dir."""
     from flax import nnx
 
-    from convert.inspect import _meta_config
+    from convert.describe import _meta_config
     from jaxvocab.config import LlamaConfig
     from jaxvocab.io import detect
     from jaxvocab.model import Llama

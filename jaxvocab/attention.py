@@ -206,7 +206,7 @@ def _forward(bq, bk, q, k, v, m):
 
         def kv_block(carry, ys):
             def update(carry):
-                mx, l, acc = carry
+                mx, denom, acc = carry
                 s, vis = _scores(qi, ys[0], qsi, qpi, ys[2], ys[3])
                 vis = vis & (s > _NEG)   # always true: ties the mask to q (see below)
                 s = jnp.where(vis, s, _NEG)
@@ -215,15 +215,15 @@ def _forward(bq, bk, q, k, v, m):
                 alpha = jnp.exp(mx - mx_new)
                 acc = alpha[..., None] * acc + jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), ys[1],
                                                           preferred_element_type=jnp.float32)
-                return mx_new, alpha * l + p.sum(-1), acc
+                return mx_new, alpha * denom + p.sum(-1), acc
             return update(carry), None
 
         init = (jnp.full((B, KV, G, bq), _NEG, jnp.float32), jnp.zeros((B, KV, G, bq), jnp.float32),
                 jnp.zeros((B, KV, G, bq, hd), jnp.float32))
-        (mx, l, acc), _ = jax.lax.scan(kv_block, init, (kb, vb, ks, kp))
-        seen = l > 0
-        out = acc / jnp.where(seen, l, 1.0)[..., None]
-        lse = jnp.where(seen, mx + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        (mx, denom, acc), _ = jax.lax.scan(kv_block, init, (kb, vb, ks, kp))
+        seen = denom > 0
+        out = acc / jnp.where(seen, denom, 1.0)[..., None]
+        lse = jnp.where(seen, mx + jnp.log(jnp.where(seen, denom, 1.0)), 0.0)
         return jnp.einsum("bkgqh->bqkgh", out).astype(q.dtype), lse
 
     out, lse = jax.lax.map(q_block, (qb, qs, qp))
@@ -269,7 +269,9 @@ def _flash_bwd(bq, bk, res, do):
                 dqi = jnp.einsum("bkgqs,bskh->bqkgh", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
                 return (dk, dv), dqi
 
-            skip = lambda carry: (carry, jnp.zeros(qi.shape, jnp.float32))
+            def skip(carry):
+                return carry, jnp.zeros(qi.shape, jnp.float32)
+
             return jax.lax.cond(on, grads, skip, carry)
 
         zeros = jnp.zeros(kj.shape, jnp.float32)

@@ -9,10 +9,10 @@ Anything we would build wrongly (biases, other rope types, other architectures) 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
+from jaxvocab import errors
 from jaxvocab.errors import ConfigError, brief
 
 _TokenIds = int | tuple[int, ...] | None
@@ -69,7 +69,7 @@ class LlamaConfig:
         e = self.eos_token_id
         return () if e is None else ((e,) if isinstance(e, int) else tuple(e))
 
-    def replace(self, **changes) -> "LlamaConfig":
+    def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
     def num_params(self) -> int:
@@ -80,7 +80,7 @@ class LlamaConfig:
 
     # ------------------------------------------------------------------ HF
     @classmethod
-    def from_hf_dict(cls, d: dict, where: str = "config.json") -> "LlamaConfig":
+    def from_hf_dict(cls, d: dict, where: str = "config.json") -> LlamaConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}; fix the file")
         if d.get("model_type", "llama") != "llama":
@@ -120,7 +120,7 @@ class LlamaConfig:
         )
 
     @classmethod
-    def from_hf_file(cls, path: str | Path) -> "LlamaConfig":
+    def from_hf_file(cls, path: str | Path) -> LlamaConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -138,8 +138,8 @@ class LlamaConfig:
             rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
             attention_bias=False, mlp_bias=False,
-            bos_token_id=_ids_json(self.bos_token_id), eos_token_id=_ids_json(self.eos_token_id),
-            pad_token_id=_ids_json(self.pad_token_id),
+            bos_token_id=hf_ids(self.bos_token_id), eos_token_id=hf_ids(self.eos_token_id),
+            pad_token_id=hf_ids(self.pad_token_id),
         )
         out.setdefault("torch_dtype" if "torch_dtype" in out else "dtype", self.dtype)
         scaling = None
@@ -158,14 +158,7 @@ class LlamaConfig:
 
 def read_json(file: Path, need: str):
     """A config file's JSON; a missing or malformed file is a one-line ConfigError naming it."""
-    try:
-        return json.loads(Path(file).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: not found; {need}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    except (UnicodeDecodeError, RecursionError) as e:
-        raise ConfigError(f"{file}: not readable JSON ({type(e).__name__}); fix or re-download it") from None
+    return errors.read_json(file, ConfigError, "fix the file", missing=need)
 
 
 def _positive_int(d: dict, key: str, where: str, default=None) -> int:
@@ -203,7 +196,8 @@ def _dtype_name(v, where: str) -> str:
     return v
 
 
-def _ids_json(v):
+def hf_ids(v):
+    """A token-id field as HF JSON writes it: a tuple of ids becomes a list."""
     return list(v) if isinstance(v, tuple) else v
 
 
@@ -243,12 +237,22 @@ def _rope_from_hf(d: dict, where: str) -> tuple[float, RopeScaling | None]:
 
 # Presets at the real shapes: for benchmarks and for building abstract models without files.
 _L3_VOCAB = 128256
-LLAMA_3_2_1B = LlamaConfig(_L3_VOCAB, 2048, 8192, 16, 32, 8, 64, 1e-5, 500000.0, RopeScaling(32.0, 1.0, 4.0, 8192), 131072, True)
-LLAMA_3_2_3B = LlamaConfig(_L3_VOCAB, 3072, 8192, 28, 24, 8, 128, 1e-5, 500000.0, RopeScaling(32.0, 1.0, 4.0, 8192), 131072, True)
-LLAMA_3_8B = LlamaConfig(_L3_VOCAB, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0, None, 8192, False)
-LLAMA_3_1_8B = LlamaConfig(_L3_VOCAB, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0, RopeScaling(8.0, 1.0, 4.0, 8192), 131072, False)
-LLAMA_3_1_70B = LlamaConfig(_L3_VOCAB, 8192, 28672, 80, 64, 8, 128, 1e-5, 500000.0, RopeScaling(8.0, 1.0, 4.0, 8192), 131072, False)
-LLAMA_3_1_405B = LlamaConfig(_L3_VOCAB, 16384, 53248, 126, 128, 8, 128, 1e-5, 500000.0, RopeScaling(8.0, 1.0, 4.0, 8192), 131072, False)
+_LLAMA3 = dict(vocab_size=_L3_VOCAB, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+               max_position_embeddings=131072, tie_word_embeddings=False)
+_ROPE_3_1 = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+_ROPE_3_2 = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+LLAMA_3_2_1B = LlamaConfig(**{**_LLAMA3, "head_dim": 64, "tie_word_embeddings": True}, hidden_size=2048,
+                           intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, rope_scaling=_ROPE_3_2)
+LLAMA_3_2_3B = LlamaConfig(**{**_LLAMA3, "tie_word_embeddings": True}, hidden_size=3072, intermediate_size=8192,
+                           num_hidden_layers=28, num_attention_heads=24, rope_scaling=_ROPE_3_2)
+LLAMA_3_8B = LlamaConfig(**{**_LLAMA3, "max_position_embeddings": 8192}, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, rope_scaling=None)
+LLAMA_3_1_8B = LlamaConfig(**_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, rope_scaling=_ROPE_3_1)
+LLAMA_3_1_70B = LlamaConfig(**_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                            num_attention_heads=64, rope_scaling=_ROPE_3_1)
+LLAMA_3_1_405B = LlamaConfig(**_LLAMA3, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
+                             num_attention_heads=128, rope_scaling=_ROPE_3_1)
 PRESETS: dict[str, LlamaConfig] = {
     "llama-3.2-1b": LLAMA_3_2_1B, "llama-3.2-3b": LLAMA_3_2_3B, "llama-3-8b": LLAMA_3_8B,
     "llama-3.1-8b": LLAMA_3_1_8B, "llama-3.1-70b": LLAMA_3_1_70B, "llama-3.3-70b": LLAMA_3_1_70B,

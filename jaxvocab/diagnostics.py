@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvocab.errors import VocabError
-from jaxvocab.init import init_rows
 from jaxvocab.model import decode, rms_norm
+from jaxvocab.row_init import init_rows
 from jaxvocab.vocab import VocabPlan, expansion_layout, model_mesh, subword_arrays
 
 CHUNK = 256   # probe positions per KL step: [CHUNK, V] f32 logits stay small even at 128k rows
@@ -59,7 +59,7 @@ def table(reports: list[KLReport]) -> str:
     rows = [head] + [(r.init, f"{r.max_kl:.3g}", f"{r.mean_kl:.3g}", f"{r.new_mass_mean:.3g}", f"{r.bound:.3g}",
                       str(r.k), str(r.n)) for r in reports]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
                      for row in rows)
 
 

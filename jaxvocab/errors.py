@@ -4,6 +4,7 @@ Every message names the offending file or flag and says what to do about it.
 """
 
 import contextlib
+import json
 import os
 import reprlib
 import signal
@@ -79,6 +80,30 @@ def malformed(what: str, fix: str):
         yield
     except (TypeError, AttributeError, KeyError, ValueError, IndexError, RecursionError) as e:
         raise CheckpointError(f"{what}: malformed ({type(e).__name__}: {brief(str(e))}); {fix}") from None
+
+
+def read_json(path, error: type[JaxVocabError] = CheckpointError, fix: str = "fix or re-download it",
+              missing: str | None = None):
+    """The one JSON file reader: any way a file can fail to be JSON is one `error` line naming it.
+
+    Args:
+      path: the file.
+      error: the JaxVocabError subclass to raise (ConfigError for configs, CheckpointError for files beside weights).
+      fix: what the user should do, appended to every message.
+      missing: the message's tail when the file does not exist (default: `fix`).
+
+    Returns:
+      The parsed JSON value.
+    """
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: not found; {missing or fix}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON ({e.msg} at line {e.lineno}); {fix}") from None
+    except (OSError, UnicodeDecodeError, RecursionError) as e:
+        raise error(f"{path}: not readable JSON ({type(e).__name__}); {fix}") from None
 
 
 def _terminate(signum, frame):

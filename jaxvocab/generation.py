@@ -22,6 +22,7 @@ from flax import nnx
 from jaxvocab.errors import UsageError
 from jaxvocab.model import KVCache
 from jaxvocab.rows import RowsModel, merge
+from jaxvocab.sharding import round_up
 
 BUCKET = 64
 
@@ -52,8 +53,8 @@ def generate(model, tok, prompt, max_new_tokens: int = 64, *, temperature: float
         if 0 <= int(i) < V and int(i) not in stops:
             banned[int(i)] = True
     n = len(ids)
-    P = _round_up(n, BUCKET)
-    S = _round_up(P + max_new_tokens, BUCKET)
+    P = round_up(n, BUCKET)
+    S = round_up(P + max_new_tokens, BUCKET)
     graphdef, state = nnx.split(model)
     cache = KVCache.empty(model.config, 1, S, jnp.dtype(model.compute_dtype))
     tokens = np.zeros((1, P), np.int32)
@@ -105,10 +106,6 @@ def default_suppressed(model, tok) -> list[int]:
     if getattr(model, "vocab_plan", None):
         out |= set(VocabPlan.from_json(model.vocab_plan).padding_ids)
     return sorted(i for i in out if 0 <= i < V)
-
-
-def _round_up(n: int, k: int) -> int:
-    return -(-n // k) * k
 
 
 def _choose(logits, key, banned, temperature, top_p, greedy: bool):

@@ -77,7 +77,7 @@ class KVCache(NamedTuple):
     index: jax.Array   # int32 scalar: next free slot
 
     @classmethod
-    def empty(cls, config: LlamaConfig, batch: int, length: int, dtype) -> "KVCache":
+    def empty(cls, config: LlamaConfig, batch: int, length: int, dtype) -> KVCache:
         shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool), jnp.int32(0))
 

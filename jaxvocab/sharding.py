@@ -13,7 +13,8 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxvocab.errors import UsageError
 
@@ -32,6 +33,11 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "rows": None,
     "seq": None,
 }
+
+
+def round_up(n: int, multiple: int) -> int:
+    """Smallest multiple of `multiple` >= n (vocab padding, decode buckets, Meta's FFN width)."""
+    return -(-n // multiple) * multiple
 
 
 def parse_mesh(spec: str | None, devices=None) -> Mesh:
@@ -75,7 +81,7 @@ def axis_size(mesh: Mesh, logical: str) -> int:
 def spec_for(shape, logical_axes, mesh: Mesh) -> P:
     """PartitionSpec for a tensor; axes the mesh does not divide stay replicated."""
     out = []
-    for dim, name in zip(shape, logical_axes):
+    for dim, name in zip(shape, logical_axes, strict=True):
         target = RULES.get(name) if name else None
         if target is not None and dim % axis_size(mesh, name) == 0:
             out.append(target)
@@ -86,9 +92,3 @@ def spec_for(shape, logical_axes, mesh: Mesh) -> P:
 
 def sharding_for(shape, logical_axes, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec_for(shape, logical_axes, mesh))
-
-
-def batch_sharding(mesh: Mesh, ndim: int = 2, batch: int | None = None) -> NamedSharding:
-    """Batches split over (data, fsdp) on their first axis."""
-    first = RULES["batch"] if batch is None or batch % axis_size(mesh, "batch") == 0 else None
-    return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))

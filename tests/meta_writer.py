@@ -184,7 +184,7 @@ def meta_reference_logits(path, ids: np.ndarray, scale_factor: float = 8.0) -> n
     with torch.no_grad():
         h = merged("tok_embeddings.weight")[torch.tensor(ids, dtype=torch.long)]
         for i in range(p["n_layers"]):
-            w = lambda n: merged(f"layers.{i}.{n}.weight")  # noqa: E731
+            w = lambda n, i=i: merged(f"layers.{i}.{n}.weight")  # noqa: E731
             x = norm(h, w("attention_norm"))
             q = rotary((x @ w("attention.wq").T).view(B, T, H, hd))
             k = rotary((x @ w("attention.wk").T).view(B, T, KV, hd)).repeat_interleave(H // KV, dim=2)

@@ -73,7 +73,8 @@ def main() -> None:
 
     from flax import nnx
     from jax.experimental import multihost_utils
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     import jaxvocab
     from jaxvocab.io import pth, safetensors_io

@@ -66,12 +66,12 @@ def _check(name, got, want, exact):
     """Within TOL at unit scale (TOL x the tensor's largest value where that exceeds 1) of xla AND
     of the float64 truth. At unit scale because f32 xla itself is off the truth by up to ~7e-6 on
     dk (values ~7): an absolute 2e-6 against it would test xla's rounding, not ours."""
-    for g, w, e, what in zip(got, want, exact, ("out", "dq", "dk", "dv")):
+    for g, w, e, what in zip(got, want, exact, ("out", "dq", "dk", "dv"), strict=True):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         scale = max(1.0, float(np.abs(e).max()))
         diff, err, xla_err = (float(np.abs(a - b).max()) / scale for a, b in ((g, w), (g, e), (w, e)))
         key = f"{name} {what}"
-        MAXIMA[key] = tuple(max(a, b) for a, b in zip(MAXIMA.get(key, (0.0,) * 3), (diff, err, xla_err)))
+        MAXIMA[key] = tuple(max(a, b) for a, b in zip(MAXIMA.get(key, (0.0,) * 3), (diff, err, xla_err), strict=True))
         assert diff <= TOL, f"{key}: {diff:.3g} from xla at unit scale > {TOL}"
         assert err <= TOL, f"{key}: {err:.3g} from the float64 truth at unit scale > {TOL} (xla: {xla_err:.3g})"
 
@@ -108,7 +108,7 @@ def test_chunked_matches_xla(kv, hd, kind):
 def test_chunked_skips_blocks_no_query_can_see():
     """Causal: a 4 x 4 block grid has 10 live blocks; two documents split at a block edge: 8."""
     m = A.make_mask(1, 512)
-    blk = lambda x: A._blocks(x, 128)
+    blk = lambda x: A._blocks(x, 128)  # noqa: E731
     live = A._live(blk(m.q_seg), blk(m.q_pos), blk(m.kv_seg), blk(m.kv_pos))
     assert int(live.sum()) == 10 and not bool(live[0, 1])
     seg = jnp.asarray(np.repeat([1, 2], 256)[None], jnp.int32)
@@ -176,7 +176,7 @@ def _tiny(**kw):
 def _grad_jaxpr(model, T: int) -> str:
     from flax import nnx
     graph, state = nnx.split(model)
-    loss = lambda s, ids: nnx.merge(graph, s)(ids).sum()
+    loss = lambda s, ids: nnx.merge(graph, s)(ids).sum()  # noqa: E731
     return str(jax.make_jaxpr(jax.grad(loss))(state, jnp.zeros((1, T), jnp.int32)))
 
 
@@ -191,7 +191,7 @@ def test_model_uses_the_chosen_implementation():
 def test_remat_auto_decides_from_traced_shapes(monkeypatch):
     """Remat shows as the forward's matmuls recomputed inside the backward scan."""
     from jaxvocab import remat
-    dots = lambda model, T: _grad_jaxpr(model, T).count("dot_general[")
+    dots = lambda model, T: _grad_jaxpr(model, T).count("dot_general[")  # noqa: E731
     full, none = dots(_tiny(remat="full"), 64), dots(_tiny(remat="none"), 64)
     assert full > none
     model = _tiny()

@@ -11,7 +11,7 @@ import pytest
 
 import jaxvocab
 from jaxvocab.errors import CheckpointError, UsageError
-from jaxvocab.io import checkpoint, keys as K
+from jaxvocab.io import checkpoint, keys
 from jaxvocab.io.checkpoint import params_of
 from jaxvocab.sharding import parse_mesh, sharding_for
 from tests.builders import make_hf_checkpoint, random_ids
@@ -48,7 +48,7 @@ def test_restore_onto_another_mesh(saved, spec):
     assert restored.config == model.config and restored.source_dir == str(out)
     before, after = params_of(model), params_of(restored)
     assert before.keys() == after.keys()
-    for k in K.keys_for(model.config):
+    for k in keys.keys_for(model.config):
         name = "/".join(k.path)
         a, b = before[name], after[name]
         assert b.dtype == a.dtype and np.array_equal(np.asarray(a), np.asarray(b)), name
@@ -56,7 +56,7 @@ def test_restore_onto_another_mesh(saved, spec):
             assert len(b.sharding.device_set) == 1, name
         else:
             assert b.sharding.mesh == mesh, name
-            assert b.sharding.is_equivalent_to(sharding_for(b.shape, K.logical_axes(k), mesh), b.ndim), name
+            assert b.sharding.is_equivalent_to(sharding_for(b.shape, keys.logical_axes(k), mesh), b.ndim), name
     if mesh is not None:  # fsdp is now 4 wide and tensor 1: the shards really moved
         assert {s.data.shape for s in after["embed"].addressable_shards} == {(256, 64 // 4)}
         assert {s.data.shape for s in after["layers/wq"].addressable_shards} == {(2, 64, 64 // 4)}
@@ -98,6 +98,33 @@ def test_interrupted_save_leaves_nothing(saved, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         jaxvocab.save_checkpoint(model, tmp_path / "ck")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_format_1_checkpoint_loads_after_a_format_change(saved, tmp_path, monkeypatch):
+    """A checkpoint written by today's code (format 1, built here) still loads once the writer moves on:
+    a later jaxvocab that writes format 2 keeps 1 in READABLE_FORMATS and restores it bit for bit."""
+    _, model, out = saved
+    old = shutil.copytree(out, tmp_path / "v1")
+    assert json.loads((old / checkpoint.MARKER).read_text()) == {"format": 1, "vocab_size": model.config.vocab_size}
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(checkpoint, "READABLE_FORMATS", (1, 2))
+    restored = jaxvocab.load(old)
+    assert restored.config == model.config
+    before, after = params_of(model), params_of(restored)
+    assert all(np.array_equal(np.asarray(before[k]), np.asarray(after[k])) for k in before)
+
+
+@pytest.mark.parametrize("version", [2, 10**6])
+def test_future_format_is_one_line_naming_the_fix(saved, tmp_path, version):
+    _, _, out = saved
+    copy = shutil.copytree(out, tmp_path / "ck")
+    marker = json.loads((copy / checkpoint.MARKER).read_text())
+    (copy / checkpoint.MARKER).write_text(json.dumps({**marker, "format": version}))
+    with pytest.raises(CheckpointError) as e:
+        jaxvocab.load(copy)
+    msg = str(e.value)
+    assert "\n" not in msg and str(copy / checkpoint.MARKER) in msg
+    assert f"format {version}" in msg and "newer jaxvocab" in msg and "upgrade jaxvocab" in msg
 
 
 @pytest.mark.parametrize("damage, words", [

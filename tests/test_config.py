@@ -134,7 +134,8 @@ def test_explicit_head_dim_and_token_ids():
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b", "tiny-head-dim"])
 def test_num_params_matches_transformers(name):
     import torch
-    from transformers import LlamaConfig as TFConfig, LlamaForCausalLM
+    from transformers import LlamaConfig as TFConfig
+    from transformers import LlamaForCausalLM
     cfg = PRESETS.get(name) or LlamaConfig.from_hf_dict(dict(LLAMA_3_8B_JSON, hidden_size=64, num_attention_heads=4,
                                                               num_key_value_heads=2, head_dim=32, intermediate_size=96,
                                                               vocab_size=300, num_hidden_layers=3))

@@ -89,7 +89,7 @@ def test_order_is_seeded_and_resumable():
     c.load_state(saved)
     for want in stream[5:]:
         got = c.next()
-        assert all(np.array_equal(x, y) for x, y in zip(got, want))
+        assert all(np.array_equal(x, y) for x, y in zip(got, want, strict=True))
     other = Packer(docs, 32, 2, grad_accum=2, seed=8).next()
     assert not np.array_equal(other.inputs, stream[0].inputs)
     assert stream[0].inputs.shape == (2, 2, 32)
@@ -117,7 +117,7 @@ def test_read_jsonl_kinds(tmp_path, llama3_tokenizer_dir):
     ids, mask = tok.encode_chat(msgs)
     assert chat.ids.tolist() == ids and chat.mask.tolist() == mask
     # loss only on the assistant replies and their <|eot_id|>
-    trained = [i for i, m in zip(chat.ids.tolist(), chat.mask.tolist()) if m]
+    trained = [i for i, m in zip(chat.ids.tolist(), chat.mask.tolist(), strict=True) if m]
     assert trained == tok.encode("4") + [128009] + tok.encode("6, of course.") + [128009]
     assert pre.mask.tolist() == [0, 0, 1, 1] and pre2.mask.tolist() == [1, 1]
     # packed: the chat doc's weights select exactly its assistant targets

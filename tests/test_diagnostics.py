@@ -113,7 +113,7 @@ def test_report_table():
 @pytest.fixture(scope="module")
 def llama_negative_dir(tmp_path_factory, mesh1):
     """An HF dir with the real Llama-3 text tokenizer, 128256 all-negative rows, reserved rows zero."""
-    from convert.demo_model import write_text_tokenizer
+    from examples.llama3_tokenizer import write_text_tokenizer
     d = tmp_path_factory.mktemp("negllama")
     tok_dir = d / "tok"
     tok_dir.mkdir()

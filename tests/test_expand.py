@@ -9,8 +9,8 @@ import pytest
 
 import jaxvocab
 from convert.__main__ import main as convert_main
-from jaxvocab.init import COV_SCALE, NOISE_SCALE, RANDOM_STD, init_rows, no_subword
 from jaxvocab.model import TABLE_AXES
+from jaxvocab.row_init import COV_SCALE, NOISE_SCALE, RANDOM_STD, init_rows, no_subword
 from jaxvocab.sharding import sharding_for
 from jaxvocab.vocab import VocabPlan, find_untrained, fix_untrained, plan_vocab, subword_arrays
 from tests._tok_util import build_gpt2_style
@@ -39,7 +39,7 @@ def gpt2_ckpt_tied(tmp_path_factory):
 @pytest.fixture(scope="module")
 def text_tok_dir(tmp_path_factory):
     """The package's tokenizer minus the vision-only <|image|>: a Llama-3 text tokenizer (128256 ids)."""
-    from convert.demo_model import write_text_tokenizer
+    from examples.llama3_tokenizer import write_text_tokenizer
     d = tmp_path_factory.mktemp("texttok")
     write_text_tokenizer(d)
     return d
@@ -70,7 +70,7 @@ def test_expand_mean_on_mesh(gpt2_ckpt, gpt2_ckpt_tied, mesh24, tied):
     assert (model.lm_head is None) == tied
     assert tok2.special_tokens["<x>"] == n and tok2.special_tokens["<y>"] == n + 1 and tok2.n_words == n + 2
     want_sharding = sharding_for((384, 64), TABLE_AXES, mesh24)
-    for old, param in zip(before, [model.embed] if tied else [model.embed, model.lm_head]):
+    for old, param in zip(before, [model.embed] if tied else [model.embed, model.lm_head], strict=True):
         new = param.get_value()
         assert new.shape == (384, 64) and new.sharding.spec == want_sharding.spec and new.sharding.spec[0] == "tensor"
         new = np.asarray(new)
@@ -97,7 +97,7 @@ def test_expansion_is_mesh_independent(tmp_path_factory, mesh24, mesh1, init):
         assert plan.new_rows == 640 and plan.tokens[0].action == "spare_row"
         jaxvocab.expand_vocab(model, tok, plan, init=init, fix_untrained=True)
         out[name] = _host(model)
-    for a, b in zip(out["24"], out["1"]):
+    for a, b in zip(out["24"], out["1"], strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -115,7 +115,7 @@ def test_reserved_slots_in_place_with_subword_and_fix(text_tok_dir, mesh24):
     jaxvocab.expand_vocab(model, tok, plan, init="subword", fix_untrained=True)
     e2, h2 = _host(model)
     assert e2.shape == embed.shape
-    rows = dict(zip(sorted(plan.renamed), ("<think>", "end of thinking")))
+    rows = dict(zip(sorted(plan.renamed), ("<think>", "end of thinking"), strict=True))
     fixed = VocabPlan.from_json(model.vocab_plan).untrained_fixed
     assert fixed == sorted(dead)
     for table, new in ((embed, e2), (head, h2)):
@@ -136,7 +136,7 @@ def test_fix_untrained(gpt2_ckpt, mesh24):
     ids = find_untrained(model, tok)
     assert ids == list(ZERO_ROWS)
     assert fix_untrained(model, ids, tok=tok) is model
-    for old, new in zip(before, _host(model)):
+    for old, new in zip(before, _host(model), strict=True):
         mu, _ = _trained_mean(old, ids)
         np.testing.assert_allclose(new[ids], np.broadcast_to(mu, (3, 64)), rtol=0, atol=2e-7)
         keep = np.setdiff1d(np.arange(len(old)), ids)

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import jaxvocab
-from jaxvocab import rows as R
+from jaxvocab import rows as row_split
 from jaxvocab.errors import UsageError
 from jaxvocab.generation import default_suppressed, prompt_ids
 from jaxvocab.tokenizer import load_tokenizer
@@ -47,10 +47,10 @@ def test_greedy_with_cache_equals_full_recompute(model, caplog):
 
 
 def test_rows_model_generates_like_its_merge(model):
-    rm = R.split(model, [3, 4])
+    rm = row_split.split(model, [3, 4])
     prompt = [1, 2, 3, 4, 5]
     assert (jaxvocab.generate(rm, None, prompt, 8, return_ids=True)
-            == jaxvocab.generate(R.merge(rm), None, prompt, 8, return_ids=True))
+            == jaxvocab.generate(row_split.merge(rm), None, prompt, 8, return_ids=True))
 
 
 def test_suppressed_ids_are_never_sampled(model):

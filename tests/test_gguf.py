@@ -100,7 +100,7 @@ NEW = {**{i: (t, CONTROL if t.startswith("<|") else USER_DEFINED) for i, t in PL
 
 
 def test_llama3_hf_source_renamed_and_appended(tmp_path, converter):
-    from convert.demo_model import write_text_tokenizer
+    from examples.llama3_tokenizer import write_text_tokenizer
     from tests.builders import make_hf_checkpoint
     src = tmp_path / "src"
     make_hf_checkpoint(src, vocab=128256, hidden=32, intermediate=64, layers=1)

@@ -307,7 +307,7 @@ def test_nan_weights_refused_unless_allowed(sources, capsys):
     from safetensors.numpy import load_file, save_file
 
     import jaxvocab
-    from jaxvocab.init import untrained_mask
+    from jaxvocab.row_init import untrained_mask
     tmp, src, out = _copy(sources["single"])
     with tmp:
         f = src / "model.safetensors"

@@ -7,8 +7,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxvocab
-from jaxvocab import lora as L
-from jaxvocab import rows as R
+from jaxvocab import lora
+from jaxvocab import rows as row_split
 from jaxvocab.sharding import parse_mesh
 from tests.builders import make_hf_checkpoint
 from train import loop
@@ -36,13 +36,13 @@ def _peft(torch_model, rm, tied):
     import peft
     import torch
     tokens = IDS if tied else {"embed_tokens": IDS, "lm_head": IDS}
-    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=[HF[t].split(".")[1] for t in L.TARGETS.values()],
+    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=[HF[t].split(".")[1] for t in lora.TARGETS.values()],
                           lora_dropout=0.0, trainable_token_indices=tokens)
     pm = peft.get_peft_model(torch_model, cfg)
     named = dict(pm.named_parameters())
     with torch.no_grad():
-        for t in L.TARGETS.values():
-            a, b = _host(rm.lora[L.a_key(t)][...]), _host(rm.lora[L.b_key(t)][...])
+        for t in lora.TARGETS.values():
+            a, b = _host(rm.lora[lora.a_key(t)][...]), _host(rm.lora[lora.b_key(t)][...])
             for i in range(a.shape[0]):
                 pre = f"base_model.model.model.layers.{i}.{HF[t]}"
                 named[f"{pre}.lora_A.default.weight"].copy_(torch.tensor(a[i]))
@@ -53,10 +53,10 @@ def _peft(torch_model, rm, tied):
 def _setup(tmp_path, tied):
     path, tm = make_hf_checkpoint(tmp_path / "hf", tied=tied, seed=11, max_pos=1024)
     model = jaxvocab.load(path, mesh=parse_mesh("fsdp=2,tensor=4"), show_progress=False)
-    rm = R.split(model, IDS, "both", L.LoraSpec(RANK, ALPHA))
+    rm = row_split.split(model, IDS, "both", lora.LoraSpec(RANK, ALPHA))
     rs = np.random.RandomState(3)
-    for t in L.TARGETS.values():   # non-zero B, so A has a gradient and the deltas change the logits
-        b = rm.lora[L.b_key(t)]
+    for t in lora.TARGETS.values():   # non-zero B, so A has a gradient and the deltas change the logits
+        b = rm.lora[lora.b_key(t)]
         b.set_value(jax.device_put(jnp.asarray(0.05 * rs.standard_normal(b.shape), jnp.float32), b[...].sharding))
     return model, rm, tm
 
@@ -77,8 +77,8 @@ def _peft_tensors(pm, tied, grad):
     get = (lambda n: named[n].grad.numpy()) if grad else (lambda n: named[n].detach().numpy())
     layers = pm.base_model.model.config.num_hidden_layers
     out = {"lora": {}}
-    for t in L.TARGETS.values():
-        for key, ab in ((L.a_key(t), "A"), (L.b_key(t), "B")):
+    for t in lora.TARGETS.values():
+        for key, ab in ((lora.a_key(t), "A"), (lora.b_key(t), "B")):
             out["lora"][key] = np.stack([get(f"base_model.model.model.layers.{i}.{HF[t]}.lora_{ab}.default.weight")
                                          for i in range(layers)])
     out["embed_rows"] = get("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default")
@@ -127,8 +127,8 @@ def test_parity_with_peft(tmp_path, tied):
     assert frac >= 0.999
     # adapters stay sharded by their weight's logical axes (A [L, r, in]: in = embed -> fsdp; B [L, out, r]:
     # q_heads -> tensor), and the frozen weights are the very arrays we started from
-    assert trainer.params["lora"][L.a_key("wq")].sharding.spec == P(None, None, "fsdp")
-    assert trainer.params["lora"][L.b_key("wq")].sharding.spec == P(None, "tensor", None)
+    assert trainer.params["lora"][lora.a_key("wq")].sharding.spec == P(None, None, "fsdp")
+    assert trainer.params["lora"][lora.b_key("wq")].sharding.spec == P(None, "tensor", None)
     after = trainer.model()
     for name, w in rm.layers.items():
         assert np.array_equal(_host(after.layers[name][...]), _host(w[...]))
@@ -158,7 +158,7 @@ def test_merged_and_peft_exports_match_the_trained_model(tmp_path, tied):
     path, _ = make_hf_checkpoint(tmp_path / "hf", tied=tied, seed=12, max_pos=1024, dtype="bfloat16")
     model = jaxvocab.load(path, mesh=parse_mesh("fsdp=2,tensor=4"), show_progress=False)
     model.compute_dtype = "float32"
-    rm = R.split(model, IDS, "both", L.LoraSpec(RANK, ALPHA, dropout=0.1))
+    rm = row_split.split(model, IDS, "both", lora.LoraSpec(RANK, ALPHA, dropout=0.1))
     rs = np.random.RandomState(4)
     trained = [v for v in jax.tree.leaves(rm.lora, is_leaf=lambda x: hasattr(x, "set_value"))]
     trained += [v for v in (rm.embed_rows, rm.head_rows) if v is not None]
@@ -167,8 +167,8 @@ def test_merged_and_peft_exports_match_the_trained_model(tmp_path, tied):
         v.set_value(jax.device_put(v[...] + noise, v[...].sharding))
     ids = np.random.RandomState(0).randint(0, 256, (2, 520)).astype(np.int32)
     want = _host(rm(jnp.asarray(ids)))
-    jaxvocab.save_hf(R.merge(rm, "float32"), tmp_path / "f32")
-    jaxvocab.save_hf(R.merge(rm), tmp_path / "bf16")
+    jaxvocab.save_hf(row_split.merge(rm, "float32"), tmp_path / "f32")
+    jaxvocab.save_hf(row_split.merge(rm), tmp_path / "bf16")
     jaxvocab.save_hf(model, tmp_path / "base")
     save_peft(rm, tmp_path / "adapter")
     f32 = _logits_t(LlamaForCausalLM.from_pretrained(tmp_path / "f32", dtype=torch.float32), ids)

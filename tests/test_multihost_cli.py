@@ -71,7 +71,7 @@ def _start_job(model, store, out, *extra, only_1=()):
 
 def _finish(procs, timeout=300):
     outs = [p.communicate(timeout=timeout) for p in procs]
-    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+    for i, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
         assert p.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
     return outs
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import jaxvocab
-from jaxvocab import rows as R
+from jaxvocab import rows as row_split
 from jaxvocab.errors import UsageError
 from tests.builders import make_hf_checkpoint, random_ids
 
@@ -52,11 +52,11 @@ def _as_np(a):
 
 
 def test_only_rows_are_params(model):
-    rm = R.split(model, IDS)
+    rm = row_split.split(model, IDS)
     params = jax.tree.leaves(nnx.state(rm, nnx.Param))
     assert params and all(p.shape == (len(IDS), model.config.hidden_size) and p.dtype == jnp.float32 for p in params)
     assert len(params) == (1 if model.lm_head is None else 2)
-    frozen = jax.tree.leaves(nnx.state(rm, R.Frozen))
+    frozen = jax.tree.leaves(nnx.state(rm, row_split.Frozen))
     assert any(f.shape == (model.config.vocab_size, model.config.hidden_size) for f in frozen)
 
 
@@ -67,7 +67,7 @@ def test_row_grads_equal_dense_grad_rows(model, tables):
         pytest.skip("tied models have one set of rows")
     x = _tokens()
     dense = _grad(model, x, x)
-    rm = R.split(model, IDS, tables)
+    rm = row_split.split(model, IDS, tables)
     grads = _grad(rm, x, x, True)
     got = nnx.to_pure_dict(grads)
     ids = np.asarray(IDS)
@@ -87,10 +87,10 @@ def test_row_grads_equal_dense_grad_rows(model, tables):
 
 def test_forward_equals_model_and_merge_round_trip(model):
     x = _tokens()
-    rm = R.split(model, IDS)
+    rm = row_split.split(model, IDS)
     np.testing.assert_allclose(_as_np(_fwd(rm, x)), _as_np(_fwd(model, x)), atol=2e-5, rtol=0)
-    merged = R.merge(rm)
-    for a, b in zip(jax.tree.leaves(nnx.state(merged, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))):
+    merged = row_split.merge(rm)
+    for a, b in zip(jax.tree.leaves(nnx.state(merged, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param)), strict=True):
         assert np.array_equal(_as_np(a), _as_np(b))
 
 
@@ -98,11 +98,11 @@ def test_merge_writes_rows_cast_to_table_dtype(tmp_path):
     path, _ = make_hf_checkpoint(tmp_path / "hf", tied=False, dtype="bfloat16")
     m = jaxvocab.load(path, show_progress=False)
     assert m.embed[...].dtype == jnp.bfloat16
-    rm = R.split(m, IDS)
+    rm = row_split.split(m, IDS)
     new = np.random.RandomState(0).standard_normal((len(IDS), 64)).astype(np.float32)
     rm.embed_rows.set_value(jnp.asarray(new))
     rm.head_rows.set_value(jnp.asarray(-new))
-    merged = R.merge(rm)
+    merged = row_split.merge(rm)
     for name, rows in (("embed", new), ("lm_head", -new)):
         before, after = _as_np(getattr(m, name)[...]), _as_np(getattr(merged, name)[...])
         assert after.dtype == before.dtype
@@ -117,25 +117,25 @@ def test_merge_writes_rows_cast_to_table_dtype(tmp_path):
 def test_sharded_split_keeps_shardings(tmp_path, mesh24):
     path, _ = make_hf_checkpoint(tmp_path / "hf", tied=False)
     m = jaxvocab.load(path, mesh=mesh24, show_progress=False)
-    rm = R.split(m, IDS)
+    rm = row_split.split(m, IDS)
     assert rm.embed[...].sharding == m.embed[...].sharding
     assert rm.layers["wq"][...].sharding == m.layers.wq[...].sharding
     assert rm.embed_rows[...].sharding.is_fully_replicated
     x = _tokens()
     np.testing.assert_allclose(_as_np(_fwd(rm, x)), _as_np(_fwd(m, x)), atol=2e-5, rtol=0)
-    merged = R.merge(rm)
+    merged = row_split.merge(rm)
     assert merged.embed[...].sharding == m.embed[...].sharding
     assert np.array_equal(_as_np(merged.lm_head[...]), _as_np(m.lm_head[...]))
 
 
 def test_bad_ids_and_tables(model):
     with pytest.raises(UsageError, match="no trainable ids"):
-        R.split(model, [])
+        row_split.split(model, [])
     with pytest.raises(UsageError, match="outside"):
-        R.split(model, [256])
+        row_split.split(model, [256])
     with pytest.raises(UsageError, match="--tables"):
-        R.split(model, IDS, "rows")
+        row_split.split(model, IDS, "rows")
     if model.lm_head is None:
         with pytest.raises(UsageError, match="ties"):
-            R.split(model, IDS, "embed")
-    assert R.new_ids(model) == []
+            row_split.split(model, IDS, "embed")
+    assert row_split.new_ids(model) == []

@@ -52,7 +52,7 @@ def to_hub_cache(src: Path, cache: Path, extra: dict[str, bytes]) -> Path:
 
 def hf_source(path: Path, shards: bool) -> Path:
     """An HF Llama-3 text checkpoint laid out like the hub repos: tokenizer.json at the top, no tokenizer.model."""
-    from convert.demo_model import write_text_tokenizer
+    from examples.llama3_tokenizer import write_text_tokenizer
     make_hf_checkpoint(path, vocab=128256, hidden=32, intermediate=64, layers=1, shards=shards)
     write_text_tokenizer(path)
     (path / "tokenizer.model").unlink()

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from train import store as S
+from train import store as token_store
 from train.__main__ import main
 from train.data import Packer, read_jsonl
 
@@ -73,10 +73,10 @@ def test_tokenize_workers_formats_and_same_docs_as_jsonl(tok_model, tmp_path, ca
     for name in ("two", "gz", "parquet"):
         assert _arrays(tmp_path / name) == one, name
     m = json.loads((tmp_path / "two" / "manifest.json").read_text())
-    tok = S.tokenizer_for(tok_model)
-    assert m["tokenizer"] == S.fingerprint(tok) and m["vocab_size"] == 128256
+    tok = token_store.tokenizer_for(tok_model)
+    assert m["tokenizer"] == token_store.fingerprint(tok) and m["vocab_size"] == 128256
     docs = read_jsonl(jsonl, tok, 128256)
-    st = S.Store(tmp_path / "two", 128256, tok)
+    st = token_store.Store(tmp_path / "two", 128256, tok)
     assert len(st) == len(docs) == m["docs"] and m["dropped"] == len(recs) - len(docs)
     for i in (0, 1, 2, 500, len(docs) - 1):
         assert np.array_equal(st[i].ids, docs[i].ids) and np.array_equal(st[i].mask, docs[i].mask.astype(np.uint8))
@@ -86,10 +86,10 @@ def test_tokenize_workers_formats_and_same_docs_as_jsonl(tok_model, tmp_path, ca
     # a store packs exactly like the same docs in memory, and reading one row reads only that row
     a, b = Packer(docs, 64, 4, 2, seed=3), Packer(st, 64, 4, 2, seed=3)
     for _ in range(5):
-        x, before = a.next(), S.BYTES_READ
+        x, before = a.next(), token_store.BYTES_READ
         y = b.next(slice(1, 3))
-        assert all(np.array_equal(u[:, 1:3], v) for u, v in zip(x, y))
-        assert S.BYTES_READ - before == 5 * int(np.count_nonzero(x.segments[:, 1:3]))
+        assert all(np.array_equal(u[:, 1:3], v) for u, v in zip(x, y, strict=True))
+        assert token_store.BYTES_READ - before == 5 * int(np.count_nonzero(x.segments[:, 1:3]))
     assert a.state == b.state
 
 

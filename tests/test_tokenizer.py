@@ -5,19 +5,29 @@ import shutil
 
 import pytest
 
+from examples.llama3_tokenizer import package_tokenizer_dir
 from jaxvocab.errors import CheckpointError, VocabError
 from jaxvocab.io.tokenizer_files import write_tokenizer_files
-from jaxvocab.tokenizer import (LLAMA3_SPECIALS, LLAMA31_SPECIALS, LLAMA32_VISION_SPECIALS,
-                                load_tokenizer)
+from jaxvocab.tokenizer import LLAMA3_SPECIALS, LLAMA31_SPECIALS, LLAMA32_VISION_SPECIALS, load_tokenizer
 
 try:
-    from tests._tok_util import (LLAMA3_CHAT_TEMPLATE, build_gpt2_style, dir_hashes, llama_tok_dir,
-                                 meta_encode, reference_tiktoken)
+    from tests._tok_util import (
+        LLAMA3_CHAT_TEMPLATE,
+        build_gpt2_style,
+        dir_hashes,
+        meta_encode,
+        reference_tiktoken,
+    )
 except ImportError:
-    from _tok_util import (LLAMA3_CHAT_TEMPLATE, build_gpt2_style, dir_hashes, llama_tok_dir,
-                           meta_encode, reference_tiktoken)
+    from _tok_util import (
+        LLAMA3_CHAT_TEMPLATE,
+        build_gpt2_style,
+        dir_hashes,
+        meta_encode,
+        reference_tiktoken,
+    )
 
-TOK_DIR = llama_tok_dir()
+TOK_DIR = str(package_tokenizer_dir())
 
 CORPUS = [
     "Hello, world! This is a simple sentence.",
@@ -164,7 +174,7 @@ def test_encode_chat(tok):
     assert ids == expect_ids and mask == expect_mask
     # well-known Llama-3 ids for the header pieces
     assert ids[:5] == [128000, 128006, 9125, 128007, 271]
-    assert [i for i, m in zip(ids, mask) if m] == e("2+2 is 4.") + [128009]
+    assert [i for i, m in zip(ids, mask, strict=True) if m] == e("2+2 is 4.") + [128009]
     # and HF's rendering of Meta's Llama-3 chat template agrees
     with open(os.path.join(TOK_DIR, "tokenizer_config.json")) as f:
         template = json.load(f).get("chat_template") or LLAMA3_CHAT_TEMPLATE

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxvocab
-from jaxvocab import rows as R
+from jaxvocab import rows as row_split
 from tests.builders import make_hf_checkpoint
 from train import loop, loss
 from train.data import Batch, Doc, Packer, eval_batches
@@ -66,7 +66,7 @@ def test_schedule_warmup_cosine_and_constant():
 def test_step_trains_only_rows_with_kxd_state(ckpt, mesh1):
     model = _model(ckpt)
     before = _host(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    rm = R.split(model, IDS)
+    rm = row_split.split(model, IDS)
     cfg = loop.TrainConfig(steps=3, batch_size=2, seq_len=64, lr=1e-2)
     trainer = loop.Trainer(rm, cfg, mesh1)
     # optimizer state: AdamW mu + nu for the two k x d row tables, plus a step counter; nothing V-sized
@@ -80,8 +80,8 @@ def test_step_trains_only_rows_with_kxd_state(ckpt, mesh1):
     for _ in range(3):
         m = jax.device_get(trainer.step(packer.next()))
         assert np.isfinite(m["loss"]) and m["grad_norm"] > 0
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(_host(trainer.frozen))))
-    merged = _host(nnx.to_pure_dict(nnx.state(R.merge(trainer.model()), nnx.Param)))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(_host(trainer.frozen)), strict=True))
+    merged = _host(nnx.to_pure_dict(nnx.state(row_split.merge(trainer.model()), nnx.Param)))
     keep = np.setdiff1d(np.arange(V), IDS)
     for table in ("embed", "lm_head"):
         assert np.array_equal(merged[table][keep], before[table][keep])
@@ -102,11 +102,11 @@ def test_accumulation_equals_one_big_batch_and_loss_is_masked_mean(ckpt, mesh1):
     big = _batch(_docs(), 1, 4)
     split = Batch(*(a.reshape(2, 2, *a.shape[2:]) for a in big))
     cfg = loop.TrainConfig(steps=5, batch_size=4, seq_len=64, lr=1e-2, weight_decay=0.1)
-    one = loop.Trainer(R.split(model, IDS), cfg, mesh1)
-    two = loop.Trainer(R.split(model, IDS), dataclasses.replace(cfg, batch_size=2, grad_accum=2), mesh1)
+    one = loop.Trainer(row_split.split(model, IDS), cfg, mesh1)
+    two = loop.Trainer(row_split.split(model, IDS), dataclasses.replace(cfg, batch_size=2, grad_accum=2), mesh1)
     m1, m2 = jax.device_get(one.step(big)), jax.device_get(two.step(split))
     assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-6)
-    for a, b in zip(jax.tree.leaves(_host(one.params)), jax.tree.leaves(_host(two.params))):
+    for a, b in zip(jax.tree.leaves(_host(one.params)), jax.tree.leaves(_host(two.params)), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     # the reported loss is the mean NLL over the weighted targets of the whole batch
     mb = jax.tree.map(lambda a: a[0], big)
@@ -125,7 +125,7 @@ def test_chunked_loss_grads_equal_dense_grads(ckpt, tmp_path, monkeypatch, tied,
     batch = _batch(_docs(), 2, 2, T=40)
     monkeypatch.setattr(loss, "LOSS_CHUNK_BYTES", 4 * V * 2 * 16)
     assert loss.chunk_len(2, 40, V) == 16                      # 3 chunks, the last one padded
-    graphdef, params, frozen = nnx.split(R.split(model, IDS, tables), nnx.Param, R.Frozen)
+    graphdef, params, frozen = nnx.split(row_split.split(model, IDS, tables), nnx.Param, row_split.Frozen)
     total, count, grads = jax.jit(functools.partial(loop.batch_grads, graphdef))(
         nnx.to_pure_dict(params), nnx.to_pure_dict(frozen), batch)
 
@@ -151,7 +151,7 @@ def test_chunked_loss_grads_equal_dense_grads(ckpt, tmp_path, monkeypatch, tied,
 def test_weight_decay_touches_only_rows(ckpt, mesh1):
     """No targets -> zero gradient: AdamW's update is pure decay, rows shrink by (1 - lr*wd)."""
     model = _model(ckpt)
-    rm = R.split(model, IDS)
+    rm = row_split.split(model, IDS)
     cfg = loop.TrainConfig(steps=4, batch_size=4, seq_len=64, lr=1e-2, weight_decay=0.5, schedule="constant")
     trainer = loop.Trainer(rm, cfg, mesh1)
     before = _host(trainer.params)
@@ -168,12 +168,12 @@ def test_mesh_matches_single_device(ckpt, mesh1, mesh24):
     out = {}
     for name, mesh in (("one", mesh1), ("mesh", mesh24)):
         model = _model(ckpt, mesh)
-        trainer = loop.Trainer(R.split(model, IDS), cfg, mesh)
+        trainer = loop.Trainer(row_split.split(model, IDS), cfg, mesh)
         packer = Packer(docs, cfg.seq_len, cfg.batch_size, cfg.grad_accum)
         losses = [float(trainer.step(packer.next())["loss"]) for _ in range(2)]
         out[name] = (losses, _host(trainer.params), trainer)
     assert out["mesh"][0] == pytest.approx(out["one"][0], abs=1e-5)
-    for a, b in zip(jax.tree.leaves(out["one"][1]), jax.tree.leaves(out["mesh"][1])):
+    for a, b in zip(jax.tree.leaves(out["one"][1]), jax.tree.leaves(out["mesh"][1]), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     t = out["mesh"][2]
     # rows and optimizer state stay replicated step after step (one compiled program, exact resume)
@@ -184,7 +184,7 @@ def test_mesh_matches_single_device(ckpt, mesh1, mesh24):
 
 def test_eval_loss_and_new_token_accuracy(ckpt, mesh1):
     model = _model(ckpt)
-    trainer = loop.Trainer(R.split(model, IDS), loop.TrainConfig(batch_size=2, seq_len=64), mesh1)
+    trainer = loop.Trainer(row_split.split(model, IDS), loop.TrainConfig(batch_size=2, seq_len=64), mesh1)
     batches = eval_batches(_docs(6, seed=3), 64, 2)
     got = trainer.evaluate(batches)
     s = n = correct = on_new = new_nll = 0.0
@@ -209,15 +209,15 @@ def test_run_resume_from_checkpoint_is_exact(ckpt, mesh1, tmp_path):
     """In-process twin of the kill -9 test: drop the newest checkpoint, resume, same rows bit for bit."""
     docs = _docs()
     cfg = loop.TrainConfig(steps=6, batch_size=2, seq_len=32, lr=1e-2, save_every=2, keep=5, warmup=2)
-    full = loop.run(R.split(_model(ckpt), IDS), cfg, mesh1, docs, tmp_path / "a", show_progress=False)
+    full = loop.run(row_split.split(_model(ckpt), IDS), cfg, mesh1, docs, tmp_path / "a", show_progress=False)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     for step in ("4", "6"):
         shutil.rmtree(tmp_path / "b" / "checkpoints" / step)
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 1.0')            # a half-written line from the "killed" run
-    resumed = loop.run(R.split(_model(ckpt), IDS), cfg, mesh1, docs, tmp_path / "b", resume=True,
+    resumed = loop.run(row_split.split(_model(ckpt), IDS), cfg, mesh1, docs, tmp_path / "b", resume=True,
                        show_progress=False)
-    for a, b in zip(jax.tree.leaves(_host(R.row_values(full))), jax.tree.leaves(_host(R.row_values(resumed)))):
+    for a, b in zip(jax.tree.leaves(_host(row_split.row_values(full))), jax.tree.leaves(_host(row_split.row_values(resumed))), strict=True):
         assert np.array_equal(a, b)
     lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]

@@ -12,7 +12,7 @@ from flax import nnx
 import jaxvocab
 from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import UsageError, VocabError
-from jaxvocab.io import keys as K
+from jaxvocab.io import keys
 from jaxvocab.model import Llama
 from jaxvocab.sharding import sharding_for
 from jaxvocab.vocab import VocabPlan, describe_untrained, find_untrained, plan_vocab
@@ -33,13 +33,13 @@ def sharded_model(config: LlamaConfig, mesh, seed: int = 0, embed=None, head=Non
     rng = np.random.default_rng(seed)
     model = nnx.eval_shape(lambda: Llama(config))
     given = {("embed",): embed, ("lm_head",): head, ("norm",): norm}
-    for key in K.keys_for(config):
-        shape = K.param_shape(key, config)
+    for key in keys.keys_for(config):
+        shape = keys.param_shape(key, config)
         value = given.get(key.path)
         if value is None:
             value = 1.0 + 0.1 * rng.normal(size=shape) if key.path[-1].endswith("norm") else rng.normal(0, std, shape)
-        sharding = sharding_for(shape, K.logical_axes(key), mesh)
-        K.get_param(model, key).set_value(jax.device_put(np.asarray(value, np.float32), sharding))
+        sharding = sharding_for(shape, keys.logical_axes(key), mesh)
+        keys.get_param(model, key).set_value(jax.device_put(np.asarray(value, np.float32), sharding))
     model.source_dir = ""
     model.vocab_plan = None
     return model
@@ -102,7 +102,7 @@ def test_reserved_reuse_ascending_then_append(tok_vision, llama3_tokenizer_dir):
         plan = plan_vocab(tok_vision, new, model=abstract_model(128256), pad_to_multiple_of=128)
     assert [t.id for t in plan.tokens[:247]] == free
     assert [t.replaces for t in plan.tokens[:3]] == [added[i] for i in free[:3]]
-    assert plan.renamed == dict(zip(free, new[:247]))
+    assert plan.renamed == dict(zip(free, new[:247], strict=True))
     assert plan.appended == {128257: new[247], 128258: new[248], 128259: new[249]}
     assert [t.action for t in plan.tokens[247:]] == ["appended"] * 3
     assert plan.unbacked_ids == [128256]          # <|image|> has no row in a 128256-row text model
@@ -129,6 +129,19 @@ def test_reuse_reserved_for_special_tokens_only(tok31):
     assert plan.appended == {128256: "jaxvocab"} and plan.special_ids == {first, second}
     with pytest.raises(UsageError):
         plan_vocab(tok31, ["<a>"], reuse_reserved="sometimes")
+
+
+def test_reuse_reserved_modes_match_the_old_booleans(tok31):
+    """"all" / "none" are what True / False always meant; other values are a usage error."""
+    model = abstract_model(128256)
+    words = ["<|tool|>", "jaxvocab"]
+    for mode, old, actions in (("all", True, ["reserved", "reserved"]), ("none", False, ["appended", "appended"])):
+        plan = plan_vocab(tok31, words, reuse_reserved=mode, pad_to_multiple_of=64, model=model)
+        assert plan == plan_vocab(tok31, words, reuse_reserved=old, pad_to_multiple_of=64, model=model)
+        assert [t.action for t in plan.tokens] == actions
+    for bad in (["all"], 1.5, None, "All"):
+        with pytest.raises(UsageError, match="reuse_reserved"):
+            plan_vocab(tok31, words, reuse_reserved=bad, model=model)
 
 
 def test_pre_padded_rows_are_used_first(tok31):

@@ -15,6 +15,7 @@ resumed run replays the very batches an uninterrupted one would have seen: kill 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -161,7 +162,7 @@ class Trainer:
         idx = self.batch_sharding(B).addressable_devices_indices_map((1, B, 1)).values()
         spans = sorted({s[1].indices(B)[:2] for s in idx})
         lo, hi = spans[0][0], max(e for _, e in spans)
-        if sum(e - s for s, e in spans) < hi - lo or any(a[1] < b[0] for a, b in zip(spans, spans[1:])):
+        if sum(e - s for s, e in spans) < hi - lo or any(a[1] < b[0] for a, b in itertools.pairwise(spans)):
             return slice(0, B)   # this process's rows are not one block: it reads the whole batch
         return slice(lo, hi)
 

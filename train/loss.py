@@ -90,7 +90,7 @@ def _chunks(model, mb: Batch, dropout_key=None):
 
 def _scan_sum(fn, xs, n_out: int):
     def body(acc, x):
-        return tuple(a + b for a, b in zip(acc, fn(*x))), None
+        return tuple(a + b for a, b in zip(acc, fn(*x), strict=True)), None
     sums, _ = jax.lax.scan(body, (jnp.float32(0),) * n_out, xs)
     return sums
 

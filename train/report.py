@@ -72,7 +72,7 @@ def plot_loss(metrics: Path, png: Path) -> bool:
     ax = axes[0][0]
     for key, style, label in (("loss", "-", "train loss"), ("eval_loss", "o-", "eval loss")):
         if series(key):
-            ax.plot(*zip(*series(key)), style, label=label, lw=1)
+            ax.plot(*zip(*series(key), strict=True), style, label=label, lw=1)
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="all targets")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -81,10 +81,10 @@ def plot_loss(metrics: Path, png: Path) -> bool:
         acc = ax.twinx()
         for prefix, label in (("train_", "train batch"), ("eval_", "eval")):
             if series(prefix + "new_token_loss"):
-                ax.plot(*zip(*series(prefix + "new_token_loss")), "o-", label=f"{label} loss", lw=1)
+                ax.plot(*zip(*series(prefix + "new_token_loss"), strict=True), "o-", label=f"{label} loss", lw=1)
             acc_key = "new_token_acc" if prefix == "eval_" else "train_new_token_acc"
             if series(acc_key):
-                acc.plot(*zip(*series(acc_key)), "s--", label=f"{label} accuracy", lw=1)
+                acc.plot(*zip(*series(acc_key), strict=True), "s--", label=f"{label} accuracy", lw=1)
         ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="targets that are trained ids")
         acc.set(ylabel="argmax accuracy", ylim=(0, 1))
         ax.grid(alpha=0.3)

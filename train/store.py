@@ -116,6 +116,10 @@ def tokenizer_for(model_dir: Path):
     return tokenizer_of(SimpleNamespace(source_dir=str(model_dir), vocab_plan=plan.read_text() if plan.is_file() else None))
 
 
+def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
 def _tokenize_chunk(chunk):
     """One chunk's kept docs as flat arrays (cheap to send back), with its counts."""
     tok, V = _WORKER["tok"], _WORKER["vocab_size"]
@@ -133,8 +137,7 @@ def _tokenize_chunk(chunk):
         ids.append(doc.ids)
         masks.append(doc.mask.astype(np.uint8))
         lengths.append(len(doc.ids))
-    cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
-    return np.array(lengths, np.int64), cat(ids, np.int32), cat(masks, np.uint8), counts
+    return np.array(lengths, np.int64), _concat(ids, np.int32), _concat(masks, np.uint8), counts
 
 
 def _results(paths, model_dir: Path, vocab_size: int, workers: int):

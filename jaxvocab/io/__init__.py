@@ -7,6 +7,7 @@ from pathlib import Path
 
 from jax.sharding import Mesh
 
+from jaxvocab.config import hf_ids
 from jaxvocab.errors import CheckpointError, UsageError
 from jaxvocab.io import checkpoint, finite, hf
 from jaxvocab.io.atomic import check_overlap
@@ -93,10 +94,6 @@ def _write_support_files(model: Llama, out: Path, plan, *, hf_export: bool, llam
         ids = {k: hf_ids(v) for k, v in (("bos_token_id", c.bos_token_id), ("eos_token_id", c.eos_token_id),
                                          ("pad_token_id", c.pad_token_id)) if v is not None}
         gen.write_text(json.dumps(ids, indent=2) + "\n")
-
-
-def hf_ids(v):
-    return list(v) if isinstance(v, tuple) else v
 
 
 def export_rows(model: Llama, plan, keep_padding: bool = False) -> int:

@@ -12,12 +12,12 @@ import json
 from pathlib import Path
 
 from jaxvocab.errors import CheckpointError
+from jaxvocab.tokenizer import ROLE_KEYS
 
-_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
 _TOKENIZER_JSON = ("version", "truncation", "padding", "added_tokens", "normalizer", "pre_tokenizer",
                    "post_processor", "decoder", "model")
 _ADDED_TOKEN = ("id", "content", "single_word", "lstrip", "rstrip", "normalized", "special")
-_TOKENIZER_CONFIG = _ROLES + (
+_TOKENIZER_CONFIG = ROLE_KEYS + (
     "added_tokens_decoder", "additional_special_tokens", "extra_special_tokens", "chat_template",
     "add_bos_token", "add_eos_token", "add_prefix_space", "clean_up_tokenization_spaces", "legacy",
     "model_input_names", "model_max_length", "padding_side", "truncation_side", "split_special_tokens",
@@ -31,7 +31,7 @@ _GENERATION = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_to
 ALLOWED = {
     "tokenizer.json": _TOKENIZER_JSON,
     "tokenizer_config.json": _TOKENIZER_CONFIG,
-    "special_tokens_map.json": _ROLES + ("additional_special_tokens",),
+    "special_tokens_map.json": ROLE_KEYS + ("additional_special_tokens",),
     "generation_config.json": _GENERATION,
     "added_tokens.json": None,
     "vocab.json": None,
@@ -57,7 +57,7 @@ def _object(path, obj, keys: tuple[str, ...]) -> dict:
     if not isinstance(obj, dict):
         raise _bad(path, "expected a JSON object")
     out = {k: obj[k] for k in keys if k in obj}
-    for k in _ROLES:
+    for k in ROLE_KEYS:
         if k in out:
             out[k] = _token(out[k])
     if isinstance(out.get("added_tokens"), list):

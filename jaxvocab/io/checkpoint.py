@@ -20,13 +20,14 @@ from jax.sharding import Mesh
 
 from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import CheckpointError, JaxVocabError, brief, fault_point
-from jaxvocab.io import keys as K
+from jaxvocab.io import keys
 from jaxvocab.io.atomic import signals_blocked
 from jaxvocab.model import Llama
 from jaxvocab.sharding import sharding_for, single_device_mesh
 
 MARKER = "jaxvocab.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1            # what save_checkpoint writes
+READABLE_FORMATS = (1,)       # every format `load` still reads: a new version is added here, none removed
 
 
 def is_jaxvocab_dir(path: Path) -> bool:
@@ -35,7 +36,7 @@ def is_jaxvocab_dir(path: Path) -> bool:
 
 def params_of(model: Llama) -> dict:
     """Plain {path: array} dict of the weights, the tree orbax stores."""
-    return {"/".join(k.path): K.get_param(model, k)[...] for k in K.keys_for(model.config)}
+    return {"/".join(k.path): keys.get_param(model, k)[...] for k in keys.keys_for(model.config)}
 
 
 def save_state(model: Llama, out: Path) -> None:
@@ -64,14 +65,27 @@ def _restore(state: Path, config: LlamaConfig, dtype, mesh: Mesh):
             raise CheckpointError(f"{state}: holds no 'embed' param; the checkpoint is corrupt, re-create it")
         dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(tree["embed"].dtype)
         target = {}
-        for k in K.keys_for(config):
-            shape = K.param_shape(k, config)
+        for k in keys.keys_for(config):
+            shape = keys.param_shape(k, config)
             name = "/".join(k.path)
             if name not in tree or tuple(tree[name].shape) != shape:
                 raise CheckpointError(f"{state}: {name} is missing or does not match config.json")
             target[name] = jax.ShapeDtypeStruct(shape, jnp.dtype(tree[name].dtype),
-                                                sharding=sharding_for(shape, K.logical_axes(k), mesh))
+                                                sharding=sharding_for(shape, keys.logical_axes(k), mesh))
         return ckptr.restore(state, target), dtype
+
+
+def _check_format(path: Path, marker) -> None:
+    """One line for a marker this jaxvocab cannot read: newer (upgrade) or malformed (re-create)."""
+    fmt = marker.get("format") if isinstance(marker, dict) else marker
+    if isinstance(fmt, int) and not isinstance(fmt, bool):
+        if fmt in READABLE_FORMATS:
+            return
+        if fmt > FORMAT_VERSION:
+            raise CheckpointError(f"{path / MARKER}: format {fmt} was written by a newer jaxvocab (this one reads "
+                                  f"{', '.join(map(str, READABLE_FORMATS))}); upgrade jaxvocab")
+    raise CheckpointError(f"{path / MARKER}: format {brief(fmt)} is not supported by this jaxvocab; "
+                          "re-create the checkpoint")
 
 
 def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Llama:
@@ -79,9 +93,7 @@ def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Llama:
         marker = json.loads((path / MARKER).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{path / MARKER}: corrupt marker file; re-create the checkpoint") from None
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path / MARKER}: format {brief(marker.get('format') if isinstance(marker, dict) else marker)} "
-                              "is not supported by this jaxvocab; re-create the checkpoint")
+    _check_format(path, marker)
     config = LlamaConfig.from_hf_file(path)
     mesh = mesh or single_device_mesh()
     state = (path / "state").absolute()
@@ -95,8 +107,8 @@ def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Llama:
         raise CheckpointError(f"{state}: cannot be read ({type(e).__name__}: {brief(str(e).splitlines()[0] if str(e) else '')}); "
                               "the checkpoint is corrupt, re-create it") from None
     model = nnx.eval_shape(lambda: Llama(config.replace(dtype=dtype.name), dtype=dtype))
-    for k in K.keys_for(config):
-        K.get_param(model, k).set_value(params["/".join(k.path)].astype(dtype))
+    for k in keys.keys_for(config):
+        keys.get_param(model, k).set_value(params["/".join(k.path)].astype(dtype))
     model.source_dir = str(path)
     plan = path / "vocab_plan.json"
     model.vocab_plan = plan.read_text() if plan.is_file() else None

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvocab.errors import CheckpointError
-from jaxvocab.io import keys as K
+from jaxvocab.io import keys
 
 # A float is NaN or Inf exactly when its exponent bits are all ones. Testing the bits as unsigned
 # integers (the max over the masked exponents equals the mask iff some value is non-finite) runs
@@ -94,7 +94,7 @@ def observe(a: np.ndarray) -> np.ndarray:
 
 def check_loaded(model, where, scan: _Scan) -> None:
     """After a load inside `scan_reads`: the full jitted check only where the scan cannot vouch."""
-    total = sum(K.get_param(model, k)[...].size for k in K.keys_for(model.config))
+    total = sum(keys.get_param(model, k)[...].size for k in keys.keys_for(model.config))
     if scan.bad or scan.seen < total or jax.process_count() > 1:
         check_finite(model, where)
 
@@ -106,14 +106,14 @@ def _finite_along_axis0(tree: dict) -> dict:
 
 def check_finite(model, where) -> None:
     """CheckpointError naming the first param (and row / layer) that holds NaN or Inf."""
-    keys = K.keys_for(model.config)
-    tree = {"/".join(k.path): K.get_param(model, k)[...] for k in keys}
+    param_keys = keys.keys_for(model.config)
+    tree = {"/".join(k.path): keys.get_param(model, k)[...] for k in param_keys}
     ok = jax.device_get(_finite_along_axis0(tree))
-    for k in keys:
+    for k in param_keys:
         name = "/".join(k.path)
         bad = np.nonzero(~np.asarray(ok[name]))[0]
         if bad.size:
-            unit = "layer" if k.layered else ("row" if len(K.param_shape(k, model.config)) == 2 else "index")
+            unit = "layer" if k.layered else ("row" if len(keys.param_shape(k, model.config)) == 2 else "index")
             raise CheckpointError(f"{where}: {name} holds NaN or Inf ({bad.size} {unit}(s), first {unit} "
                                   f"{int(bad[0])}); the checkpoint is corrupt: re-create or re-download it, or "
                                   "pass --allow-nonfinite (allow_nonfinite=True) to load it anyway")

@@ -12,6 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,7 @@ from jax.sharding import Mesh
 
 from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import CheckpointError, UsageError
-from jaxvocab.io import finite
-from jaxvocab.io import keys as K
+from jaxvocab.io import finite, keys
 from jaxvocab.io.multihost import gather_only, is_main, to_host
 from jaxvocab.io.safetensors_io import FLOATS, TensorInfo, aligned_empty, read_header, read_slice, write_file
 from jaxvocab.model import Llama
@@ -31,11 +31,6 @@ from jaxvocab.sharding import sharding_for, single_device_mesh
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-
-
-def is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and ((path / SINGLE).is_file() or (path / INDEX).is_file()
-                                                  or any(path.glob("*.safetensors")))
 
 
 def tensor_index(path: Path) -> dict[str, TensorInfo]:
@@ -84,13 +79,13 @@ def _inside(name: str) -> bool:
 
 
 def validate(config: LlamaConfig, infos: dict, path: Path) -> None:
-    expected = {n: (k, K.checkpoint_shape(k, config)) for k in K.keys_for(config) for n in K.names(k, config)}
-    missing = sorted(set(expected) - set(infos), key=_natural)
+    expected = {n: (k, keys.checkpoint_shape(k, config)) for k in keys.keys_for(config) for n in keys.names(k, config)}
+    missing = sorted(set(expected) - set(infos), key=keys.natural_order)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{path}: tensor {missing[0]!r}{more} is missing; the checkpoint does not match config.json")
     allowed_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    unexpected = sorted(n for n in infos if n not in expected and n not in allowed_extra and not K.IGNORED.fullmatch(n))
+    unexpected = sorted(n for n in infos if n not in expected and n not in allowed_extra and not keys.IGNORED.fullmatch(n))
     if unexpected:
         raise CheckpointError(f"{infos[unexpected[0]].path}: unexpected tensor {unexpected[0]!r}; "
                               "jaxvocab reads plain LlamaForCausalLM checkpoints")
@@ -102,32 +97,28 @@ def validate(config: LlamaConfig, infos: dict, path: Path) -> None:
             raise CheckpointError(f"{info.path}: {name} has dtype {info.dtype}; weights must be floating point")
 
 
-def _natural(s: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
 def read_hf(path, *, dtype=None, mesh: Mesh | None = None, show_progress: bool = True) -> Llama:
     path = Path(path)
     config = LlamaConfig.from_hf_file(path)
     infos = tensor_index(path)
     validate(config, infos, path)
-    stored = infos[K.names(K.KEYS[0], config)[0]].dtype
+    stored = infos[keys.names(keys.KEYS[0], config)[0]].dtype
     dtype = np.dtype(dtype) if dtype is not None else stored
     return build(config, dtype, mesh, lambda key: _hf_source(key, config, infos), show_progress,
                  source=str(path))
 
 
-def _hf_source(key: K.Key, config: LlamaConfig, infos: dict):
+def _hf_source(key: keys.Key, config: LlamaConfig, infos: dict):
     """Reader of param-space slices for one key: index over the (stacked) param -> np.ndarray."""
-    tensors = [infos[n] for n in K.names(key, config)]
-    shape = K.param_shape(key, config)
+    tensors = [infos[n] for n in keys.names(key, config)]
+    shape = keys.param_shape(key, config)
     stacked_dtype = np.result_type(*{t.dtype for t in tensors})
 
     def read(idx: tuple[slice, ...]):
         if not key.layered:
             return read_slice(tensors[0], idx)
         # Layers land one by one in the final (aligned) buffer: no list of layers plus a stacked copy.
-        out = aligned_empty(tuple(len(range(*s.indices(n))) for s, n in zip(idx, shape)), stacked_dtype)
+        out = aligned_empty(tuple(len(range(*s.indices(n))) for s, n in zip(idx, shape, strict=True)), stacked_dtype)
         for j, i in enumerate(range(*idx[0].indices(len(tensors)))):
             if tensors[i].dtype == out.dtype:
                 read_slice(tensors[i], idx[1:], out=out[j])
@@ -152,18 +143,18 @@ def build(config: LlamaConfig, dtype, mesh: Mesh | None, source_for, show_progre
     mesh = mesh or single_device_mesh()
     dtype = np.dtype(dtype)
     model = nnx.eval_shape(lambda: Llama(config.replace(dtype=dtype.name), dtype=jnp.dtype(dtype)))
-    keys = K.keys_for(config)
-    sources = {k: source_for(k) for k in keys}
+    param_keys = keys.keys_for(config)
+    sources = {k: source_for(k) for k in param_keys}
     bar = progress(total=sum(s[1] for s in sources.values()), desc="loading", unit="B", unit_scale=True,
                    disable=not show_progress)
     with bar:
-        for key in keys:
+        for key in param_keys:
             read, nbytes = sources[key]
-            shape = K.param_shape(key, config)
-            sharding = sharding_for(shape, K.logical_axes(key), mesh)
+            shape = keys.param_shape(key, config)
+            sharding = sharding_for(shape, keys.logical_axes(key), mesh)
             arr = jax.make_array_from_callback(
-                shape, sharding, lambda idx, r=read: finite.observe(_as_dtype(r(_full(idx, shape)), dtype)))
-            K.get_param(model, key).set_value(arr)
+                shape, sharding, lambda idx, r=read, s=shape: finite.observe(_as_dtype(r(_full(idx, s)), dtype)))
+            keys.get_param(model, key).set_value(arr)
             bar.update(nbytes)
     model.source_dir = source
     return model
@@ -171,7 +162,7 @@ def build(config: LlamaConfig, dtype, mesh: Mesh | None, source_for, show_progre
 
 def _full(idx, shape) -> tuple[slice, ...]:
     idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
-    return tuple(slice(*s.indices(n)) for s, n in zip(idx, shape))
+    return tuple(slice(*s.indices(n)) for s, n in zip(idx, shape, strict=True))
 
 
 # --------------------------------------------------------------------------------------- write
@@ -187,24 +178,24 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def tensors_of(model: Llama) -> list[tuple[str, K.Key, int | None]]:
+def tensors_of(model: Llama) -> list[tuple[str, keys.Key, int | None]]:
     """(HF name, key, layer) in HF's module order: embed, layer by layer, norm, head."""
     config = model.config
-    out = [(K.KEYS[0].hf, K.KEYS[0], None)]
-    layered = [k for k in K.KEYS if k.layered]
+    out = [(keys.KEYS[0].hf, keys.KEYS[0], None)]
+    layered = [k for k in keys.KEYS if k.layered]
     for i in range(config.num_hidden_layers):
         out += [(k.hf.format(i=i), k, i) for k in layered]
-    out += [(k.hf, k, None) for k in K.keys_for(config) if not k.layered and k.path != ("embed",)]
+    out += [(k.hf, k, None) for k in keys.keys_for(config) if not k.layered and k.path != ("embed",)]
     return out
 
 
 _TABLES = (("embed",), ("lm_head",))
 
 
-def host_tensor(model: Llama, key: K.Key, layer: int | None, rows: int | None = None) -> np.ndarray:
+def host_tensor(model: Llama, key: keys.Key, layer: int | None, rows: int | None = None) -> np.ndarray:
     """One checkpoint tensor gathered to host (for stacked params, only that layer's slice; for the
     vocab tables, only the first `rows` rows)."""
-    arr = K.get_param(model, key)[...]
+    arr = keys.get_param(model, key)[...]
     if layer is not None:
         arr = arr[layer]
     if rows is not None:
@@ -212,18 +203,30 @@ def host_tensor(model: Llama, key: K.Key, layer: int | None, rows: int | None = 
     return to_host(arr)
 
 
+class ExportTensor(NamedTuple):
+    """One tensor of an HF export: where it comes from in the model, and how it is stored."""
+
+    name: str                 # HF tensor name
+    key: keys.Key
+    layer: int | None         # index into the stacked layers, None for unstacked params
+    dtype: np.dtype
+    shape: tuple[int, ...]    # checkpoint shape (tables cut to the exported rows)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
 def write_weights(model: Llama, out: Path, max_shard_size="5GB", show_progress: bool = True,
                   rows: int | None = None) -> dict:
     """The weights as safetensors shards; `rows` keeps only the first rows of the vocab tables."""
     limit = parse_size(max_shard_size)
     config = model.config if rows is None else model.config.replace(vocab_size=rows)
-    plan = []
-    for name, key, layer in tensors_of(model):
-        p = K.get_param(model, key)[...]
-        plan.append((name, key, layer, p.dtype, K.checkpoint_shape(key, config), p.dtype.itemsize))
+    plan = [ExportTensor(name, key, layer, np.dtype(keys.get_param(model, key)[...].dtype),
+                         keys.checkpoint_shape(key, config)) for name, key, layer in tensors_of(model)]
     shards, current, size = [], [], 0
     for entry in plan:
-        nbytes = int(np.prod(entry[4])) * entry[5]
+        nbytes = entry.nbytes
         if current and size + nbytes > limit:
             shards.append(current)
             current, size = [], 0
@@ -232,20 +235,20 @@ def write_weights(model: Llama, out: Path, max_shard_size="5GB", show_progress: 
     shards.append(current)
     total = 0
     weight_map = {}
-    by_name = {e[0]: e for e in plan}
+    by_name = {e.name: e for e in plan}
     bar = progress(total=len(plan), desc="writing", unit="tensor", disable=not show_progress)
     with bar:
         for n, shard in enumerate(shards):
             fname = SINGLE if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
 
             def produce(name):
-                _, key, layer, _, shape, _ = by_name[name]
+                e = by_name[name]
                 bar.update(1)
-                return host_tensor(model, key, layer, rows=shape[0] if key.path in _TABLES else None)
+                return host_tensor(model, e.key, e.layer, rows=e.shape[0] if e.key.path in _TABLES else None)
 
             write = write_file if is_main() else gather_only   # a gather is collective: all take part
-            total += write(out / fname, [(e[0], np.dtype(e[3]), e[4]) for e in shard], produce)
-            weight_map.update({e[0]: fname for e in shard})
+            total += write(out / fname, [(e.name, e.dtype, e.shape) for e in shard], produce)
+            weight_map.update({e.name: fname for e in shard})
     if len(shards) > 1 and is_main():
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -83,3 +83,8 @@ def get_param(model, key: Key):
     for part in key.path:
         obj = getattr(obj, part)
     return obj
+
+
+def natural_order(name: str) -> list:
+    """Sort key that numbers layers as people do: layers.2 before layers.10 (for error messages)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

@@ -24,11 +24,12 @@ from jax.sharding import Mesh
 
 from jaxvocab.config import LlamaConfig, RopeScaling, _positive_float, read_json
 from jaxvocab.errors import CheckpointError, ConfigError, UsageError, brief
-from jaxvocab.io import keys as K
+from jaxvocab.io import keys
 from jaxvocab.io.hf import build
 from jaxvocab.io.pth import LazyTensor, read_pth
 from jaxvocab.io.safetensors_io import FLOATS
 from jaxvocab.model import Llama
+from jaxvocab.sharding import round_up
 
 log = logging.getLogger("jaxvocab")
 
@@ -57,7 +58,7 @@ def intermediate_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: floa
     hidden = int(2 * (4 * dim) / 3)
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+    return round_up(hidden, multiple_of)
 
 
 def read_params(path: Path) -> dict:
@@ -106,7 +107,7 @@ class Merged:
                 raise bad
             self.groups = [(0, parts)]
             return
-        if len(local) != len(shape) or any(a != b for i, (a, b) in enumerate(zip(local, shape)) if i != dim):
+        if len(local) != len(shape) or any(a != b for i, (a, b) in enumerate(zip(local, shape, strict=True)) if i != dim):
             raise bad
         self.local = local[dim]
         if self.local == 0 or shape[dim] % self.local or (len(parts) * self.local) % shape[dim]:
@@ -197,21 +198,21 @@ class MetaCheckpoint:
         self.dtype = emb.dtype
         self.config = self._config(vocab, tied, rope_factor)
         self.tensors = dict(tables)
-        for key in K.KEYS:
+        for key in keys.KEYS:
             split = self.embed_split if key.path == ("embed",) else key.meta_split
-            for name in K.names(key, self.config, "meta"):
+            for name in keys.names(key, self.config, "meta"):
                 if name not in self.tensors:
-                    self.tensors[name] = self._merged(name, split, K.checkpoint_shape(key, self.config))
+                    self.tensors[name] = self._merged(name, split, keys.checkpoint_shape(key, self.config))
 
     def _check_names(self, n_layers: int) -> None:
-        expected = {k.meta.format(i=i) for k in K.KEYS for i in (range(n_layers) if k.layered else [0])}
-        for f, shard in zip(self.files, self.shards):
-            missing = sorted(expected - set(shard), key=_natural)
+        expected = {k.meta.format(i=i) for k in keys.KEYS for i in (range(n_layers) if k.layered else [0])}
+        for f, shard in zip(self.files, self.shards, strict=True):
+            missing = sorted(expected - set(shard), key=keys.natural_order)
             if missing:
                 raise CheckpointError(f"{f}: tensor {missing[0]!r} is missing"
                                       f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                                       f"the checkpoint does not match {PARAMS} (n_layers={n_layers})")
-            extra = sorted(set(shard) - expected - _IGNORED, key=_natural)
+            extra = sorted(set(shard) - expected - _IGNORED, key=keys.natural_order)
             if extra:
                 raise CheckpointError(f"{f}: unexpected tensor {extra[0]!r}; jaxvocab reads plain Llama checkpoints")
             for name in expected:
@@ -255,9 +256,9 @@ class MetaCheckpoint:
             dtype=self.dtype.name,
         )
 
-    def source_for(self, key: K.Key):
+    def source_for(self, key: keys.Key):
         """Reader of param-space slices for io.hf.build: (read(idx) -> np.ndarray, nbytes)."""
-        tensors = [self.tensors[n] for n in K.names(key, self.config, "meta")]
+        tensors = [self.tensors[n] for n in keys.names(key, self.config, "meta")]
         head_dim = self.config.head_dim
 
         def read_one(t: Merged, idx):
@@ -269,10 +270,6 @@ class MetaCheckpoint:
             return np.stack([read_one(tensors[i], idx[1:]) for i in range(*idx[0].indices(len(tensors)))])
 
         return read, sum(t.nbytes for t in tensors)
-
-
-def _natural(s: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 def meta_config(path, rope_factor: float | None = None) -> LlamaConfig:

@@ -114,6 +114,6 @@ def write_meta_tokenizer_files(src, out: Path, version: str | None = None) -> li
         "model_max_length": 131072 if version == "3.1" else 8192,
         "tokenizer_class": "PreTrainedTokenizerFast",
         "chat_template": CHAT_TEMPLATE_31 if version == "3.1" else CHAT_TEMPLATE_30}
-    for name, obj in zip(FILES, (tj, config, {"bos_token": bos, "eos_token": eos})):
+    for name, obj in zip(FILES, (tj, config, {"bos_token": bos, "eos_token": eos}), strict=True):
         (out / name).write_text(carried.dumps(name, obj), encoding="utf-8")
     return list(FILES)

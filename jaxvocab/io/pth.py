@@ -117,7 +117,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     if math.prod(size) > MAX_NUMEL:
         raise CheckpointError(f"{storage.path}: a tensor of {len(size)} dims claims more than {MAX_NUMEL} elements; "
                               "the file is corrupt")
-    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) if 0 not in size else -1
+    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) if 0 not in size else -1
     if last >= storage.numel:
         raise CheckpointError(f"{storage.path}: a tensor of shape {list(size)} reaches past the end of its storage; "
                               "the file is corrupt")

@@ -166,7 +166,7 @@ def _row_range(shape, index) -> tuple[int, int] | None:
     if not shape or len(index) > len(shape) or not all(isinstance(s, slice) for s in index):
         return None
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-    if any(s.indices(n) != (0, n, 1) for s, n in zip(index[1:], shape[1:])):
+    if any(s.indices(n) != (0, n, 1) for s, n in zip(index[1:], shape[1:], strict=True)):
         return None
     first, stop, step = index[0].indices(shape[0])
     return (first, max(first, stop)) if step == 1 else None

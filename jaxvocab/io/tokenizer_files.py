@@ -10,9 +10,9 @@ import os
 
 from jaxvocab.errors import CheckpointError, VocabError
 from jaxvocab.io import carried
+from jaxvocab.tokenizer import ROLE_KEYS
 
 EDITED = ("tokenizer.json", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json")
-_ROLE_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
 
 
 def _read(path: str):
@@ -86,7 +86,7 @@ def write_tokenizer_files(src_dir, out_dir, renamed: dict[int, str], appended: d
             raise VocabError(f"{src_dir}: id {i} is not an added/reserved token in the tokenizer files; "
                              "rename only reserved slots")
     old_to_new = {cur[i]: t for i, t in renamed.items()}
-    roles = {k: _text(tc.get(k)) for k in _ROLE_KEYS} if tc else {}
+    roles = {k: _text(tc.get(k)) for k in ROLE_KEYS} if tc else {}
     in_use = [f"{k}={v}" for k, v in roles.items() if v in old_to_new]
     if in_use:
         raise VocabError(f"{src_dir}/tokenizer_config.json: renamed slot is in use ({', '.join(in_use)}); "

