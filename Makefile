@@ -23,6 +23,7 @@ test: $(STAMP)
 # Lint only for now: `ruff format --check` joins once the tree has been formatted in one pass.
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -25,11 +25,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fmt_bytes, machine, measure, save, table
 
-LLAMA_1B = {"vocab_size": 1024, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 2,
-                "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 131072,
-                "rope_theta": 500000.0, "tie_word_embeddings": True, "dtype": "bfloat16"}
-SMOL = {"vocab_size": 1024, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 2, "num_attention_heads": 9,
-            "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192, "tie_word_embeddings": True}
+LLAMA_1B = {
+    "vocab_size": 1024,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "dtype": "bfloat16",
+}
+SMOL = {
+    "vocab_size": 1024,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+}
 
 _MODEL = """
 import jax, jax.numpy as jnp, numpy as np
@@ -38,7 +57,9 @@ from jaxvocab import Llama, LlamaConfig
 cfg = LlamaConfig(**{shape!r})
 """
 
-_GRAD = _MODEL + """
+_GRAD = (
+    _MODEL
+    + """
 model = nnx.eval_shape(lambda: Llama(cfg, dtype=jnp.{dtype}, attention={attention!r}, remat={remat!r}))
 graph, state = nnx.split(model)
 def f(state, ids):
@@ -46,12 +67,15 @@ def f(state, ids):
 grad = jax.jit(jax.grad(f))
 ids = jax.ShapeDtypeStruct((1, {T}), jnp.int32)
 """
+)
 
 _GRAD_MEM = """
 bench_extra = {"temp": grad.lower(state, ids).compile().memory_analysis().temp_size_in_bytes}
 """
 
-_ROWS = _MODEL + """
+_ROWS = (
+    _MODEL
+    + """
 from jaxvocab import rows
 from jaxvocab.sharding import parse_mesh
 from train.data import Batch
@@ -64,13 +88,16 @@ tr = Trainer(rm, tc, mesh)
 z = np.zeros((1, 1, {T}), np.int32)
 batch = tr.put(Batch(z, z + 1, z, np.ones((1, 1, {T}), np.float32)))
 """
+)
 
 _ROWS_MEM = """
 lowered = tr._step.lower(tr.graphdef, tr.cfg, tr.params, tr.opt_state, tr.frozen, batch)
 bench_extra = {"temp": lowered.compile().memory_analysis().temp_size_in_bytes}
 """
 
-_TIME_SETUP = _MODEL + """
+_TIME_SETUP = (
+    _MODEL
+    + """
 import time
 model = Llama(cfg, dtype=jnp.float32, attention={attention!r}, remat="none", rngs=nnx.Rngs(0))
 graph, state = nnx.split(model)
@@ -78,6 +105,7 @@ grad = jax.jit(jax.grad(lambda s, ids: nnx.merge(graph, s)(ids).sum()))
 ids = jnp.asarray(np.random.RandomState(0).randint(0, 1024, (1, {T})), jnp.int32)
 jax.block_until_ready(grad(state, ids))
 """
+)
 
 _TIME_BODY = """
 times = []
@@ -94,7 +122,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def temp_bytes(setup: str, body: str) -> int | None:
     try:
         return measure(setup, body, env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}, timeout=1800)["temp"]
-    except (RuntimeError, subprocess.TimeoutExpired) as e:   # a compile that fails or runs out of memory
+    except (RuntimeError, subprocess.TimeoutExpired) as e:  # a compile that fails or runs out of memory
         print(f"  failed: {str(e).splitlines()[-1][:200] if str(e) else type(e).__name__}", flush=True)
         return None
 
@@ -128,16 +156,23 @@ def main() -> None:
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     mem = memory_rows(lengths, args.xla_max, not args.skip_rows)
-    cols = ["xla grad", "xla rows step", "chunked grad", "chunked rows step"] if not args.skip_rows else \
-        ["xla grad", "chunked grad"]
-    lines = [(f"Compiled temp memory, Llama-3.2-1B shapes, 2 layers, vocab 1024, bf16, remat full, B=1 "
-             f"({machine()})"), "", table(["T", *cols], [[r[0]] + [fmt_bytes(x) if x else "-" for x in r[1:]]
-                                                        for r in mem])]
+    cols = (
+        ["xla grad", "xla rows step", "chunked grad", "chunked rows step"]
+        if not args.skip_rows
+        else ["xla grad", "chunked grad"]
+    )
+    lines = [
+        (f"Compiled temp memory, Llama-3.2-1B shapes, 2 layers, vocab 1024, bf16, remat full, B=1 ({machine()})"),
+        "",
+        table(["T", *cols], [[r[0]] + [fmt_bytes(x) if x else "-" for x in r[1:]] for r in mem]),
+    ]
     chunked_col = 1 + cols.index("chunked grad")
     by_t = {int(r[0][:-1]) * 1024: r for r in mem}
     if 2048 in by_t and 16384 in by_t and by_t[2048][chunked_col] and by_t[16384][chunked_col]:
-        lines.append(f"\nchunked grad growth 2k -> 16k: {by_t[16384][chunked_col] / by_t[2048][chunked_col]:.2f}x "
-                     f"(target <= 8.8x), at 16k {fmt_bytes(by_t[16384][chunked_col])} (target < 3 GB)")
+        lines.append(
+            f"\nchunked grad growth 2k -> 16k: {by_t[16384][chunked_col] / by_t[2048][chunked_col]:.2f}x "
+            f"(target <= 8.8x), at 16k {fmt_bytes(by_t[16384][chunked_col])} (target < 3 GB)"
+        )
     if not args.skip_time:
         lines.append("\nCPU jit(grad) step, SmolLM-135M shapes, 2 layers, f32, B=1 (median of 3 after a warm-up):\n")
         rows = []
@@ -145,10 +180,15 @@ def main() -> None:
             times = {}
             for attention in ("xla", "chunked"):
                 print(f"time T={T} {attention}", flush=True)
-                r = measure(_TIME_SETUP.format(shape=SMOL, attention=attention, T=T), _TIME_BODY,
-                            env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+                r = measure(
+                    _TIME_SETUP.format(shape=SMOL, attention=attention, T=T),
+                    _TIME_BODY,
+                    env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"},
+                )
                 times[attention] = r["step_s"]
-            rows.append([T, f"{times['xla']:.2f}", f"{times['chunked']:.2f}", f"{times['chunked'] / times['xla']:.2f}x"])
+            rows.append(
+                [T, f"{times['xla']:.2f}", f"{times['chunked']:.2f}", f"{times['chunked'] / times['xla']:.2f}x"]
+            )
         lines.append(table(["T", "xla s/step", "chunked s/step", "chunked / xla (target <= 1.5x at 2k)"], rows))
     text = "\n".join(lines)
     print(text)

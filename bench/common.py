@@ -62,7 +62,7 @@ def measure(setup: str, body: str, env: dict | None = None, timeout: float = 360
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_MARK)]
-    return json.loads(lines[-1][len(_MARK):])
+    return json.loads(lines[-1][len(_MARK) :])
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -102,6 +102,7 @@ def write_random_checkpoint(config, out: Path, shards: int = 1, zero_rows=()) ->
 
     from jaxvocab.io import keys
     from jaxvocab.io.safetensors_io import write_file
+
     bf16 = np.dtype(ml_dtypes.bfloat16)
     entries = [(name, key) for key in keys.keys_for(config) for name in keys.names(key, config, "hf")]
     entries.sort(key=lambda e: _hf_order(e[0]))
@@ -161,6 +162,7 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 def machine() -> str:
     import platform
+
     cpus = os.cpu_count()
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -36,15 +36,31 @@ ROOT = Path(__file__).resolve().parents[1]
 def tokenizer_model(d: Path) -> Path:
     """The real Llama-3 tokenizer files + a config.json: all `tokenize` needs of a checkpoint."""
     from examples.llama3_tokenizer import package_tokenizer_dir
+
     src = package_tokenizer_dir()
     d.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         shutil.copy(f, d / f.name)
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 64,
-        "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True,
-        "bos_token_id": 128000, "eos_token_id": 128001}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "vocab_size": 128256,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 512,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 500000.0,
+                "tie_word_embeddings": True,
+                "bos_token_id": 128000,
+                "eos_token_id": 128001,
+            }
+        )
+    )
     return d
 
 
@@ -61,7 +77,7 @@ def corpus(path: Path, mb: float, seed: int = 0) -> Path:
         while written < target:
             words = [lexicon[i] for i in rs.choice(len(lexicon), 1000, p=freq)]
             for s in range(0, 1000, 333):
-                line = json.dumps({"text": (" ".join(words[s:s + 333]) + ".").capitalize()}) + "\n"
+                line = json.dumps({"text": (" ".join(words[s : s + 333]) + ".").capitalize()}) + "\n"
                 f.write(line)
                 written += len(line)
     return path
@@ -88,55 +104,122 @@ def write_store(path: Path, mb: float, seed: int = 0) -> Path:
     lengths = np.concatenate(lengths)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     np.save(path / "offsets.npy", offsets)
-    (path / "manifest.json").write_text(json.dumps({
-        "format": 1, "docs": len(lengths), "tokens": int(offsets[-1]), "targets": int(offsets[-1] - len(lengths)),
-        "dropped": 0, "vocab_size": 256, "tokenizer": None, "sources": ["generated"]}))
+    (path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "docs": len(lengths),
+                "tokens": int(offsets[-1]),
+                "targets": int(offsets[-1] - len(lengths)),
+                "dropped": 0,
+                "vocab_size": 256,
+                "tokenizer": None,
+                "sources": ["generated"],
+            }
+        )
+    )
     return path
 
 
 def bench_tokenize(work: Path, model: Path, data: Path, workers: int) -> list[list]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "train", "tokenize", "--model", str(model), "--data", str(data),
-                           "--out", str(work / "store"), "--workers", str(workers)], env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "tokenize",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(work / "store"),
+            "--workers",
+            str(workers),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     ours = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(proc.stderr)
     manifest = json.loads((work / "store" / "manifest.json").read_text())
-    hf = measure(f"""
+    hf = measure(
+        f"""
         from datasets import load_dataset
         from transformers import PreTrainedTokenizerFast
-        tok = PreTrainedTokenizerFast(tokenizer_file={str(model / 'tokenizer.json')!r})
-    """, f"""
-        ds = load_dataset("json", data_files={str(data)!r}, split="train", cache_dir={str(work / 'hf-cache')!r})
+        tok = PreTrainedTokenizerFast(tokenizer_file={str(model / "tokenizer.json")!r})
+    """,
+        f"""
+        ds = load_dataset("json", data_files={str(data)!r}, split="train", cache_dir={str(work / "hf-cache")!r})
         ds = ds.map(lambda b: {{"input_ids": tok(b["text"])["input_ids"]}}, batched=True, num_proc={workers},
                     remove_columns=["text"])
         bench_extra = {{"tokens": sum(len(x) for x in ds.with_format("numpy")["input_ids"])}}
-    """)
+    """,
+    )
     mb = data.stat().st_size / 1e6
-    return [[f"jaxvocab-train tokenize --workers {workers} (CLI, whole run)", f"{ours:.1f}", f"{mb / ours:.1f}",
-             f"{manifest['tokens']:,}"],
-            [f"datasets load_dataset + .map(batched, num_proc={workers}), fast tokenizer", f"{hf['wall_s']:.1f}",
-             f"{mb / hf['wall_s']:.1f}", f"{hf['tokens']:,}"]]
+    return [
+        [
+            f"jaxvocab-train tokenize --workers {workers} (CLI, whole run)",
+            f"{ours:.1f}",
+            f"{mb / ours:.1f}",
+            f"{manifest['tokens']:,}",
+        ],
+        [
+            f"datasets load_dataset + .map(batched, num_proc={workers}), fast tokenizer",
+            f"{hf['wall_s']:.1f}",
+            f"{mb / hf['wall_s']:.1f}",
+            f"{hf['tokens']:,}",
+        ],
+    ]
 
 
 def bench_rss(work: Path, small_mb: float, big_mb: float, steps: int) -> list[list]:
     sys.path.insert(0, str(ROOT))
     from tests.builders import make_hf_checkpoint
+
     model, _ = make_hf_checkpoint(work / "model", tied=True, max_pos=256)
     rows = []
     for name, mb in (("small", small_mb), ("big", big_mb)):
         store = write_store(work / f"store-{name}", mb)
         size = sum(f.stat().st_size for f in store.iterdir())
-        args = ["--model", str(model), "--data", str(store), "--out", str(work / f"run-{name}"),
-                "--trainable", "ids:5,9,77,200", "--steps", str(steps), "--batch-size", "8", "--seq-len", "256",
-                "--save-every", "0", "--quiet"]
-        r = measure(f"import sys; sys.path.insert(0, {str(ROOT)!r}); from train.__main__ import main", f"assert main({args!r}) == 0",
-                    env={"PYTHONPATH": str(ROOT)})
+        args = [
+            "--model",
+            str(model),
+            "--data",
+            str(store),
+            "--out",
+            str(work / f"run-{name}"),
+            "--trainable",
+            "ids:5,9,77,200",
+            "--steps",
+            str(steps),
+            "--batch-size",
+            "8",
+            "--seq-len",
+            "256",
+            "--save-every",
+            "0",
+            "--quiet",
+        ]
+        r = measure(
+            f"import sys; sys.path.insert(0, {str(ROOT)!r}); from train.__main__ import main",
+            f"assert main({args!r}) == 0",
+            env={"PYTHONPATH": str(ROOT)},
+        )
         reads = json.loads((work / f"run-{name}" / "data_read" / "process-0.json").read_text())
-        rows.append([fmt_bytes(size), f"{json.loads((store / 'manifest.json').read_text())['docs']:,}",
-                     fmt_bytes(r["peak_rss"]), fmt_bytes(reads["bytes"]), f"{r['wall_s']:.1f}"])
+        rows.append(
+            [
+                fmt_bytes(size),
+                f"{json.loads((store / 'manifest.json').read_text())['docs']:,}",
+                fmt_bytes(r["peak_rss"]),
+                fmt_bytes(reads["bytes"]),
+                f"{r['wall_s']:.1f}",
+            ]
+        )
         shutil.rmtree(store)
     return rows
 
@@ -156,12 +239,15 @@ def main() -> None:
         tok_rows = bench_tokenize(work, model, data, args.workers)
         rss_rows = bench_rss(work, args.small_store_mb, args.big_store_mb, args.steps)
     small, big = (float(r[2].split()[0]) * (1000 if r[2].endswith("GB") else 1) for r in rss_rows)
-    text = "\n\n".join([
-        f"{machine()}; corpus {args.corpus_mb:.0f} MB of JSONL text records, real Llama-3 tokenizer",
-        table(["tokenize", "wall (s)", "MB/s", "tokens"], tok_rows),
-        f"{args.steps}-step jaxvocab-train run (tiny model, batch 8 x 256, one CPU device) per store:",
-        table(["store size", "documents", "peak RSS", "store bytes read", "wall (s)"], rss_rows),
-        f"peak RSS, big store / small store: {big / small:.3f}"])
+    text = "\n\n".join(
+        [
+            f"{machine()}; corpus {args.corpus_mb:.0f} MB of JSONL text records, real Llama-3 tokenizer",
+            table(["tokenize", "wall (s)", "MB/s", "tokens"], tok_rows),
+            f"{args.steps}-step jaxvocab-train run (tiny model, batch 8 x 256, one CPU device) per store:",
+            table(["store size", "documents", "peak RSS", "store bytes read", "wall (s)"], rss_rows),
+            f"peak RSS, big store / small store: {big / small:.3f}",
+        ]
+    )
     print(text)
     print(f"\n(written to {save('data.md', text)})", file=sys.stderr)
 

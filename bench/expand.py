@@ -38,11 +38,14 @@ NEW_TOKENS = 1000
 CONFIG = LLAMA_3_8B.replace(num_hidden_layers=1, dtype="bfloat16")
 
 # Started at the end of each child's (untimed) setup: RSS high-water mark of the timed step alone.
-_SAMPLER = RSS_SAMPLER + """
+_SAMPLER = (
+    RSS_SAMPLER
+    + """
 _rss_before = _proc.memory_info().rss
 _thread = threading.Thread(target=_sample, daemon=True)
 _thread.start()
 """
+)
 _STOP = """
 _stop.set(); _thread.join()
 bench_extra.update(step_peak_rss=max(_peak[0], _proc.memory_info().rss), rss_before=_rss_before, load_s=_load_s)
@@ -52,16 +55,24 @@ bench_extra.update(step_peak_rss=max(_peak[0], _proc.memory_info().rss), rss_bef
 def write_checkpoint(out: Path) -> int:
     """Random bf16 HF dir of CONFIG with the real tokenizer; reserved rows zero, as in the Llama-3 release."""
     from jaxvocab.tokenizer import load_tokenizer
+
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(package_tokenizer_dir() / "tokenizer.model", out / "tokenizer.model")   # alone: the 3.1 text set, 128256 ids
+    shutil.copy(
+        package_tokenizer_dir() / "tokenizer.model", out / "tokenizer.model"
+    )  # alone: the 3.1 text set, 128256 ids
     return write_random_checkpoint(CONFIG, out, zero_rows=load_tokenizer(out).free_reserved())
 
 
 def run(path: Path, repeats: int, transformers_repeats: int) -> dict:
-    env = {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     p = repr(str(path))
-    jax_setup = textwrap.dedent(f"""
+    jax_setup = (
+        textwrap.dedent(f"""
         import time
         import jax, jaxvocab
         _t = time.perf_counter()
@@ -70,14 +81,20 @@ def run(path: Path, repeats: int, transformers_repeats: int) -> dict:
         _load_s = time.perf_counter() - _t
         tok = jaxvocab.load_tokenizer({p})
         new = [f"<|new_{{i}}|>" for i in range({NEW_TOKENS})]
-        """) + _SAMPLER
-    jax_body = textwrap.dedent("""
+        """)
+        + _SAMPLER
+    )
+    jax_body = (
+        textwrap.dedent("""
         plan = jaxvocab.plan_vocab(tok, new, reuse_reserved=False, model=model)
         model, tok = jaxvocab.expand_vocab(model, tok, plan, init="mean")
         jax.block_until_ready([model.embed[...], model.lm_head[...]])
         bench_extra = {"rows": model.config.vocab_size}
-        """) + _STOP
-    torch_setup = textwrap.dedent(f"""
+        """)
+        + _STOP
+    )
+    torch_setup = (
+        textwrap.dedent(f"""
         import time
         import torch
         from transformers import LlamaForCausalLM
@@ -85,16 +102,24 @@ def run(path: Path, repeats: int, transformers_repeats: int) -> dict:
         model = LlamaForCausalLM.from_pretrained({p}, dtype=torch.bfloat16)
         _load_s = time.perf_counter() - _t
         n = model.config.vocab_size
-        """) + _SAMPLER
-    torch_body = textwrap.dedent(f"""
+        """)
+        + _SAMPLER
+    )
+    torch_body = (
+        textwrap.dedent(f"""
         model.resize_token_embeddings(n + {NEW_TOKENS}, mean_resizing=True)
         bench_extra = {{"rows": model.get_input_embeddings().weight.shape[0]}}
-        """) + _STOP
+        """)
+        + _STOP
+    )
     baseline = "import jax, jax.numpy as jnp, jaxvocab"
     out = {"jax_baseline": measure(baseline, "jnp.ones(8).block_until_ready()", env=env)}
     runs = {"jaxvocab": [], "transformers": []}
-    for i in range(repeats):   # interleaved, so a noisy neighbour hits both tools alike
-        for name, (setup, body) in {"jaxvocab": (jax_setup, jax_body), "transformers": (torch_setup, torch_body)}.items():
+    for i in range(repeats):  # interleaved, so a noisy neighbour hits both tools alike
+        for name, (setup, body) in {
+            "jaxvocab": (jax_setup, jax_body),
+            "transformers": (torch_setup, torch_body),
+        }.items():
             if name == "transformers" and i >= transformers_repeats:
                 continue
             runs[name].append(measure(setup, body, env=env))
@@ -109,36 +134,55 @@ def run(path: Path, repeats: int, transformers_repeats: int) -> dict:
 def report(path: Path, r: dict, ckpt_bytes: int) -> str:
     jv, tf, base = r["jaxvocab"], r["transformers"], r["jax_baseline"]["peak_rss"]
     table_bytes = (128256 + NEW_TOKENS) * CONFIG.hidden_size * 2
-    rows = [[name, f"{x['load_s']:.2f}", f"**{x['wall_s']:.2f}**", fmt_bytes(x["rss_before"]),
-             fmt_bytes(x["step_peak_rss"]), fmt_bytes(x["step_peak_rss"] - x["rss_before"]), str(x["rows"])]
-            for name, x in (("jaxvocab plan_vocab + expand_vocab (mean)", jv),
-                            ("transformers resize_token_embeddings(mean_resizing=True)", tf))]
+    rows = [
+        [
+            name,
+            f"{x['load_s']:.2f}",
+            f"**{x['wall_s']:.2f}**",
+            fmt_bytes(x["rss_before"]),
+            fmt_bytes(x["step_peak_rss"]),
+            fmt_bytes(x["step_peak_rss"] - x["rss_before"]),
+            str(x["rows"]),
+        ]
+        for name, x in (
+            ("jaxvocab plan_vocab + expand_vocab (mean)", jv),
+            ("transformers resize_token_embeddings(mean_resizing=True)", tf),
+        )
+    ]
     speedup = tf["wall_s"] / jv["wall_s"]
     budget = base + 1.1 * (ckpt_bytes + table_bytes)
-    return "\n".join([
-        f"## Vocabulary expansion: +{NEW_TOKENS} tokens, 1-layer Llama-3-8B shapes (128256 x 4096 bf16, untied), "
-        f"{fmt_bytes(ckpt_bytes)} of weights",
-        "",
-        f"{machine()}; single device; each run a fresh process; median wall time of the runs (jaxvocab "
-        f"{jv['runs']} s, transformers {tf['runs']} s), worst peak RSS; the step is timed alone (jaxvocab: "
-        "compilation included); RSS sampled every 2 ms during the step.",
-        "",
-        table(["", "load (s)", "step (s)", "RSS before step", "peak RSS in step", "step growth", "rows after"], rows),
-        "",
-        f"- speed: {speedup:.0f}x ({'PASS' if speedup >= 100 else 'MISS'}; target >= 100x)",
-        f"- memory: jaxvocab peak {fmt_bytes(jv['step_peak_rss'])} vs JAX+jaxvocab baseline {fmt_bytes(base)} + 1.1 x "
-        f"(weights {fmt_bytes(ckpt_bytes)} + one new table {fmt_bytes(table_bytes)}) = {fmt_bytes(budget)} -> "
-        f"{'PASS' if jv['step_peak_rss'] <= budget else 'MISS'}; the step grew RSS by "
-        f"{fmt_bytes(jv['step_peak_rss'] - jv['rss_before'])} for a {fmt_bytes(table_bytes)} table",
-    ])
+    return "\n".join(
+        [
+            f"## Vocabulary expansion: +{NEW_TOKENS} tokens, 1-layer Llama-3-8B shapes (128256 x 4096 bf16, untied), "
+            f"{fmt_bytes(ckpt_bytes)} of weights",
+            "",
+            f"{machine()}; single device; each run a fresh process; median wall time of the runs (jaxvocab "
+            f"{jv['runs']} s, transformers {tf['runs']} s), worst peak RSS; the step is timed alone (jaxvocab: "
+            "compilation included); RSS sampled every 2 ms during the step.",
+            "",
+            table(
+                ["", "load (s)", "step (s)", "RSS before step", "peak RSS in step", "step growth", "rows after"], rows
+            ),
+            "",
+            f"- speed: {speedup:.0f}x ({'PASS' if speedup >= 100 else 'MISS'}; target >= 100x)",
+            f"- memory: jaxvocab peak {fmt_bytes(jv['step_peak_rss'])} vs JAX+jaxvocab baseline {fmt_bytes(base)} + 1.1 x "
+            f"(weights {fmt_bytes(ckpt_bytes)} + one new table {fmt_bytes(table_bytes)}) = {fmt_bytes(budget)} -> "
+            f"{'PASS' if jv['step_peak_rss'] <= budget else 'MISS'}; the step grew RSS by "
+            f"{fmt_bytes(jv['step_peak_rss'] - jv['rss_before'])} for a {fmt_bytes(table_bytes)} table",
+        ]
+    )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep-dir", type=Path, help="write the checkpoint here and keep it (reused if already there)")
     ap.add_argument("--repeats", type=int, default=3, help="fresh-process runs of jaxvocab (median reported)")
-    ap.add_argument("--transformers-repeats", type=int, default=1,
-                    help="fresh-process runs of transformers (default 1: each takes minutes on a CPU)")
+    ap.add_argument(
+        "--transformers-repeats",
+        type=int,
+        default=1,
+        help="fresh-process runs of transformers (default 1: each takes minutes on a CPU)",
+    )
     args = ap.parse_args(argv)
     path = args.keep_dir or Path(tempfile.mkdtemp(prefix="jaxvocab-bench-expand-"))
     try:

@@ -35,15 +35,48 @@ from jaxvocab.errors import UsageError
 from train.loss import _by_chunk, _scan_sum, chunk_len, chunk_nll
 
 SHAPES = {
-    "1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-               "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True},
-    "8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-               "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False},
-    "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": True},
+    "1b": {
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "tie_word_embeddings": True,
+    },
+    "8b": {
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "tie_word_embeddings": False,
+    },
+    "tiny": {
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "tie_word_embeddings": True,
+    },
 }
-PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "h800": 989.0, "gh200": 989.0, "a100": 312.0, "l40s": 362.0,
-               "l4": 121.0, "a10": 125.0, "rtx 4090": 165.0}
+PEAK_TFLOPS = {
+    "h100": 989.0,
+    "h200": 989.0,
+    "h800": 989.0,
+    "gh200": 989.0,
+    "a100": 312.0,
+    "l40s": 362.0,
+    "l4": 121.0,
+    "a10": 125.0,
+    "rtx 4090": 165.0,
+}
 
 
 def step_flops(c: LlamaConfig, B: int, T: int) -> float:
@@ -102,10 +135,17 @@ def main() -> None:
         shape["num_hidden_layers"] = args.layers
     dtype = jnp.bfloat16 if args.shape != "tiny" or jax.devices()[0].platform != "cpu" else jnp.float32
     cfg = LlamaConfig(**shape, dtype=jnp.dtype(dtype).name)
-    row = {"shape": args.shape, "attention": args.attention, "layers": cfg.num_hidden_layers, "B": args.batch,
-           "T": args.seq, "device": jax.devices()[0].device_kind}
+    row = {
+        "shape": args.shape,
+        "attention": args.attention,
+        "layers": cfg.num_hidden_layers,
+        "B": args.batch,
+        "T": args.seq,
+        "device": jax.devices()[0].device_kind,
+    }
     probe = jax.ShapeDtypeStruct((args.batch, args.seq, cfg.num_attention_heads, cfg.head_dim), dtype)
     from jaxvocab.attention import make_mask
+
     if args.attention == "cudnn" and (why := cudnn_unsupported(probe, probe, make_mask(1, 1))):
         print(json.dumps({**row, "refused": why}))
         return
@@ -127,8 +167,12 @@ def main() -> None:
         params, loss = step(params, frozen, ids, targets)
     loss.block_until_ready()
     dt = (time.perf_counter() - t0) / args.steps
-    row.update(step_s=round(dt, 4), tokens_per_s=round(args.batch * args.seq / dt), loss=float(loss),
-               tflops_per_s=round(step_flops(cfg, args.batch, args.seq) / dt / 1e12, 1))
+    row.update(
+        step_s=round(dt, 4),
+        tokens_per_s=round(args.batch * args.seq / dt),
+        loss=float(loss),
+        tflops_per_s=round(step_flops(cfg, args.batch, args.seq) / dt / 1e12, 1),
+    )
     peak = peak_flops()
     row["mfu"] = round(step_flops(cfg, args.batch, args.seq) / dt / peak, 3) if peak else None
     print(json.dumps(row))

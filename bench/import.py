@@ -44,8 +44,12 @@ LABELS = {
 
 
 def run(path: Path, repeats: int) -> dict:
-    env = {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     p = repr(str(path))
     jax_setup = "import jax, jax.numpy as jnp"
     torch_setup = "import torch\nfrom transformers import LlamaForCausalLM"
@@ -57,20 +61,29 @@ def run(path: Path, repeats: int) -> dict:
         "jax_baseline": (jax_setup, "jnp.ones(8).block_until_ready()"),
         "jaxvocab_baseline": (jax_setup + "\nimport jaxvocab", "jnp.ones(8).block_until_ready()"),
         "torch_baseline": (torch_setup, "torch.ones(8).sum()"),
-        "jaxvocab": (jax_setup + "\nimport jaxvocab\nfrom jaxvocab.io.checkpoint import params_of", f"""
+        "jaxvocab": (
+            jax_setup + "\nimport jaxvocab\nfrom jaxvocab.io.checkpoint import params_of",
+            f"""
             model = jaxvocab.load({p}, show_progress=False)
             params = jax.block_until_ready(params_of(model))
             bench_extra = {{"params": sum(a.size for a in params.values()), "dtype": str(model.embed[...].dtype)}}
-            """),
+            """,
+        ),
         # transformers 5 maps bf16 safetensors and hands out views of the map: nothing is read until
         # first use. Reading one element per 4 KB page is the cheapest way to make the weights resident.
         "transformers": (torch_setup, hf_load),
-        "transformers_paged_in": (torch_setup, textwrap.dedent(hf_load) + textwrap.dedent("""
+        "transformers_paged_in": (
+            torch_setup,
+            textwrap.dedent(hf_load)
+            + textwrap.dedent("""
             for t in model.state_dict().values():
                 t.reshape(-1)[:: max(1, 4096 // t.element_size())].float().sum()
-            """)),
+            """),
+        ),
     }
-    results = {name: repeat(1, *cases[name], env=env) for name in ("jax_baseline", "jaxvocab_baseline", "torch_baseline")}
+    results = {
+        name: repeat(1, *cases[name], env=env) for name in ("jax_baseline", "jaxvocab_baseline", "torch_baseline")
+    }
     loads = {name: [] for name in TOOLS}
     for _ in range(repeats):  # interleaved, so background noise hits every tool alike
         for name, runs in loads.items():
@@ -88,8 +101,16 @@ def report(preset: str, path: Path, r: dict, repeats: int) -> str:
     rows = []
     for name in TOOLS:
         x, base = r[name], jb if name == "jaxvocab" else tb
-        rows.append([LABELS[name], f"{x['wall_s']:.2f}", fmt_bytes(x["peak_rss"]), fmt_bytes(x["peak_rss"] - base),
-                     f"{x['params']:,}", x["dtype"].replace("torch.", "")])
+        rows.append(
+            [
+                LABELS[name],
+                f"{x['wall_s']:.2f}",
+                fmt_bytes(x["peak_rss"]),
+                fmt_bytes(x["peak_rss"] - base),
+                f"{x['params']:,}",
+                x["dtype"].replace("torch.", ""),
+            ]
+        )
     rows += [
         ["import jax + one array", "-", fmt_bytes(jb), "-", "-", "-"],
         ["import jaxvocab + one array", "-", fmt_bytes(r["jaxvocab_baseline"]["peak_rss"]), "-", "-", "-"],

@@ -43,12 +43,14 @@ def main(argv=None) -> int:
             print(f"  {name}: {runs[name][-1]['wall_s']:.2f} s", file=sys.stderr)
     checked, unchecked = summarize(runs["checked"]), summarize(runs["unchecked"])
     extra = checked["wall_s"] - unchecked["wall_s"]
-    text = (f"# load-time NaN/Inf check, {args.preset} shapes ({machine()})\n\n"
-            f"| load | median wall s | runs |\n|---|---|---|\n"
-            f"| jaxvocab.load (checked, default) | {checked['wall_s']:.2f} | {checked['runs']} |\n"
-            f"| jaxvocab.load(allow_nonfinite=True) | {unchecked['wall_s']:.2f} | {unchecked['runs']} |\n\n"
-            f"check cost (difference of medians): {extra:.2f} s = {100 * extra / unchecked['wall_s']:.1f}% "
-            "of the unchecked load\n")
+    text = (
+        f"# load-time NaN/Inf check, {args.preset} shapes ({machine()})\n\n"
+        f"| load | median wall s | runs |\n|---|---|---|\n"
+        f"| jaxvocab.load (checked, default) | {checked['wall_s']:.2f} | {checked['runs']} |\n"
+        f"| jaxvocab.load(allow_nonfinite=True) | {unchecked['wall_s']:.2f} | {unchecked['runs']} |\n\n"
+        f"check cost (difference of medians): {extra:.2f} s = {100 * extra / unchecked['wall_s']:.1f}% "
+        "of the unchecked load\n"
+    )
     print(text)
     save("nonfinite.md", text)
     return 0

@@ -35,9 +35,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RSS_SAMPLER, fmt_bytes, machine, measure, save, table  # noqa: E402
 
-SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-             num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
-             max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
+SHAPE = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    tie_word_embeddings=True,
+    max_position_embeddings=2048,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    bos_token_id=0,
+    eos_token_id=0,
+)
 NEW = list(range(49152 - 16, 49152))
 BATCH, SEQ, LR = 4, 256, 1e-3
 
@@ -77,6 +89,7 @@ bench_extra = dict(first_step_s=_first_s, warm_step_s=_warm_s, timed_s=_timed_s,
 def write_checkpoint(out: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SHAPE, initializer_range=0.02)).eval()
     model.save_pretrained(out)
@@ -127,7 +140,7 @@ def peft_child(path: Path, steps: int) -> tuple[str, str]:
         model = get_peft_model(model, TrainableTokensConfig(token_indices={NEW}))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        assert sum(p.numel() for p in params) == {len(NEW)} * {SHAPE['hidden_size']}, "PEFT trains more than the rows"
+        assert sum(p.numel() for p in params) == {len(NEW)} * {SHAPE["hidden_size"]}, "PEFT trains more than the rows"
         opt = torch.optim.AdamW(params, lr={LR}, weight_decay=0.0)
         """)
     step = textwrap.dedent("""
@@ -156,31 +169,64 @@ def summarize_steps(runs: list[dict]) -> dict:
 
 def report(r: dict, steps: int, repeats: int) -> str:
     pf = r["peft"]
-    names = {"jaxvocab": "jaxvocab rows step (default: remat)", "jaxvocab-no-remat": "jaxvocab rows step, --no-remat",
-             "peft": "PEFT TrainableTokens + torch AdamW"}
-    rows = [[names[k], f"**{x['tokens_per_s']:.0f}**", " / ".join(map(str, x["all_tokens_per_s"])),
-             f"{x['timed_s'] / x['steps']:.2f}", f"{x['cpu_per_step']:.2f}", f"{x['first_step_s']:.2f}",
-             fmt_bytes(x["step_peak_rss"]), fmt_bytes(x["peak_rss"]), f"{x['first_loss']:.5f}",
-             f"{x['last_loss']:.5f}"] for k, x in r.items()]
-    lines = [f"## Training 16 new rows: ~135M Llama (SmolLM-135M shapes, tied), f32, batch {BATCH} x {SEQ}",
-             "",
-             f"{machine()}; single CPU device; every run a fresh process, {repeats} interleaved rounds, medians "
-             f"shown; same weights and batches; {steps} timed steps after 2 warm-up steps, each synchronised on "
-             "its loss; CPU s/step counts all threads.",
-             "",
-             table(["", "tokens/s (median)", "tokens/s per run", "s/step", "CPU s/step", "first step (s)",
-                    "peak RSS in timed steps", "process peak RSS", "loss step 1", f"loss step {steps + 2}"], rows),
-             ""]
+    names = {
+        "jaxvocab": "jaxvocab rows step (default: remat)",
+        "jaxvocab-no-remat": "jaxvocab rows step, --no-remat",
+        "peft": "PEFT TrainableTokens + torch AdamW",
+    }
+    rows = [
+        [
+            names[k],
+            f"**{x['tokens_per_s']:.0f}**",
+            " / ".join(map(str, x["all_tokens_per_s"])),
+            f"{x['timed_s'] / x['steps']:.2f}",
+            f"{x['cpu_per_step']:.2f}",
+            f"{x['first_step_s']:.2f}",
+            fmt_bytes(x["step_peak_rss"]),
+            fmt_bytes(x["peak_rss"]),
+            f"{x['first_loss']:.5f}",
+            f"{x['last_loss']:.5f}",
+        ]
+        for k, x in r.items()
+    ]
+    lines = [
+        f"## Training 16 new rows: ~135M Llama (SmolLM-135M shapes, tied), f32, batch {BATCH} x {SEQ}",
+        "",
+        f"{machine()}; single CPU device; every run a fresh process, {repeats} interleaved rounds, medians "
+        f"shown; same weights and batches; {steps} timed steps after 2 warm-up steps, each synchronised on "
+        "its loss; CPU s/step counts all threads.",
+        "",
+        table(
+            [
+                "",
+                "tokens/s (median)",
+                "tokens/s per run",
+                "s/step",
+                "CPU s/step",
+                "first step (s)",
+                "peak RSS in timed steps",
+                "process peak RSS",
+                "loss step 1",
+                f"loss step {steps + 2}",
+            ],
+            rows,
+        ),
+        "",
+    ]
     for k in ("jaxvocab", "jaxvocab-no-remat"):
         if k in r:
             x = r[k]
             speed = x["tokens_per_s"] / pf["tokens_per_s"]
-            lines.append(f"- {names[k]}: {speed:.2f}x PEFT's tokens/s ({'PASS' if speed >= 2 else 'MISS'}; "
-                         f"target >= 2x); PEFT needs {pf['cpu_per_step'] / x['cpu_per_step']:.2f}x its CPU time per step; "
-                         f"peak RSS {fmt_bytes(x['step_peak_rss'])} vs {fmt_bytes(pf['step_peak_rss'])} "
-                         f"({'PASS' if x['step_peak_rss'] < pf['step_peak_rss'] else 'MISS'}; target lower)")
-    lines.append(f"- first-step loss {r['jaxvocab']['first_loss']:.5f} (jaxvocab) vs {pf['first_loss']:.5f} (PEFT): "
-                 "both compute the same thing; jaxvocab's first step includes compilation")
+            lines.append(
+                f"- {names[k]}: {speed:.2f}x PEFT's tokens/s ({'PASS' if speed >= 2 else 'MISS'}; "
+                f"target >= 2x); PEFT needs {pf['cpu_per_step'] / x['cpu_per_step']:.2f}x its CPU time per step; "
+                f"peak RSS {fmt_bytes(x['step_peak_rss'])} vs {fmt_bytes(pf['step_peak_rss'])} "
+                f"({'PASS' if x['step_peak_rss'] < pf['step_peak_rss'] else 'MISS'}; target lower)"
+            )
+    lines.append(
+        f"- first-step loss {r['jaxvocab']['first_loss']:.5f} (jaxvocab) vs {pf['first_loss']:.5f} (PEFT): "
+        "both compute the same thing; jaxvocab's first step includes compilation"
+    )
     return "\n".join(lines)
 
 
@@ -223,6 +269,7 @@ def write_lora_data(path: Path, n_docs: int) -> None:
     import json
 
     import numpy as np
+
     rs = np.random.RandomState(0)
     with path.open("w") as f:
         for _ in range(n_docs):
@@ -239,8 +286,11 @@ def run_cli(cmd: list[str], metrics: Path, env: dict) -> dict:
     import os
     import subprocess
     import time
+
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     peak = 0
     while proc.poll() is None:
         try:
@@ -253,12 +303,17 @@ def run_cli(cmd: list[str], metrics: Path, env: dict) -> dict:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
     recs = [json.loads(x) for x in metrics.read_text().splitlines()][2:]
     secs = sum(r["tokens"] / r["tokens_per_s"] for r in recs)
-    return {"tokens_per_s": sum(r["tokens"] for r in recs) / secs, "peak_rss": peak, "wall_s": time.perf_counter() - t,
-            "steps": len(recs), "last_loss": recs[-1]["loss"]}
+    return {
+        "tokens_per_s": sum(r["tokens"] for r in recs) / secs,
+        "peak_rss": peak,
+        "wall_s": time.perf_counter() - t,
+        "steps": len(recs),
+        "last_loss": recs[-1]["loss"],
+    }
 
 
 def lora_bench(path: Path, steps: int, repeats: int, env: dict) -> str:
-    work = Path(tempfile.mkdtemp(prefix="jaxvocab-bench-lora-"))   # the CLI refuses an --out inside --model
+    work = Path(tempfile.mkdtemp(prefix="jaxvocab-bench-lora-"))  # the CLI refuses an --out inside --model
     try:
         return _lora_rounds(path, work, steps, repeats, env)
     finally:
@@ -271,32 +326,82 @@ def _lora_rounds(path: Path, work: Path, steps: int, repeats: int, env: dict) ->
     runs = {"jaxvocab": [], "peft": []}
     for i in range(repeats):
         out = work / f"run{i}"
-        jax_cmd = [sys.executable, "-m", "train", "--model", str(path), "--data", str(data), "--out", str(out),
-                   "--overwrite", "--trainable", "ids:" + ",".join(map(str, NEW)), "--lora-rank", str(LORA_R),
-                   "--steps", str(steps + 2), "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--lr", str(LR),
-                   "--dtype", "float32", "--save-every", "0", "--quiet"]
+        jax_cmd = [
+            sys.executable,
+            "-m",
+            "train",
+            "--model",
+            str(path),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--trainable",
+            "ids:" + ",".join(map(str, NEW)),
+            "--lora-rank",
+            str(LORA_R),
+            "--steps",
+            str(steps + 2),
+            "--batch-size",
+            str(BATCH),
+            "--seq-len",
+            str(SEQ),
+            "--lr",
+            str(LR),
+            "--dtype",
+            "float32",
+            "--save-every",
+            "0",
+            "--quiet",
+        ]
         runs["jaxvocab"].append(run_cli(jax_cmd, out / "metrics.jsonl", env))
         code = _PEFT_CLI.format(new=NEW, r=LORA_R, alpha=2 * LORA_R, lr=LR, b=BATCH)
         peft_metrics = work / f"peft{i}.jsonl"
-        runs["peft"].append(run_cli([sys.executable, "-c", code, str(path), str(data), str(peft_metrics),
-                                     str(steps + 2)], peft_metrics, env))
+        runs["peft"].append(
+            run_cli(
+                [sys.executable, "-c", code, str(path), str(data), str(peft_metrics), str(steps + 2)], peft_metrics, env
+            )
+        )
         for name, rs in runs.items():
-            print(f"  {name}: {rs[-1]['tokens_per_s']:.0f} tokens/s, peak {fmt_bytes(rs[-1]['peak_rss'])}", file=sys.stderr)
-    med = {k: {m: statistics.median(r[m] for r in rs) for m in ("tokens_per_s", "peak_rss", "wall_s")}
-           for k, rs in runs.items()}
+            print(
+                f"  {name}: {rs[-1]['tokens_per_s']:.0f} tokens/s, peak {fmt_bytes(rs[-1]['peak_rss'])}",
+                file=sys.stderr,
+            )
+    med = {
+        k: {m: statistics.median(r[m] for r in rs) for m in ("tokens_per_s", "peak_rss", "wall_s")}
+        for k, rs in runs.items()
+    }
     j, p = med["jaxvocab"], med["peft"]
-    rows = [["jaxvocab-train --lora-rank 16 (CLI, default remat)", f"{j['tokens_per_s']:.0f}",
-             " / ".join(f"{r['tokens_per_s']:.0f}" for r in runs["jaxvocab"]), fmt_bytes(j["peak_rss"]), f"{j['wall_s']:.0f}"],
-            ["PEFT LoRA + trainable_token_indices, torch AdamW", f"{p['tokens_per_s']:.0f}",
-             " / ".join(f"{r['tokens_per_s']:.0f}" for r in runs["peft"]), fmt_bytes(p["peak_rss"]), f"{p['wall_s']:.0f}"]]
+    rows = [
+        [
+            "jaxvocab-train --lora-rank 16 (CLI, default remat)",
+            f"{j['tokens_per_s']:.0f}",
+            " / ".join(f"{r['tokens_per_s']:.0f}" for r in runs["jaxvocab"]),
+            fmt_bytes(j["peak_rss"]),
+            f"{j['wall_s']:.0f}",
+        ],
+        [
+            "PEFT LoRA + trainable_token_indices, torch AdamW",
+            f"{p['tokens_per_s']:.0f}",
+            " / ".join(f"{r['tokens_per_s']:.0f}" for r in runs["peft"]),
+            fmt_bytes(p["peak_rss"]),
+            f"{p['wall_s']:.0f}",
+        ],
+    ]
     speed, mem = j["tokens_per_s"] / p["tokens_per_s"], j["peak_rss"] / p["peak_rss"]
     head = f"## LoRA r={LORA_R} on q,k,v,o,gate,up,down + 16 new rows: ~135M Llama, f32, batch {BATCH} x {SEQ}"
-    how = (f"{machine()}; each tool a fresh process on the same weights and data, {steps} timed steps after 2 "
-           f"warm-up steps, {repeats} interleaved round(s), medians; peak RSS is the process VmHWM (whole run).")
-    verdict = (f"- jaxvocab {speed:.2f}x PEFT's tokens/s ({'PASS' if speed >= 1 else 'MISS'}; target >= 1.0x); "
-               f"peak RSS {mem:.2f}x PEFT's ({'PASS' if mem <= 0.6 else 'MISS'}; target <= 0.6x)")
-    return "\n".join([head, "", how, "", table(["", "tokens/s (median)", "per run", "peak RSS", "wall (s)"], rows),
-                      "", verdict])
+    how = (
+        f"{machine()}; each tool a fresh process on the same weights and data, {steps} timed steps after 2 "
+        f"warm-up steps, {repeats} interleaved round(s), medians; peak RSS is the process VmHWM (whole run)."
+    )
+    verdict = (
+        f"- jaxvocab {speed:.2f}x PEFT's tokens/s ({'PASS' if speed >= 1 else 'MISS'}; target >= 1.0x); "
+        f"peak RSS {mem:.2f}x PEFT's ({'PASS' if mem <= 0.6 else 'MISS'}; target <= 0.6x)"
+    )
+    return "\n".join(
+        [head, "", how, "", table(["", "tokens/s (median)", "per run", "peak RSS", "wall (s)"], rows), "", verdict]
+    )
 
 
 def main(argv=None) -> int:
@@ -305,12 +410,19 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians reported)")
     ap.add_argument("--keep-dir", type=Path, help="write the checkpoint here and keep it (reused if there)")
     ap.add_argument("--only", choices=["jaxvocab", "jaxvocab-no-remat", "peft"], help="run one side (for profiling)")
-    ap.add_argument("--lora", action="store_true",
-                    help="the LoRA r=16 + rows comparison instead, both through their CLI / training script")
+    ap.add_argument(
+        "--lora",
+        action="store_true",
+        help="the LoRA r=16 + rows comparison instead, both through their CLI / training script",
+    )
     args = ap.parse_args(argv)
     path = args.keep_dir or Path(tempfile.mkdtemp(prefix="jaxvocab-bench-train-"))
-    env = {"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {
+        "JAX_PLATFORMS": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
     try:
         if not (path / "config.json").is_file():
             print(f"writing a random SmolLM-135M-shaped f32 checkpoint to {path}", file=sys.stderr)
@@ -320,14 +432,19 @@ def main(argv=None) -> int:
             print(text)
             print(f"\n(written to {save('train_lora.md', text)})", file=sys.stderr)
             return 0
-        children = {"jaxvocab": jax_child(path, args.steps), "jaxvocab-no-remat": jax_child(path, args.steps, False),
-                    "peft": peft_child(path, args.steps)}
+        children = {
+            "jaxvocab": jax_child(path, args.steps),
+            "jaxvocab-no-remat": jax_child(path, args.steps, False),
+            "peft": peft_child(path, args.steps),
+        }
         runs = {name: [] for name in children if args.only in (None, name)}
         for _ in range(args.repeats):
             for name in runs:
                 x = measure(*children[name], env=env)
                 runs[name].append(x)
-                print(f"  {name}: {x['tokens_per_s']:.0f} tokens/s, peak {fmt_bytes(x['step_peak_rss'])}", file=sys.stderr)
+                print(
+                    f"  {name}: {x['tokens_per_s']:.0f} tokens/s, peak {fmt_bytes(x['step_peak_rss'])}", file=sys.stderr
+                )
         results = {name: summarize_steps(rs) for name, rs in runs.items()}
     finally:
         if args.keep_dir is None:

@@ -50,10 +50,35 @@ def write_data(path: Path, rows: int = 200) -> None:
 def run_cli(model: Path, data: Path, steps: int, extra: list[str]) -> tuple[float, int]:
     """(wall seconds, peak RSS sampled) of one jaxvocab-train run."""
     import psutil
+
     out = Path(tempfile.mkdtemp(prefix="jaxvocab-cli-"))
-    argv = [sys.executable, "-m", "train", "--model", str(model), "--data", str(data), "--out", str(out / "run"),
-            "--trainable", "ids:" + ",".join(map(str, NEW)), "--batch-size", str(BATCH), "--seq-len", str(SEQ),
-            "--dtype", "float32", "--steps", str(steps), "--lr", "1e-3", "--schedule", "constant", "--quiet", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out / "run"),
+        "--trainable",
+        "ids:" + ",".join(map(str, NEW)),
+        "--batch-size",
+        str(BATCH),
+        "--seq-len",
+        str(SEQ),
+        "--dtype",
+        "float32",
+        "--steps",
+        str(steps),
+        "--lr",
+        "1e-3",
+        "--schedule",
+        "constant",
+        "--quiet",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     t = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -90,7 +115,9 @@ def main(argv=None) -> int:
             w10, rss10 = run_cli(path, data, 10, extra)
             w2, _ = run_cli(path, data, 2, extra)
             cli.append(((w10 - w2) / 8, rss10))
-            print(f"  cli: {cli[-1][0]:.2f} s/step ({w10:.1f} s - {w2:.1f} s), peak {fmt_bytes(rss10)}", file=sys.stderr)
+            print(
+                f"  cli: {cli[-1][0]:.2f} s/step ({w10:.1f} s - {w2:.1f} s), peak {fmt_bytes(rss10)}", file=sys.stderr
+            )
             if not args.no_peft:
                 r = measure(*bench_train.peft_child(path, 8), env=env)
                 peft.append((r["timed_s"] / r["steps"], r["peak_rss"]))
@@ -99,17 +126,31 @@ def main(argv=None) -> int:
         if args.keep_dir is None:
             shutil.rmtree(path, ignore_errors=True)
     tokens = BATCH * SEQ
-    rows = [["jaxvocab-train " + (" ".join(extra) or "(default flags)"), f"**{tokens / statistics.median(s for s, _ in cli):.0f}**",
-             " / ".join(f"{tokens / s:.0f}" for s, _ in cli), fmt_bytes(max(r for _, r in cli))]]
+    rows = [
+        [
+            "jaxvocab-train " + (" ".join(extra) or "(default flags)"),
+            f"**{tokens / statistics.median(s for s, _ in cli):.0f}**",
+            " / ".join(f"{tokens / s:.0f}" for s, _ in cli),
+            fmt_bytes(max(r for _, r in cli)),
+        ]
+    ]
     if peft:
-        rows.append(["PEFT TrainableTokens + torch AdamW", f"**{tokens / statistics.median(s for s, _ in peft):.0f}**",
-                     " / ".join(f"{tokens / s:.0f}" for s, _ in peft), fmt_bytes(max(r for _, r in peft))])
+        rows.append(
+            [
+                "PEFT TrainableTokens + torch AdamW",
+                f"**{tokens / statistics.median(s for s, _ in peft):.0f}**",
+                " / ".join(f"{tokens / s:.0f}" for s, _ in peft),
+                fmt_bytes(max(r for _, r in peft)),
+            ]
+        )
     text = f"CLI vs PEFT, 135M shapes, f32, B={BATCH} x T={SEQ} ({machine()}, {args.repeats} interleaved rounds)\n\n"
     text += table(["", "tokens/s (median)", "per round", "peak RSS"], rows)
     if peft:
         ratio = statistics.median(s for s, _ in peft) / statistics.median(s for s, _ in cli)
-        text += (f"\n\n{ratio:.2f}x PEFT's tokens/s (target >= 1.0x), peak RSS "
-                 f"{max(r for _, r in cli) / max(r for _, r in peft):.2f}x PEFT's (target <= 0.5x)")
+        text += (
+            f"\n\n{ratio:.2f}x PEFT's tokens/s (target >= 1.0x), peak RSS "
+            f"{max(r for _, r in cli) / max(r for _, r in peft):.2f}x PEFT's (target <= 0.5x)"
+        )
     print(text)
     save("train_cli.md", text)
     return 0

@@ -32,9 +32,12 @@ def describe(src: Path) -> str:
         nbytes = sum(i.nbytes for i in infos.values())
         dtypes = Counter(i.dtype.name for i in infos.values())
         files = Counter(i.path.name for i in infos.values())
-        lines += [f"  parameters     {count:,} ({count / 1e9:.2f}B)  {_size(nbytes)}",
-                  f"  dtype          {', '.join(f'{d} x{n}' for d, n in dtypes.items())}",
-                  f"  files          {len(files)} shard(s): " + ", ".join(f"{f} ({n} tensors)" for f, n in sorted(files.items()))]
+        lines += [
+            f"  parameters     {count:,} ({count / 1e9:.2f}B)  {_size(nbytes)}",
+            f"  dtype          {', '.join(f'{d} x{n}' for d, n in dtypes.items())}",
+            f"  files          {len(files)} shard(s): "
+            + ", ".join(f"{f} ({n} tensors)" for f, n in sorted(files.items())),
+        ]
     else:
         count = config.num_params()
         lines += [f"  parameters     {count:,} ({count / 1e9:.2f}B) from the config"]
@@ -45,22 +48,27 @@ def describe(src: Path) -> str:
 
 def _meta_config(src):
     from jaxvocab.io.meta import meta_config
+
     return meta_config(Path(src))
 
 
 def _meta_files(src: Path) -> str:
     from jaxvocab.io.meta import shard_files
+
     files = shard_files(src)
-    return (f"  files          {len(files)} model-parallel shard(s): "
-            + ", ".join(f"{f.name} ({_size(f.stat().st_size)})" for f in files))
+    return f"  files          {len(files)} model-parallel shard(s): " + ", ".join(
+        f"{f.name} ({_size(f.stat().st_size)})" for f in files
+    )
 
 
 def _architecture(c: LlamaConfig) -> list[str]:
     rope = f"theta {c.rope_theta:g}"
     if c.rope_scaling:
         rs = c.rope_scaling
-        rope += (f", llama3 scaling factor {rs.factor:g} (low {rs.low_freq_factor:g}, high {rs.high_freq_factor:g}, "
-                 f"original context {rs.original_max_position_embeddings})")
+        rope += (
+            f", llama3 scaling factor {rs.factor:g} (low {rs.low_freq_factor:g}, high {rs.high_freq_factor:g}, "
+            f"original context {rs.original_max_position_embeddings})"
+        )
     else:
         rope += ", no scaling"
     return [

@@ -18,39 +18,72 @@ from pathlib import Path
 
 from jaxvocab.row_init import INITS  # the CLI imports jax anyway (jaxvocab.errors loads the package)
 
-PROBE_TOKENS = 1024   # probe positions used by inspect --probe (a CPU can score these against 128k rows)
+PROBE_TOKENS = 1024  # probe positions used by inspect --probe (a CPU can score these against 128k rows)
 
 
 def add_import_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("vocabulary (writes vocab_plan.json into OUT)")
-    g.add_argument("--add-tokens", metavar="T1,T2|@FILE",
-                   help="new tokens, comma-separated or @file (one per line, optional token=description)")
-    g.add_argument("--init", choices=INITS,
-                   help="how new and fixed rows start (default mean: the f32 mean of the trained rows, "
-                        "which keeps KL(old||new) <= log(1+k/n))")
-    g.add_argument("--reuse-reserved", action=argparse.BooleanOptionalAction, default=True,
-                   help="put new tokens into free <|reserved_special_token_N|> slots before appending (default: yes)")
-    g.add_argument("--fix-untrained", action="store_true",
-                   help="re-initialise rows the checkpoint never trained (all ~0 or duplicated), like new rows")
-    g.add_argument("--pad-to-multiple-of", type=int, metavar="N",
-                   help="pad the row count to a multiple of N (default: what the mesh needs, >= 128 on several devices)")
-    g.add_argument("--special-tokens", nargs="?", const="all", default="auto", choices=("auto", "all", "none"),
-                   help="which new tokens are special (control tokens: skipped in decoded output by vLLM and "
-                        "transformers by default, typed CONTROL by llama.cpp): auto (default) = <|...|> tokens, "
-                        "all (also the bare flag), none; a token written 'TOKEN [special]' or 'TOKEN [plain]' "
-                        "in --add-tokens overrides this")
-    g.add_argument("--llama-version", choices=("3.0", "3.1"),
-                   help="Meta dirs only: name the 256 special tokens as Llama 3.0 or 3.1+ "
-                        "(default: 3.1 if params.json sets use_scaled_rope, else 3.0)")
+    g.add_argument(
+        "--add-tokens",
+        metavar="T1,T2|@FILE",
+        help="new tokens, comma-separated or @file (one per line, optional token=description)",
+    )
+    g.add_argument(
+        "--init",
+        choices=INITS,
+        help="how new and fixed rows start (default mean: the f32 mean of the trained rows, "
+        "which keeps KL(old||new) <= log(1+k/n))",
+    )
+    g.add_argument(
+        "--reuse-reserved",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="put new tokens into free <|reserved_special_token_N|> slots before appending (default: yes)",
+    )
+    g.add_argument(
+        "--fix-untrained",
+        action="store_true",
+        help="re-initialise rows the checkpoint never trained (all ~0 or duplicated), like new rows",
+    )
+    g.add_argument(
+        "--pad-to-multiple-of",
+        type=int,
+        metavar="N",
+        help="pad the row count to a multiple of N (default: what the mesh needs, >= 128 on several devices)",
+    )
+    g.add_argument(
+        "--special-tokens",
+        nargs="?",
+        const="all",
+        default="auto",
+        choices=("auto", "all", "none"),
+        help="which new tokens are special (control tokens: skipped in decoded output by vLLM and "
+        "transformers by default, typed CONTROL by llama.cpp): auto (default) = <|...|> tokens, "
+        "all (also the bare flag), none; a token written 'TOKEN [special]' or 'TOKEN [plain]' "
+        "in --add-tokens overrides this",
+    )
+    g.add_argument(
+        "--llama-version",
+        choices=("3.0", "3.1"),
+        help="Meta dirs only: name the 256 special tokens as Llama 3.0 or 3.1+ "
+        "(default: 3.1 if params.json sets use_scaled_rope, else 3.0)",
+    )
 
 
 def add_inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--add-tokens", metavar="T1,T2|@FILE",
-                   help="also print the vocabulary plan for these tokens (no weights needed)")
-    p.add_argument("--probe", type=Path, metavar="TEXT_FILE",
-                   help=f"LOADS THE WEIGHTS: list untrained rows and, with --add-tokens, score the expansion on the "
-                        f"first {PROBE_TOKENS} tokens of this text: KL(old||new) and new-row mass under mean and "
-                        "random init beside the bound log(1+k/n)")
+    p.add_argument(
+        "--add-tokens",
+        metavar="T1,T2|@FILE",
+        help="also print the vocabulary plan for these tokens (no weights needed)",
+    )
+    p.add_argument(
+        "--probe",
+        type=Path,
+        metavar="TEXT_FILE",
+        help=f"LOADS THE WEIGHTS: list untrained rows and, with --add-tokens, score the expansion on the "
+        f"first {PROBE_TOKENS} tokens of this text: KL(old||new) and new-row mass under mean and "
+        "random init beside the bound log(1+k/n)",
+    )
 
 
 _FLAG = re.compile(r"(.*?\S)\s+\[(special|plain)\]")
@@ -69,6 +102,7 @@ def parse_token_flags(spec: str) -> tuple[dict[str, str | None], dict[str, bool]
         token, flag = split_flag(raw)
         if token in tokens:
             from jaxvocab.errors import UsageError
+
             raise UsageError(f"--add-tokens: {token!r} is listed twice; list each token once")
         tokens[token] = desc
         if flag is not None:
@@ -79,6 +113,7 @@ def parse_token_flags(spec: str) -> tuple[dict[str, str | None], dict[str, bool]
 def special_arg(args, tokens, flags: dict[str, bool]) -> set[str]:
     """The tokens to flag special: per-token annotations first, then --special-tokens."""
     from jaxvocab.vocab import looks_special
+
     rule = {"auto": looks_special, "all": lambda t: True, "none": lambda t: False}[args.special_tokens]
     return {t for t in tokens if flags.get(t, rule(t))}
 
@@ -86,15 +121,18 @@ def special_arg(args, tokens, flags: dict[str, bool]) -> set[str]:
 def parse_tokens(spec: str) -> dict[str, str | None]:
     """--add-tokens value -> {token: description or None}, in order."""
     from jaxvocab.errors import UsageError, brief
+
     if spec.startswith("@"):
         path = Path(spec[1:])
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--add-tokens {spec}: cannot read {path} ({e}); give a UTF-8 file, one token per line") from None
+            raise UsageError(
+                f"--add-tokens {spec}: cannot read {path} ({e}); give a UTF-8 file, one token per line"
+            ) from None
         out: dict[str, str | None] = {}
         for n, line in enumerate(lines, 1):
-            line = line.strip()   # like the inline list: surrounding spaces are never part of a token
+            line = line.strip()  # like the inline list: surrounding spaces are never part of a token
             if not line:
                 continue
             token, sep, desc = line.partition("=") if line.find("=") > 0 else (line, "", "")
@@ -119,8 +157,10 @@ def parse_tokens(spec: str) -> dict[str, str | None]:
 @contextlib.contextmanager
 def _warnings_as_lines():
     """Library warnings as one `warning: ...` line each on stderr, like our errors."""
+
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"warning: {message}", file=sys.stderr)
+
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = show
@@ -130,6 +170,7 @@ def _warnings_as_lines():
 def check_import_flags(args) -> bool:
     """Vocabulary flags checked before any loading; True when they ask for an expansion."""
     from jaxvocab.errors import UsageError
+
     if args.add_tokens is not None and not args.add_tokens.strip():
         raise UsageError("--add-tokens '': no tokens given; list tokens (T1,T2) or @FILE, or drop the flag")
     if args.pad_to_multiple_of is not None and args.pad_to_multiple_of < 1:
@@ -137,8 +178,15 @@ def check_import_flags(args) -> bool:
     if args.add_tokens is not None:
         parse_token_flags(args.add_tokens)
     if not (args.add_tokens or args.fix_untrained or args.pad_to_multiple_of):
-        given = [f for f, v in (("--init", args.init), ("--special-tokens", args.special_tokens != "auto"),
-                                ("--no-reuse-reserved", not args.reuse_reserved)) if v]
+        given = [
+            f
+            for f, v in (
+                ("--init", args.init),
+                ("--special-tokens", args.special_tokens != "auto"),
+                ("--no-reuse-reserved", not args.reuse_reserved),
+            )
+            if v
+        ]
         if given:
             raise UsageError(f"{given[0]} needs --add-tokens, --fix-untrained or --pad-to-multiple-of")
         return False
@@ -149,14 +197,20 @@ def expand_for_import(model, args):
     """Apply the vocabulary flags of `import` to the loaded model; returns the plan (or None)."""
     import jaxvocab
     from jaxvocab.vocab import VocabPlan, describe_untrained
+
     if not check_import_flags(args):
         return None
     tokens, flags = parse_token_flags(args.add_tokens) if args.add_tokens is not None else ({}, {})
     with _warnings_as_lines():
         tok = _tokenizer(model.source_dir, args.llama_version)
-        plan = jaxvocab.plan_vocab(tok, tokens, reuse_reserved=args.reuse_reserved,
-                                   pad_to_multiple_of=args.pad_to_multiple_of, model=model,
-                                   special=special_arg(args, tokens, flags))
+        plan = jaxvocab.plan_vocab(
+            tok,
+            tokens,
+            reuse_reserved=args.reuse_reserved,
+            pad_to_multiple_of=args.pad_to_multiple_of,
+            model=model,
+            special=special_arg(args, tokens, flags),
+        )
         jaxvocab.expand_vocab(model, tok, plan, init=args.init or "mean", fix_untrained=args.fix_untrained)
     plan = VocabPlan.from_json(model.vocab_plan)
     print(plan.table())
@@ -169,6 +223,7 @@ def expand_for_import(model, args):
 def _tokenizer(src, llama_version=None):
     import jaxvocab
     from jaxvocab.errors import malformed
+
     with malformed(f"{src}: tokenizer.json / tokenizer_config.json", "fix or re-download the tokenizer files"):
         return jaxvocab.load_tokenizer(src, llama_version=llama_version)
 
@@ -181,6 +236,7 @@ def _abstract_model(src: Path):
     from jaxvocab.config import LlamaConfig
     from jaxvocab.io import detect
     from jaxvocab.model import Llama
+
     config = _meta_config(src) if detect(src) == "meta" else LlamaConfig.from_hf_file(src)
     model = nnx.eval_shape(lambda: Llama(config))
     model.source_dir = str(src)
@@ -189,6 +245,7 @@ def _abstract_model(src: Path):
 
 def check_inspect_flags(args) -> None:
     from jaxvocab.errors import UsageError
+
     if args.add_tokens is not None and not args.add_tokens.strip():
         raise UsageError("--add-tokens '': no tokens given; list tokens (T1,T2) or @FILE, or drop the flag")
     if args.add_tokens is not None:
@@ -198,11 +255,13 @@ def check_inspect_flags(args) -> None:
 def inspect_report(args) -> str | None:
     """The vocabulary part of `inspect`: free slots, the plan, untrained rows and the KL probe."""
     from jaxvocab.errors import UsageError
+
     if not (args.add_tokens or args.probe):
         return None
     import jaxvocab
     from jaxvocab import diagnostics
     from jaxvocab.vocab import describe_untrained
+
     tokens, flags = parse_token_flags(args.add_tokens) if args.add_tokens else (None, {})
     probe_text = None
     if args.probe:
@@ -213,8 +272,11 @@ def inspect_report(args) -> str | None:
     lines = ["vocabulary"]
     with _warnings_as_lines():
         tok = _tokenizer(args.src)
-        model = (jaxvocab.load(args.src, show_progress=False, attention=args.attention) if args.probe
-                 else _abstract_model(args.src))
+        model = (
+            jaxvocab.load(args.src, show_progress=False, attention=args.attention)
+            if args.probe
+            else _abstract_model(args.src)
+        )
         rows = model.config.vocab_size
         lines.append(f"  tokenizer      {tok.n_words} ids, {len(tok.free_reserved())} free reserved slots")
         if rows > tok.n_words:
@@ -222,8 +284,10 @@ def inspect_report(args) -> str | None:
         if args.probe:
             untrained = jaxvocab.find_untrained(model, tok)
             shown = ", ".join(describe_untrained(untrained, tok, limit=6))
-            lines.append(f"  untrained rows {len(untrained)}" + (f": {shown}{' ...' if len(untrained) > 6 else ''}"
-                                                               if untrained else ""))
+            lines.append(
+                f"  untrained rows {len(untrained)}"
+                + (f": {shown}{' ...' if len(untrained) > 6 else ''}" if untrained else "")
+            )
         if tokens is None:
             return "\n".join(lines)
         plan = jaxvocab.plan_vocab(tok, tokens, model=model, special=flags or "auto")
@@ -231,6 +295,9 @@ def inspect_report(args) -> str | None:
         if args.probe:
             ids = diagnostics.probe_ids(tok, probe_text, PROBE_TOKENS)
             reports = [diagnostics.expansion_kl(model, ids, plan, tok, init=i) for i in ("mean", "random")]
-            lines += ["", f"expansion on {ids.size} probe tokens from {args.probe} (bound holds for mean only):",
-                      diagnostics.table(reports)]
+            lines += [
+                "",
+                f"expansion on {ids.size} probe tokens from {args.probe} (bound holds for mean only):",
+                diagnostics.table(reports),
+            ]
     return "\n".join(lines)

@@ -57,12 +57,15 @@ def run_demo(out: Path, overwrite: bool = False, attention: str = "auto") -> Non
         probe = diagnostics.probe_ids(tok, PROBE)
         before = _mass(model, probe, untrained)
         model = jaxvocab.fix_untrained(model, untrained, tok=tok)
-        print(f"  probability mass on them before the fix: {before:.4f}; after (mean init): "
-              f"{_mass(model, probe, untrained):.2e}")
+        print(
+            f"  probability mass on them before the fix: {before:.4f}; after (mean init): "
+            f"{_mass(model, probe, untrained):.2e}"
+        )
 
         stage("planning the new tokens")
-        plan = jaxvocab.plan_vocab(tok, NEW_SPECIAL + NEW_PLAIN, model=model, special=NEW_SPECIAL,
-                                   reuse_reserved="special")
+        plan = jaxvocab.plan_vocab(
+            tok, NEW_SPECIAL + NEW_PLAIN, model=model, special=NEW_SPECIAL, reuse_reserved="special"
+        )
         print(_indent(plan.table()))
 
         stage("KL diagnostic: how much would each init disturb the model?")
@@ -86,9 +89,26 @@ def run_demo(out: Path, overwrite: bool = False, attention: str = "auto") -> Non
 
         stage("fine-tuning LoRA adapters (all 7 projections) + the new rows, merged export reloaded in transformers")
         lora_run, lora_hf = tmp / "run-lora", tmp / "hf-lora"
-        _train(ckpt, data, lora_run, ["--lora-rank", "8", "--lora-lr", "5e-3", "--steps", "60", "--eval-every", "20",
-                                      "--export-hf", str(lora_hf), "--export-peft", str(tmp / "peft-adapter")],
-               attention=attention)
+        _train(
+            ckpt,
+            data,
+            lora_run,
+            [
+                "--lora-rank",
+                "8",
+                "--lora-lr",
+                "5e-3",
+                "--steps",
+                "60",
+                "--eval-every",
+                "20",
+                "--export-hf",
+                str(lora_hf),
+                "--export-peft",
+                str(tmp / "peft-adapter"),
+            ],
+            attention=attention,
+        )
         _summarise(lora_run / "metrics.jsonl")
         _compare_transformers(jaxvocab.load(lora_run / "final"), lora_hf, tok, plan)
 
@@ -102,8 +122,10 @@ def run_demo(out: Path, overwrite: bool = False, attention: str = "auto") -> Non
         for prompt in ("Q: What is the weather in Lyon?", "Let me reason step by step:"):
             text = jaxvocab.generate(final, tok, prompt, max_new_tokens=12)
             print(f"  {prompt!r} -> {text!r}")
-    print(f"\ndone in {time.perf_counter() - stage.t0:.0f}s; everything is in {out}/ "
-          "(base, ckpt, run/metrics.jsonl, run/final, hf, run-lora, hf-lora, peft-adapter)")
+    print(
+        f"\ndone in {time.perf_counter() - stage.t0:.0f}s; everything is in {out}/ "
+        "(base, ckpt, run/metrics.jsonl, run/final, hf, run-lora, hf-lora, peft-adapter)"
+    )
 
 
 def _indent(text: str) -> str:
@@ -112,6 +134,7 @@ def _indent(text: str) -> str:
 
 def _mass(model, probe, ids) -> float:
     import jax
+
     logits = np.asarray(jax.jit(lambda m, x: m(x))(model, probe[None] if probe.ndim == 1 else probe))
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
@@ -121,10 +144,36 @@ def _mass(model, probe, ids) -> float:
 def _train(ckpt: Path, data: Path, run: Path, extra: tuple[str, ...] = (), attention: str = "auto") -> None:
     from jaxvocab.errors import JaxVocabError
     from train.__main__ import main as train_main
-    argv = ["--model", str(ckpt), "--data", str(data / "train.jsonl"), "--eval", str(data / "eval.jsonl"),
-            "--out", str(run), "--steps", "120", "--batch-size", "8", "--seq-len", "64", "--lr", "0.05",
-            "--warmup", "10", "--dtype", "float32", "--save-every", "60", "--eval-every", "30",
-            "--attention", attention, *extra]
+
+    argv = [
+        "--model",
+        str(ckpt),
+        "--data",
+        str(data / "train.jsonl"),
+        "--eval",
+        str(data / "eval.jsonl"),
+        "--out",
+        str(run),
+        "--steps",
+        "120",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "64",
+        "--lr",
+        "0.05",
+        "--warmup",
+        "10",
+        "--dtype",
+        "float32",
+        "--save-every",
+        "60",
+        "--eval-every",
+        "30",
+        "--attention",
+        attention,
+        *extra,
+    ]
     print("  jaxvocab-train " + " ".join(argv))
     if train_main(argv) != 0:
         raise JaxVocabError("the demo's training stage failed (see the error above)")
@@ -134,12 +183,16 @@ def _summarise(metrics: Path) -> None:
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     evals = [r for r in rows if r.get("eval_loss") is not None]
     first, last = rows[0], rows[-1]
-    print(f"  train loss {first['loss']:.3f} (step 1) -> {last['loss']:.3f} (step {last['step']}), "
-          f"{last['tokens_per_s']:.0f} tokens/s")
+    print(
+        f"  train loss {first['loss']:.3f} (step 1) -> {last['loss']:.3f} (step {last['step']}), "
+        f"{last['tokens_per_s']:.0f} tokens/s"
+    )
     for r in evals:
         acc, tacc = r.get("new_token_acc"), r.get("train_new_token_acc")
-        print(f"  step {r['step']:>4}: eval loss {r['eval_loss']:.3f}, new-token accuracy "
-              f"{'n/a' if acc is None else f'{acc:.0%}'} (eval) / {'n/a' if tacc is None else f'{tacc:.0%}'} (train batch)")
+        print(
+            f"  step {r['step']:>4}: eval loss {r['eval_loss']:.3f}, new-token accuracy "
+            f"{'n/a' if acc is None else f'{acc:.0%}'} (eval) / {'n/a' if tacc is None else f'{tacc:.0%}'} (train batch)"
+        )
 
 
 def _compare_transformers(model, hf: Path, tok, plan) -> None:
@@ -159,9 +212,11 @@ def _compare_transformers(model, hf: Path, tok, plan) -> None:
     ids = np.array([tok.encode(PROBE, bos=True)[:600]], np.int32)
     with torch.no_grad():
         want = ref(torch.tensor(ids)).logits.numpy()
-    got = np.asarray(model(ids))[..., :want.shape[-1]]   # the export drops the mesh's padding rows
-    print(f"  logits on {ids.shape[1]} tokens vs transformers: max abs diff {np.abs(got - want).max():.2e}, "
-          f"argmax agreement {(got.argmax(-1) == want.argmax(-1)).mean():.1%}")
+    got = np.asarray(model(ids))[..., : want.shape[-1]]  # the export drops the mesh's padding rows
+    print(
+        f"  logits on {ids.shape[1]} tokens vs transformers: max abs diff {np.abs(got - want).max():.2e}, "
+        f"argmax agreement {(got.argmax(-1) == want.argmax(-1)).mean():.1%}"
+    )
 
 
 def main(argv=None) -> int:
@@ -169,12 +224,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output dir (default ./demo-out)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--attention", default="auto", choices=["auto", "xla", "chunked", "cudnn", "splash"],
-                   help="attention implementation (default auto)")
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "xla", "chunked", "cudnn", "splash"],
+        help="attention implementation (default auto)",
+    )
     args = p.parse_args(argv)
     from jaxvocab.errors import run_command
-    return run_command(lambda: run_demo(args.out, overwrite=args.overwrite, attention=args.attention),
-                       "no output was written")
+
+    return run_command(
+        lambda: run_demo(args.out, overwrite=args.overwrite, attention=args.attention), "no output was written"
+    )
 
 
 if __name__ == "__main__":

@@ -26,16 +26,34 @@ BIAS_DIM, BIAS, HEAD_BIAS = 0, 3.0, 5.0
 
 
 def demo_config() -> LlamaConfig:
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=500000.0,
-                       max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=128000,
-                       eos_token_id=(128001, 128008, 128009), dtype="float32")
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=(128001, 128008, 128009),
+        dtype="float32",
+    )
 
 
 def untrained_like_base(tok) -> list[int]:
     """Rows the Llama-3 base model never trained: reserved slots, chat headers and eot."""
-    names = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>",
-             "<|finetune_right_pad_id|>", "<|step_id|>")
+    names = (
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+        "<|eom_id|>",
+        "<|python_tag|>",
+        "<|finetune_right_pad_id|>",
+        "<|step_id|>",
+    )
     ids = set(tok.free_reserved()) | {tok.special_tokens[n] for n in names if n in tok.special_tokens}
     return sorted(ids)
 
@@ -56,7 +74,7 @@ def build_demo_checkpoint(out: Path, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     embed = rng.normal(0, 0.5, (VOCAB, config.hidden_size)).astype(np.float32)
     head = rng.normal(0, 0.5, (VOCAB, config.hidden_size)).astype(np.float32)
-    embed[:, BIAS_DIM] = BIAS     # a constant direction in the residual stream ...
+    embed[:, BIAS_DIM] = BIAS  # a constant direction in the residual stream ...
     head[:, BIAS_DIM] = -HEAD_BIAS  # ... that every trained row scores against: logits large and negative
     norm = np.ones(config.hidden_size, np.float32)
     dead = untrained_like_base(tok)

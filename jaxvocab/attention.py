@@ -36,15 +36,19 @@ IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 # overhead), 0.69x at 1024, 0.53x at 2048; chunked also needs less memory from 1024 on.
 AUTO_CHUNKED_FROM = 1024
 BLOCK = 512
-_NEG = -1e30   # masked score: finite, so no inf - inf anywhere in the online softmax
+_NEG = -1e30  # masked score: finite, so no inf - inf anywhere in the online softmax
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["q_seg", "kv_seg", "q_pos", "kv_pos"],
-         meta_fields=["segments", "padding", "cache"])
+@partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["q_seg", "kv_seg", "q_pos", "kv_pos"],
+    meta_fields=["segments", "padding", "cache"],
+)
 @dataclasses.dataclass(frozen=True)
 class Mask:
     """Per-token segment ids and slot positions ([B, T] for queries, [B, S] for keys), plus what
     built them (static, so implementations can refuse what they cannot express)."""
+
     q_seg: jax.Array
     kv_seg: jax.Array
     q_pos: jax.Array
@@ -85,6 +89,7 @@ def attend(q, k, v, mask: Mask, implementation: str = "auto") -> jax.Array:
     if impl == "cudnn":
         return cudnn(q, k, v, mask)
     from jaxvocab import attention_splash
+
     return attention_splash.splash(q, k, v, mask)
 
 
@@ -138,7 +143,7 @@ def xla(q, k, v, mask: Mask) -> jax.Array:
     B, T, H, hd = q.shape
     KV = k.shape[2]
     qg = q.reshape(B, T, KV, H // KV, hd)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd**-0.5)
     visible = mask.dense()
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jnp.where(visible, jax.nn.softmax(scores, axis=-1), 0.0).astype(q.dtype)  # no-key rows: 0
@@ -173,12 +178,15 @@ def _live(qs, qp, ks, kp):
     """[nq, nk] bool: some query of q block i may see some key of kv block j in some batch row."""
     big = jnp.iinfo(jnp.int32).max
     valid = ks != 0
-    k_pos_min = jnp.where(valid, kp, big).min(-1)             # [nk, B]
+    k_pos_min = jnp.where(valid, kp, big).min(-1)  # [nk, B]
     k_seg_min = jnp.where(valid, ks, big).min(-1)
     k_seg_max = jnp.where(valid, ks, -1).max(-1)
-    q_pos_max, q_seg_min, q_seg_max = qp.max(-1), qs.min(-1), qs.max(-1)   # [nq, B]
-    live = ((k_pos_min[None] <= q_pos_max[:, None]) & (k_seg_min[None] <= q_seg_max[:, None])
-            & (k_seg_max[None] >= q_seg_min[:, None]))
+    q_pos_max, q_seg_min, q_seg_max = qp.max(-1), qs.min(-1), qs.max(-1)  # [nq, B]
+    live = (
+        (k_pos_min[None] <= q_pos_max[:, None])
+        & (k_seg_min[None] <= q_seg_max[:, None])
+        & (k_seg_max[None] >= q_seg_min[:, None])
+    )
     return live.any(-1)
 
 
@@ -208,18 +216,23 @@ def _forward(bq, bk, q, k, v, m):
             def update(carry):
                 mx, denom, acc = carry
                 s, vis = _scores(qi, ys[0], qsi, qpi, ys[2], ys[3])
-                vis = vis & (s > _NEG)   # always true: ties the mask to q (see below)
+                vis = vis & (s > _NEG)  # always true: ties the mask to q (see below)
                 s = jnp.where(vis, s, _NEG)
                 mx_new = jnp.maximum(mx, s.max(-1))
                 p = jnp.where(vis, jnp.exp(s - mx_new[..., None]), 0.0)
                 alpha = jnp.exp(mx - mx_new)
-                acc = alpha[..., None] * acc + jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), ys[1],
-                                                          preferred_element_type=jnp.float32)
+                acc = alpha[..., None] * acc + jnp.einsum(
+                    "bkgqs,bskh->bkgqh", p.astype(v.dtype), ys[1], preferred_element_type=jnp.float32
+                )
                 return mx_new, alpha * denom + p.sum(-1), acc
+
             return update(carry), None
 
-        init = (jnp.full((B, KV, G, bq), _NEG, jnp.float32), jnp.zeros((B, KV, G, bq), jnp.float32),
-                jnp.zeros((B, KV, G, bq, hd), jnp.float32))
+        init = (
+            jnp.full((B, KV, G, bq), _NEG, jnp.float32),
+            jnp.zeros((B, KV, G, bq), jnp.float32),
+            jnp.zeros((B, KV, G, bq, hd), jnp.float32),
+        )
         (mx, denom, acc), _ = jax.lax.scan(kv_block, init, (kb, vb, ks, kp))
         seen = denom > 0
         out = acc / jnp.where(seen, denom, 1.0)[..., None]
@@ -247,9 +260,9 @@ def _flash_bwd(bq, bk, res, do):
     T, S = q.shape[1], k.shape[1]
     delta = jnp.einsum("bqkgh,bqkgh->bkgq", do.astype(jnp.float32), out.astype(jnp.float32))
     qb, dob, kb, vb = _blocks(q, bq), _blocks(do, bq), _blocks(k, bk), _blocks(v, bk)
-    deltab = _blocks(jnp.moveaxis(delta, 3, 1), bq)                 # [nq, B, bq, KV, G]
+    deltab = _blocks(jnp.moveaxis(delta, 3, 1), bq)  # [nq, B, bq, KV, G]
     qs, ks, qp, kp = _blocks(m[0], bq), _blocks(m[1], bk), _blocks(m[2], bq), _blocks(m[3], bk)
-    live = _live(qs, qp, ks, kp).T                                  # [nk, nq]
+    live = _live(qs, qp, ks, kp).T  # [nk, nq]
     scale = q.shape[-1] ** -0.5
 
     def kv_block(dq, xs):
@@ -279,8 +292,7 @@ def _flash_bwd(bq, bk, res, do):
         return dq + dq_j, (dk, dv)
 
     dq, (dk, dv) = jax.lax.scan(kv_block, jnp.zeros(qb.shape, jnp.float32), (kb, vb, ks, kp, live))
-    return (_unblock(dq, T).astype(q.dtype), _unblock(dk, S).astype(k.dtype), _unblock(dv, S).astype(v.dtype),
-            None)
+    return (_unblock(dq, T).astype(q.dtype), _unblock(dk, S).astype(k.dtype), _unblock(dv, S).astype(v.dtype), None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

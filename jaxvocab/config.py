@@ -84,17 +84,25 @@ class LlamaConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}; fix the file")
         if d.get("model_type", "llama") != "llama":
-            raise ConfigError(f"{where}: model_type={brief(d.get('model_type'))} is not supported; jaxvocab converts "
-                              "Llama models only")
+            raise ConfigError(
+                f"{where}: model_type={brief(d.get('model_type'))} is not supported; jaxvocab converts "
+                "Llama models only"
+            )
         for flag in ("attention_bias", "mlp_bias"):
             if d.get(flag):
                 raise ConfigError(f"{where}: {flag}=true is not a Llama-3 layout and is not supported")
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{where}: hidden_act={brief(d['hidden_act'])} is not supported (Llama uses silu)")
         if d.get("pretraining_tp", 1) not in (1, None) or isinstance(d.get("pretraining_tp"), bool):
-            raise ConfigError(f"{where}: pretraining_tp={brief(d['pretraining_tp'])} is not supported; re-save the model "
-                              "with pretraining_tp=1")
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in d]
+            raise ConfigError(
+                f"{where}: pretraining_tp={brief(d['pretraining_tp'])} is not supported; re-save the model "
+                "with pretraining_tp=1"
+            )
+        missing = [
+            k
+            for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+            if k not in d
+        ]
         if missing:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
         theta, scaling = _rope_from_hf(d, where)
@@ -105,7 +113,9 @@ class LlamaConfig:
             intermediate_size=size("intermediate_size"),
             num_hidden_layers=size("num_hidden_layers"),
             num_attention_heads=size("num_attention_heads"),
-            num_key_value_heads=size("num_key_value_heads") if d.get("num_key_value_heads") else size("num_attention_heads"),
+            num_key_value_heads=size("num_key_value_heads")
+            if d.get("num_key_value_heads")
+            else size("num_attention_heads"),
             head_dim=size("head_dim") if d.get("head_dim") is not None else None,
             rms_norm_eps=_positive_float(d.get("rms_norm_eps", 1e-5), "rms_norm_eps", where),
             rope_theta=theta,
@@ -131,14 +141,23 @@ class LlamaConfig:
         """Our facts over the source dict, kept in the source's rope style."""
         out = dict(self.source or {})
         out.update(
-            architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
-            rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
-            tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
-            attention_bias=False, mlp_bias=False,
-            bos_token_id=hf_ids(self.bos_token_id), eos_token_id=hf_ids(self.eos_token_id),
+            architectures=["LlamaForCausalLM"],
+            model_type="llama",
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            hidden_act="silu",
+            attention_bias=False,
+            mlp_bias=False,
+            bos_token_id=hf_ids(self.bos_token_id),
+            eos_token_id=hf_ids(self.eos_token_id),
             pad_token_id=hf_ids(self.pad_token_id),
         )
         out.setdefault("torch_dtype" if "torch_dtype" in out else "dtype", self.dtype)
@@ -220,8 +239,11 @@ def _rope_from_hf(d: dict, where: str) -> tuple[float, RopeScaling | None]:
         return theta, None
     if kind != "llama3":
         raise ConfigError(f"{where}: rope type {brief(kind)} is not supported (only default and llama3)")
-    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-               if k not in scaling]
+    missing = [
+        k
+        for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if k not in scaling
+    ]
     if missing:
         raise ConfigError(f"{where}: llama3 rope scaling is missing {missing[0]!r}")
     rs = RopeScaling(
@@ -237,24 +259,71 @@ def _rope_from_hf(d: dict, where: str) -> tuple[float, RopeScaling | None]:
 
 # Presets at the real shapes: for benchmarks and for building abstract models without files.
 _L3_VOCAB = 128256
-_LLAMA3 = dict(vocab_size=_L3_VOCAB, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-               max_position_embeddings=131072, tie_word_embeddings=False)
+_LLAMA3 = dict(
+    vocab_size=_L3_VOCAB,
+    num_key_value_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    tie_word_embeddings=False,
+)
 _ROPE_3_1 = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 _ROPE_3_2 = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-LLAMA_3_2_1B = LlamaConfig(**{**_LLAMA3, "head_dim": 64, "tie_word_embeddings": True}, hidden_size=2048,
-                           intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, rope_scaling=_ROPE_3_2)
-LLAMA_3_2_3B = LlamaConfig(**{**_LLAMA3, "tie_word_embeddings": True}, hidden_size=3072, intermediate_size=8192,
-                           num_hidden_layers=28, num_attention_heads=24, rope_scaling=_ROPE_3_2)
-LLAMA_3_8B = LlamaConfig(**{**_LLAMA3, "max_position_embeddings": 8192}, hidden_size=4096, intermediate_size=14336,
-                         num_hidden_layers=32, num_attention_heads=32, rope_scaling=None)
-LLAMA_3_1_8B = LlamaConfig(**_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                           num_attention_heads=32, rope_scaling=_ROPE_3_1)
-LLAMA_3_1_70B = LlamaConfig(**_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                            num_attention_heads=64, rope_scaling=_ROPE_3_1)
-LLAMA_3_1_405B = LlamaConfig(**_LLAMA3, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
-                             num_attention_heads=128, rope_scaling=_ROPE_3_1)
+LLAMA_3_2_1B = LlamaConfig(
+    **{**_LLAMA3, "head_dim": 64, "tie_word_embeddings": True},
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    rope_scaling=_ROPE_3_2,
+)
+LLAMA_3_2_3B = LlamaConfig(
+    **{**_LLAMA3, "tie_word_embeddings": True},
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=28,
+    num_attention_heads=24,
+    rope_scaling=_ROPE_3_2,
+)
+LLAMA_3_8B = LlamaConfig(
+    **{**_LLAMA3, "max_position_embeddings": 8192},
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    rope_scaling=None,
+)
+LLAMA_3_1_8B = LlamaConfig(
+    **_LLAMA3,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    rope_scaling=_ROPE_3_1,
+)
+LLAMA_3_1_70B = LlamaConfig(
+    **_LLAMA3,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    rope_scaling=_ROPE_3_1,
+)
+LLAMA_3_1_405B = LlamaConfig(
+    **_LLAMA3,
+    hidden_size=16384,
+    intermediate_size=53248,
+    num_hidden_layers=126,
+    num_attention_heads=128,
+    rope_scaling=_ROPE_3_1,
+)
 PRESETS: dict[str, LlamaConfig] = {
-    "llama-3.2-1b": LLAMA_3_2_1B, "llama-3.2-3b": LLAMA_3_2_3B, "llama-3-8b": LLAMA_3_8B,
-    "llama-3.1-8b": LLAMA_3_1_8B, "llama-3.1-70b": LLAMA_3_1_70B, "llama-3.3-70b": LLAMA_3_1_70B,
+    "llama-3.2-1b": LLAMA_3_2_1B,
+    "llama-3.2-3b": LLAMA_3_2_3B,
+    "llama-3-8b": LLAMA_3_8B,
+    "llama-3.1-8b": LLAMA_3_1_8B,
+    "llama-3.1-70b": LLAMA_3_1_70B,
+    "llama-3.3-70b": LLAMA_3_1_70B,
     "llama-3.1-405b": LLAMA_3_1_405B,
 }

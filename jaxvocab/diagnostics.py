@@ -34,7 +34,7 @@ from jaxvocab.model import decode, rms_norm
 from jaxvocab.row_init import init_rows
 from jaxvocab.vocab import VocabPlan, expansion_layout, model_mesh, subword_arrays
 
-CHUNK = 256   # probe positions per KL step: [CHUNK, V] f32 logits stay small even at 128k rows
+CHUNK = 256  # probe positions per KL step: [CHUNK, V] f32 logits stay small even at 128k rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +43,10 @@ class KLReport:
     positions: int
     max_kl: float
     mean_kl: float
-    new_mass_mean: float   # q's mass on the written rows, averaged over positions
+    new_mass_mean: float  # q's mass on the written rows, averaged over positions
     new_mass_max: float
-    k: int                 # rows written by the expansion (they all receive probability)
-    n: int                 # trained rows the init statistics come from
+    k: int  # rows written by the expansion (they all receive probability)
+    n: int  # trained rows the init statistics come from
 
     @property
     def bound(self) -> float:
@@ -56,11 +56,15 @@ class KLReport:
 
 def table(reports: list[KLReport]) -> str:
     head = ("init", "max KL", "mean KL", "new-row mass", "bound log(1+k/n)", "k", "n")
-    rows = [head] + [(r.init, f"{r.max_kl:.3g}", f"{r.mean_kl:.3g}", f"{r.new_mass_mean:.3g}", f"{r.bound:.3g}",
-                      str(r.k), str(r.n)) for r in reports]
+    rows = [head] + [
+        (r.init, f"{r.max_kl:.3g}", f"{r.mean_kl:.3g}", f"{r.new_mass_mean:.3g}", f"{r.bound:.3g}", str(r.k), str(r.n))
+        for r in reports
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-                     for row in rows)
+    return "\n".join(
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in rows
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
@@ -73,8 +77,9 @@ def _hidden(embed, layers, norm, ids, config, dtype):
 def final_hidden(model, ids) -> jax.Array:
     """[P, D] final-norm hidden states of the probe (all positions of all rows, flattened)."""
     ids = jnp.asarray(np.atleast_2d(np.asarray(ids, np.int32)))
-    h = _hidden(model.embed.get_value(), model.layers.weights(), model.norm.get_value(), ids,
-                model.config, model.compute_dtype)
+    h = _hidden(
+        model.embed.get_value(), model.layers.weights(), model.norm.get_value(), ids, model.config, model.compute_dtype
+    )
     return h.reshape(-1, h.shape[-1])
 
 
@@ -101,8 +106,17 @@ def _kl(old_logits, new_logits, kept, written):
     return kl, added / (1.0 + s)
 
 
-def expansion_kl(model, probe_ids, plan: VocabPlan, tok, *, init: str = "mean", expanded=None,
-                 fix_untrained: bool = False, seed: int = 0) -> KLReport:
+def expansion_kl(
+    model,
+    probe_ids,
+    plan: VocabPlan,
+    tok,
+    *,
+    init: str = "mean",
+    expanded=None,
+    fix_untrained: bool = False,
+    seed: int = 0,
+) -> KLReport:
     """KL(old || new) over the probe's positions for `plan` under `init`.
 
     Without `expanded`, the new head rows are computed exactly as expand_vocab would (same
@@ -122,25 +136,39 @@ def expansion_kl(model, probe_ids, plan: VocabPlan, tok, *, init: str = "mean", 
             raise VocabError(f"the expanded model has {expanded.config.vocab_size} rows but the plan makes {new_rows}")
         h_new, new_head = final_hidden(expanded, probe_ids), expanded.head_table.get_value()
     else:
-        n_table = 0 if model.lm_head is None else 1   # expand_vocab's per-table seed
+        n_table = 0 if model.lm_head is None else 1  # expand_vocab's per-table seed
         key = jax.random.fold_in(jax.random.key(seed), n_table)
-        rows = init_rows(head, trained, key, subword_arrays(tok, texts, trained, init), method=init,
-                         k=len(targets), mesh=model_mesh(model)).astype(head.dtype)
+        rows = init_rows(
+            head,
+            trained,
+            key,
+            subword_arrays(tok, texts, trained, init),
+            method=init,
+            k=len(targets),
+            mesh=model_mesh(model),
+        ).astype(head.dtype)
     kls, masses = [], []
     for s in range(0, h.shape[0], CHUNK):
-        hc = h[s:s + CHUNK]
+        hc = h[s : s + CHUNK]
         old = _logits(hc, head)
         if expanded is not None:
-            new = _logits(h_new[s:s + CHUNK], new_head)
+            new = _logits(h_new[s : s + CHUNK], new_head)
         else:
             new = jnp.pad(old, ((0, 0), (0, new_rows - plan.old_rows))).at[:, targets].set(_logits(hc, rows))
         kl, mass = _kl(old, new, jnp.asarray(kept), jnp.asarray(written))
         kls.append(np.asarray(kl))
         masses.append(np.asarray(mass))
     kl, mass = np.concatenate(kls), np.concatenate(masses)
-    return KLReport(init=init, positions=int(kl.size), max_kl=float(kl.max()), mean_kl=float(kl.mean()),
-                    new_mass_mean=float(mass.mean()), new_mass_max=float(mass.max()),
-                    k=int(written.sum()), n=int(trained.sum()))
+    return KLReport(
+        init=init,
+        positions=int(kl.size),
+        max_kl=float(kl.max()),
+        mean_kl=float(kl.mean()),
+        new_mass_mean=float(mass.mean()),
+        new_mass_max=float(mass.max()),
+        k=int(written.sum()),
+        n=int(trained.sum()),
+    )
 
 
 def probe_ids(tok, text: str, max_tokens: int = 1024) -> np.ndarray:

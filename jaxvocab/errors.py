@@ -82,8 +82,9 @@ def malformed(what: str, fix: str):
         raise CheckpointError(f"{what}: malformed ({type(e).__name__}: {brief(str(e))}); {fix}") from None
 
 
-def read_json(path, error: type[JaxVocabError] = CheckpointError, fix: str = "fix or re-download it",
-              missing: str | None = None):
+def read_json(
+    path, error: type[JaxVocabError] = CheckpointError, fix: str = "fix or re-download it", missing: str | None = None
+):
     """The one JSON file reader: any way a file can fail to be JSON is one `error` line naming it.
 
     Args:
@@ -138,4 +139,5 @@ def run_command(command, interrupted: str) -> int:
 
 def _main_thread() -> bool:
     import threading
+
     return threading.current_thread() is threading.main_thread()

@@ -27,8 +27,19 @@ from jaxvocab.sharding import round_up
 BUCKET = 64
 
 
-def generate(model, tok, prompt, max_new_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0,
-             suppress=None, stop=None, seed: int = 0, return_ids: bool = False):
+def generate(
+    model,
+    tok,
+    prompt,
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    suppress=None,
+    stop=None,
+    seed: int = 0,
+    return_ids: bool = False,
+):
     """Continue `prompt` (str, chat messages or a list of token ids) and return the new text.
 
     model: a Llama (a RowsModel is merged first).
@@ -43,8 +54,10 @@ def generate(model, tok, prompt, max_new_tokens: int = 64, *, temperature: float
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens={max_new_tokens}: must be at least 1")
     if len(ids) + max_new_tokens > model.config.max_position_embeddings:
-        raise UsageError(f"prompt ({len(ids)} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
-                         f"max_position_embeddings ({model.config.max_position_embeddings}); shorten one of them")
+        raise UsageError(
+            f"prompt ({len(ids)} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"max_position_embeddings ({model.config.max_position_embeddings}); shorten one of them"
+        )
     if not 0.0 < top_p <= 1.0 or temperature < 0.0:
         raise UsageError(f"temperature={temperature}, top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1")
     stops = set(stop) if stop is not None else set(getattr(tok, "stop_ids", None) or []) | set(model.config.eos_ids)
@@ -99,6 +112,7 @@ def default_suppressed(model, tok) -> list[int]:
     rows, and rows `find_untrained` measures as untrained (tiny, or identical to another row, as
     freshly mean-initialised rows are until trained)."""
     from jaxvocab.vocab import VocabPlan, find_untrained
+
     V = model.config.vocab_size
     out = set(find_untrained(model, tok))
     if tok is not None:
@@ -117,7 +131,7 @@ def _choose(logits, key, banned, temperature, top_p, greedy: bool):
     order = jnp.argsort(-logits)
     scaled = logits[order] / temperature
     probs = jax.nn.softmax(scaled)
-    keep = (jnp.cumsum(probs) - probs) < top_p   # smallest prefix whose mass reaches top_p
+    keep = (jnp.cumsum(probs) - probs) < top_p  # smallest prefix whose mass reaches top_p
     pick = jax.random.categorical(sub, jnp.where(keep, scaled, -jnp.inf))
     return order[pick].astype(jnp.int32), key
 

@@ -30,15 +30,22 @@ from jaxvocab.sharding import sharding_for
 
 # --lora-targets short name -> layer weight -> HF module (PEFT's target_modules).
 TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
-HF_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
-              "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
+HF_MODULES = {
+    "wq": "self_attn.q_proj",
+    "wk": "self_attn.k_proj",
+    "wv": "self_attn.v_proj",
+    "wo": "self_attn.o_proj",
+    "w_gate": "mlp.gate_proj",
+    "w_up": "mlp.up_proj",
+    "w_down": "mlp.down_proj",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
     rank: int
     alpha: float
-    targets: tuple[str, ...] = tuple(TARGETS.values())   # layer weight names
+    targets: tuple[str, ...] = tuple(TARGETS.values())  # layer weight names
     dropout: float = 0.0
 
     @property
@@ -61,8 +68,9 @@ def parse_targets(text: str) -> tuple[str, ...]:
     names = {p.strip().removesuffix("_proj") for p in text.split(",") if p.strip()}
     bad = sorted(names - set(TARGETS))
     if bad or not names:
-        raise UsageError(f"--lora-targets {text!r}: unknown {', '.join(bad) or '(empty)'}; "
-                         f"choose from {','.join(TARGETS)}")
+        raise UsageError(
+            f"--lora-targets {text!r}: unknown {', '.join(bad) or '(empty)'}; choose from {','.join(TARGETS)}"
+        )
     return tuple(w for t, w in TARGETS.items() if t in names)
 
 
@@ -80,11 +88,12 @@ def init(layers: dict[str, jax.Array], spec: LoraSpec, key: jax.Array) -> nnx.Di
     for i, name in enumerate(spec.targets):
         w = layers[name]
         L, o, n = w.shape
-        bound = 1.0 / math.sqrt(n)      # kaiming_uniform_(a=sqrt(5)) on [r, in]: gain*sqrt(3/in) = 1/sqrt(in)
+        bound = 1.0 / math.sqrt(n)  # kaiming_uniform_(a=sqrt(5)) on [r, in]: gain*sqrt(3/in) = 1/sqrt(in)
         a = jax.random.uniform(jax.random.fold_in(key, i), (L, spec.rank, n), jnp.float32, -bound, bound)
         out[a_key(name)] = _param(a, w, (LAYER_AXES[name][0], None, LAYER_AXES[name][2]))
-        out[b_key(name)] = _param(jnp.zeros((L, o, spec.rank), jnp.float32), w,
-                                  (LAYER_AXES[name][0], LAYER_AXES[name][1], None))
+        out[b_key(name)] = _param(
+            jnp.zeros((L, o, spec.rank), jnp.float32), w, (LAYER_AXES[name][0], LAYER_AXES[name][1], None)
+        )
     return nnx.Dict(out)
 
 
@@ -95,8 +104,9 @@ def _param(value, like, logical) -> nnx.Param:
     return nnx.Param(value, logical=logical)
 
 
-def forward_weights(adapters: dict[str, jax.Array], spec: LoraSpec, n_layers: int,
-                    dropout_key: jax.Array | None = None) -> dict[str, jax.Array]:
+def forward_weights(
+    adapters: dict[str, jax.Array], spec: LoraSpec, n_layers: int, dropout_key: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """The extra entries of the scanned layer dict that model.py's `linear` adds as `x A^T B^T * scale`.
 
     Per-layer arrays (scale, and the dropout keys when training with dropout), so they ride the scan."""
@@ -114,8 +124,9 @@ def _merged(w, a, b, scale):
     return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
 
 
-def merge_layers(layers: dict[str, jax.Array], adapters: dict[str, jax.Array], spec: LoraSpec,
-                 dtype=None) -> dict[str, jax.Array]:
+def merge_layers(
+    layers: dict[str, jax.Array], adapters: dict[str, jax.Array], spec: LoraSpec, dtype=None
+) -> dict[str, jax.Array]:
     """Base weights with W + (alpha/r) B A (computed in f32) folded in, stored in `dtype` (default: W's)."""
     out = {}
     for name, w in layers.items():
@@ -123,6 +134,10 @@ def merge_layers(layers: dict[str, jax.Array], adapters: dict[str, jax.Array], s
             w = w.astype(dtype)
         if a_key(name) in adapters:
             merged = _merged(w, adapters[a_key(name)], adapters[b_key(name)], jnp.float32(spec.scale))
-            w = jax.device_put(merged, w.sharding) if isinstance(getattr(w, "sharding", None), NamedSharding) else merged
+            w = (
+                jax.device_put(merged, w.sharding)
+                if isinstance(getattr(w, "sharding", None), NamedSharding)
+                else merged
+            )
         out[name] = w
     return out

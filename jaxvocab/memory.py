@@ -28,5 +28,7 @@ def check_fits(extra_bytes: int, mesh, what: str, fix: str) -> None:
     """UsageError when `extra_bytes` more would exceed what the mesh can hold."""
     have = available_bytes(mesh)
     if extra_bytes > have:
-        raise UsageError(f"{what} needs {extra_bytes / 2**30:.1f} GiB more memory but the devices hold "
-                         f"{have / 2**30:.1f} GiB in all; {fix}")
+        raise UsageError(
+            f"{what} needs {extra_bytes / 2**30:.1f} GiB more memory but the devices hold "
+            f"{have / 2**30:.1f} GiB in all; {fix}"
+        )

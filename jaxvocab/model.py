@@ -37,15 +37,22 @@ LAYER_AXES: dict[str, tuple[str, ...]] = {
     "w_down": ("layers", "embed", "mlp"),
 }
 TABLE_AXES = ("vocab", "embed")
-LORA_ORDER = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")   # fixes each adapter's dropout stream
+LORA_ORDER = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # fixes each adapter's dropout stream
 
 
 def layer_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     L, d, f = c.num_hidden_layers, c.hidden_size, c.intermediate_size
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     return {
-        "attn_norm": (L, d), "wq": (L, q, d), "wk": (L, kv, d), "wv": (L, kv, d), "wo": (L, d, q),
-        "mlp_norm": (L, d), "w_gate": (L, f, d), "w_up": (L, f, d), "w_down": (L, d, f),
+        "attn_norm": (L, d),
+        "wq": (L, q, d),
+        "wk": (L, kv, d),
+        "wv": (L, kv, d),
+        "wo": (L, d, q),
+        "mlp_norm": (L, d),
+        "w_gate": (L, f, d),
+        "w_up": (L, f, d),
+        "w_down": (L, d, f),
     }
 
 
@@ -71,10 +78,10 @@ class Layers(nnx.Module):
 
 
 class KVCache(NamedTuple):
-    k: jax.Array       # [L, B, S, KV, hd]
-    v: jax.Array       # [L, B, S, KV, hd]
-    valid: jax.Array   # [B, S] bool: slot holds a real token
-    index: jax.Array   # int32 scalar: next free slot
+    k: jax.Array  # [L, B, S, KV, hd]
+    v: jax.Array  # [L, B, S, KV, hd]
+    valid: jax.Array  # [B, S] bool: slot holds a real token
+    index: jax.Array  # int32 scalar: next free slot
 
     @classmethod
     def empty(cls, config: LlamaConfig, batch: int, length: int, dtype) -> KVCache:
@@ -91,8 +98,16 @@ class Llama(nnx.Module):
     none, per-layer recompute in the backward pass, auto deciding from the traced shapes (remat.py).
     """
 
-    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, compute_dtype=None,
-                 rngs: nnx.Rngs | None = None, attention: str = "auto", remat: str = "auto"):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        dtype=jnp.float32,
+        compute_dtype=None,
+        rngs: nnx.Rngs | None = None,
+        attention: str = "auto",
+        remat: str = "auto",
+    ):
         self.config = config
         self.compute_dtype = jnp.dtype(compute_dtype or dtype).name
         self.attention = check_attention(attention)
@@ -107,13 +122,23 @@ class Llama(nnx.Module):
     def head_table(self) -> nnx.Param:
         return self.embed if self.lm_head is None else self.lm_head
 
-    def __call__(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None,
-                 cache: KVCache | None = None):
+    def __call__(
+        self, input_ids, *, attention_mask=None, segment_ids=None, positions=None, cache: KVCache | None = None
+    ):
         dtype = jnp.dtype(self.compute_dtype)
         x = self.embed[...][input_ids].astype(dtype)
-        h, cache = decode(self.layers.weights(), x, self.config, dtype, attention_mask=attention_mask,
-                          segment_ids=segment_ids, positions=positions, cache=cache, remat=self.remat,
-                          attention=self.attention)
+        h, cache = decode(
+            self.layers.weights(),
+            x,
+            self.config,
+            dtype,
+            attention_mask=attention_mask,
+            segment_ids=segment_ids,
+            positions=positions,
+            cache=cache,
+            remat=self.remat,
+            attention=self.attention,
+        )
         h = rms_norm(h, self.norm[...], self.config.rms_norm_eps)
         logits = project(h, self.head_table[...], dtype)
         return logits if cache is None else (logits, cache)
@@ -154,8 +179,19 @@ def default_positions(B, T, segment_ids=None, start=0):
     return idx - last_start
 
 
-def decode(layers: dict, x, config: LlamaConfig, dtype, *, attention_mask=None, segment_ids=None,
-           positions=None, cache: KVCache | None = None, remat="auto", attention: str = "auto"):
+def decode(
+    layers: dict,
+    x,
+    config: LlamaConfig,
+    dtype,
+    *,
+    attention_mask=None,
+    segment_ids=None,
+    positions=None,
+    cache: KVCache | None = None,
+    remat="auto",
+    attention: str = "auto",
+):
     """Run all decoder layers with one scan. Returns (hidden [B, T, D], updated cache or None)."""
     B, T, _ = x.shape
     if positions is None:
@@ -168,8 +204,12 @@ def decode(layers: dict, x, config: LlamaConfig, dtype, *, attention_mask=None, 
     else:
         mask = make_mask(B, T, attention_mask, segment_ids)
     S = T if cache is None else cache.valid.shape[1]
-    impl = choose(attention, jax.ShapeDtypeStruct((B, T, config.num_attention_heads, config.head_dim), dtype),
-                  jax.ShapeDtypeStruct((B, S, config.num_key_value_heads, config.head_dim), dtype), mask)
+    impl = choose(
+        attention,
+        jax.ShapeDtypeStruct((B, T, config.num_attention_heads, config.head_dim), dtype),
+        jax.ShapeDtypeStruct((B, S, config.num_key_value_heads, config.head_dim), dtype),
+        mask,
+    )
 
     def layer(h, xs):
         w, kv = xs
@@ -187,6 +227,7 @@ def decode(layers: dict, x, config: LlamaConfig, dtype, *, attention_mask=None, 
 def _layer(w, h, kv, c: LlamaConfig, dtype, positions, inv_freq, mask, cache, impl):
     B, T, _ = h.shape
     H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+
     def linear(x, name):  # x [B, T, in] . w [out, in] -> [B, T, out]
         y = jnp.einsum("bti,oi->bto", x, w[name].astype(dtype))
         return y + lora_delta(x, w, name, dtype) if "lora_a_" + name in w else y

@@ -8,5 +8,13 @@ from tqdm.auto import tqdm
 
 
 def progress(total=None, desc="", unit="it", unit_scale=False, disable=False):
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, disable=disable,
-                file=sys.stderr, dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit_scale,
+        disable=disable,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
+    )

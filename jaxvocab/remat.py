@@ -34,7 +34,7 @@ def activation_bytes(config, B: int, T: int, S: int, dtype, attention: str) -> i
     e = jnp.dtype(dtype).itemsize
     H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     per_token = 6 * c.hidden_size + 4 * c.intermediate_size + 2 * H * hd + 2 * KV * hd
-    attn = B * H * T * S * (4 + e) if attention == "xla" else B * T * H * 4   # chunked/fused keep an f32 lse
+    attn = B * H * T * S * (4 + e) if attention == "xla" else B * T * H * 4  # chunked/fused keep an f32 lse
     return c.num_hidden_layers * (B * T * per_token * e + attn)
 
 

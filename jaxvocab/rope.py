@@ -30,8 +30,10 @@ def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
     high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
     wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
     scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
-    smooth = ((rs.original_max_position_embeddings / wavelen - rs.low_freq_factor)
-              / (rs.high_freq_factor - rs.low_freq_factor)).astype(np.float32)
+    smooth = (
+        (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor)
+        / (rs.high_freq_factor - rs.low_freq_factor)
+    ).astype(np.float32)
     smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)

@@ -24,13 +24,13 @@ from jaxvocab.model import TABLE_AXES
 from jaxvocab.sharding import sharding_for
 
 INITS = ("mean", "mean-noise", "covariance", "subword", "random", "zeros")
-NOISE_SCALE = 0.1      # mean-noise: mean + NOISE_SCALE * per-dim std * N(0, 1): distinct rows, still mean-like logits
-COV_SCALE = 1e-5       # covariance: N(mu, COV_SCALE * Sigma), Hewitt's choice: distinct rows, mean-like logits
-RANDOM_STD = 0.02      # random: N(0, 0.02^2), HF's initializer_range; an ablation, not a recommendation
-_JITTER = 1e-6         # relative diagonal jitter before the Cholesky factorisation of Sigma
-_MAX_BLOCKS = 128      # see _blocks
-_GEMM_ROWS = 2         # mask rows per block product (see masked_mean)
-REL_EPS = 1e-3         # a row is untrained when max|x| <= REL_EPS * (median row max |x|)
+NOISE_SCALE = 0.1  # mean-noise: mean + NOISE_SCALE * per-dim std * N(0, 1): distinct rows, still mean-like logits
+COV_SCALE = 1e-5  # covariance: N(mu, COV_SCALE * Sigma), Hewitt's choice: distinct rows, mean-like logits
+RANDOM_STD = 0.02  # random: N(0, 0.02^2), HF's initializer_range; an ablation, not a recommendation
+_JITTER = 1e-6  # relative diagonal jitter before the Cholesky factorisation of Sigma
+_MAX_BLOCKS = 128  # see _blocks
+_GEMM_ROWS = 2  # mask rows per block product (see masked_mean)
+REL_EPS = 1e-3  # a row is untrained when max|x| <= REL_EPS * (median row max |x|)
 
 
 def _blocks(rows: int) -> int:
@@ -52,8 +52,11 @@ def masked_mean(values, mask, mesh: Mesh):
     parts = _block_sums(values, mask, mesh)
     # 0 x NaN is NaN: a non-finite row outside the mask poisons the product. Only then (the sums
     # show it) pay for zeroing the excluded rows first; their values never enter the mean.
-    parts = jax.lax.cond(jnp.all(jnp.isfinite(parts)), lambda: parts,
-                         lambda: _block_sums(jnp.where(mask[:, None], values, jnp.zeros((), values.dtype)), mask, mesh))
+    parts = jax.lax.cond(
+        jnp.all(jnp.isfinite(parts)),
+        lambda: parts,
+        lambda: _block_sums(jnp.where(mask[:, None], values, jnp.zeros((), values.dtype)), mask, mesh),
+    )
     return parts.sum(axis=0) / jnp.maximum(mask.sum(), 1).astype(jnp.float32)
 
 
@@ -61,8 +64,13 @@ def _block_sums(values, mask, mesh):
     v, d = values.shape
     b = _blocks(v)
     rows = jnp.broadcast_to(mask.reshape(b, 1, v // b).astype(values.dtype), (b, _GEMM_ROWS, v // b))
-    parts = jnp.einsum("bkr,brd->bkd", rows, values.reshape(b, v // b, d), precision=jax.lax.Precision.HIGHEST,
-                       preferred_element_type=jnp.float32)[:, 0]
+    parts = jnp.einsum(
+        "bkr,brd->bkd",
+        rows,
+        values.reshape(b, v // b, d),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )[:, 0]
     parts = jax.lax.with_sharding_constraint(parts, NamedSharding(mesh, P()))
     return jax.lax.optimization_barrier(parts)
 
@@ -71,8 +79,7 @@ def covariance(table, mask, mu):
     """Sigma = (X - mu)^T (X - mu) / n over trained rows, contracted over the sharded vocab axis in f32."""
     xc = jnp.where(mask[:, None], table.astype(jnp.float32) - mu, 0.0)
     n = jnp.maximum(mask.sum(), 1).astype(jnp.float32)
-    return jnp.einsum("vd,ve->de", xc, xc, precision=jax.lax.Precision.HIGHEST,
-                      preferred_element_type=jnp.float32) / n
+    return jnp.einsum("vd,ve->de", xc, xc, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32) / n
 
 
 def _sample_gaussian(key, mu, sigma, k):
@@ -111,7 +118,7 @@ def new_rows(table, trained, key, sub_idx, sub_w, sub_ok, *, method: str, k: int
     if method == "covariance":
         return _sample_gaussian(key, mu, COV_SCALE * covariance(table, trained, mu), k)
     if method == "subword":
-        picked = table[sub_idx].astype(jnp.float32)                     # [k, L, D]
+        picked = table[sub_idx].astype(jnp.float32)  # [k, L, D]
         avg = jnp.einsum("kld,kl->kd", picked, sub_w, precision=jax.lax.Precision.HIGHEST)
         return jnp.where(sub_ok[:, None], avg, mu)
     raise ValueError(f"unknown init {method!r}")
@@ -138,12 +145,13 @@ def _expander(method: str, k: int, old_vocab: int, new_vocab: int, out_sharding:
     return jax.jit(expand, out_shardings=out_sharding, donate_argnums=0 if new_vocab == old_vocab else ())
 
 
-def expand_table(table, trained: np.ndarray, target_ids: np.ndarray, key, subword, *, method: str,
-                 new_vocab: int, mesh: Mesh):
+def expand_table(
+    table, trained: np.ndarray, target_ids: np.ndarray, key, subword, *, method: str, new_vocab: int, mesh: Mesh
+):
     """The table grown to `new_vocab` rows with `target_ids` (sorted) set by `method`; the input is
     donated when the shape does not change. `subword` is (sub_idx, sub_w, sub_ok) as in `new_rows`."""
     out = sharding_for((new_vocab, table.shape[1]), TABLE_AXES, mesh)
-    source = np.full(new_vocab, -1, np.int32)          # output row -> index of its new row, or -1
+    source = np.full(new_vocab, -1, np.int32)  # output row -> index of its new row, or -1
     source[np.asarray(target_ids, np.int64)] = np.arange(len(target_ids), dtype=np.int32)
     fn = _expander(method, len(target_ids), table.shape[0], new_vocab, out)
     return fn(table, jnp.asarray(trained), jnp.asarray(source), key, *subword)
@@ -153,6 +161,7 @@ def expand_table(table, trained: np.ndarray, target_ids: np.ndarray, key, subwor
 def _row_builder(method: str, k: int, mesh: Mesh):
     def build(table, trained, key, sub_idx, sub_w, sub_ok):
         return new_rows(table, trained, key, sub_idx, sub_w, sub_ok, method=method, k=k, mesh=mesh)
+
     return jax.jit(build)
 
 
@@ -168,7 +177,7 @@ def no_subword(k: int):
 @jax.jit
 def row_absmax(table):
     """Per-row max |x|: exact under any sharding (a max does not depend on the order)."""
-    return jnp.max(jnp.abs(table.astype(jnp.float32)), axis=1)   # cast first: XLA:CPU is 10x slower the other way
+    return jnp.max(jnp.abs(table.astype(jnp.float32)), axis=1)  # cast first: XLA:CPU is 10x slower the other way
 
 
 @jax.jit
@@ -205,8 +214,8 @@ def untrained_mask(model, rel_eps: float = REL_EPS) -> np.ndarray:
     for p in tables(model):
         table = p.get_value()
         rowmax = np.asarray(row_absmax(table))
-        finite = np.isfinite(rowmax)   # a NaN / Inf row is never trained (nor part of any mean)
-        scale = np.median(rowmax[finite]) if finite.any() else 0.0   # 128k floats: the host sorts them in ms
+        finite = np.isfinite(rowmax)  # a NaN / Inf row is never trained (nor part of any mean)
+        scale = np.median(rowmax[finite]) if finite.any() else 0.0  # 128k floats: the host sorts them in ms
         small = (rowmax <= rel_eps * scale) | ~finite
         out |= small
         if p is model.head_table:

@@ -52,8 +52,9 @@ class RowsModel(nnx.Module):
         if tables not in TABLES:
             raise UsageError(f"--tables {tables!r}: choose one of {', '.join(TABLES)}")
         if tied and tables != "both":
-            raise UsageError(f"--tables {tables}: the model ties embedding and head, so one set of rows "
-                             "serves both; drop --tables")
+            raise UsageError(
+                f"--tables {tables}: the model ties embedding and head, so one set of rows serves both; drop --tables"
+            )
         ids = _check_ids(ids, config.vocab_size, allow_empty=lora is not None)
         self.config = config
         self.compute_dtype = model.compute_dtype
@@ -87,13 +88,13 @@ class RowsModel(nnx.Module):
         return self.embed_rows if self.tied else self.head_rows
 
     def __call__(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None, cache=None):
-        h, cache = self.hidden(input_ids, attention_mask=attention_mask, segment_ids=segment_ids,
-                               positions=positions, cache=cache)
+        h, cache = self.hidden(
+            input_ids, attention_mask=attention_mask, segment_ids=segment_ids, positions=positions, cache=cache
+        )
         logits = self.head(h)
         return logits if cache is None else (logits, cache)
 
-    def hidden(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None, cache=None,
-               dropout_key=None):
+    def hidden(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None, cache=None, dropout_key=None):
         """Final-norm hidden states [B, T, D] (and the cache): the head is applied separately so a
         loss can project a few tokens at a time instead of materialising [B, T, V] logits.
         `dropout_key` turns on the adapters' dropout (training only)."""
@@ -101,10 +102,21 @@ class RowsModel(nnx.Module):
         x = self.embed_lookup(input_ids, dtype)
         layers = {name: v[...] for name, v in self.layers.items()}
         if self.lora is not None:
-            layers |= lora_lib.forward_weights({k: v[...] for k, v in self.lora.items()}, self.lora_spec,
-                                               self.config.num_hidden_layers, dropout_key)
-        h, cache = decode(layers, x, self.config, dtype, attention_mask=attention_mask, segment_ids=segment_ids,
-                          positions=positions, cache=cache, remat=self.remat, attention=self.attention)
+            layers |= lora_lib.forward_weights(
+                {k: v[...] for k, v in self.lora.items()}, self.lora_spec, self.config.num_hidden_layers, dropout_key
+            )
+        h, cache = decode(
+            layers,
+            x,
+            self.config,
+            dtype,
+            attention_mask=attention_mask,
+            segment_ids=segment_ids,
+            positions=positions,
+            cache=cache,
+            remat=self.remat,
+            attention=self.attention,
+        )
         return rms_norm(h, self.norm[...], self.config.rms_norm_eps), cache
 
     def embed_lookup(self, input_ids, dtype):
@@ -118,8 +130,9 @@ class RowsModel(nnx.Module):
 
     def head(self, h):
         rows = self.head_param
-        return head_logits(h, self.head_table[...], None if rows is None else rows[...], self.ids[...],
-                           jnp.dtype(self.compute_dtype))
+        return head_logits(
+            h, self.head_table[...], None if rows is None else rows[...], self.ids[...], jnp.dtype(self.compute_dtype)
+        )
 
 
 def head_logits(h, table, rows, ids, dtype):
@@ -142,8 +155,9 @@ def merge(rm: RowsModel, dtype=None) -> Llama:
     f32), stored in the checkpoint's dtype or `dtype`; every other weight untouched."""
     c = rm.config
     dtype = jnp.dtype(dtype or rm.embed[...].dtype)
-    model = nnx.eval_shape(lambda: Llama(c, dtype=dtype, compute_dtype=rm.compute_dtype, attention=rm.attention,
-                                         remat=rm.remat))
+    model = nnx.eval_shape(
+        lambda: Llama(c, dtype=dtype, compute_dtype=rm.compute_dtype, attention=rm.attention, remat=rm.remat)
+    )
     ids = rm.ids[...]
     model.embed.set_value(_write_rows(rm.embed[...], ids, rm.embed_rows, dtype))
     layers = {name: w[...] for name, w in rm.layers.items()}
@@ -172,6 +186,7 @@ def new_ids(model) -> list[int]:
     if not text:
         return []
     from jaxvocab.vocab import VocabPlan
+
     plan = text if isinstance(text, VocabPlan) else VocabPlan.from_json(text)
     return sorted({t.id for t in plan.tokens if t.action != "existing"})
 

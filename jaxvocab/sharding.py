@@ -49,7 +49,9 @@ def parse_mesh(spec: str | None, devices=None) -> Mesh:
             name, _, value = part.partition("=")
             name = name.strip()
             if name not in sizes or not value.strip().lstrip("-").isdigit():
-                raise UsageError(f"--mesh {spec!r}: expected e.g. 'data=1,fsdp=2,tensor=4' with axes {', '.join(MESH_AXES)}")
+                raise UsageError(
+                    f"--mesh {spec!r}: expected e.g. 'data=1,fsdp=2,tensor=4' with axes {', '.join(MESH_AXES)}"
+                )
             sizes[name] = int(value)
     else:
         sizes["fsdp"] = len(devices)
@@ -62,7 +64,8 @@ def parse_mesh(spec: str | None, devices=None) -> Mesh:
     if math.prod(sizes.values()) != len(devices):
         raise UsageError(
             f"--mesh {spec!r}: axis sizes multiply to {math.prod(sizes.values())} but {len(devices)} devices are visible; "
-            "make the product equal the device count")
+            "make the product equal the device count"
+        )
     return Mesh(np.array(devices).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
 
 

@@ -4,6 +4,7 @@ Planning a vocabulary edit needs the exact id -> text map of a checkpoint, and t
 encodings identical to what the model saw in pre-training; both loaders are therefore checked
 against each other (and HF `tokenizers`) in tests rather than trusted.
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,11 +18,13 @@ from jaxvocab.errors import CheckpointError, VocabError, read_json
 
 log = logging.getLogger(__name__)
 
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 N_BASE = 128000
-TIKTOKEN_MAX_ENCODE_CHARS = 400_000   # Meta: tiktoken's Rust side slows down / overflows beyond this
-MAX_NO_WHITESPACES_CHARS = 25_000     # Meta: longest run of (non-)whitespace handed to the regex
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000  # Meta: tiktoken's Rust side slows down / overflows beyond this
+MAX_NO_WHITESPACES_CHARS = 25_000  # Meta: longest run of (non-)whitespace handed to the regex
 # tokenizer_config.json keys that give a token a role (HF's SPECIAL_TOKENS_ATTRIBUTES, minus the list one)
 ROLE_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
 _RESERVED = re.compile(r"<\|reserved_special_token_\d+\|>")
@@ -37,21 +40,45 @@ LLAMA3_SPECIALS = _specials(
     ["<|begin_of_text|>", "<|end_of_text|>"]
     + [f"<|reserved_special_token_{i}|>" for i in range(4)]
     + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
-    + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])
+    + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
+)
 # HF Llama-3.1 / 3.2 text checkpoints.
 LLAMA31_SPECIALS = _specials(
-    ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-     "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
-     "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
-    + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)])
+    [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>",
+        "<|reserved_special_token_2|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eom_id|>",
+        "<|eot_id|>",
+        "<|python_tag|>",
+    ]
+    + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)]
+)
 # HF Llama-3.2-Vision: <|step_id|> takes 128005, reserved numbering shifts, <|image|> is appended.
 LLAMA32_VISION_SPECIALS = {
     **_specials(
-        ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-         "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-         "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
-        + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]),
-    "<|image|>": 128256}
+        [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|reserved_special_token_0|>",
+            "<|reserved_special_token_1|>",
+            "<|finetune_right_pad_id|>",
+            "<|step_id|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eom_id|>",
+            "<|eot_id|>",
+            "<|python_tag|>",
+        ]
+        + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
+    ),
+    "<|image|>": 128256,
+}
 
 CHAT_ROLES = ("system", "user", "assistant", "ipython", "tool")
 
@@ -101,11 +128,20 @@ class Tokenizer:
     so user data cannot inject control tokens.
     """
 
-    def __init__(self, mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int], *,
-                 source: str, llama3: bool = True, pattern: str = LLAMA3_PATTERN,
-                 not_llama3_reason: str = "", added: dict[int, str] | None = None,
-                 added_plain: set[str] | None = None, bos_text: str | None = None,
-                 eos_text: str | None = None):
+    def __init__(
+        self,
+        mergeable_ranks: dict[bytes, int],
+        special_tokens: dict[str, int],
+        *,
+        source: str,
+        llama3: bool = True,
+        pattern: str = LLAMA3_PATTERN,
+        not_llama3_reason: str = "",
+        added: dict[int, str] | None = None,
+        added_plain: set[str] | None = None,
+        bos_text: str | None = None,
+        eos_text: str | None = None,
+    ):
         self.mergeable_ranks = mergeable_ranks
         self.special_tokens = dict(special_tokens)
         self.source = source
@@ -135,11 +171,16 @@ class Tokenizer:
     def enc(self) -> tiktoken.Encoding:
         if self._enc is None:
             if not self.llama3:
-                raise VocabError(f"tokenizer from {self.source} is not Llama-3's ({self.not_llama3_reason}); "
-                                 "text encoding needs the Llama-3 tokenizer; pass pre-tokenized input_ids")
-            self._enc = tiktoken.Encoding("jaxvocab-llama3", pat_str=self.pattern,
-                                          mergeable_ranks=self.mergeable_ranks,
-                                          special_tokens=self.special_tokens)
+                raise VocabError(
+                    f"tokenizer from {self.source} is not Llama-3's ({self.not_llama3_reason}); "
+                    "text encoding needs the Llama-3 tokenizer; pass pre-tokenized input_ids"
+                )
+            self._enc = tiktoken.Encoding(
+                "jaxvocab-llama3",
+                pat_str=self.pattern,
+                mergeable_ranks=self.mergeable_ranks,
+                special_tokens=self.special_tokens,
+            )
         return self._enc
 
     def _piece_bytes(self, i: int) -> bytes | None:
@@ -161,10 +202,13 @@ class Tokenizer:
         allowed = "all" if allowed_special == "all" else set(allowed_special) | self.added_plain
         out = [self.bos_id] if bos else []
         for i in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
-            chunk = text[i:i + TIKTOKEN_MAX_ENCODE_CHARS]
+            chunk = text[i : i + TIKTOKEN_MAX_ENCODE_CHARS]
             # Fast path: Meta's per-char splitter only cuts when a run is over-long.
-            parts = _split_whitespaces_or_nonwhitespaces(chunk, MAX_NO_WHITESPACES_CHARS) \
-                if _LONG_RUN.search(chunk) else (chunk,)
+            parts = (
+                _split_whitespaces_or_nonwhitespaces(chunk, MAX_NO_WHITESPACES_CHARS)
+                if _LONG_RUN.search(chunk)
+                else (chunk,)
+            )
             for part in parts:
                 out.extend(enc.encode(part, allowed_special=allowed, disallowed_special=()))
         if eos:
@@ -175,16 +219,17 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if i not in self._id_to_special and self._piece_bytes(i) is None]
         if bad:
-            raise VocabError(f"token ids {bad[:5]} are not in this tokenizer (n_words={self.n_words}); "
-                             "check the checkpoint / tokenizer pairing")
+            raise VocabError(
+                f"token ids {bad[:5]} are not in this tokenizer (n_words={self.n_words}); "
+                "check the checkpoint / tokenizer pairing"
+            )
         return ids
 
     def decode(self, ids) -> str:
         ids = self._check_ids(ids)
         if self.llama3:
             return self.enc.decode(ids)
-        b = b"".join(self._id_to_special[i].encode() if i in self._id_to_special else self._piece_bytes(i)
-                     for i in ids)
+        b = b"".join(self._id_to_special[i].encode() if i in self._id_to_special else self._piece_bytes(i) for i in ids)
         return b.decode("utf-8", errors="replace")
 
     def id_to_piece(self, i) -> str:
@@ -207,8 +252,10 @@ class Tokenizer:
         """
         sh, eh = self.special_tokens.get("<|start_header_id|>"), self.special_tokens.get("<|end_header_id|>")
         if None in (sh, eh, self.bos_id, self.eot_id):
-            raise VocabError(f"tokenizer from {self.source} lacks Llama-3 header/bos/eot tokens; "
-                             "chat format needs a Llama-3 tokenizer")
+            raise VocabError(
+                f"tokenizer from {self.source} lacks Llama-3 header/bos/eot tokens; "
+                "chat format needs a Llama-3 tokenizer"
+            )
         nl2 = self.encode("\n\n")
         ids, mask = [self.bos_id], [0]
         for k, m in enumerate(messages):
@@ -219,7 +266,9 @@ class Tokenizer:
                 raise VocabError(f"message {k}: content must be a string; fix the data")
             eom = m.get("end") == "eom" or m.get("eom") is True
             if eom and self.eom_id is None:
-                raise VocabError(f"message {k} ends with eom but the tokenizer has no <|eom_id|>; use a Llama-3.1+ tokenizer")
+                raise VocabError(
+                    f"message {k} ends with eom but the tokenizer has no <|eom_id|>; use a Llama-3.1+ tokenizer"
+                )
             head = [sh] + self.encode(role) + [eh] + nl2
             body = self.encode(content.strip()) + [self.eom_id if eom else self.eot_id]
             w = 1 if role == "assistant" else 0
@@ -227,8 +276,9 @@ class Tokenizer:
             mask += [0] * len(head) + [w] * len(body)
         return ids, mask
 
-    def with_tokens(self, renamed: dict[int, str], appended: dict[int, str],
-                    special: set[int] | None = None) -> Tokenizer:
+    def with_tokens(
+        self, renamed: dict[int, str], appended: dict[int, str], special: set[int] | None = None
+    ) -> Tokenizer:
         """A new tokenizer with reserved slots renamed and ids appended; `special` (default: none)
         marks control tokens, every other new token is matched in plain text."""
         special = set(special or ())
@@ -241,27 +291,39 @@ class Tokenizer:
             raise VocabError("a new token text is empty; give every renamed/appended id text")
         for i in renamed:
             if i not in editable:
-                raise VocabError(f"id {i} ({self._id_to_special.get(i, 'ordinary token')!r}) is not a free reserved slot; "
-                                 "pick one from free_reserved()")
+                raise VocabError(
+                    f"id {i} ({self._id_to_special.get(i, 'ordinary token')!r}) is not a free reserved slot; "
+                    "pick one from free_reserved()"
+                )
             del st[self._id_to_special[i]]
         for i in appended:
             if i < self.n_words:
-                raise VocabError(f"appended id {i} is inside the existing vocabulary (n_words={self.n_words}); "
-                                 "append at ids >= n_words")
+                raise VocabError(
+                    f"appended id {i} is inside the existing vocabulary (n_words={self.n_words}); "
+                    "append at ids >= n_words"
+                )
         for i, t in list(renamed.items()) + list(appended.items()):
             if t in st:
                 raise VocabError(f"token {t!r} already exists as id {st[t]}; choose another text")
             st[t] = int(i)
-        added = {**self._added, **{int(i): t for i, t in renamed.items()},
-                 **{int(i): t for i, t in appended.items()}}
+        added = {**self._added, **{int(i): t for i, t in renamed.items()}, **{int(i): t for i, t in appended.items()}}
         plain = {t for i, t in added.items() if i not in special and (i in renamed or i in appended)}
         plain |= {t for t in self.added_plain if t in st and st[t] not in renamed}
-        return Tokenizer(self.mergeable_ranks, st, source=self.source, llama3=self.llama3,
-                         pattern=self.pattern, not_llama3_reason=self.not_llama3_reason,
-                         added=added, added_plain=plain, **self._role_texts)
+        return Tokenizer(
+            self.mergeable_ranks,
+            st,
+            source=self.source,
+            llama3=self.llama3,
+            pattern=self.pattern,
+            not_llama3_reason=self.not_llama3_reason,
+            added=added,
+            added_plain=plain,
+            **self._role_texts,
+        )
 
 
 # ----------------------------------------------------------------------------- loading
+
 
 def _added_from_files(d: str, tj: dict | None = None) -> tuple[dict[int, str], dict, set[str]]:
     """added_tokens of tokenizer.json overlaid by tokenizer_config.json's added_tokens_decoder.
@@ -280,7 +342,9 @@ def _added_from_files(d: str, tj: dict | None = None) -> tuple[dict[int, str], d
                 out[int(e["id"])] = e["content"]
                 plain[int(e["id"])] = e.get("special") is False
             except (KeyError, TypeError, ValueError) as ex:
-                raise CheckpointError(f"{d}/tokenizer.json: malformed added_tokens entry {e!r}; fix or re-download it") from ex
+                raise CheckpointError(
+                    f"{d}/tokenizer.json: malformed added_tokens entry {e!r}; fix or re-download it"
+                ) from ex
     if os.path.isfile(tc):
         cfg = read_json(tc)
         for k, e in (cfg.get("added_tokens_decoder") or {}).items():
@@ -319,8 +383,10 @@ def _load_tiktoken_model(path: str) -> dict[bytes, int]:
             tok, rank = line.split()
             ranks[base64.b64decode(tok, validate=True)] = int(rank)
         except (ValueError, base64.binascii.Error) as e:
-            raise CheckpointError(f"{path}:{n}: not a tiktoken 'base64 rank' line (SentencePiece model?); "
-                                  "use a Llama-3 tokenizer.model or a tokenizer.json") from e
+            raise CheckpointError(
+                f"{path}:{n}: not a tiktoken 'base64 rank' line (SentencePiece model?); "
+                "use a Llama-3 tokenizer.model or a tokenizer.json"
+            ) from e
     if not ranks or sorted(ranks.values()) != list(range(len(ranks))):
         raise CheckpointError(f"{path}: ranks are not 0..n-1; re-download tokenizer.model")
     return ranks
@@ -336,14 +402,23 @@ def _from_tiktoken(path: str, llama_version: str | None = None) -> Tokenizer:
     elif len(ranks) == N_BASE:
         # A Meta dir: the names its generated tokenizer.json will carry (3.0 or 3.1+, from params.json).
         from jaxvocab.io.meta_tokenizer import meta_specials, meta_version
+
         version = meta_version(d or ".", llama_version)
         specials = meta_specials(version)
         log.info("%s: no tokenizer.json beside it; using Meta's Llama-%s special-token names", path, version)
     else:
-        raise CheckpointError(f"{path}: {len(ranks)} ranks is not Llama-3's {N_BASE} and no tokenizer.json "
-                              "names its special tokens; put tokenizer.json beside it")
-    return Tokenizer(ranks, specials, source="tiktoken", added_plain=plain & set(specials),
-                     bos_text=_cfg_token(cfg, "bos_token"), eos_text=_cfg_token(cfg, "eos_token"))
+        raise CheckpointError(
+            f"{path}: {len(ranks)} ranks is not Llama-3's {N_BASE} and no tokenizer.json "
+            "names its special tokens; put tokenizer.json beside it"
+        )
+    return Tokenizer(
+        ranks,
+        specials,
+        source="tiktoken",
+        added_plain=plain & set(specials),
+        bos_text=_cfg_token(cfg, "bos_token"),
+        eos_text=_cfg_token(cfg, "eos_token"),
+    )
 
 
 def _is_llama3_pretok(pre) -> bool:
@@ -392,9 +467,16 @@ def _from_hf_json(path: str) -> Tokenizer:
             prev = r
     if reason:
         log.info("%s: loaded for planning only (%s)", path, reason)
-    return Tokenizer(ranks, {t: i for i, t in from_files.items()}, source="hf-json", added_plain=plain,
-                     llama3=not reason, not_llama3_reason=reason,
-                     bos_text=_cfg_token(cfg, "bos_token"), eos_text=_cfg_token(cfg, "eos_token"))
+    return Tokenizer(
+        ranks,
+        {t: i for i, t in from_files.items()},
+        source="hf-json",
+        added_plain=plain,
+        llama3=not reason,
+        not_llama3_reason=reason,
+        bos_text=_cfg_token(cfg, "bos_token"),
+        eos_text=_cfg_token(cfg, "eos_token"),
+    )
 
 
 def load_tokenizer(path, llama_version: str | None = None) -> Tokenizer:
@@ -412,8 +494,9 @@ def load_tokenizer(path, llama_version: str | None = None) -> Tokenizer:
                 log.info("%s: not tiktoken format, falling back to tokenizer.json", tm)
         if os.path.isfile(tj):
             return _from_hf_json(tj)
-        raise CheckpointError(f"{path}: has neither tokenizer.model nor tokenizer.json; "
-                              "copy the tokenizer files into the checkpoint dir")
+        raise CheckpointError(
+            f"{path}: has neither tokenizer.model nor tokenizer.json; copy the tokenizer files into the checkpoint dir"
+        )
     if os.path.isfile(path):
         name = os.path.basename(path)
         if name == "tokenizer_config.json":

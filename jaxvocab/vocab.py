@@ -30,16 +30,16 @@ from jaxvocab.sharding import axis_size, round_up, single_device_mesh
 from jaxvocab.tokenizer import ROLE_KEYS
 
 ACTIONS = ("existing", "reserved", "spare_row", "appended")
-MIN_SHARDED_MULTIPLE = 128   # rows on a multi-device mesh: MXU/tensor-core friendly and shardable
+MIN_SHARDED_MULTIPLE = 128  # rows on a multi-device mesh: MXU/tensor-core friendly and shardable
 
 
 @dataclasses.dataclass
 class PlannedToken:
     token: str
     id: int
-    action: str                     # one of ACTIONS
-    replaces: str | None = None     # the reserved name a "reserved" token renames
-    special: bool = False           # control token (matched only when allowed) vs plain text
+    action: str  # one of ACTIONS
+    replaces: str | None = None  # the reserved name a "reserved" token renames
+    special: bool = False  # control token (matched only when allowed) vs plain text
     description: str | None = None  # text whose tokenization seeds the "subword" init
 
 
@@ -48,12 +48,12 @@ class VocabPlan:
     """Every id decision of one vocabulary edit; JSON-able so it travels with the checkpoint."""
 
     tokens: list[PlannedToken]
-    old_rows: int                   # model rows before
-    new_rows: int                   # model rows after padding
+    old_rows: int  # model rows before
+    new_rows: int  # model rows after padding
     tokenizer_size_before: int
     tokenizer_size_after: int
     pad_to_multiple_of: int
-    padding_ids: list[int]          # rows with no token after the edit
+    padding_ids: list[int]  # rows with no token after the edit
     unbacked_ids: list[int] = dataclasses.field(default_factory=list)  # tokenizer ids the old model had no row for
     untrained_fixed: list[int] = dataclasses.field(default_factory=list)
     init: str | None = None
@@ -81,8 +81,11 @@ class VocabPlan:
         d = dataclasses.asdict(self)
         tokens = d.pop("tokens")
         lines = [f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in d.items()]
-        lines.append('  "tokens": [' + ",".join("\n    " + json.dumps(t, ensure_ascii=False) for t in tokens)
-                     + ("\n  ]" if tokens else "]"))
+        lines.append(
+            '  "tokens": ['
+            + ",".join("\n    " + json.dumps(t, ensure_ascii=False) for t in tokens)
+            + ("\n  ]" if tokens else "]")
+        )
         return "{\n" + ",\n".join(lines) + "\n}"
 
     @classmethod
@@ -101,10 +104,11 @@ class VocabPlan:
         """Whether the tokenizer files in `tokenizer_dir` already map every new token to its id
         (a checkpoint saved after the expansion), so export must copy rather than re-edit them."""
         from jaxvocab.tokenizer import load_tokenizer
+
         new = {**self.renamed, **self.appended}
         try:
             have = load_tokenizer(tokenizer_dir).special_tokens
-        except JaxVocabError:   # unreadable files are write_tokenizer_files' error to report
+        except JaxVocabError:  # unreadable files are write_tokenizer_files' error to report
             return False
         return all(have.get(t) == i for i, t in new.items())
 
@@ -112,8 +116,12 @@ class VocabPlan:
         """The plan as the CLI prints it."""
         rows = [("token", "id", "action", "note")]
         for t in self.tokens:
-            note = {"existing": "already one token: no new row", "reserved": f"renames {t.replaces}",
-                    "spare_row": "takes an unused padding row", "appended": "new row"}[t.action]
+            note = {
+                "existing": "already one token: no new row",
+                "reserved": f"renames {t.replaces}",
+                "spare_row": "takes an unused padding row",
+                "appended": "new row",
+            }[t.action]
             if t.special and t.action != "existing":
                 note += ", special"
             if t.description:
@@ -122,14 +130,20 @@ class VocabPlan:
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         out = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]
         counts = {a: sum(t.action == a for t in self.tokens) for a in ACTIONS}
-        out.append(f"{len(self.tokens)} token(s): {counts['existing']} existing, {counts['reserved']} in reserved "
-                   f"slots, {counts['spare_row']} in spare rows, {counts['appended']} appended")
-        out.append(f"rows {self.old_rows} -> {self.new_rows} (multiple of {self.pad_to_multiple_of}, "
-                   f"{len(self.padding_ids)} padding), tokenizer {self.tokenizer_size_before} -> "
-                   f"{self.tokenizer_size_after}" + (f", init {self.init}" if self.init else ""))
+        out.append(
+            f"{len(self.tokens)} token(s): {counts['existing']} existing, {counts['reserved']} in reserved "
+            f"slots, {counts['spare_row']} in spare rows, {counts['appended']} appended"
+        )
+        out.append(
+            f"rows {self.old_rows} -> {self.new_rows} (multiple of {self.pad_to_multiple_of}, "
+            f"{len(self.padding_ids)} padding), tokenizer {self.tokenizer_size_before} -> "
+            f"{self.tokenizer_size_after}" + (f", init {self.init}" if self.init else "")
+        )
         if self.unbacked_ids:
-            out.append(f"{len(self.unbacked_ids)} tokenizer id(s) had no model row and get initialised rows: "
-                       f"{self.unbacked_ids[:5]}")
+            out.append(
+                f"{len(self.unbacked_ids)} tokenizer id(s) had no model row and get initialised rows: "
+                f"{self.unbacked_ids[:5]}"
+            )
         if self.untrained_fixed:
             out.append(f"{len(self.untrained_fixed)} untrained row(s) re-initialised")
         return "\n".join(out)
@@ -224,11 +238,20 @@ def _reuse_mode(reuse_reserved) -> str:
     """The Literal mode; True / False (the older spelling) keep their meaning: "all" / "none"."""
     if isinstance(reuse_reserved, (bool, str)) and reuse_reserved in _REUSE_MODES:
         return _REUSE_MODES[reuse_reserved]
-    raise UsageError(f"reuse_reserved={reuse_reserved!r}: use 'all', 'special' or 'none' (True / False mean all / none)")
+    raise UsageError(
+        f"reuse_reserved={reuse_reserved!r}: use 'all', 'special' or 'none' (True / False mean all / none)"
+    )
 
 
-def plan_vocab(tok, new_tokens, reuse_reserved: ReuseReserved | bool = "all", pad_to_multiple_of: int | None = None,
-               model=None, *, special: bool | str | Iterable[str] | Mapping[str, bool] = "auto") -> VocabPlan:
+def plan_vocab(
+    tok,
+    new_tokens,
+    reuse_reserved: ReuseReserved | bool = "all",
+    pad_to_multiple_of: int | None = None,
+    model=None,
+    *,
+    special: bool | str | Iterable[str] | Mapping[str, bool] = "auto",
+) -> VocabPlan:
     """Decide the id of every requested token.
 
     new_tokens: texts, or {text: description or None} (a description seeds the subword init).
@@ -244,8 +267,9 @@ def plan_vocab(tok, new_tokens, reuse_reserved: ReuseReserved | bool = "all", pa
     reuse = _reuse_mode(reuse_reserved)
     requests = _requests(new_tokens)
     flagged = _flagged([t for t, _ in requests], special)
-    if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int)
-                                           or pad_to_multiple_of < 1):
+    if pad_to_multiple_of is not None and (
+        isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1
+    ):
         raise UsageError(f"--pad-to-multiple-of {pad_to_multiple_of!r}: give a positive integer")
     multiple = pad_to_multiple_of or default_multiple(model)
     old_rows = model.config.vocab_size if model is not None else tok.n_words
@@ -271,16 +295,28 @@ def plan_vocab(tok, new_tokens, reuse_reserved: ReuseReserved | bool = "all", pa
         next_id += 1
     unknown = flagged - {t for t, _ in requests}
     if unknown:
-        raise VocabError(f"special tokens {sorted(unknown)[:3]} are not among the new tokens; flag only requested tokens")
+        raise VocabError(
+            f"special tokens {sorted(unknown)[:3]} are not among the new tokens; flag only requested tokens"
+        )
     size_after = next_id
     new_rows = round_up(max(old_rows, size_after), multiple)
     unbacked = list(range(old_rows, tok.n_words))
     if unbacked:
-        warnings.warn(f"the tokenizer has {len(unbacked)} id(s) beyond the model's {old_rows} rows (first: "
-                      f"{tok.id_to_piece(unbacked[0])!r}); the expansion gives them initialised rows", stacklevel=2)
-    return VocabPlan(tokens=tokens, old_rows=old_rows, new_rows=new_rows, tokenizer_size_before=tok.n_words,
-                     tokenizer_size_after=size_after, pad_to_multiple_of=multiple,
-                     padding_ids=list(range(size_after, new_rows)), unbacked_ids=unbacked)
+        warnings.warn(
+            f"the tokenizer has {len(unbacked)} id(s) beyond the model's {old_rows} rows (first: "
+            f"{tok.id_to_piece(unbacked[0])!r}); the expansion gives them initialised rows",
+            stacklevel=2,
+        )
+    return VocabPlan(
+        tokens=tokens,
+        old_rows=old_rows,
+        new_rows=new_rows,
+        tokenizer_size_before=tok.n_words,
+        tokenizer_size_after=size_after,
+        pad_to_multiple_of=multiple,
+        padding_ids=list(range(size_after, new_rows)),
+        unbacked_ids=unbacked,
+    )
 
 
 # ---------------------------------------------------------------------------- untrained rows
@@ -330,7 +366,7 @@ def subword_arrays(tok, texts: list[str | None], trained: np.ndarray, init: str)
     idx, w, ok = np.zeros((k, width), np.int32), np.zeros((k, width), np.float32), np.zeros(k, bool)
     for r, p in enumerate(pieces):
         if p:
-            idx[r, :len(p)], w[r, :len(p)], ok[r] = p, 1.0 / len(p), True
+            idx[r, : len(p)], w[r, : len(p)], ok[r] = p, 1.0 / len(p), True
     return idx, w, ok
 
 
@@ -349,8 +385,16 @@ def _rewrite(model, targets: np.ndarray, trained: np.ndarray, texts, tok, init: 
     key = jax.random.key(seed)
     subword = subword_arrays(tok, texts, trained, init)
     for n, param in enumerate(tables(model)):
-        new = expand_table(param.get_value(), trained, targets, jax.random.fold_in(key, n), subword,
-                           method=init, new_vocab=new_rows, mesh=mesh)
+        new = expand_table(
+            param.get_value(),
+            trained,
+            targets,
+            jax.random.fold_in(key, n),
+            subword,
+            method=init,
+            new_vocab=new_rows,
+            mesh=mesh,
+        )
         param.set_value(new.block_until_ready())
         if new_rows != model.config.vocab_size:
             # The old table is unreferenced now, but arrays built by make_array_from_callback (the
@@ -372,20 +416,24 @@ def _trained(untrained: np.ndarray, limit: int, targets) -> np.ndarray:
 class ExpansionLayout(NamedTuple):
     """What an expansion writes and from which rows."""
 
-    plan: VocabPlan            # with init and untrained_fixed filled in
-    targets: np.ndarray        # sorted row ids the expansion initialises (int64)
-    trained: np.ndarray        # bool mask over the old rows: rows the init statistics are taken from
-    texts: list[str | None]    # per target: the text (or description) the subword init splits
+    plan: VocabPlan  # with init and untrained_fixed filled in
+    targets: np.ndarray  # sorted row ids the expansion initialises (int64)
+    trained: np.ndarray  # bool mask over the old rows: rows the init statistics are taken from
+    texts: list[str | None]  # per target: the text (or description) the subword init splits
 
 
 def expansion_layout(model, tok, plan: VocabPlan, init: str = "mean", fix_untrained: bool = False) -> ExpansionLayout:
     """The rows an expansion of `model` by `plan` writes, and the trained rows it reads."""
     if plan.old_rows != model.config.vocab_size:
-        raise VocabError(f"the plan was made for {plan.old_rows} model rows but the model has "
-                         f"{model.config.vocab_size}; re-plan with plan_vocab(..., model=model)")
+        raise VocabError(
+            f"the plan was made for {plan.old_rows} model rows but the model has "
+            f"{model.config.vocab_size}; re-plan with plan_vocab(..., model=model)"
+        )
     if plan.tokenizer_size_before != tok.n_words:
-        raise VocabError(f"the plan was made for a tokenizer of {plan.tokenizer_size_before} ids but this one has "
-                         f"{tok.n_words}; re-plan with this tokenizer")
+        raise VocabError(
+            f"the plan was made for a tokenizer of {plan.tokenizer_size_before} ids but this one has "
+            f"{tok.n_words}; re-plan with this tokenizer"
+        )
     _check_init(init)
     untrained = untrained_mask(model)
     limit = min(plan.old_rows, tok.n_words)
@@ -401,17 +449,24 @@ def expansion_layout(model, tok, plan: VocabPlan, init: str = "mean", fix_untrai
 def _check_size(model, plan: VocabPlan) -> None:
     """Refuse a plan whose tables cannot exist (ids past int32) or fit (checked before allocating)."""
     if plan.new_rows >= 2**31:
-        raise UsageError(f"the plan grows the vocabulary to {plan.new_rows} rows, past the int32 token ids; "
-                         "use a smaller --pad-to-multiple-of")
+        raise UsageError(
+            f"the plan grows the vocabulary to {plan.new_rows} rows, past the int32 token ids; "
+            "use a smaller --pad-to-multiple-of"
+        )
     from jaxvocab.memory import check_fits
+
     grow = plan.new_rows - model.config.vocab_size
     if grow <= 0:
         return
     ts = tables(model)
     row = model.config.hidden_size * ts[0].get_value().dtype.itemsize
     # Peak: the model plus one new table being written, then every table larger by `grow` rows.
-    check_fits(plan.new_rows * row + grow * row * (len(ts) - 1), model_mesh(model),
-               f"growing the vocabulary to {plan.new_rows} rows", "use a smaller --pad-to-multiple-of or fewer tokens")
+    check_fits(
+        plan.new_rows * row + grow * row * (len(ts) - 1),
+        model_mesh(model),
+        f"growing the vocabulary to {plan.new_rows} rows",
+        "use a smaller --pad-to-multiple-of or fewer tokens",
+    )
 
 
 def expand_vocab(model, tok, plan: VocabPlan, init: str = "mean", *, fix_untrained: bool = False, seed: int = 0):
@@ -428,8 +483,11 @@ def expand_vocab(model, tok, plan: VocabPlan, init: str = "mean", *, fix_untrain
     new_tok = tok.with_tokens(plan.renamed, plan.appended, plan.special_ids)
     vocab_axis = axis_size(model_mesh(model), "vocab")
     if plan.new_rows % vocab_axis:
-        warnings.warn(f"{plan.new_rows} rows do not divide the mesh's vocab axis ({vocab_axis}); the tables will be "
-                      f"replicated along it. Plan with model=model or pad_to_multiple_of={vocab_axis}", stacklevel=2)
+        warnings.warn(
+            f"{plan.new_rows} rows do not divide the mesh's vocab axis ({vocab_axis}); the tables will be "
+            f"replicated along it. Plan with model=model or pad_to_multiple_of={vocab_axis}",
+            stacklevel=2,
+        )
     _rewrite(model, targets, trained, texts, tok, init, plan.new_rows, seed)
     model.vocab_plan = plan.to_json()
     return model, new_tok

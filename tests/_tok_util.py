@@ -1,4 +1,5 @@
 """Helpers for tokenizer tests: locate the real Llama-3 files, independent reference encoders."""
+
 from __future__ import annotations
 
 import base64
@@ -6,8 +7,10 @@ import hashlib
 import json
 import os
 
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # Llama-3 Instruct chat template (3.0 release); the bundled tokenizer_config.json has none.
 LLAMA3_CHAT_TEMPLATE = (
@@ -15,12 +18,14 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
     "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
     "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 
 
 def reference_tiktoken(model_path: str):
     """tiktoken built straight from tokenizer.model, the way Meta's llama3 repo does it."""
     import tiktoken
+
     ranks = {}
     with open(model_path, "rb") as f:
         for line in f.read().splitlines():
@@ -34,7 +39,7 @@ def meta_encode(enc, s: str) -> list[int]:
     """Meta's long-text chunking (llama3/tokenizer.py), written out independently."""
     out = []
     for i in range(0, len(s), 400_000):
-        chunk = s[i:i + 400_000]
+        chunk = s[i : i + 400_000]
         start, run, space = 0, 0, chunk[:1].isspace()
         pieces = []
         for j, ch in enumerate(chunk):
@@ -65,22 +70,39 @@ def dir_hashes(d: str) -> dict[str, str]:
 def build_gpt2_style(out_dir: str) -> dict[str, int]:
     """A tiny byte-level BPE with specials at ids 0..2 (GPT-2 / RoBERTa layout); returns specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<s>", "</s>", "<pad>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     text = ["the quick brown fox jumps over the lazy dog"] * 50 + ["hello world, tokenizers are fun"] * 50
     tok.train_from_iterator(text, trainer)
     os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     ids = {s: tok.token_to_id(s) for s in specials}
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-           "pad_token": "<pad>",
-           "added_tokens_decoder": {str(i): {"content": s, "lstrip": False, "normalized": False,
-                                             "rstrip": False, "single_word": False, "special": True}
-                                    for s, i in ids.items()}}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "added_tokens_decoder": {
+            str(i): {
+                "content": s,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for s, i in ids.items()
+        },
+    }
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(cfg, f)
     return ids

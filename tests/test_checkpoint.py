@@ -127,11 +127,14 @@ def test_future_format_is_one_line_naming_the_fix(saved, tmp_path, version):
     assert f"format {version}" in msg and "newer jaxvocab" in msg and "upgrade jaxvocab" in msg
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda d: (d / checkpoint.MARKER).write_text("{oops"), "corrupt marker"),
-    (lambda d: (d / checkpoint.MARKER).write_text('{"format": 99}'), "format 99"),
-    (lambda d: _edit_config(d, vocab_size=512), "does not match config.json"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda d: (d / checkpoint.MARKER).write_text("{oops"), "corrupt marker"),
+        (lambda d: (d / checkpoint.MARKER).write_text('{"format": 99}'), "format 99"),
+        (lambda d: _edit_config(d, vocab_size=512), "does not match config.json"),
+    ],
+)
 def test_damaged_checkpoint_refused(saved, tmp_path, damage, words):
     _, _, out = saved
     copy = shutil.copytree(out, tmp_path / "ck")

@@ -57,6 +57,7 @@ def pristine(tmp_path_factory, llama3_tokenizer_dir):
 def test_import_export_round_trip(tmp_path, pristine, capsys):
     import torch
     from transformers import LlamaForCausalLM
+
     src = pristine["sharded"]
     before = tree_hash(src)
     code, out, err = run(capsys, "import", src, tmp_path / "ck", "--mesh", "data=1,fsdp=2,tensor=4")
@@ -68,7 +69,9 @@ def test_import_export_round_trip(tmp_path, pristine, capsys):
     a = LlamaForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
     b = LlamaForCausalLM.from_pretrained(src).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "hf" / "tokenizer.json").read_text()) == json.loads((src / "tokenizer.json").read_text())
+    assert json.loads((tmp_path / "hf" / "tokenizer.json").read_text()) == json.loads(
+        (src / "tokenizer.json").read_text()
+    )
     assert tree_hash(src) == before
 
 
@@ -106,7 +109,10 @@ def test_inspect_jaxvocab_checkpoint(tmp_path, pristine, capsys):
     assert run(capsys, "import", pristine["single"], tmp_path / "ck")[0] == 0
     code, out, err = run(capsys, "inspect", tmp_path / "ck")
     assert code == 0, err
-    assert "jaxvocab checkpoint" in out and f"{jaxvocab.LlamaConfig.from_hf_file(pristine['single']).num_params():,}" in out
+    assert (
+        "jaxvocab checkpoint" in out
+        and f"{jaxvocab.LlamaConfig.from_hf_file(pristine['single']).num_params():,}" in out
+    )
 
 
 @pytest.mark.parametrize("sub", [None, *SUBCOMMANDS])
@@ -123,8 +129,9 @@ def test_help(capsys, sub):
 def test_console_script_is_installed(pristine):
     exe = Path(sys.executable).parent / "jaxvocab-convert"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([str(exe), "inspect", str(pristine["single"])], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run(
+        [str(exe), "inspect", str(pristine["single"])], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "LlamaForCausalLM" in proc.stdout and "model.safetensors" in proc.stdout
 
@@ -132,6 +139,7 @@ def test_console_script_is_installed(pristine):
 # --------------------------------------------------------------------------------------- bad inputs
 def _rewrite_tensors(path: Path, edit) -> None:
     from safetensors.torch import load_file, save_file
+
     tensors = load_file(path)
     edit(tensors)
     save_file(tensors, path, metadata={"format": "pt"})
@@ -148,7 +156,10 @@ def missing_tensor(src):
 
 def unexpected_tensor(src):
     import torch
-    _rewrite_tensors(src / "model.safetensors", lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}))
+
+    _rewrite_tensors(
+        src / "model.safetensors", lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)})
+    )
     return src / "model.safetensors", "unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"
 
 
@@ -161,8 +172,11 @@ def shape_mismatch(src):
 
 def int_tensor(src):
     import torch
+
     name = "model.layers.0.self_attn.k_proj.weight"
-    _rewrite_tensors(src / "model.safetensors", lambda t: t.update({name: torch.ones(t[name].shape, dtype=torch.int32)}))
+    _rewrite_tensors(
+        src / "model.safetensors", lambda t: t.update({name: torch.ones(t[name].shape, dtype=torch.int32)})
+    )
     return src / "model.safetensors", "must be floating point"
 
 
@@ -207,11 +221,16 @@ def mistral_config(src):
 
 
 BAD = [  # (damage, which pristine source, error class)
-    (missing_tensor, "single", CheckpointError), (unexpected_tensor, "single", CheckpointError),
-    (shape_mismatch, "single", CheckpointError), (int_tensor, "single", CheckpointError),
-    (missing_shard, "sharded", CheckpointError), (outside_shard, "sharded", CheckpointError),
-    (truncated, "single", CheckpointError), (not_safetensors, "single", CheckpointError),
-    (no_config, "single", CheckpointError), (mistral_config, "single", ConfigError),
+    (missing_tensor, "single", CheckpointError),
+    (unexpected_tensor, "single", CheckpointError),
+    (shape_mismatch, "single", CheckpointError),
+    (int_tensor, "single", CheckpointError),
+    (missing_shard, "sharded", CheckpointError),
+    (outside_shard, "sharded", CheckpointError),
+    (truncated, "single", CheckpointError),
+    (not_safetensors, "single", CheckpointError),
+    (no_config, "single", CheckpointError),
+    (mistral_config, "single", ConfigError),
 ]
 
 
@@ -245,12 +264,17 @@ def test_existing_output_needs_overwrite(tmp_path, pristine, capsys):
     assert code == 0, err
     assert not (out / "mine.txt").exists() and jaxvocab.load(out).config.vocab_size == 256
     code, _, err = run(capsys, "export", out, out, "--overwrite")
-    assert code == 2 and "overlaps CKPT" in err   # with or without --overwrite: it would delete its input
+    assert code == 2 and "overlaps CKPT" in err  # with or without --overwrite: it would delete its input
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--mesh", "fsdp=3"], "--mesh"), (["--mesh", "pipeline=8"], "--mesh"), (["--mesh", "fsdp=two"], "--mesh"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--mesh", "fsdp=3"], "--mesh"),
+        (["--mesh", "pipeline=8"], "--mesh"),
+        (["--mesh", "fsdp=two"], "--mesh"),
+    ],
+)
 def test_bad_mesh_exits_2(tmp_path, pristine, capsys, argv, flag):
     code, _, err = run(capsys, "import", pristine["single"], tmp_path / "ck", *argv)
     assert code == 2 and err.startswith(f"error: {flag}") and err.count("\n") == 1, err
@@ -264,7 +288,10 @@ def test_bad_shard_size_exits_2(tmp_path, pristine, capsys):
 
 
 def test_bad_flags_are_argparse_errors(tmp_path, pristine, capsys):
-    for argv in (["import", str(pristine["single"])], ["import", str(pristine["single"]), str(tmp_path / "x"), "--dtype", "int8"]):
+    for argv in (
+        ["import", str(pristine["single"])],
+        ["import", str(pristine["single"]), str(tmp_path / "x"), "--dtype", "int8"],
+    ):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2

@@ -40,9 +40,9 @@ def test_packing_targets_segments_and_windows():
         assert weights[segments == 0].sum() == 0 and (inputs[segments == 0] == 0).all()
         for s in range(1, segments.max() + 1):
             at = np.nonzero(segments == s)[0]
-            assert (np.diff(at) == 1).all()                       # a segment is contiguous
-            assert weights[at[-1]] == 0                            # a doc's last token predicts nothing
-            np.testing.assert_array_equal(targets[at[:-1]], inputs[at[1:]])   # next token, same doc
+            assert (np.diff(at) == 1).all()  # a segment is contiguous
+            assert weights[at[-1]] == 0  # a doc's last token predicts nothing
+            np.testing.assert_array_equal(targets[at[:-1]], inputs[at[1:]])  # next token, same doc
             seen[cursor].append((inputs[at], weights[at[:-1]]))
             if sum(len(x) for x, _ in seen[cursor]) - (len(seen[cursor]) - 1) == len(docs[cursor].ids):
                 cursor += 1
@@ -60,6 +60,7 @@ def test_packing_targets_segments_and_windows():
 def test_positions_restart_and_docs_do_not_attend_to_each_other():
     from jaxvocab.config import LlamaConfig
     from jaxvocab.model import Llama
+
     docs = _docs([7, 12, 9], seed=1)
     inputs, segments, _, _ = Packer(docs, 32, 1, shuffle=False).row()
     pos = np.asarray(default_positions(1, 32, jnp.asarray(segments[None])))[0]
@@ -70,16 +71,21 @@ def test_positions_restart_and_docs_do_not_attend_to_each_other():
     packed = np.asarray(fwd(model, jnp.asarray(inputs[None]), jnp.asarray(segments[None])))[0]
     start = 0
     for d in docs:
-        alone = np.asarray(fwd(model, jnp.asarray(np.pad(d.ids, (0, 32 - len(d.ids)))[None]),
-                               jnp.asarray((np.arange(32) < len(d.ids)).astype(np.int32)[None])))[0]
-        np.testing.assert_allclose(packed[start:start + len(d.ids)], alone[:len(d.ids)], atol=2e-5, rtol=0)
+        alone = np.asarray(
+            fwd(
+                model,
+                jnp.asarray(np.pad(d.ids, (0, 32 - len(d.ids)))[None]),
+                jnp.asarray((np.arange(32) < len(d.ids)).astype(np.int32)[None]),
+            )
+        )[0]
+        np.testing.assert_allclose(packed[start : start + len(d.ids)], alone[: len(d.ids)], atol=2e-5, rtol=0)
         start += len(d.ids)
 
 
 def test_order_is_seeded_and_resumable():
     docs = _docs(np.random.RandomState(2).randint(3, 30, 25))
     a = Packer(docs, 32, 2, grad_accum=2, seed=7)
-    stream = [a.next() for _ in range(12)]                     # spans several epochs
+    stream = [a.next() for _ in range(12)]  # spans several epochs
     assert a.state["epoch"] >= 2
     b = Packer(docs, 32, 2, grad_accum=2, seed=7)
     for _ in range(5):
@@ -105,11 +111,23 @@ def test_eval_batches_cover_each_doc_once():
 
 def test_read_jsonl_kinds(tmp_path, llama3_tokenizer_dir):
     tok = load_tokenizer(llama3_tokenizer_dir)
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
-            {"role": "assistant", "content": "6, of course."}]
-    f = _write(tmp_path / "d.jsonl", [{"text": "Hello world"}, "", {"messages": msgs},
-                                      {"input_ids": [1, 2, 3, 4], "loss_mask": [0, 0, 1, 1]}, {"input_ids": [5, 6]}])
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3+3?"},
+        {"role": "assistant", "content": "6, of course."},
+    ]
+    f = _write(
+        tmp_path / "d.jsonl",
+        [
+            {"text": "Hello world"},
+            "",
+            {"messages": msgs},
+            {"input_ids": [1, 2, 3, 4], "loss_mask": [0, 0, 1, 1]},
+            {"input_ids": [5, 6]},
+        ],
+    )
     docs = read_jsonl(f, tok, 128256)
     assert len(docs) == 4
     text, chat, pre, pre2 = docs
@@ -125,15 +143,18 @@ def test_read_jsonl_kinds(tmp_path, llama3_tokenizer_dir):
     assert targets[weights > 0].tolist() == trained
 
 
-@pytest.mark.parametrize("line, match", [
-    ('{"text": "a"', "invalid JSON"),
-    ('[1, 2]', "JSON object"),
-    ('{"prompt": "x"}', "'text', 'messages' or 'input_ids'"),
-    ('{"input_ids": [1, "2"]}', "list of integers"),
-    ('{"input_ids": [1, 2], "loss_mask": [1]}', "loss_mask"),
-    ('{"input_ids": [1, 999]}', "token id 999"),
-    ('{"text": "hi"}', "tokenizer files"),
-])
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ('{"text": "a"', "invalid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"prompt": "x"}', "'text', 'messages' or 'input_ids'"),
+        ('{"input_ids": [1, "2"]}', "list of integers"),
+        ('{"input_ids": [1, 2], "loss_mask": [1]}', "loss_mask"),
+        ('{"input_ids": [1, 999]}', "token id 999"),
+        ('{"text": "hi"}', "tokenizer files"),
+    ],
+)
 def test_bad_lines_name_file_and_line(tmp_path, line, match):
     f = _write(tmp_path / "bad.jsonl", [{"input_ids": [1, 2, 3]}, "", line])
     with pytest.raises(DataError, match=match) as e:

@@ -1,5 +1,6 @@
 """KL(old || new) of an expansion against Hewitt's bound, on a model whose logits are all negative
 (as a pretrained Llama's mostly are): the mean init stays under log(1 + k/n), a random init does not."""
+
 import math
 
 import numpy as np
@@ -35,8 +36,9 @@ def negative_model(mesh, vocab: int = V, hidden: int = D, layers: int = 2, dead=
     head[list(dead)] = 0.0
     norm = np.ones(hidden)
     norm[0] = 4.0
-    return sharded_model(tiny_config(vocab, hidden=hidden, layers=layers), mesh, seed=seed, embed=embed, head=head,
-                         norm=norm, std=0.05)
+    return sharded_model(
+        tiny_config(vocab, hidden=hidden, layers=layers), mesh, seed=seed, embed=embed, head=head, norm=norm, std=0.05
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_hidden_states_give_the_model_logits(mesh24, probe):
     h = diagnostics.final_hidden(model, probe)
     logits = np.asarray(project(h[None], model.lm_head.get_value(), h.dtype))[0].reshape(2, 300, V)
     np.testing.assert_allclose(logits, np.asarray(model(probe)), rtol=0, atol=1e-5)
-    assert logits.max() < -5.0                           # the premise: every logit is large and negative
+    assert logits.max() < -5.0  # the premise: every logit is large and negative
 
 
 @pytest.mark.parametrize("pad,dead", [(1, ()), (128, range(20, 30))])
@@ -67,9 +69,11 @@ def test_mean_under_bound_random_far_over(mesh24, probe, pad, dead):
     assert mean.new_mass_max < 1 - math.exp(-mean.bound) + 1e-7
     assert rand.mean_kl > 10 * rand.bound and rand.new_mass_mean > 100 * mean.new_mass_mean
     assert rand.new_mass_mean > (0.99 if not dead else 0.3)
-    print(f"\npad {pad}, {len(dead)} zero rows: k={mean.k} n={mean.n} bound={mean.bound:.4g} | mean: max KL {mean.max_kl:.3g}, mean KL "
-          f"{mean.mean_kl:.3g}, mass {mean.new_mass_mean:.3g} | random: max KL {rand.max_kl:.3g}, mean KL "
-          f"{rand.mean_kl:.3g}, mass {rand.new_mass_mean:.3g}")
+    print(
+        f"\npad {pad}, {len(dead)} zero rows: k={mean.k} n={mean.n} bound={mean.bound:.4g} | mean: max KL {mean.max_kl:.3g}, mean KL "
+        f"{mean.mean_kl:.3g}, mass {mean.new_mass_mean:.3g} | random: max KL {rand.max_kl:.3g}, mean KL "
+        f"{rand.mean_kl:.3g}, mass {rand.new_mass_mean:.3g}"
+    )
 
 
 @pytest.mark.parametrize("init", ["random", "mean-noise"])
@@ -85,10 +89,13 @@ def test_expanded_model_path_matches_plan_path_and_numpy(mesh24, probe, init):
     old_head = np.asarray(old.lm_head.get_value(), np.float64)
     jaxvocab.expand_vocab(new, tok, plan, init=init, fix_untrained=True)
     from_model = diagnostics.expansion_kl(old, probe, plan, tok, init=init, fix_untrained=True, expanded=new)
-    for a, b in ((from_plan.max_kl, from_model.max_kl), (from_plan.mean_kl, from_model.mean_kl),
-                 (from_plan.new_mass_mean, from_model.new_mass_mean)):
+    for a, b in (
+        (from_plan.max_kl, from_model.max_kl),
+        (from_plan.mean_kl, from_model.mean_kl),
+        (from_plan.new_mass_mean, from_model.new_mass_mean),
+    ):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-10)
-    assert from_plan.k == from_model.k == 128 + 10              # 10 fixed rows are rewritten too
+    assert from_plan.k == from_model.k == 128 + 10  # 10 fixed rows are rewritten too
     h_old = np.asarray(diagnostics.final_hidden(old, probe), np.float64)
     h_new = np.asarray(diagnostics.final_hidden(new, probe), np.float64)
     lo, ln = h_old @ old_head.T, h_new @ np.asarray(new.lm_head.get_value(), np.float64).T
@@ -114,6 +121,7 @@ def test_report_table():
 def llama_negative_dir(tmp_path_factory, mesh1):
     """An HF dir with the real Llama-3 text tokenizer, 128256 all-negative rows, reserved rows zero."""
     from examples.llama3_tokenizer import write_text_tokenizer
+
     d = tmp_path_factory.mktemp("negllama")
     tok_dir = d / "tok"
     tok_dir.mkdir()
@@ -145,6 +153,7 @@ def test_cli_inspect_plan_loads_no_weights(llama_negative_dir, monkeypatch, caps
 
     def no_weights(*a, **k):
         raise AssertionError("inspect without --probe must not load weights")
+
     monkeypatch.setattr(jaxvocab, "load", no_weights)
     assert convert_main(["inspect", str(path), "--add-tokens", "<a>,<b>"]) == 0
     out = capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Expansion: init statistics over trained rows only, bit-identical old rows, mesh independence,
 shardings, and the full export path checked by transformers (AutoTokenizer + LlamaForCausalLM)."""
+
 import json
 import shutil
 
@@ -40,13 +41,16 @@ def gpt2_ckpt_tied(tmp_path_factory):
 def text_tok_dir(tmp_path_factory):
     """The package's tokenizer minus the vision-only <|image|>: a Llama-3 text tokenizer (128256 ids)."""
     from examples.llama3_tokenizer import write_text_tokenizer
+
     d = tmp_path_factory.mktemp("texttok")
     write_text_tokenizer(d)
     return d
 
 
 def _host(model):
-    return [np.asarray(p.get_value()) for p in ([model.embed] if model.lm_head is None else [model.embed, model.lm_head])]
+    return [
+        np.asarray(p.get_value()) for p in ([model.embed] if model.lm_head is None else [model.embed, model.lm_head])
+    ]
 
 
 def _trained_mean(table, untrained):
@@ -74,10 +78,10 @@ def test_expand_mean_on_mesh(gpt2_ckpt, gpt2_ckpt_tied, mesh24, tied):
         new = param.get_value()
         assert new.shape == (384, 64) and new.sharding.spec == want_sharding.spec and new.sharding.spec[0] == "tensor"
         new = np.asarray(new)
-        np.testing.assert_array_equal(new[:n], old)                    # every old row, bit for bit
+        np.testing.assert_array_equal(new[:n], old)  # every old row, bit for bit
         mu, mu_all = _trained_mean(old, ZERO_ROWS)
         np.testing.assert_allclose(new[n:], np.broadcast_to(mu, (384 - n, 64)), rtol=0, atol=2e-7)
-        assert np.abs(new[n] - mu_all).max() > 1e-5                    # the zero rows were left out
+        assert np.abs(new[n] - mu_all).max() > 1e-5  # the zero rows were left out
     # zero rows are not fixed unless asked; the new rows are identical copies of the mean until trained
     assert jaxvocab.find_untrained(model, tok2) == [*ZERO_ROWS, n, n + 1]
 
@@ -141,9 +145,9 @@ def test_fix_untrained(gpt2_ckpt, mesh24):
         np.testing.assert_allclose(new[ids], np.broadcast_to(mu, (3, 64)), rtol=0, atol=2e-7)
         keep = np.setdiff1d(np.arange(len(old)), ids)
         np.testing.assert_array_equal(new[keep], old[keep])
-    assert find_untrained(model, tok) == ids           # three identical mean rows: still untrained
+    assert find_untrained(model, tok) == ids  # three identical mean rows: still untrained
     fix_untrained(model, ids, "mean-noise", tok=tok)
-    assert find_untrained(model, tok) == []            # distinct rows now
+    assert find_untrained(model, tok) == []  # distinct rows now
     with pytest.raises(jaxvocab.JaxVocabError, match="init"):
         fix_untrained(model, ids, "gaussian")
     with pytest.raises(jaxvocab.JaxVocabError, match="ids must lie"):
@@ -165,8 +169,9 @@ def stats_table(mesh24):
 
 def _rows(stats_table, mesh, method, k, subword=None, seed=0):
     table, _, trained = stats_table
-    return np.asarray(init_rows(table, trained, jax.random.key(seed), subword or no_subword(k), method=method,
-                                k=k, mesh=mesh))
+    return np.asarray(
+        init_rows(table, trained, jax.random.key(seed), subword or no_subword(k), method=method, k=k, mesh=mesh)
+    )
 
 
 def test_init_mean_zeros_random(stats_table, mesh24):
@@ -194,7 +199,9 @@ def test_init_covariance(stats_table, mesh24):
     r = _rows(stats_table, mesh24, "covariance", 40000).astype(np.float64)
     got = np.cov(r, rowvar=False)
     assert np.linalg.norm(got - COV_SCALE * sigma) / np.linalg.norm(COV_SCALE * sigma) < 0.03
-    np.testing.assert_allclose(r.mean(0), xt.mean(0), atol=3 * np.sqrt(COV_SCALE * sigma.diagonal().max() / 40000) + 1e-6)
+    np.testing.assert_allclose(
+        r.mean(0), xt.mean(0), atol=3 * np.sqrt(COV_SCALE * sigma.diagonal().max() / 40000) + 1e-6
+    )
     other = _rows(stats_table, mesh24, "covariance", 40000, seed=1)
     assert not np.allclose(other, r)
 
@@ -205,7 +212,7 @@ def test_init_subword(text_tok_dir, mesh24, tmp_path):
     x = rng.normal(0, 0.05, (tok.n_words, 16)).astype(np.float32)
     trained = np.ones(tok.n_words, bool)
     hello = tok.encode("hello world")
-    trained[hello[1]] = False                    # an untrained piece is left out of its token's average
+    trained[hello[1]] = False  # an untrained piece is left out of its token's average
     texts = ["<think>", None, "hello world"]
     sub = subword_arrays(tok, texts, trained, "subword")
     table = jax.device_put(x, sharding_for(x.shape, TABLE_AXES, mesh24))
@@ -224,6 +231,7 @@ def test_init_subword(text_tok_dir, mesh24, tmp_path):
 def test_export_reloads_in_transformers(gpt2_ckpt, mesh24, tmp_path):
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
+
     path, ref = gpt2_ckpt
     tok = jaxvocab.load_tokenizer(path)
     n = tok.n_words
@@ -242,18 +250,21 @@ def test_export_reloads_in_transformers(gpt2_ckpt, mesh24, tmp_path):
     assert json.loads((out / "config.json").read_text())["vocab_size"] == n + 2 < model.config.vocab_size == 384
     assert VocabPlan.from_json((out / "vocab_plan.json").read_text()) == VocabPlan.from_json(model.vocab_plan)
     hf = LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    np.testing.assert_array_equal(hf.model.embed_tokens.weight.detach().numpy(), np.asarray(model.embed.get_value())[:n + 2])
-    np.testing.assert_array_equal(hf.lm_head.weight.detach().numpy(), np.asarray(model.lm_head.get_value())[:n + 2])
+    np.testing.assert_array_equal(
+        hf.model.embed_tokens.weight.detach().numpy(), np.asarray(model.embed.get_value())[: n + 2]
+    )
+    np.testing.assert_array_equal(hf.lm_head.weight.detach().numpy(), np.asarray(model.lm_head.get_value())[: n + 2])
     ids = random_ids(n, batch=1, length=520)
     got = torch_logits(hf, ids)
-    np.testing.assert_allclose(got[..., :n], torch_logits(ref, ids), rtol=0, atol=1e-5)   # old tokens: same logits
-    np.testing.assert_allclose(got, np.asarray(model(ids))[..., :n + 2], rtol=0, atol=1e-4)  # test_parity's tolerance
+    np.testing.assert_allclose(got[..., :n], torch_logits(ref, ids), rtol=0, atol=1e-5)  # old tokens: same logits
+    np.testing.assert_allclose(got, np.asarray(model(ids))[..., : n + 2], rtol=0, atol=1e-4)  # test_parity's tolerance
     kept = jaxvocab.save_hf(model, tmp_path / "hf-pad", show_progress=False, keep_padding=True)
     assert json.loads((kept / "config.json").read_text())["vocab_size"] == 384
 
 
 def test_export_real_tokenizer_reserved_and_appended(text_tok_dir, mesh24, tmp_path):
     from transformers import AutoTokenizer, LlamaForCausalLM
+
     src = tmp_path / "src"
     make_hf_checkpoint(src, vocab=128256, hidden=32, intermediate=64, layers=1)
     for f in text_tok_dir.iterdir():
@@ -265,7 +276,7 @@ def test_export_real_tokenizer_reserved_and_appended(text_tok_dir, mesh24, tmp_p
     assert len(plan.renamed) == 247 and len(plan.appended) == 3 and plan.new_rows == 128384
     jaxvocab.expand_vocab(model, tok, plan)
     out = jaxvocab.save_hf(model, tmp_path / "hf", show_progress=False)
-    assert not (out / "tokenizer.model").exists()     # tiktoken file: under original/, as in Meta's HF repos
+    assert not (out / "tokenizer.model").exists()  # tiktoken file: under original/, as in Meta's HF repos
     assert (out / "original" / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
     hf_tok = AutoTokenizer.from_pretrained(str(out))
     planned = {**plan.renamed, **plan.appended}
@@ -274,25 +285,37 @@ def test_export_real_tokenizer_reserved_and_appended(text_tok_dir, mesh24, tmp_p
     assert len(hf_tok) == 128259 <= 128384
     cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert {i for i in planned if cfg["added_tokens_decoder"][str(i)]["special"]} == plan.special_ids
-    assert plan.renamed[128003] == new[1] and 128003 not in plan.special_ids       # plain: matched in text
+    assert plan.renamed[128003] == new[1] and 128003 not in plan.special_ids  # plain: matched in text
     assert 128003 in hf_tok.encode(f"x {new[1]} y", add_special_tokens=False)
     reloaded = jaxvocab.load_tokenizer(out)
     assert all(reloaded.special_tokens[t] == i for i, t in planned.items())
     hf = LlamaForCausalLM.from_pretrained(str(out))
-    assert hf.config.vocab_size == 128259          # padding jaxvocab added is dropped
+    assert hf.config.vocab_size == 128259  # padding jaxvocab added is dropped
     np.testing.assert_array_equal(hf.lm_head.weight.detach().numpy(), np.asarray(model.lm_head.get_value())[:128259])
 
 
 # --------------------------------------------------------------------------------------- CLI
 def test_cli_import_add_tokens_then_export(gpt2_ckpt, tmp_path, capsys):
     from transformers import AutoTokenizer
+
     path, _ = gpt2_ckpt
     n = jaxvocab.load_tokenizer(path).n_words
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("<tool>=a tool call\n\n<think>\nhello\n")
     ck = tmp_path / "ck"
-    rc = convert_main(["import", str(path), str(ck), "--add-tokens", f"@{tokens}", "--fix-untrained",
-                       "--special-tokens", "--mesh", "fsdp=2,tensor=4"])
+    rc = convert_main(
+        [
+            "import",
+            str(path),
+            str(ck),
+            "--add-tokens",
+            f"@{tokens}",
+            "--fix-untrained",
+            "--special-tokens",
+            "--mesh",
+            "fsdp=2,tensor=4",
+        ]
+    )
     assert rc == 0
     shown = capsys.readouterr().out
     assert "<tool>" in shown and "appended" in shown and "rows 313 -> 384" in shown
@@ -312,7 +335,10 @@ def test_cli_vocab_flag_errors(gpt2_ckpt, tmp_path, capsys):
     assert convert_main(["import", str(path), str(tmp_path / "c"), "--add-tokens", "<a>,,<b>"]) == 2
     assert convert_main(["import", str(path), str(tmp_path / "d"), "--add-tokens", "<a>,<a>"]) == 2
     assert convert_main(["import", str(path), str(tmp_path / "e"), "--add-tokens", " \t"]) == 2
-    assert convert_main(["import", str(path), str(tmp_path / "f"), "--add-tokens", "<a>", "--pad-to-multiple-of", "0"]) == 2
+    assert (
+        convert_main(["import", str(path), str(tmp_path / "f"), "--add-tokens", "<a>", "--pad-to-multiple-of", "0"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("error: ") == 5
     assert not any((tmp_path / d).exists() for d in "abcdef")

@@ -19,10 +19,10 @@ from tests.meta_writer import make_hf_model, meta_reference_logits, write_meta
 FAMILY = {
     "llama-3-8b": (None, False, 128, 8, 2, 1, 32, 1.3),
     "llama-3.1-8b": (8, False, 128, 8, 2, 1, 32, 1.3),
-    "llama-3.1-70b": (8, False, 128, 8, 2, 2, 64, 1.3),    # real: MP 8 = kv heads, one per rank
-    "llama-3.1-405b": (8, False, 128, 8, 2, 4, 64, 1.2),   # real: MP 16 > 8 kv heads, duplicated
+    "llama-3.1-70b": (8, False, 128, 8, 2, 2, 64, 1.3),  # real: MP 8 = kv heads, one per rank
+    "llama-3.1-405b": (8, False, 128, 8, 2, 4, 64, 1.2),  # real: MP 16 > 8 kv heads, duplicated
     "llama-3.2-1b": (32, True, 64, 4, 2, 1, 32, 1.5),
-    "llama-3.2-3b": (32, True, 96, 6, 2, 1, 32, 1.0),       # 3:1 GQA like 24:8
+    "llama-3.2-3b": (32, True, 96, 6, 2, 1, 32, 1.0),  # 3:1 GQA like 24:8
     "llama-3.3-70b": (8, False, 128, 8, 4, 4, 64, 1.3),
 }
 TOL = 1e-4
@@ -34,13 +34,24 @@ def member(request, tmp_path_factory):
     factor, tied, dim, heads, kv, mp, multiple_of, ffn = FAMILY[request.param]
     root = tmp_path_factory.mktemp(request.param)
     vocab = 320 if tied else 384
-    hf_dir, model = make_hf_model(root / "hf", vocab=vocab, dim=dim, heads=heads, kv_heads=kv, tied=tied,
-                                  factor=factor, multiple_of=multiple_of, ffn_dim_multiplier=ffn,
-                                  seed=len(request.param), std=0.1)
+    hf_dir, model = make_hf_model(
+        root / "hf",
+        vocab=vocab,
+        dim=dim,
+        heads=heads,
+        kv_heads=kv,
+        tied=tied,
+        factor=factor,
+        multiple_of=multiple_of,
+        ffn_dim_multiplier=ffn,
+        seed=len(request.param),
+        std=0.1,
+    )
     meta_dir = write_meta(model, root / "meta", mp=mp, multiple_of=multiple_of, ffn_dim_multiplier=ffn)
     ids = random_ids(vocab, batch=1, length=520, seed=3)
-    return dict(name=request.param, factor=factor, tied=tied, hf=hf_dir, meta=meta_dir, ids=ids,
-                torch=torch_logits(model, ids))
+    return dict(
+        name=request.param, factor=factor, tied=tied, hf=hf_dir, meta=meta_dir, ids=ids, torch=torch_logits(model, ids)
+    )
 
 
 def _logits(model, ids):
@@ -71,8 +82,18 @@ def test_meta_layout(member, mesh24):
     meta = jaxvocab.load(member["meta"], mesh=mesh24, show_progress=False)
     hf = jaxvocab.load(member["hf"], mesh=mesh24, show_progress=False)
     mc, hc = meta.config, hf.config
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                  "head_dim", "rope_theta", "rope_scaling", "tie_word_embeddings", "rms_norm_eps"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rope_theta",
+        "rope_scaling",
+        "tie_word_embeddings",
+        "rms_norm_eps",
+    ):
         assert getattr(mc, field) == getattr(hc, field), field
     for name, a in params_of(meta).items():  # the merge and rotary reorder are exact, not just close
         np.testing.assert_array_equal(np.asarray(a), np.asarray(params_of(hf)[name]), err_msg=name)

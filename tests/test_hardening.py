@@ -39,7 +39,7 @@ from tests.meta_writer import make_hf_model, write_meta
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("hardening-src")
     single, _ = make_hf_checkpoint(root / "single", vocab=128, hidden=32, intermediate=64, heads=4, kv_heads=2)
-    sharded, _ = make_hf_checkpoint(root / "sharded", shards=True)   # 256 x 64: several 200KB shards
+    sharded, _ = make_hf_checkpoint(root / "sharded", shards=True)  # 256 x 64: several 200KB shards
     _, hf_model = make_hf_model(root / "meta-hf", vocab=128, dim=64, heads=4, kv_heads=2, multiple_of=32)
     meta = write_meta(hf_model, root / "meta", multiple_of=32)
     return {"single": single, "sharded": sharded, "meta": meta}
@@ -54,8 +54,9 @@ def _copy(src: Path) -> tuple[tempfile.TemporaryDirectory, Path, Path]:
 
 
 def _import(capsys, src: Path, out: Path, category: str, ok=True, extra=()):
-    return attempt(capsys, main, ["import", src, out, *extra], inputs=[src], outs=[] if ok else [out],
-                   ok=ok, category=category)
+    return attempt(
+        capsys, main, ["import", src, out, *extra], inputs=[src], outs=[] if ok else [out], ok=ok, category=category
+    )
 
 
 # --------------------------------------------------------------------------------- safetensors
@@ -86,11 +87,12 @@ def test_safetensors_header_mutations(sources, capsys, data):
             header[name][data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]))] = data.draw(JSON_VALUES)
         elif kind == "offset":
             i = data.draw(st.sampled_from([0, 1]))
-            header[name]["data_offsets"][i] += data.draw(st.sampled_from([-8, -4, -1, 1, 4, 8, 10**6, -10**6]))
+            header[name]["data_offsets"][i] += data.draw(st.sampled_from([-8, -4, -1, 1, 4, 8, 10**6, -(10**6)]))
         elif kind == "shape":
             shape = header[name]["shape"]
-            header[name]["shape"] = data.draw(st.sampled_from([shape[::-1] + [1], [shape[0] * 2] + shape[1:],
-                                                               [], [0] + shape, [2**62, 2**62]]))
+            header[name]["shape"] = data.draw(
+                st.sampled_from([shape[::-1] + [1], [shape[0] * 2] + shape[1:], [], [0] + shape, [2**62, 2**62]])
+            )
         elif kind == "metadata":
             header["__metadata__"] = data.draw(st.one_of(JSON_VALUES, st.just({"format": 1}), st.just({"a": ["b"]})))
         elif kind == "length":
@@ -110,12 +112,15 @@ def test_safetensors_library_agrees(sources, tmp_path):
 
     from jaxvocab.errors import CheckpointError
     from jaxvocab.io.safetensors_io import read_header
+
     header, payload = split_safetensors((sources["single"] / "model.safetensors").read_bytes())
     names = sorted(k for k in header if k != "__metadata__")
     first = header[names[0]]
-    bad = {"overlap": ({**header, names[1]: {**header[names[1]], "data_offsets": first["data_offsets"]}}, payload),
-           "trailing": (header, payload + b"\0" * 8),
-           "float shape": ({**header, names[0]: {**first, "shape": [float(s) for s in first["shape"]]}}, payload)}
+    bad = {
+        "overlap": ({**header, names[1]: {**header[names[1]], "data_offsets": first["data_offsets"]}}, payload),
+        "trailing": (header, payload + b"\0" * 8),
+        "float shape": ({**header, names[0]: {**first, "shape": [float(s) for s in first["shape"]]}}, payload),
+    }
     for label, (h, p) in bad.items():
         f = tmp_path / f"{label}.safetensors"
         f.write_bytes(join_safetensors(h, p))
@@ -148,8 +153,11 @@ def test_config_json_type_swaps(sources, capsys, data):
         shutil.rmtree(out, ignore_errors=True)
 
 
-@pytest.mark.parametrize("text", ["[]", "[1, 2]", '"config"', "3", "null", "{", "", "\udcff", '{"a": ' * 5000],
-                         ids=["list", "list2", "string", "number", "null", "open brace", "empty", "bad utf8", "deep"])
+@pytest.mark.parametrize(
+    "text",
+    ["[]", "[1, 2]", '"config"', "3", "null", "{", "", "\udcff", '{"a": ' * 5000],
+    ids=["list", "list2", "string", "number", "null", "open brace", "empty", "bad utf8", "deep"],
+)
 def test_config_json_not_an_object(sources, capsys, text, tmp_path):
     tmp, src, out = _copy(sources["single"])
     with tmp:
@@ -173,8 +181,9 @@ def test_index_json_mutations(sources, capsys, data):
             index["weight_map"][data.draw(st.sampled_from(sorted(index["weight_map"])))] = data.draw(JSON_VALUES)
         elif kind == "target":
             name = data.draw(st.sampled_from(sorted(index["weight_map"])))
-            index["weight_map"][name] = data.draw(st.sampled_from(["../x.safetensors", "/etc/passwd", "nope",
-                                                                   "config.json", "a\u0000b", ".."]))
+            index["weight_map"][name] = data.draw(
+                st.sampled_from(["../x.safetensors", "/etc/passwd", "nope", "config.json", "a\u0000b", ".."])
+            )
         else:
             index["metadata"] = data.draw(JSON_VALUES)
         f.write_text(json.dumps(index))
@@ -195,8 +204,18 @@ def test_params_json_type_swaps(sources, capsys, data):
         shutil.rmtree(out, ignore_errors=True)
 
 
-@pytest.mark.parametrize("field, value", [("multiple_of", 0), ("norm_eps", 0), ("norm_eps", -1e-5),
-                                          ("rope_theta", 0), ("dim", 64.0), ("n_layers", "2"), ("n_heads", True)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("multiple_of", 0),
+        ("norm_eps", 0),
+        ("norm_eps", -1e-5),
+        ("rope_theta", 0),
+        ("dim", 64.0),
+        ("n_layers", "2"),
+        ("n_heads", True),
+    ],
+)
 def test_params_json_insane_values(sources, capsys, field, value):
     tmp, src, out = _copy(sources["meta"])
     with tmp:
@@ -207,9 +226,19 @@ def test_params_json_insane_values(sources, capsys, field, value):
         assert "params.json" in err and field in err
 
 
-@pytest.mark.parametrize("field, value", [("rms_norm_eps", 0), ("rms_norm_eps", -1.0), ("rms_norm_eps", float("nan")),
-                                          ("rope_theta", 0), ("hidden_size", 32.0), ("num_hidden_layers", "2"),
-                                          ("intermediate_size", 64.5), ("vocab_size", True)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("rms_norm_eps", 0),
+        ("rms_norm_eps", -1.0),
+        ("rms_norm_eps", float("nan")),
+        ("rope_theta", 0),
+        ("hidden_size", 32.0),
+        ("num_hidden_layers", "2"),
+        ("intermediate_size", 64.5),
+        ("vocab_size", True),
+    ],
+)
 def test_config_json_insane_values(sources, capsys, field, value):
     tmp, src, out = _copy(sources["single"])
     with tmp:
@@ -282,17 +311,36 @@ def _memo_bomb(n: int) -> bytes:
     return b"".join(ops + [pickle.STOP])
 
 
-@pytest.mark.parametrize("label, pkl", ids=lambda v: v if isinstance(v, str) else "", argvalues=[
-    ("shared tuple DAG, depth 64", _deep_tuple_dag(64)),
-    ("memo of 600k entries", _memo_bomb(600_000)),
-    ("evil global", b"\x80\x02cposix\nsystem\nq\x00X\x02\x00\x00\x00idq\x01\x85q\x02Rq\x03."),
-    ("huge long", pickle.PROTO + b"\x02" + pickle.LONG4 + (4_000_000).to_bytes(4, "little") + b"\x7f" * 4_000_000
-     + pickle.STOP),
-    ("nested lists 10k", pickle.PROTO + b"\x02" + pickle.EMPTY_LIST * 10_000 + pickle.APPEND * 9_999 + pickle.STOP),
-    ("not a dict", pickle.dumps([1, 2, 3])),
-    ("persistent id of a huge string", pickle.PROTO + b"\x02" + pickle.BINUNICODE + (5_000_000).to_bytes(4, "little")
-     + b"a" * 5_000_000 + pickle.BINPERSID + pickle.STOP),
-])
+@pytest.mark.parametrize(
+    "label, pkl",
+    ids=lambda v: v if isinstance(v, str) else "",
+    argvalues=[
+        ("shared tuple DAG, depth 64", _deep_tuple_dag(64)),
+        ("memo of 600k entries", _memo_bomb(600_000)),
+        ("evil global", b"\x80\x02cposix\nsystem\nq\x00X\x02\x00\x00\x00idq\x01\x85q\x02Rq\x03."),
+        (
+            "huge long",
+            pickle.PROTO
+            + b"\x02"
+            + pickle.LONG4
+            + (4_000_000).to_bytes(4, "little")
+            + b"\x7f" * 4_000_000
+            + pickle.STOP,
+        ),
+        ("nested lists 10k", pickle.PROTO + b"\x02" + pickle.EMPTY_LIST * 10_000 + pickle.APPEND * 9_999 + pickle.STOP),
+        ("not a dict", pickle.dumps([1, 2, 3])),
+        (
+            "persistent id of a huge string",
+            pickle.PROTO
+            + b"\x02"
+            + pickle.BINUNICODE
+            + (5_000_000).to_bytes(4, "little")
+            + b"a" * 5_000_000
+            + pickle.BINPERSID
+            + pickle.STOP,
+        ),
+    ],
+)
 def test_pth_crafted_pickles(sources, capsys, label, pkl):
     tmp, src, out = _copy(sources["meta"])
     with tmp:
@@ -308,6 +356,7 @@ def test_nan_weights_refused_unless_allowed(sources, capsys):
 
     import jaxvocab
     from jaxvocab.row_init import untrained_mask
+
     tmp, src, out = _copy(sources["single"])
     with tmp:
         f = src / "model.safetensors"
@@ -320,7 +369,7 @@ def test_nan_weights_refused_unless_allowed(sources, capsys):
         code, err = _import(capsys, src, out, "non-finite weights", extra=["--allow-nonfinite"])
         assert code == 0, err
         model = jaxvocab.load(out, allow_nonfinite=True)
-        assert untrained_mask(model)[[7, 9]].all()          # non-finite rows count as untrained ...
-        jaxvocab.fix_untrained(model, [5])                   # ... so the mean that re-inits row 5 skips them
+        assert untrained_mask(model)[[7, 9]].all()  # non-finite rows count as untrained ...
+        jaxvocab.fix_untrained(model, [5])  # ... so the mean that re-inits row 5 skips them
         embed, head = np.asarray(model.embed[...]), np.asarray(model.lm_head[...])
         assert np.isnan(embed[7]).all() and np.isfinite(embed[5]).all() and np.isfinite(head[5]).all()

@@ -46,8 +46,10 @@ def world(tmp_path_factory, llama3_tokenizer_dir):
 @pytest.fixture
 def no_load(monkeypatch):
     """Output problems must be caught before any weight is read."""
+
     def refuse(*a, **k):
         raise AssertionError("loaded a model before checking the output")
+
     monkeypatch.setattr(jaxvocab, "load", refuse)
 
 
@@ -58,11 +60,22 @@ def _overlap_cases(w):
     if not link.exists():
         os.symlink(hf, link)
     return [
-        ("import", hf, hf), ("import", hf, hf.parent), ("import", hf, hf / "sub"), ("import", hf, link),
-        ("import", link, hf), ("import", link, hf / "x" / "y"), ("import", snap, snap), ("import", snap, hub / "blobs"),
-        ("import", snap, hub / "blobs" / "new"), ("import", snap, hub), ("import", snap, hub.parent),
-        ("import", hf, hf / "config.json"), ("export", ckpt, ckpt), ("export", ckpt, ckpt / "hf"),
-        ("export", ckpt, ckpt.parent), ("export", ckpt, ckpt / "state"),
+        ("import", hf, hf),
+        ("import", hf, hf.parent),
+        ("import", hf, hf / "sub"),
+        ("import", hf, link),
+        ("import", link, hf),
+        ("import", link, hf / "x" / "y"),
+        ("import", snap, snap),
+        ("import", snap, hub / "blobs"),
+        ("import", snap, hub / "blobs" / "new"),
+        ("import", snap, hub),
+        ("import", snap, hub.parent),
+        ("import", hf, hf / "config.json"),
+        ("export", ckpt, ckpt),
+        ("export", ckpt, ckpt / "hf"),
+        ("export", ckpt, ckpt.parent),
+        ("export", ckpt, ckpt / "state"),
     ]
 
 
@@ -70,25 +83,44 @@ def _overlap_cases(w):
 def test_output_overlapping_an_input_is_refused(world, capsys, no_load, overwrite):
     for cmd, src, out in _overlap_cases(world):
         argv = [cmd, src, out] + (["--overwrite"] if overwrite else [])
-        code, err = attempt(capsys, convert, argv, inputs=[world["hf"], world["ckpt"], world["hub"]], codes=(2,),
-                            category="overlap: convert")
+        code, err = attempt(
+            capsys,
+            convert,
+            argv,
+            inputs=[world["hf"], world["ckpt"], world["hub"]],
+            codes=(2,),
+            category="overlap: convert",
+        )
         assert "overlaps" in err or "is a file" in err, err
 
 
 def test_tokens_file_as_output_is_refused(world, capsys, no_load, tmp_path):
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("<a>\n")
-    attempt(capsys, convert, ["import", world["hf"], tokens, "--add-tokens", f"@{tokens}", "--overwrite"],
-            inputs=[tokens], codes=(2,), category="overlap: convert")
+    attempt(
+        capsys,
+        convert,
+        ["import", world["hf"], tokens, "--add-tokens", f"@{tokens}", "--overwrite"],
+        inputs=[tokens],
+        codes=(2,),
+        category="overlap: convert",
+    )
 
 
 def test_train_outputs_overlapping_inputs_are_refused(world, capsys, no_load, tmp_path):
     base = ["--data", world["data"], "--trainable", "ids:5", "--quiet"]
     m, d = world["hf"], world["data"]
-    for out, export, extra in [(m, None, []), (m.parent, None, ["--overwrite"]), (m / "run", None, []),
-                               (d, None, ["--overwrite"]), (d.parent, None, ["--overwrite"]),
-                               (tmp_path / "run", m, ["--overwrite"]), (tmp_path / "run", tmp_path / "run", []),
-                               (tmp_path / "run", tmp_path / "run" / "hf", []), (tmp_path / "run", d.parent, [])]:
+    for out, export, extra in [
+        (m, None, []),
+        (m.parent, None, ["--overwrite"]),
+        (m / "run", None, []),
+        (d, None, ["--overwrite"]),
+        (d.parent, None, ["--overwrite"]),
+        (tmp_path / "run", m, ["--overwrite"]),
+        (tmp_path / "run", tmp_path / "run", []),
+        (tmp_path / "run", tmp_path / "run" / "hf", []),
+        (tmp_path / "run", d.parent, []),
+    ]:
         argv = ["--model", m, "--out", out, *base, *extra] + (["--export-hf", export] if export else [])
         attempt(capsys, train, argv, inputs=[m, d], codes=(2,), category="overlap: train")
         assert not (tmp_path / "run").exists()
@@ -96,11 +128,15 @@ def test_train_outputs_overlapping_inputs_are_refused(world, capsys, no_load, tm
 
 def test_library_saves_refuse_the_models_source_dir(world, tmp_path):
     from jaxvocab.errors import UsageError
+
     count("overlap: library")
     model = jaxvocab.load(world["ckpt"])
     before = tree_hash(world["ckpt"])
-    for save, out in ((jaxvocab.save_checkpoint, world["ckpt"]), (jaxvocab.save_hf, world["ckpt"] / "hf"),
-                      (jaxvocab.save_checkpoint, world["ckpt"].parent)):
+    for save, out in (
+        (jaxvocab.save_checkpoint, world["ckpt"]),
+        (jaxvocab.save_hf, world["ckpt"] / "hf"),
+        (jaxvocab.save_checkpoint, world["ckpt"].parent),
+    ):
         with pytest.raises(UsageError, match="overlaps"):
             save(model, out, overwrite=True)
     assert tree_hash(world["ckpt"]) == before
@@ -110,35 +146,79 @@ def test_library_saves_refuse_the_models_source_dir(world, tmp_path):
 def test_unusable_outputs_fail_before_loading(world, capsys, no_load, tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    for argv in (["import", world["hf"], a_file], ["import", world["hf"], a_file, "--overwrite"],
-                 ["import", world["hf"], a_file / "out"], ["import", world["hf"], a_file / "a" / "b", "--overwrite"],
-                 ["export", world["ckpt"], a_file, "--overwrite"], ["export", world["ckpt"], a_file / "hf"]):
-        attempt(capsys, convert, argv, inputs=[world["hf"], world["ckpt"], a_file], codes=(2,),
-                category="bad output: convert")
-    for extra in (["--out", a_file, "--overwrite"], ["--out", a_file / "run"],
-                  ["--out", tmp_path / "run", "--export-hf", a_file / "hf"]):
-        attempt(capsys, train, ["--model", world["hf"], "--data", world["data"], "--trainable", "ids:5", *extra],
-                inputs=[world["hf"], a_file], codes=(2,), category="bad output: train")
+    for argv in (
+        ["import", world["hf"], a_file],
+        ["import", world["hf"], a_file, "--overwrite"],
+        ["import", world["hf"], a_file / "out"],
+        ["import", world["hf"], a_file / "a" / "b", "--overwrite"],
+        ["export", world["ckpt"], a_file, "--overwrite"],
+        ["export", world["ckpt"], a_file / "hf"],
+    ):
+        attempt(
+            capsys,
+            convert,
+            argv,
+            inputs=[world["hf"], world["ckpt"], a_file],
+            codes=(2,),
+            category="bad output: convert",
+        )
+    for extra in (
+        ["--out", a_file, "--overwrite"],
+        ["--out", a_file / "run"],
+        ["--out", tmp_path / "run", "--export-hf", a_file / "hf"],
+    ):
+        attempt(
+            capsys,
+            train,
+            ["--model", world["hf"], "--data", world["data"], "--trainable", "ids:5", *extra],
+            inputs=[world["hf"], a_file],
+            codes=(2,),
+            category="bad output: train",
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 # ------------------------------------------------------------------------------------ flags
-@pytest.mark.parametrize("flags", [["--add-tokens", ""], ["--add-tokens", " , "], ["--pad-to-multiple-of", "0"],
-                                   ["--pad-to-multiple-of", "-8"], ["--init", "mean"], ["--add-tokens", "@/nonexistent"]],
-                         ids=["empty tokens", "blank tokens", "pad 0", "pad -8", "init alone", "missing file"])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--add-tokens", ""],
+        ["--add-tokens", " , "],
+        ["--pad-to-multiple-of", "0"],
+        ["--pad-to-multiple-of", "-8"],
+        ["--init", "mean"],
+        ["--add-tokens", "@/nonexistent"],
+    ],
+    ids=["empty tokens", "blank tokens", "pad 0", "pad -8", "init alone", "missing file"],
+)
 def test_bad_vocab_flags_exit_2_before_loading(world, capsys, no_load, tmp_path, flags):
-    attempt(capsys, convert, ["import", world["hf"], tmp_path / "out", *flags], inputs=[world["hf"]], codes=(2,),
-            outs=[tmp_path / "out"], category="flags")
+    attempt(
+        capsys,
+        convert,
+        ["import", world["hf"], tmp_path / "out", *flags],
+        inputs=[world["hf"]],
+        codes=(2,),
+        outs=[tmp_path / "out"],
+        category="flags",
+    )
 
 
 def test_absurd_padding_checked_against_memory(world, capsys, tmp_path):
-    _, err = attempt(capsys, convert, ["import", world["hf"], tmp_path / "out", "--pad-to-multiple-of", "100000000"],
-                     inputs=[world["hf"]], outs=[tmp_path / "out"], codes=(2,), category="flags")
+    _, err = attempt(
+        capsys,
+        convert,
+        ["import", world["hf"], tmp_path / "out", "--pad-to-multiple-of", "100000000"],
+        inputs=[world["hf"]],
+        outs=[tmp_path / "out"],
+        codes=(2,),
+        category="flags",
+    )
     assert "GiB" in err and "--pad-to-multiple-of" in err
 
 
 def test_tokens_file_entries_are_stripped_like_the_inline_list(tmp_path):
     from convert.vocab_cli import parse_tokens
+
     f = tmp_path / "t.txt"
     f.write_text("  <a>  \n\t<b>=  the b token \n\n <c>\n")
     count("flags")
@@ -146,12 +226,38 @@ def test_tokens_file_entries_are_stripped_like_the_inline_list(tmp_path):
     assert list(parse_tokens(" <a> ,<b>, <c>")) == list(parse_tokens(f"@{f}"))
 
 
-@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--weight-decay", "nan"),
-                                         ("--weight-decay", "inf"), ("--clip", "nan"), ("--steps", "0")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--lr", "nan"),
+        ("--lr", "inf"),
+        ("--weight-decay", "nan"),
+        ("--weight-decay", "inf"),
+        ("--clip", "nan"),
+        ("--steps", "0"),
+    ],
+)
 def test_non_finite_train_flags_exit_2(world, capsys, no_load, tmp_path, flag, value):
-    attempt(capsys, train, ["--model", world["hf"], "--data", world["data"], "--out", tmp_path / "run",
-                            "--trainable", "ids:5", flag, value], inputs=[world["hf"]], outs=[tmp_path / "run"],
-            codes=(2,), category="flags")
+    attempt(
+        capsys,
+        train,
+        [
+            "--model",
+            world["hf"],
+            "--data",
+            world["data"],
+            "--out",
+            tmp_path / "run",
+            "--trainable",
+            "ids:5",
+            flag,
+            value,
+        ],
+        inputs=[world["hf"]],
+        outs=[tmp_path / "run"],
+        codes=(2,),
+        category="flags",
+    )
 
 
 # ------------------------------------------------------------------ damaged jaxvocab checkpoints
@@ -161,8 +267,9 @@ def _damaged_ckpt(world, tmp_path) -> Path:
     return ck
 
 
-@pytest.mark.parametrize("damage", ["state missing", "state empty", "marker list", "marker format", "config list",
-                                    "state is a file"])
+@pytest.mark.parametrize(
+    "damage", ["state missing", "state empty", "marker list", "marker format", "config list", "state is a file"]
+)
 def test_damaged_checkpoint_export(world, capsys, tmp_path, damage):
     ck = _damaged_ckpt(world, tmp_path)
     if damage.startswith("state"):
@@ -177,8 +284,14 @@ def test_damaged_checkpoint_export(world, capsys, tmp_path, damage):
         (ck / "jaxvocab.json").write_text('{"format": "1"}')
     else:
         (ck / "config.json").write_text("[]")
-    attempt(capsys, convert, ["export", ck, tmp_path / "hf"], inputs=[ck], outs=[tmp_path / "hf"],
-            category="damaged jaxvocab checkpoint")
+    attempt(
+        capsys,
+        convert,
+        ["export", ck, tmp_path / "hf"],
+        inputs=[ck],
+        outs=[tmp_path / "hf"],
+        category="damaged jaxvocab checkpoint",
+    )
 
 
 @cases(25)
@@ -193,17 +306,43 @@ def test_state_files_truncated_or_corrupted(world, capsys, data, tmp_path_factor
     if how == "delete":
         f.unlink()
     else:
-        f.write_bytes(b"" if how == "empty" else blob[: len(blob) // 2] if how == "half"
-                      else bytes(b ^ 0x5A for b in blob))
-    attempt(capsys, convert, ["export", ck, tmp / "hf"], inputs=[ck], ok=True, outs=[tmp / "hf"],
-            category="damaged jaxvocab checkpoint")
+        f.write_bytes(
+            b"" if how == "empty" else blob[: len(blob) // 2] if how == "half" else bytes(b ^ 0x5A for b in blob)
+        )
+    attempt(
+        capsys,
+        convert,
+        ["export", ck, tmp / "hf"],
+        inputs=[ck],
+        ok=True,
+        outs=[tmp / "hf"],
+        category="damaged jaxvocab checkpoint",
+    )
     shutil.rmtree(tmp)
 
 
 # ------------------------------------------------------------------------------- training
 def _train_argv(world, out, *extra):
-    argv = ["--model", world["hf"], "--data", world["data"], "--out", out, "--trainable", "ids:5,9", "--seq-len", "16",
-            "--batch-size", "2", "--dtype", "float32", "--schedule", "constant", "--quiet", *extra]
+    argv = [
+        "--model",
+        world["hf"],
+        "--data",
+        world["data"],
+        "--out",
+        out,
+        "--trainable",
+        "ids:5,9",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--dtype",
+        "float32",
+        "--schedule",
+        "constant",
+        "--quiet",
+        *extra,
+    ]
     return [str(a) for a in argv]
 
 
@@ -211,6 +350,7 @@ def _poisoned(world, tmp_path) -> tuple[Path, Path]:
     """A model whose frozen embedding row 77 is NaN (loaded with --allow-nonfinite), and data where
     token 77 occurs once, in one document: only the step that packs it goes non-finite."""
     from safetensors.numpy import load_file, save_file
+
     model = tmp_path / "model"
     shutil.copytree(world["hf"], model)
     tensors = load_file(model / "model.safetensors")
@@ -233,20 +373,30 @@ def test_training_stops_at_the_first_non_finite_step(world, capsys, tmp_path):
     skipped = [r["step"] for r in logged if r.get("skipped")]
     assert code == 0 and skipped and err.count("step skipped") == len(skipped), err
     final = np.asarray(jaxvocab.load(tmp_path / "skip" / "final", allow_nonfinite=True).embed[...])
-    assert np.isfinite(final[[5, 9]]).all()   # the skipped steps changed nothing
+    assert np.isfinite(final[[5, 9]]).all()  # the skipped steps changed nothing
 
     run = tmp_path / "run"
-    _, err = attempt(capsys, train, _train_argv(poisoned, run, "--steps", "12", "--save-every", "1",
-                                                "--allow-nonfinite"),
-                     inputs=[model, data], category="non-finite training")
+    _, err = attempt(
+        capsys,
+        train,
+        _train_argv(poisoned, run, "--steps", "12", "--save-every", "1", "--allow-nonfinite"),
+        inputs=[model, data],
+        category="non-finite training",
+    )
     first = skipped[0]
     assert f"step {first}:" in err and "--skip-nonfinite" in err, err
     saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert saved[-1:] == ([first - 1] if first > 1 else []) and not (run / "final").exists()
     if first > 1:
         assert f"last good checkpoint (step {first - 1})" in err
-    attempt(capsys, train, _train_argv(poisoned, tmp_path / "refused", "--steps", "2"), inputs=[model],
-            outs=[tmp_path / "refused"], category="non-finite training")   # without --allow-nonfinite
+    attempt(
+        capsys,
+        train,
+        _train_argv(poisoned, tmp_path / "refused", "--steps", "2"),
+        inputs=[model],
+        outs=[tmp_path / "refused"],
+        category="non-finite training",
+    )  # without --allow-nonfinite
 
 
 def test_resume_with_damaged_run_dir(world, capsys, tmp_path):
@@ -256,26 +406,52 @@ def test_resume_with_damaged_run_dir(world, capsys, tmp_path):
     keep = (run / "run.json").read_text()
     for text in ("{oops", "[1, 2]", '"run"'):
         (run / "run.json").write_text(text)
-        _, err = attempt(capsys, train, _train_argv(world, run, "--steps", "2", "--save-every", "1", "--resume"),
-                         inputs=[world["hf"], world["data"]], category="damaged run dir")
+        _, err = attempt(
+            capsys,
+            train,
+            _train_argv(world, run, "--steps", "2", "--save-every", "1", "--resume"),
+            inputs=[world["hf"], world["data"]],
+            category="damaged run dir",
+        )
         assert "run.json" in err
     (run / "run.json").write_text(keep)
     for f in (run / "checkpoints" / "2").rglob("*"):
         if f.is_file():
             f.write_bytes(b"\0")
-    _, err = attempt(capsys, train, _train_argv(world, run, "--steps", "3", "--save-every", "1", "--resume"),
-                     inputs=[world["hf"], world["data"]], category="damaged run dir", codes=(1, 2))
+    _, err = attempt(
+        capsys,
+        train,
+        _train_argv(world, run, "--steps", "3", "--save-every", "1", "--resume"),
+        inputs=[world["hf"], world["data"]],
+        category="damaged run dir",
+        codes=(1, 2),
+    )
     assert "checkpoint" in err or "--steps" in err
 
 
-@pytest.mark.parametrize("line", ['{"input_ids": [1, 100000000000000000000]}', '{"input_ids": [1, 1e20]}',
-                                  '{"input_ids": [1, -5]}', '[1, 2]', '{"text": 5}', '{"input_ids": [' * 3000])
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"input_ids": [1, 100000000000000000000]}',
+        '{"input_ids": [1, 1e20]}',
+        '{"input_ids": [1, -5]}',
+        "[1, 2]",
+        '{"text": 5}',
+        '{"input_ids": [' * 3000,
+    ],
+)
 def test_bad_training_data(world, capsys, tmp_path, line):
     data = tmp_path / "d.jsonl"
     data.write_text(line + "\n")
     h = tree_hash(data)
-    attempt(capsys, train, ["--model", world["hf"], "--data", data, "--out", tmp_path / "run", "--trainable", "ids:5",
-                            "--quiet"], inputs=[world["hf"]], outs=[tmp_path / "run"], category="bad training data")
+    attempt(
+        capsys,
+        train,
+        ["--model", world["hf"], "--data", data, "--out", tmp_path / "run", "--trainable", "ids:5", "--quiet"],
+        inputs=[world["hf"]],
+        outs=[tmp_path / "run"],
+        category="bad training data",
+    )
     assert tree_hash(data) == h
 
 
@@ -284,6 +460,7 @@ def test_bad_training_data(world, capsys, tmp_path, line):
 @given(data=st.data())
 def test_tokenizer_json_type_swaps(world, capsys, data, tmp_path_factory):
     from tests.hardening_util import JSON_VALUES
+
     tmp = tmp_path_factory.mktemp("tok")
     src = tmp / "hf"
     shutil.copytree(world["hf"], src)
@@ -292,6 +469,12 @@ def test_tokenizer_json_type_swaps(world, capsys, data, tmp_path_factory):
     key = data.draw(st.sampled_from(sorted(doc)))
     doc[key] = data.draw(JSON_VALUES)
     (src / name).write_text(json.dumps(doc))
-    attempt(capsys, convert, ["inspect", src, "--add-tokens", "<x>,<y>"], inputs=[src], ok=True,
-            category="tokenizer files: field type swap")
+    attempt(
+        capsys,
+        convert,
+        ["inspect", src, "--add-tokens", "<x>,<y>"],
+        inputs=[src],
+        ok=True,
+        category="tokenizer files: field type swap",
+    )
     shutil.rmtree(tmp)

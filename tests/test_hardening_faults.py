@@ -42,21 +42,37 @@ def _cli(module: str, *argv, fault: str | None = None, preexec=None) -> subproce
     env.pop("JAXVOCAB_FAULT", None)
     if fault:
         env["JAXVOCAB_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", module, *map(str, argv)], env=env, capture_output=True, text=True,
-                          timeout=300, preexec_fn=preexec)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, argv)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=preexec,
+    )
 
 
 def _one_line(stderr: str) -> str:
-    lines = [x for x in re.sub(r"^.*\r", "", stderr, flags=re.MULTILINE).splitlines()
-             if x.strip() and not re.match(r"\w+: +\d+%\|", x)]   # progress bars (not a terminal: one per line)
+    lines = [
+        x
+        for x in re.sub(r"^.*\r", "", stderr, flags=re.MULTILINE).splitlines()
+        if x.strip() and not re.match(r"\w+: +\d+%\|", x)
+    ]  # progress bars (not a terminal: one per line)
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     return lines[0]
 
 
-FAULTS = [("import", "import:loaded", "SIGINT"), ("import", "save:state", "SIGINT"), ("import", "save:state", "SIGTERM"),
-          ("import", "save:state", "SIGKILL"), ("import", "save:files", "SIGTERM"), ("import", "atomic:rename", "SIGKILL"),
-          ("export", "export:loaded", "SIGTERM"), ("export", "atomic:rename", "SIGINT"),
-          ("export", "atomic:rename", "SIGKILL")]
+FAULTS = [
+    ("import", "import:loaded", "SIGINT"),
+    ("import", "save:state", "SIGINT"),
+    ("import", "save:state", "SIGTERM"),
+    ("import", "save:state", "SIGKILL"),
+    ("import", "save:files", "SIGTERM"),
+    ("import", "atomic:rename", "SIGKILL"),
+    ("export", "export:loaded", "SIGTERM"),
+    ("export", "atomic:rename", "SIGINT"),
+    ("export", "atomic:rename", "SIGKILL"),
+]
 
 
 @pytest.mark.parametrize("cmd, point, sig", FAULTS, ids=[f"{c}-{p}-{s}" for c, p, s in FAULTS])
@@ -72,7 +88,7 @@ def test_signal_during_convert_then_rerun(src, tmp_path, capsys, cmd, point, sig
         assert r.returncode == {"SIGINT": 130, "SIGTERM": 143}[sig], r.stderr
         assert "no output was written" in _one_line(r.stderr)
         assert leftovers(out) == []
-    assert convert([cmd, str(source), str(out)]) == 0, capsys.readouterr().err   # the rerun cleans up and succeeds
+    assert convert([cmd, str(source), str(out)]) == 0, capsys.readouterr().err  # the rerun cleans up and succeeds
     assert leftovers(out) == [] and jaxvocab.load(out).config.vocab_size == 128
 
 
@@ -81,8 +97,25 @@ def test_signal_during_training_checkpoint_then_resume(src, tmp_path, capsys, si
     count(f"interrupt: {sig}")
     data = tmp_path / "d.jsonl"
     data.write_text("".join(f'{{"input_ids": {list(range(i, i + 30))}}}\n' for i in range(8)))
-    argv = ["--model", src["hf"], "--data", data, "--out", tmp_path / "run", "--trainable", "ids:5,9", "--steps", "3",
-            "--save-every", "1", "--seq-len", "16", "--batch-size", "2", "--quiet"]
+    argv = [
+        "--model",
+        src["hf"],
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--trainable",
+        "ids:5,9",
+        "--steps",
+        "3",
+        "--save-every",
+        "1",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
     r = _cli("train", *argv, fault=f"train:checkpoint:{sig}")
     if sig == "SIGKILL":
         assert r.returncode == -9
@@ -106,6 +139,7 @@ def mount(tmp_path):
             return None
         mounted.append(d)
         return d
+
     yield make
     for d in mounted:
         subprocess.run(["umount", "-l", str(d)], capture_output=True)
@@ -116,16 +150,18 @@ def test_full_disk(src, tmp_path, capsys, mount, cmd):
     source = src["hf"] if cmd == "import" else src["ckpt"]
     fs = mount("size=48k")
     if fs is not None:
-        _, err = attempt(capsys, convert, [cmd, source, fs / "out"], inputs=[source], outs=[fs / "out"],
-                         category="filesystem")
+        _, err = attempt(
+            capsys, convert, [cmd, source, fs / "out"], inputs=[source], outs=[fs / "out"], category="filesystem"
+        )
         assert "No space left" in err or "too large" in err, err
         assert list(fs.iterdir()) == []
         return
-    count("filesystem")   # no mounting here: a file size limit stands in for the full disk
+    count("filesystem")  # no mounting here: a file size limit stands in for the full disk
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (48 << 10, 48 << 10))
+
     r = _cli("convert", cmd, source, tmp_path / "out", preexec=limit)
     assert r.returncode == 1 and "cannot write" in _one_line(r.stderr) and not (tmp_path / "out").exists()
     assert leftovers(tmp_path / "out") == []
@@ -136,8 +172,9 @@ def test_read_only_filesystem(src, capsys, mount):
     if fs is None:
         pytest.skip("tmpfs cannot be mounted here")
     for cmd, source in (("import", src["hf"]), ("export", src["ckpt"])):
-        _, err = attempt(capsys, convert, [cmd, source, fs / "out"], inputs=[source], outs=[fs / "out"],
-                         category="filesystem")
+        _, err = attempt(
+            capsys, convert, [cmd, source, fs / "out"], inputs=[source], outs=[fs / "out"], category="filesystem"
+        )
         assert "Read-only" in err, err
 
 
@@ -157,7 +194,7 @@ def test_exists_check_holds_at_the_final_rename(tmp_path):
     with pytest.raises(CheckpointError, match="appeared while"):
         with atomic_dir(out) as tmp:
             (tmp / "second").write_text("2")
-            out.mkdir()                       # the first writer finished meanwhile
+            out.mkdir()  # the first writer finished meanwhile
             (out / "first").write_text("1")
     assert [p.name for p in out.iterdir()] == ["first"] and leftovers(out) == []
 

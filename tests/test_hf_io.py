@@ -29,12 +29,14 @@ def make_src(path, llama3_tokenizer_dir, **kw):
 
 def torch_state(path, dtype=None):
     from transformers import LlamaForCausalLM
+
     kw = {} if dtype is None else {"dtype": dtype}
     return LlamaForCausalLM.from_pretrained(path, **kw).state_dict()
 
 
 def assert_same_state(a: dict, b: dict):
     import torch
+
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].dtype == b[name].dtype, name
@@ -44,6 +46,7 @@ def assert_same_state(a: dict, b: dict):
 def shard_files(out):
     """(file, {tensor: nbytes}, metadata) read with the reference safetensors library."""
     from safetensors import safe_open
+
     rows = []
     for f in sorted(out.glob("*.safetensors")):
         with safe_open(f, framework="pt") as st:
@@ -54,8 +57,11 @@ def shard_files(out):
 
 # --------------------------------------------------------------------------------------- round trip
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("src_shards, limit", [(False, "5GB"), (True, "100KB"), (False, "40KB")],
-                         ids=["single-to-single", "sharded-to-sharded", "single-to-small-shards"])
+@pytest.mark.parametrize(
+    "src_shards, limit",
+    [(False, "5GB"), (True, "100KB"), (False, "40KB")],
+    ids=["single-to-single", "sharded-to-sharded", "single-to-small-shards"],
+)
 def test_export_reloads_bit_identical_in_transformers(tmp_path, llama3_tokenizer_dir, mesh24, tied, src_shards, limit):
     src, _ = make_src(tmp_path / "src", llama3_tokenizer_dir, kv_heads=2, tied=tied, shards=src_shards)
     model = jaxvocab.load(src, mesh=mesh24, show_progress=False)  # written back from sharded arrays
@@ -79,15 +85,17 @@ def test_export_reloads_bit_identical_in_transformers(tmp_path, llama3_tokenizer
     assert ("lm_head.weight" in {n for _, s, _ in files for n in s}) == (not tied)
 
     assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
-    for name in (*TOKENIZER_FILES, "generation_config.json"):   # parsed and re-written, same content
+    for name in (*TOKENIZER_FILES, "generation_config.json"):  # parsed and re-written, same content
         assert json.loads((out / name).read_text()) == json.loads((src / name).read_text()), name
     from transformers import AutoConfig, GenerationConfig
+
     assert AutoConfig.from_pretrained(out).tie_word_embeddings == tied
     assert GenerationConfig.from_pretrained(out).eos_token_id == 1
 
 
 def test_bfloat16_round_trips_bit_identical(tmp_path, llama3_tokenizer_dir):
     import torch
+
     src, _ = make_src(tmp_path / "src", llama3_tokenizer_dir, kv_heads=4, dtype="bfloat16", shards=True)
     model = jaxvocab.load(src, show_progress=False)
     assert model.embed[...].dtype == jnp.bfloat16 and model.config.dtype == "bfloat16"
@@ -101,6 +109,7 @@ def test_bfloat16_round_trips_bit_identical(tmp_path, llama3_tokenizer_dir):
 
 def test_generation_config_written_when_source_has_none(tmp_path, llama3_tokenizer_dir):
     from transformers import GenerationConfig
+
     src, _ = make_src(tmp_path / "src", llama3_tokenizer_dir, kv_heads=2)
     (src / "generation_config.json").unlink()
     out = jaxvocab.save_hf(jaxvocab.load(src, show_progress=False), tmp_path / "out", show_progress=False)
@@ -110,9 +119,11 @@ def test_generation_config_written_when_source_has_none(tmp_path, llama3_tokeniz
 
 def test_export_casts_dtype_on_request(tmp_path, llama3_tokenizer_dir):
     import torch
+
     src, ref = make_src(tmp_path / "src", llama3_tokenizer_dir, kv_heads=2)
-    out = jaxvocab.save_hf(jaxvocab.load(src, dtype="bfloat16", show_progress=False), tmp_path / "out",
-                           show_progress=False)
+    out = jaxvocab.save_hf(
+        jaxvocab.load(src, dtype="bfloat16", show_progress=False), tmp_path / "out", show_progress=False
+    )
     state = torch_state(out, torch.bfloat16)
     want = {k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()}
     assert_same_state(state, want)  # round to nearest even, like torch's own cast
@@ -126,7 +137,9 @@ def test_sharded_load_matches_single_device(tmp_path, llama3_tokenizer_dir, mesh
     assert one.embed[...].sharding.mesh.devices.size == 1
     embed, wq = many.embed[...], many.layers.wq[...]
     assert embed.sharding.mesh == mesh24 and embed.sharding.spec == P("tensor", "fsdp")
-    assert wq.sharding.spec == P(None, "tensor", "fsdp") and many.layers.wo[...].sharding.spec == P(None, "fsdp", "tensor")
+    assert wq.sharding.spec == P(None, "tensor", "fsdp") and many.layers.wo[...].sharding.spec == P(
+        None, "fsdp", "tensor"
+    )
     assert {s.data.shape for s in embed.addressable_shards} == {(256 // 4, 64 // 2)}
     assert {s.data.shape for s in wq.addressable_shards} == {(2, 64 // 4, 64 // 2)}
     for name, a in params_of(one).items():
@@ -176,14 +189,27 @@ def test_read_slice_equals_reference_reader(tmp_path, dtype):
     from safetensors.torch import save_file
 
     from jaxvocab.io.safetensors_io import read_header, read_slice
+
     g = torch.Generator().manual_seed(0)
-    tensors = {"m": torch.randn(300, 260, generator=g), "v": torch.randn(1000, generator=g),
-               "s": torch.randn(3, 5, 7, generator=g), "one": torch.randn(1, 64, generator=g)}
+    tensors = {
+        "m": torch.randn(300, 260, generator=g),
+        "v": torch.randn(1000, generator=g),
+        "s": torch.randn(3, 5, 7, generator=g),
+        "one": torch.randn(1, 64, generator=g),
+    }
     tensors = {k: t.to(getattr(torch, dtype)) for k, t in tensors.items()}
     save_file(tensors, tmp_path / "t.safetensors")
     infos, meta = read_header(tmp_path / "t.safetensors")
-    slices = [(), (slice(None),), (slice(10, 70),), (slice(0, 300), slice(0, 260)), (slice(0, 150), slice(130, 260)),
-              (slice(None), slice(65, 130)), (slice(5, 5),), (slice(0, 300, 2),)]
+    slices = [
+        (),
+        (slice(None),),
+        (slice(10, 70),),
+        (slice(0, 300), slice(0, 260)),
+        (slice(0, 150), slice(130, 260)),
+        (slice(None), slice(65, 130)),
+        (slice(5, 5),),
+        (slice(0, 300, 2),),
+    ]
     for name, t in tensors.items():
         want_all = t.view(torch.int16 if dtype == "bfloat16" else torch.int32).numpy()
         for idx in slices:

@@ -16,8 +16,15 @@ from train.data import Batch
 
 IDS = [5, 9, 77, 200]
 RANK, ALPHA = 4, 8.0
-HF = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-      "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
+HF = {
+    "wq": "self_attn.q_proj",
+    "wk": "self_attn.k_proj",
+    "wv": "self_attn.v_proj",
+    "wo": "self_attn.o_proj",
+    "w_gate": "mlp.gate_proj",
+    "w_up": "mlp.up_proj",
+    "w_down": "mlp.down_proj",
+}
 
 
 def _host(a):
@@ -26,7 +33,7 @@ def _host(a):
 
 def _batch(seed=0, B=2, T=520):
     ids = np.random.RandomState(seed).randint(0, 256, (B, T + 1)).astype(np.int32)
-    ids[:, 1::4] = np.random.RandomState(seed + 1).choice(IDS, ids[:, 1::4].shape)   # the rows matter
+    ids[:, 1::4] = np.random.RandomState(seed + 1).choice(IDS, ids[:, 1::4].shape)  # the rows matter
     ones = np.ones((B, T), np.float32)
     return Batch(ids[None, :, :-1], ones[None].astype(np.int32), ids[None, :, 1:], ones[None])
 
@@ -35,9 +42,15 @@ def _peft(torch_model, rm, tied):
     """PEFT model over the same base, adapters copied from jaxvocab's (B made non-zero on both sides)."""
     import peft
     import torch
+
     tokens = IDS if tied else {"embed_tokens": IDS, "lm_head": IDS}
-    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=[HF[t].split(".")[1] for t in lora.TARGETS.values()],
-                          lora_dropout=0.0, trainable_token_indices=tokens)
+    cfg = peft.LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        target_modules=[HF[t].split(".")[1] for t in lora.TARGETS.values()],
+        lora_dropout=0.0,
+        trainable_token_indices=tokens,
+    )
     pm = peft.get_peft_model(torch_model, cfg)
     named = dict(pm.named_parameters())
     with torch.no_grad():
@@ -55,7 +68,7 @@ def _setup(tmp_path, tied):
     model = jaxvocab.load(path, mesh=parse_mesh("fsdp=2,tensor=4"), show_progress=False)
     rm = row_split.split(model, IDS, "both", lora.LoraSpec(RANK, ALPHA))
     rs = np.random.RandomState(3)
-    for t in lora.TARGETS.values():   # non-zero B, so A has a gradient and the deltas change the logits
+    for t in lora.TARGETS.values():  # non-zero B, so A has a gradient and the deltas change the logits
         b = rm.lora[lora.b_key(t)]
         b.set_value(jax.device_put(jnp.asarray(0.05 * rs.standard_normal(b.shape), jnp.float32), b[...].sharding))
     return model, rm, tm
@@ -63,9 +76,11 @@ def _setup(tmp_path, tied):
 
 def _torch_grads(pm, batch, tied):
     import torch
+
     out = pm(torch.tensor(batch.inputs[0], dtype=torch.long)).logits.float()
-    nll = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]),
-                                            torch.tensor(batch.targets[0], dtype=torch.long).reshape(-1))
+    nll = torch.nn.functional.cross_entropy(
+        out.reshape(-1, out.shape[-1]), torch.tensor(batch.targets[0], dtype=torch.long).reshape(-1)
+    )
     pm.zero_grad()
     nll.backward()
     return float(nll.detach())
@@ -79,8 +94,9 @@ def _peft_tensors(pm, tied, grad):
     out = {"lora": {}}
     for t in lora.TARGETS.values():
         for key, ab in ((lora.a_key(t), "A"), (lora.b_key(t), "B")):
-            out["lora"][key] = np.stack([get(f"base_model.model.model.layers.{i}.{HF[t]}.lora_{ab}.default.weight")
-                                         for i in range(layers)])
+            out["lora"][key] = np.stack(
+                [get(f"base_model.model.model.layers.{i}.{HF[t]}.lora_{ab}.default.weight") for i in range(layers)]
+            )
     out["embed_rows"] = get("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default")
     if not tied:
         out["head_rows"] = get("base_model.model.lm_head.token_adapter.trainable_tokens_delta.default")
@@ -96,14 +112,25 @@ def _rel(a, b):
 def test_parity_with_peft(tmp_path, tied):
     """Same base, same adapters, same 520-token batch: loss, grads and 3 AdamW steps agree with PEFT."""
     import torch
+
     _, rm, tm = _setup(tmp_path, tied)
     pm = _peft(tm, rm, tied)
     batch = _batch()
-    cfg = loop.TrainConfig(steps=3, lr=1e-3, lora_lr=2e-3, schedule="constant", clip=0.0, weight_decay=0.0,
-                           remat=False, batch_size=2, seq_len=520)
+    cfg = loop.TrainConfig(
+        steps=3,
+        lr=1e-3,
+        lora_lr=2e-3,
+        schedule="constant",
+        clip=0.0,
+        weight_decay=0.0,
+        remat=False,
+        batch_size=2,
+        seq_len=520,
+    )
     trainer = loop.Trainer(rm, cfg, parse_mesh("fsdp=2,tensor=4"))
-    s, n, g = jax.jit(loop.batch_grads, static_argnums=0)(trainer.graphdef, trainer.params, trainer.frozen,
-                                                           trainer.put(batch))
+    s, n, g = jax.jit(loop.batch_grads, static_argnums=0)(
+        trainer.graphdef, trainer.params, trainer.frozen, trainer.put(batch)
+    )
     t_loss = _torch_grads(pm, batch, tied)
     assert abs(float(s / n) - t_loss) / t_loss < 1e-5
     tg = _peft_tensors(pm, tied, grad=True)
@@ -112,8 +139,10 @@ def test_parity_with_peft(tmp_path, tied):
     print(f"parity tied={tied}: loss {float(s / n):.6f} vs {t_loss:.6f}; max grad rel err {worst:.2e}")
     assert worst < 1e-5
 
-    groups = [{"params": [p for k, p in pm.named_parameters() if "lora_" in k], "lr": 2e-3},
-              {"params": [p for k, p in pm.named_parameters() if "trainable_tokens_delta" in k], "lr": 1e-3}]
+    groups = [
+        {"params": [p for k, p in pm.named_parameters() if "lora_" in k], "lr": 2e-3},
+        {"params": [p for k, p in pm.named_parameters() if "trainable_tokens_delta" in k], "lr": 1e-3},
+    ]
     opt = torch.optim.AdamW(groups, eps=1e-8, weight_decay=0.0)
     for _ in range(3):
         trainer.step(batch)
@@ -136,6 +165,7 @@ def test_parity_with_peft(tmp_path, tied):
 
 def _logits_t(model, ids):
     import torch
+
     with torch.no_grad():
         return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
 
@@ -155,6 +185,7 @@ def test_merged_and_peft_exports_match_the_trained_model(tmp_path, tied):
     from transformers import LlamaForCausalLM
 
     from jaxvocab.io.peft import save_peft
+
     path, _ = make_hf_checkpoint(tmp_path / "hf", tied=tied, seed=12, max_pos=1024, dtype="bfloat16")
     model = jaxvocab.load(path, mesh=parse_mesh("fsdp=2,tensor=4"), show_progress=False)
     model.compute_dtype = "float32"
@@ -176,19 +207,21 @@ def test_merged_and_peft_exports_match_the_trained_model(tmp_path, tied):
     bf16 = _logits_t(LlamaForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32), ids)
     agree = bf16.argmax(-1) == f32.argmax(-1)
     top2 = np.sort(f32, -1)[..., -2:]
-    clear = top2[..., 1] - top2[..., 0] > 0.05      # positions that are not near-ties of the f32 merge
+    clear = top2[..., 1] - top2[..., 0] > 0.05  # positions that are not near-ties of the f32 merge
     p = _log_softmax(f32.astype(np.float64))
     kl = np.sum(np.exp(p) * (p - _log_softmax(bf16.astype(np.float64))), -1)
     base = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     pm = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     peft_err = float(np.max(np.abs(_logits_t(pm, ids) - f32)))
-    print(f"tied={tied}: f32 merge vs jaxvocab {err:.2e}; PEFT vs f32 merge {peft_err:.2e}; bf16 merge: top-1 "
-          f"{100 * agree.mean():.1f}% ({100 * agree[clear].mean():.1f}% where the f32 top-2 margin > 0.05), "
-          f"KL max {kl.max():.2e}, p99.5 {np.quantile(kl, 0.995):.2e}")
+    print(
+        f"tied={tied}: f32 merge vs jaxvocab {err:.2e}; PEFT vs f32 merge {peft_err:.2e}; bf16 merge: top-1 "
+        f"{100 * agree.mean():.1f}% ({100 * agree[clear].mean():.1f}% where the f32 top-2 margin > 0.05), "
+        f"KL max {kl.max():.2e}, p99.5 {np.quantile(kl, 0.995):.2e}"
+    )
     assert err < 1e-4 and peft_err < 1e-4
     # bf16 storage moves these logits by up to ~0.1: only near-ties may flip (see README, "Exports").
     assert agree[clear].all() and agree.mean() >= 0.98
     assert np.quantile(kl, 0.995) <= 1e-3 and kl.max() <= 2e-3
     frozen = jaxvocab.load(tmp_path / "bf16", show_progress=False)
-    for name in ("attn_norm", "mlp_norm"):     # weights without adapters: bit-identical
+    for name in ("attn_norm", "mlp_norm"):  # weights without adapters: bit-identical
         assert np.array_equal(_host(frozen.layers.weights()[name]), _host(model.layers.weights()[name]))

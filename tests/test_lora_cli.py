@@ -13,7 +13,18 @@ from tests.builders import make_hf_checkpoint
 from tests.test_train_cli import IDS, _data
 from train.__main__ import main
 
-LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-lr", "1e-2", "--lora-dropout", "0.1", "--lora-targets", "q,o,up"]
+LORA = [
+    "--lora-rank",
+    "4",
+    "--lora-alpha",
+    "8",
+    "--lora-lr",
+    "1e-2",
+    "--lora-dropout",
+    "0.1",
+    "--lora-targets",
+    "q,o,up",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +45,7 @@ def _host(a):
 
 def _torch_logits(model, ids):
     import torch
+
     with torch.no_grad():
         return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
 
@@ -44,11 +56,36 @@ def test_lora_train_and_both_exports(setup, tmp_path, capsys):
     import peft
     import torch
     from transformers import LlamaForCausalLM
+
     ckpt, data = setup
     out, hf, ad = tmp_path / "run", tmp_path / "hf", tmp_path / "adapter"
-    code, cap = _run(capsys, "--model", ckpt, "--data", data, "--out", out, "--trainable", f"ids:{IDS}", *LORA,
-                     "--steps", 8, "--batch-size", 4, "--seq-len", 64, "--lr", 3e-2, "--dtype", "float32",
-                     "--export-hf", hf, "--export-peft", ad, "--quiet")
+    code, cap = _run(
+        capsys,
+        "--model",
+        ckpt,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--trainable",
+        f"ids:{IDS}",
+        *LORA,
+        "--steps",
+        8,
+        "--batch-size",
+        4,
+        "--seq-len",
+        64,
+        "--lr",
+        3e-2,
+        "--dtype",
+        "float32",
+        "--export-hf",
+        hf,
+        "--export-peft",
+        ad,
+        "--quiet",
+    )
     assert code == 0, cap.err
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]
@@ -59,7 +96,7 @@ def test_lora_train_and_both_exports(setup, tmp_path, capsys):
     keep = np.setdiff1d(np.arange(256), [5, 9, 77, 200])
     assert np.array_equal(_host(before.embed[...])[keep], _host(after.embed[...])[keep])
     assert np.array_equal(_host(before.layers.attn_norm[...]), _host(after.layers.attn_norm[...]))
-    assert not np.array_equal(_host(before.layers.wq[...]), _host(after.layers.wq[...]))    # adapters merged
+    assert not np.array_equal(_host(before.layers.wq[...]), _host(after.layers.wq[...]))  # adapters merged
     assert convert_main(["export", str(ckpt), str(tmp_path / "base")]) == 0
     ids = np.random.RandomState(0).randint(0, 256, (2, 100))
     merged = _torch_logits(LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32), ids)
@@ -67,53 +104,104 @@ def test_lora_train_and_both_exports(setup, tmp_path, capsys):
     via_peft = _torch_logits(peft.PeftModel.from_pretrained(base, ad).eval(), ids)
     assert np.max(np.abs(merged - via_peft)) < 1e-4
     # the adapter dir seeds a new run: --lora-init reads back exactly what --export-peft wrote
-    code, cap = _run(capsys, "--model", ckpt, "--data", data, "--out", tmp_path / "again", "--trainable", "none",
-                     *LORA, "--lora-init", ad, "--steps", 1, "--seq-len", 64, "--dtype", "float32", "--quiet")
+    code, cap = _run(
+        capsys,
+        "--model",
+        ckpt,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "again",
+        "--trainable",
+        "none",
+        *LORA,
+        "--lora-init",
+        ad,
+        "--steps",
+        1,
+        "--seq-len",
+        64,
+        "--dtype",
+        "float32",
+        "--quiet",
+    )
     assert code == 0, cap.err
     again = jaxvocab.load(tmp_path / "again" / "final", show_progress=False)
-    assert np.array_equal(_host(before.embed[...]), _host(again.embed[...]))     # adapters only: rows untouched
+    assert np.array_equal(_host(before.embed[...]), _host(again.embed[...]))  # adapters only: rows untouched
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["--lora-rank", "0"], "--lora-rank 0"),
-    (["--lora-rank", "4", "--lora-alpha", "-1"], "--lora-alpha"),
-    (["--lora-rank", "4", "--lora-targets", "q,foo"], "unknown foo"),
-    (["--lora-rank", "4", "--lora-dropout", "1.0"], "--lora-dropout"),
-    (["--lora-rank", "4", "--lora-lr", "0"], "--lora-lr"),
-    (["--lora-alpha", "8"], "needs --lora-rank"),
-    (["--export-peft", "x"], "needs --lora-rank"),
-    (["--trainable", "none"], "--trainable none"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--lora-rank", "0"], "--lora-rank 0"),
+        (["--lora-rank", "4", "--lora-alpha", "-1"], "--lora-alpha"),
+        (["--lora-rank", "4", "--lora-targets", "q,foo"], "unknown foo"),
+        (["--lora-rank", "4", "--lora-dropout", "1.0"], "--lora-dropout"),
+        (["--lora-rank", "4", "--lora-lr", "0"], "--lora-lr"),
+        (["--lora-alpha", "8"], "needs --lora-rank"),
+        (["--export-peft", "x"], "needs --lora-rank"),
+        (["--trainable", "none"], "--trainable none"),
+    ],
+)
 def test_bad_lora_flags_exit_2(setup, tmp_path, capsys, extra, match):
     ckpt, data = setup
     code, cap = _run(capsys, "--model", ckpt, "--data", data, "--out", tmp_path / "out", "--quiet", *extra)
-    assert code == 2 and cap.err.startswith("error: ") and cap.err.strip().count("\n") == 0 and match in cap.err, cap.err
+    assert code == 2 and cap.err.startswith("error: ") and cap.err.strip().count("\n") == 0 and match in cap.err, (
+        cap.err
+    )
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("damage, match", [
-    ("missing", "not a PEFT adapter dir"),
-    ("config", "not valid JSON"),
-    ("rank", "r=8"),
-    ("weights", "adapter_model.safetensors"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("missing", "not a PEFT adapter dir"),
+        ("config", "not valid JSON"),
+        ("rank", "r=8"),
+        ("weights", "adapter_model.safetensors"),
+    ],
+)
 def test_corrupt_adapter_dir_exit_1(setup, tmp_path, capsys, damage, match):
     ckpt, data = setup
     ad = tmp_path / "ad"
     ad.mkdir()
     cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
     if damage != "missing":
-        (ad / "adapter_config.json").write_text("{oops" if damage == "config" else
-                                                json.dumps(dict(cfg, r=8) if damage == "rank" else cfg))
-        (ad / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" if
-                                                      damage == "weights" else _one_adapter())
-    code, cap = _run(capsys, "--model", ckpt, "--data", data, "--out", tmp_path / "out", "--trainable", f"ids:{IDS}",
-                     "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q", "--lora-init", ad,
-                     "--seq-len", 64, "--steps", 1, "--quiet")
+        (ad / "adapter_config.json").write_text(
+            "{oops" if damage == "config" else json.dumps(dict(cfg, r=8) if damage == "rank" else cfg)
+        )
+        (ad / "adapter_model.safetensors").write_bytes(
+            b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" if damage == "weights" else _one_adapter()
+        )
+    code, cap = _run(
+        capsys,
+        "--model",
+        ckpt,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "out",
+        "--trainable",
+        f"ids:{IDS}",
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lora-targets",
+        "q",
+        "--lora-init",
+        ad,
+        "--seq-len",
+        64,
+        "--steps",
+        1,
+        "--quiet",
+    )
     assert code == 1 and cap.err.startswith("error: ") and cap.err.strip().count("\n") == 0, cap.err
     assert match in cap.err, cap.err
 
 
 def _one_adapter() -> bytes:
     from safetensors.numpy import save
+
     return save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 64), np.float32)})

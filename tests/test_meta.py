@@ -29,8 +29,12 @@ torch = pytest.importorskip("torch")
 # ------------------------------------------------------------------------------------ .pth reader
 def test_pth_reads_views_offsets_and_dtypes(tmp_path):
     base = torch.randn(6, 10)
-    sd = {"bf16": base.to(torch.bfloat16), "t": base.t(), "half": base[2].to(torch.float16),
-          "param": torch.nn.Parameter(torch.ones(3))}
+    sd = {
+        "bf16": base.to(torch.bfloat16),
+        "t": base.t(),
+        "half": base[2].to(torch.float16),
+        "param": torch.nn.Parameter(torch.ones(3)),
+    }
     sd["view"] = sd["bf16"][1:5, ::3]  # shares bf16's storage: non-zero offset, stride 3
     torch.save(sd, tmp_path / "x.pth")
     loaded, ref = pth.read_pth(tmp_path / "x.pth"), torch.load(tmp_path / "x.pth")
@@ -110,10 +114,16 @@ def test_pth_rejects_malformed_files(tmp_path):
     with pytest.raises(CheckpointError, match="not a zip archive"):
         pth.read_pth(tmp_path / "legacy.pth")
     cases = {
-        "compressed": (lambda n, d: (n, d, zipfile.ZIP_DEFLATED if "/data/" in n else zipfile.ZIP_STORED), "compressed"),
+        "compressed": (
+            lambda n, d: (n, d, zipfile.ZIP_DEFLATED if "/data/" in n else zipfile.ZIP_STORED),
+            "compressed",
+        ),
         "truncated": (lambda n, d: (n, d[:20] if "/data/" in n else d, zipfile.ZIP_STORED), "fewer than"),
         "bigendian": (lambda n, d: (n, b"big" if n.endswith("byteorder") else d, zipfile.ZIP_STORED), "byte order"),
-        "nostorage": (lambda n, d: (n.replace("/data/0", "/data/9"), d, zipfile.ZIP_STORED), "missing from the archive"),
+        "nostorage": (
+            lambda n, d: (n.replace("/data/0", "/data/9"), d, zipfile.ZIP_STORED),
+            "missing from the archive",
+        ),
     }
     for case, (edit, message) in cases.items():
         bad = tmp_path / f"{case}.pth"
@@ -123,14 +133,17 @@ def test_pth_rejects_malformed_files(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ params.json
-@pytest.mark.parametrize("dim,multiple_of,mult,expected", [
-    (4096, 1024, 1.3, 14336),    # Llama 3 / 3.1 8B
-    (8192, 4096, 1.3, 28672),    # 3.1 / 3.3 70B
-    (16384, 4096, 1.2, 53248),   # 3.1 405B
-    (2048, 256, 1.5, 8192),      # 3.2 1B
-    (3072, 256, 1.0, 8192),      # 3.2 3B
-    (4096, 256, None, 11008),    # Llama 2 7B: no multiplier
-])
+@pytest.mark.parametrize(
+    "dim,multiple_of,mult,expected",
+    [
+        (4096, 1024, 1.3, 14336),  # Llama 3 / 3.1 8B
+        (8192, 4096, 1.3, 28672),  # 3.1 / 3.3 70B
+        (16384, 4096, 1.2, 53248),  # 3.1 405B
+        (2048, 256, 1.5, 8192),  # 3.2 1B
+        (3072, 256, 1.0, 8192),  # 3.2 3B
+        (4096, 256, None, 11008),  # Llama 2 7B: no multiplier
+    ],
+)
 def test_intermediate_size_of_real_models(dim, multiple_of, mult, expected):
     assert intermediate_size(dim, multiple_of, mult) == expected
 
@@ -233,7 +246,9 @@ def test_shard_consistency_errors(tiny, tmp_path, mesh24):
 
     d = fresh("kvdup")  # ranks 2 and 3 both hold kv head 1
     _edit_shard(d, 3, lambda sd: sd["layers.0.attention.wv.weight"].mul_(2))
-    with pytest.raises(CheckpointError, match=r"consolidated\.03\.pth: layers\.0\.attention\.wv\.weight .*duplicated kv"):
+    with pytest.raises(
+        CheckpointError, match=r"consolidated\.03\.pth: layers\.0\.attention\.wv\.weight .*duplicated kv"
+    ):
         jaxvocab.load(d, mesh=mesh24, show_progress=False)
 
     d = fresh("gap")
@@ -254,7 +269,9 @@ def test_shard_consistency_errors(tiny, tmp_path, mesh24):
     d = fresh("ffn", mp=2)
     p = json.loads((d / "params.json").read_text())
     (d / "params.json").write_text(json.dumps({**p, "multiple_of": 256}))
-    with pytest.raises(CheckpointError, match=r"feed_forward\.w1\.weight is \[.*\] in each of 2 shard\(s\).*params\.json"):
+    with pytest.raises(
+        CheckpointError, match=r"feed_forward\.w1\.weight is \[.*\] in each of 2 shard\(s\).*params\.json"
+    ):
         meta_config(d)
 
 

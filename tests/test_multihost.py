@@ -37,11 +37,31 @@ def _free_port() -> int:
 def _run_workers(out: Path, ids: Path, ckpts: list[Path], n: int = 2, train: bool = False) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the worker asks for 4 devices
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "--port", str(port), "--process-id", str(i),
-                               "--num-processes", str(n), "--out", str(out), "--ids", str(ids),
-                               *(["--train"] if train else []), *map(str, ckpts)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(n)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                "--port",
+                str(port),
+                "--process-id",
+                str(i),
+                "--num-processes",
+                str(n),
+                "--out",
+                str(out),
+                "--ids",
+                str(ids),
+                *(["--train"] if train else []),
+                *map(str, ckpts),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(n)
+    ]
     logs = []
     try:
         for p in procs:
@@ -67,8 +87,10 @@ def test_two_processes_read_their_share_and_match_one(tmp_path, mesh24):
 
     assert [r["process"] for r in reports] == [0, 1] and all(r["global_devices"] == 8 for r in reports)
     assert set(reports[0]["local_devices"]).isdisjoint(reports[1]["local_devices"])
-    totals = {str(hf_dir): sum(i.nbytes for i in hf.tensor_index(hf_dir).values()),
-              str(meta_dir): sum(t.nbytes for f in shard_files(meta_dir) for t in read_pth(f).values())}
+    totals = {
+        str(hf_dir): sum(i.nbytes for i in hf.tensor_index(hf_dir).values()),
+        str(meta_dir): sum(t.nbytes for f in shard_files(meta_dir) for t in read_pth(f).values()),
+    }
     for ckpt, total in totals.items():
         for r in reports:
             share = r["bytes_read"][ckpt] / total

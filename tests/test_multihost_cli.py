@@ -41,16 +41,42 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=str(ROOT))
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=str(ROOT))
     return env
 
 
 def _cmd(model, store, out, *extra):
-    return [sys.executable, "-m", "train", "--model", str(model), "--data", str(store), "--out", str(out),
-            "--trainable", "new", "--steps", "6", "--batch-size", "8", "--seq-len", "64",
-            "--lr", "1e-2", "--warmup", "2", "--dtype", "float32", "--save-every", "1", "--quiet",
-            "--export-hf", str(out) + "-hf", *map(str, extra)]
+    return [
+        sys.executable,
+        "-m",
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(store),
+        "--out",
+        str(out),
+        "--trainable",
+        "new",
+        "--steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "64",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "2",
+        "--dtype",
+        "float32",
+        "--save-every",
+        "1",
+        "--quiet",
+        "--export-hf",
+        str(out) + "-hf",
+        *map(str, extra),
+    ]
 
 
 def _start_job(model, store, out, *extra, only_1=()):
@@ -64,8 +90,16 @@ def _start_job(model, store, out, *extra, only_1=()):
             flags = ["--distributed"]
         else:
             flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1", *only_1]
-        procs.append(subprocess.Popen(_cmd(model, store, out, *extra, *flags, "--distributed-timeout", TIMEOUT),
-                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                _cmd(model, store, out, *extra, *flags, "--distributed-timeout", TIMEOUT),
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -87,16 +121,19 @@ def job_inputs(tmp_path_factory):
     from convert.__main__ import main as convert_main
     from tests._tok_util import build_gpt2_style
     from train.__main__ import main
+
     d = tmp_path_factory.mktemp("mh")
     src = d / "src"
     build_gpt2_style(str(src))
     n = jaxvocab.load_tokenizer(src).n_words
     make_hf_checkpoint(src, vocab=n, tied=False, seed=6, max_pos=128)
     model, base_hf = d / "model", d / "model-hf"
-    assert convert_main(["import", str(src), str(model), "--add-tokens", "<tool>,<think>",
-                         "--pad-to-multiple-of", "64"]) == 0
+    assert (
+        convert_main(["import", str(src), str(model), "--add-tokens", "<tool>,<think>", "--pad-to-multiple-of", "64"])
+        == 0
+    )
     assert convert_main(["export", str(model), str(base_hf)]) == 0
-    ids = [n, n + 1]                  # the appended rows: what `--trainable new` trains
+    ids = [n, n + 1]  # the appended rows: what `--trainable new` trains
     rs = np.random.RandomState(0)
     with (d / "train.jsonl").open("w") as f:
         for _ in range(300):
@@ -114,10 +151,12 @@ def test_two_processes_kill_9_resume_and_one_process(job_inputs, tmp_path):
     _finish(_start_job(model, store, ref))
     reads = [json.loads((ref / "data_read" / f"process-{i}.json").read_text()) for i in range(2)]
     total = sum(r["bytes"] for r in reads)
-    for r in reads:   # each process read its half of the rows: ~half the bytes, never the whole store
+    for r in reads:  # each process read its half of the rows: ~half the bytes, never the whole store
         assert 0.35 < r["bytes"] / total < 0.65 and r["bytes"] < r["store_bytes"], reads
-    print(f"\nbytes read per process: {[r['bytes'] for r in reads]} of a {reads[0]['store_bytes']}-byte store; "
-          f"pieces: {[r['pieces'] for r in reads]}")
+    print(
+        f"\nbytes read per process: {[r['bytes'] for r in reads]} of a {reads[0]['store_bytes']}-byte store; "
+        f"pieces: {[r['pieces'] for r in reads]}"
+    )
 
     # kill -9 process 1 after step 3: process 0 must stop too, quickly, with one error line
     out = tmp_path / "killed"
@@ -141,27 +180,28 @@ def test_two_processes_kill_9_resume_and_one_process(job_inputs, tmp_path):
 
     other = tmp_path / "killed-then-1-process"
     shutil.copytree(out, other)
-    assert sorted(os.listdir(other / "checkpoints"))      # there is a checkpoint to resume from
+    assert sorted(os.listdir(other / "checkpoints"))  # there is a checkpoint to resume from
     _finish(_start_job(model, store, out, "--resume"))
     one = tmp_path / "one"
-    for run_dir, extra in ((one, ()), (other, ("--resume",))):   # 1 process on the same 8 devices
-        single = subprocess.run(_cmd(model, store, run_dir, *extra), env=_env(8), cwd=ROOT, capture_output=True,
-                                text=True)
+    for run_dir, extra in ((one, ()), (other, ("--resume",))):  # 1 process on the same 8 devices
+        single = subprocess.run(
+            _cmd(model, store, run_dir, *extra), env=_env(8), cwd=ROOT, capture_output=True, text=True
+        )
         assert single.returncode == 0, single.stderr[-3000:]
 
-    base = _tensors(job_inputs["base"])   # the expanded model before training, as exported
+    base = _tensors(job_inputs["base"])  # the expanded model before training, as exported
     a, b, c = (_tensors(Path(str(p) + "-hf")) for p in (ref, out, one))
-    d = _tensors(Path(str(other) + "-hf"))   # resumed with another process count
+    d = _tensors(Path(str(other) + "-hf"))  # resumed with another process count
     assert set(a) == set(b) == set(c) == set(base)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        assert np.array_equal(a[name], b[name]), name                       # bit-identical after kill -9
+        assert np.array_equal(a[name], b[name]), name  # bit-identical after kill -9
         rel = np.abs(a[name][ids] - c[name][ids]).max() / np.abs(c[name][ids]).max()
-        assert rel <= 1e-6, (name, rel)                                      # 2 processes vs 1
+        assert rel <= 1e-6, (name, rel)  # 2 processes vs 1
         rel_resumed = np.abs(a[name][ids] - d[name][ids]).max() / np.abs(a[name][ids]).max()
-        assert rel_resumed <= 1e-6, (name, rel_resumed)                      # killed on 2, resumed on 1
+        assert rel_resumed <= 1e-6, (name, rel_resumed)  # killed on 2, resumed on 1
         print(f"{name}: killed on 2 processes, resumed on 1: max relative difference {rel_resumed:.2e}")
         print(f"{name}: 2 processes vs 1, max relative difference of the trained rows {rel:.2e}")
-        assert not np.array_equal(a[name][ids], base[name][ids])             # the rows did train
+        assert not np.array_equal(a[name][ids], base[name][ids])  # the rows did train
         keep = np.setdiff1d(np.arange(len(base[name])), ids)
         assert np.array_equal(a[name][keep], base[name][keep]) and np.array_equal(c[name][keep], base[name][keep])
     for name in set(base) - {"model.embed_tokens.weight", "lm_head.weight"}:
@@ -187,7 +227,7 @@ def test_a_failing_or_hung_process_stops_the_job(job_inputs, tmp_path):
     metrics, deadline = out / "metrics.jsonl", time.time() + 240
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
         time.sleep(0.01)
-    os.kill(procs[1].pid, signal.SIGSTOP)     # alive but silent: no socket closes, only the watchdog notices
+    os.kill(procs[1].pid, signal.SIGSTOP)  # alive but silent: no socket closes, only the watchdog notices
     stopped_at = time.time()
     try:
         _, err0 = procs[0].communicate(timeout=TIMEOUT + 60)
@@ -206,14 +246,35 @@ def test_convert_import_and_export_from_two_processes(job_inputs, tmp_path):
     model = job_inputs["src"]
     for sub, src, dst in (("import", model, tmp_path / "ckpt"), ("export", tmp_path / "ckpt", tmp_path / "hf")):
         port = _free_port()
-        procs = [subprocess.Popen([sys.executable, "-m", "convert", sub, str(src), str(dst), "--coordinator",
-                                   f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                                   "--distributed-timeout", str(TIMEOUT)],
-                                  env=_env(4), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in range(2)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "convert",
+                    sub,
+                    str(src),
+                    str(dst),
+                    "--coordinator",
+                    f"127.0.0.1:{port}",
+                    "--num-processes",
+                    "2",
+                    "--process-id",
+                    str(i),
+                    "--distributed-timeout",
+                    str(TIMEOUT),
+                ],
+                env=_env(4),
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
         outs = _finish(procs, timeout=200)
-        assert [o.count("wrote") for o, _ in outs] == [1, 0]          # process 0 alone reports
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp dirs left
+        assert [o.count("wrote") for o, _ in outs] == [1, 0]  # process 0 alone reports
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
     got, want = _tensors(tmp_path / "hf"), load_file(model / "model.safetensors")
     assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
 
@@ -225,19 +286,29 @@ def test_two_processes_with_lora_match_one_process(job_inputs, tmp_path):
     lora = ("--lora-rank", "4", "--lora-targets", "q,v,down", "--steps", "3", "--save-every", "0")
     two, one = tmp_path / "two", tmp_path / "one"
     _finish(_start_job(model, store, two, *lora, "--export-peft", str(two) + "-peft"))
-    single = subprocess.run(_cmd(model, store, one, *lora, "--export-peft", str(one) + "-peft"), env=_env(8),
-                            cwd=ROOT, capture_output=True, text=True)
+    single = subprocess.run(
+        _cmd(model, store, one, *lora, "--export-peft", str(one) + "-peft"),
+        env=_env(8),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     base = _tensors(job_inputs["base"])
-    for a, b in ((_tensors(Path(str(two) + "-hf")), _tensors(Path(str(one) + "-hf"))),
-                 (load_file(Path(str(two) + "-peft") / "adapter_model.safetensors"),
-                  load_file(Path(str(one) + "-peft") / "adapter_model.safetensors"))):
+    for a, b in (
+        (_tensors(Path(str(two) + "-hf")), _tensors(Path(str(one) + "-hf"))),
+        (
+            load_file(Path(str(two) + "-peft") / "adapter_model.safetensors"),
+            load_file(Path(str(one) + "-peft") / "adapter_model.safetensors"),
+        ),
+    ):
         assert set(a) == set(b)
         for name in a:
-            scale = max(np.abs(b[name]).max(), 1e-6)   # Adam turns reduction-order noise into ~lr-sized steps
+            scale = max(np.abs(b[name]).max(), 1e-6)  # Adam turns reduction-order noise into ~lr-sized steps
             assert np.abs(a[name] - b[name]).max() / scale <= 1e-4, name
     merged = _tensors(Path(str(two) + "-hf"))
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
-        assert not np.array_equal(merged[name], base[name]), name      # the adapters trained and were merged
-    assert np.array_equal(merged["model.layers.0.self_attn.k_proj.weight"],
-                          base["model.layers.0.self_attn.k_proj.weight"])   # not a target: untouched
+        assert not np.array_equal(merged[name], base[name]), name  # the adapters trained and were merged
+    assert np.array_equal(
+        merged["model.layers.0.self_attn.k_proj.weight"], base["model.layers.0.self_attn.k_proj.weight"]
+    )  # not a target: untouched

@@ -31,24 +31,30 @@ HEADS = 8
 # The full 4 x 2 x 2 x 2 x 2 = 64-case product. The forward pass compiles once per distinct config
 # (16: the style and file axes do not change the config) and a case costs ~0.2-0.5 s after that, so the
 # whole matrix takes ~40-60 s on 2 shared CPU cores, under the 90 s budget: no covering subset needed.
-MATRIX = list(itertools.product((8, 1, 2, 4), (False, True), (False, True), ("rope_scaling", "rope_parameters"),
-                                (False, True)))
+MATRIX = list(
+    itertools.product((8, 1, 2, 4), (False, True), (False, True), ("rope_scaling", "rope_parameters"), (False, True))
+)
 # The older `type` spelling of rope_scaling, once per head layout.
 MATRIX += [(kv, False, True, "rope_scaling_type", False) for kv in (1, 8)]
 
 
 def _id(case):
     kv, tied, scaling, style, shards = case
-    return (f"{'mha' if kv == HEADS else f'gqa{HEADS // kv}'}-{'tied' if tied else 'untied'}-"
-            f"{'llama3' if scaling else 'noscale'}-{style}-{'sharded' if shards else 'single'}")
+    return (
+        f"{'mha' if kv == HEADS else f'gqa{HEADS // kv}'}-{'tied' if tied else 'untied'}-"
+        f"{'llama3' if scaling else 'noscale'}-{style}-{'sharded' if shards else 'single'}"
+    )
 
 
 @functools.cache
 def _graph(config: LlamaConfig, compute_dtype: str, attention: str = "auto"):
     """The model's structure without loader attributes (source_dir differs per checkpoint), so
     the jitted forward below compiles once per config instead of once per test case."""
-    return nnx.graphdef(nnx.eval_shape(lambda: Llama(config, dtype=jnp.dtype(config.dtype), compute_dtype=compute_dtype,
-                                                     attention=attention)))
+    return nnx.graphdef(
+        nnx.eval_shape(
+            lambda: Llama(config, dtype=jnp.dtype(config.dtype), compute_dtype=compute_dtype, attention=attention)
+        )
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -80,8 +86,17 @@ def assert_parity(ours: np.ndarray, ref: np.ndarray, tol: float = TOL) -> float:
 def test_logits_match_transformers(tmp_path, case, record_property):
     kv, tied, scaling, style, shards = case
     seed = MATRIX.index(case)
-    path, ref_model = make_hf_checkpoint(tmp_path / "hf", heads=HEADS, kv_heads=kv, tied=tied, scaling=scaling,
-                                         style=style, shards=shards, seed=seed, max_pos=1024)
+    path, ref_model = make_hf_checkpoint(
+        tmp_path / "hf",
+        heads=HEADS,
+        kv_heads=kv,
+        tied=tied,
+        scaling=scaling,
+        style=style,
+        shards=shards,
+        seed=seed,
+        max_pos=1024,
+    )
     n_files = len(list(path.glob("*.safetensors")))
     assert n_files > 1 if shards else n_files == 1  # the case is what it claims
     model = jaxvocab.load(path, show_progress=False)
@@ -93,16 +108,28 @@ def test_logits_match_transformers(tmp_path, case, record_property):
 
 
 # MHA untied, GQA 8:1 tied with llama3 scaling, GQA 2:1 sharded
-CHUNKED = [(8, False, False, "rope_scaling", False), (1, True, True, "rope_parameters", False),
-           (4, False, True, "rope_scaling", True)]
+CHUNKED = [
+    (8, False, False, "rope_scaling", False),
+    (1, True, True, "rope_parameters", False),
+    (4, False, True, "rope_scaling", True),
+]
 
 
 @pytest.mark.parametrize("case", CHUNKED, ids=[_id(c) for c in CHUNKED])
 def test_chunked_attention_matches_transformers(tmp_path, case):
     """The memory-linear attention (block 128 here, so 520 tokens span 5 blocks, the last partial)."""
     kv, tied, scaling, style, shards = case
-    path, ref_model = make_hf_checkpoint(tmp_path / "hf", heads=HEADS, kv_heads=kv, tied=tied, scaling=scaling,
-                                         style=style, shards=shards, seed=11, max_pos=1024)
+    path, ref_model = make_hf_checkpoint(
+        tmp_path / "hf",
+        heads=HEADS,
+        kv_heads=kv,
+        tied=tied,
+        scaling=scaling,
+        style=style,
+        shards=shards,
+        seed=11,
+        max_pos=1024,
+    )
     model = jaxvocab.load(path, show_progress=False, attention="chunked")
     assert model.attention == "chunked"
     ids = random_ids(256, batch=1, length=LENGTH, seed=11)
@@ -113,6 +140,7 @@ def test_chunked_attention_matches_transformers(tmp_path, case):
 @contextlib.contextmanager
 def _block(n: int):
     from jaxvocab import attention
+
     old, attention.BLOCK = attention.BLOCK, n
     try:
         yield
@@ -147,6 +175,7 @@ def test_inverse_frequencies_bitwise_equal_to_transformers(config):
     difference here is an angle error of position x ulp, visible at long context."""
     from transformers import LlamaConfig as TFConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
     for c in (config, config.replace(rope_scaling=None)):
         ref = LlamaRotaryEmbedding(TFConfig.from_dict(c.to_hf_dict()))
         assert ref.attention_scaling == 1.0
@@ -156,13 +185,15 @@ def test_inverse_frequencies_bitwise_equal_to_transformers(config):
 # ------------------------------------------------------------------------- masks, packing, bfloat16
 @pytest.fixture(scope="module")
 def gqa(tmp_path_factory):
-    path, ref = make_hf_checkpoint(tmp_path_factory.mktemp("gqa") / "hf", heads=HEADS, kv_heads=2, scaling=True,
-                                   seed=7, max_pos=2048)
+    path, ref = make_hf_checkpoint(
+        tmp_path_factory.mktemp("gqa") / "hf", heads=HEADS, kv_heads=2, scaling=True, seed=7, max_pos=2048
+    )
     return path, ref, jaxvocab.load(path, show_progress=False)
 
 
 def test_left_padding_matches_transformers(gqa):
     import torch
+
     _, ref, model = gqa
     ids = random_ids(256, batch=2, length=LENGTH, seed=3)
     pad = 120
@@ -177,7 +208,9 @@ def test_left_padding_matches_transformers(gqa):
     # Positions counted from the first real token (what generation does): the padded row then
     # equals the same tokens run unpadded.
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    want = torch_logits(ref, ids, attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions, dtype=torch.long))
+    want = torch_logits(
+        ref, ids, attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions, dtype=torch.long)
+    )
     got = logits(model, ids, attention_mask=mask, positions=positions)
     assert_parity(got[1, pad:], want[1, pad:])
     alone = logits(model, ids[1:, pad:])
@@ -193,21 +226,23 @@ def test_packed_segments_equal_documents_run_alone(gqa, attention):
     b = random_ids(256, batch=1, length=300, seed=5)[0]
     tail = np.zeros(20, np.int32)
     ids = np.stack([np.concatenate([a, b, tail]), np.concatenate([b, a, tail])])
-    seg = np.stack([np.repeat([1, 2, 0], [len(a), len(b), 20]), np.repeat([1, 2, 0], [len(b), len(a), 20])]).astype(np.int32)
+    seg = np.stack([np.repeat([1, 2, 0], [len(a), len(b), 20]), np.repeat([1, 2, 0], [len(b), len(a), 20])]).astype(
+        np.int32
+    )
     packed = logits(model, ids, segment_ids=seg)
     alone_a, alone_b = logits(model, a[None])[0], logits(model, b[None])[0]
-    np.testing.assert_allclose(packed[0, :len(a)], alone_a, atol=SELF_TOL, rtol=0)
-    np.testing.assert_allclose(packed[0, len(a):len(a) + len(b)], alone_b, atol=SELF_TOL, rtol=0)
-    np.testing.assert_allclose(packed[1, :len(b)], alone_b, atol=SELF_TOL, rtol=0)
-    np.testing.assert_allclose(packed[1, len(b):len(a) + len(b)], alone_a, atol=SELF_TOL, rtol=0)
-    assert_parity(packed[0, :len(a)], torch_logits(ref, a[None])[0])
-    assert_parity(packed[0, len(a):len(a) + len(b)], torch_logits(ref, b[None])[0])
+    np.testing.assert_allclose(packed[0, : len(a)], alone_a, atol=SELF_TOL, rtol=0)
+    np.testing.assert_allclose(packed[0, len(a) : len(a) + len(b)], alone_b, atol=SELF_TOL, rtol=0)
+    np.testing.assert_allclose(packed[1, : len(b)], alone_b, atol=SELF_TOL, rtol=0)
+    np.testing.assert_allclose(packed[1, len(b) : len(a) + len(b)], alone_a, atol=SELF_TOL, rtol=0)
+    assert_parity(packed[0, : len(a)], torch_logits(ref, a[None])[0])
+    assert_parity(packed[0, len(a) : len(a) + len(b)], torch_logits(ref, b[None])[0])
     unpacked = logits(model, ids)
-    assert np.abs(unpacked[0, len(a):len(a) + len(b)] - alone_b).max() > 1e-2  # segments are doing the work
+    assert np.abs(unpacked[0, len(a) : len(a) + len(b)] - alone_b).max() > 1e-2  # segments are doing the work
 
 
 def _logits_with(attention, model, ids, **kw):
-    with _block(128):   # chunked: documents of 520 and 300 tokens cross 128-token block edges
+    with _block(128):  # chunked: documents of 520 and 300 tokens cross 128-token block edges
         return logits(model, ids, attention=attention, **kw)
 
 

@@ -24,7 +24,7 @@ def model(request, tmp_path_factory):
 
 def _tokens(length=520):  # parity-length inputs
     x = random_ids(256, batch=2, length=length, seed=3)
-    x[:, ::5] = 7          # chosen ids appear as inputs and as targets, often
+    x[:, ::5] = 7  # chosen ids appear as inputs and as targets, often
     x[:, 2::11] = 100
     x[1, 3::17] = 255
     return jnp.asarray(x)
@@ -75,13 +75,16 @@ def test_row_grads_equal_dense_grad_rows(model, tables):
         # tied: the dense embed grad already sums the embedding and head contributions
         want = _as_np(dense["embed"][...])[ids]
         np.testing.assert_allclose(_as_np(got["embed_rows"]), want, atol=1e-6, rtol=0)
-        assert np.abs(want).max() > 1e-3   # the comparison is not between zeros
+        assert np.abs(want).max() > 1e-3  # the comparison is not between zeros
     if not tied and tables in ("both", "head"):
         want = _as_np(dense["lm_head"][...])[ids]
         np.testing.assert_allclose(_as_np(got["head_rows"]), want, atol=1e-6, rtol=0)
         assert np.abs(want).max() > 1e-3
-    expected = {"both": {"embed_rows", "head_rows"} if not tied else {"embed_rows"},
-                "embed": {"embed_rows"}, "head": {"head_rows"}}[tables]
+    expected = {
+        "both": {"embed_rows", "head_rows"} if not tied else {"embed_rows"},
+        "embed": {"embed_rows"},
+        "head": {"head_rows"},
+    }[tables]
     assert set(got) == expected
 
 
@@ -90,7 +93,9 @@ def test_forward_equals_model_and_merge_round_trip(model):
     rm = row_split.split(model, IDS)
     np.testing.assert_allclose(_as_np(_fwd(rm, x)), _as_np(_fwd(model, x)), atol=2e-5, rtol=0)
     merged = row_split.merge(rm)
-    for a, b in zip(jax.tree.leaves(nnx.state(merged, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param)), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(merged, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param)), strict=True
+    ):
         assert np.array_equal(_as_np(a), _as_np(b))
 
 

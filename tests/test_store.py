@@ -24,11 +24,26 @@ def tok_model(tmp_path_factory, llama3_tokenizer_dir):
     d = tmp_path_factory.mktemp("tokmodel")
     for f in llama3_tokenizer_dir.iterdir():
         shutil.copy(f, d / f.name)
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 64,
-        "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True,
-        "bos_token_id": 128000, "eos_token_id": 128001}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "vocab_size": 128256,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 512,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 500000.0,
+                "tie_word_embeddings": True,
+                "bos_token_id": 128000,
+                "eos_token_id": 128001,
+            }
+        )
+    )
     return d
 
 
@@ -55,19 +70,23 @@ def _arrays(path):
 def test_tokenize_workers_formats_and_same_docs_as_jsonl(tok_model, tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     recs = _records()
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in recs) + "\n")
     with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write(jsonl.read_text())
     rows = [{k: r.get(k) for k in ("text", "messages", "input_ids", "loss_mask")} for r in recs]  # absent: null
-    pq.write_table(pa.Table.from_pylist(rows[:700]), tmp_path / "c1.parquet")   # split as `datasets` shards
+    pq.write_table(pa.Table.from_pylist(rows[:700]), tmp_path / "c1.parquet")  # split as `datasets` shards
     pq.write_table(pa.Table.from_pylist(rows[700:]), tmp_path / "c2.parquet")
-    runs = {"one": ([jsonl], 1), "two": ([jsonl], 2), "gz": ([tmp_path / "b.jsonl.gz"], 1),
-            "parquet": ([tmp_path / "c1.parquet", tmp_path / "c2.parquet"], 1)}
+    runs = {
+        "one": ([jsonl], 1),
+        "two": ([jsonl], 2),
+        "gz": ([tmp_path / "b.jsonl.gz"], 1),
+        "parquet": ([tmp_path / "c1.parquet", tmp_path / "c2.parquet"], 1),
+    }
     for name, (srcs, workers) in runs.items():
-        code = main(["tokenize", "--model", tok_model, "--data", *srcs, "--out", tmp_path / name,
-                     "--workers", workers])
+        code = main(["tokenize", "--model", tok_model, "--data", *srcs, "--out", tmp_path / name, "--workers", workers])
         assert code == 0, capsys.readouterr().err
     one = _arrays(tmp_path / "one")
     for name in ("two", "gz", "parquet"):
@@ -81,6 +100,7 @@ def test_tokenize_workers_formats_and_same_docs_as_jsonl(tok_model, tmp_path, ca
     for i in (0, 1, 2, 500, len(docs) - 1):
         assert np.array_equal(st[i].ids, docs[i].ids) and np.array_equal(st[i].mask, docs[i].mask.astype(np.uint8))
     import grain  # the store is a random-access source Grain reads as is
+
     ds = grain.MapDataset.source(st)
     assert len(ds) == len(docs) and np.array_equal(ds[7].ids, docs[7].ids)
     # a store packs exactly like the same docs in memory, and reading one row reads only that row
@@ -99,7 +119,7 @@ def test_a_killed_tokenize_leaves_no_store(tok_model, tmp_path, capsys):
     code = main(["tokenize", "--model", tok_model, "--data", bad, "--out", tmp_path / "st", "--workers", 2])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "bad.jsonl:601: 'text' must be a string" in err, err
-    assert list(tmp_path.iterdir()) == [bad]           # no store, no temp dir left behind
+    assert list(tmp_path.iterdir()) == [bad]  # no store, no temp dir left behind
 
 
 def _corrupt(kind, d):
@@ -125,31 +145,59 @@ def _corrupt(kind, d):
         (d / "manifest.json").write_text(json.dumps(dict(m, tokenizer="0" * 64)))
 
 
-@pytest.mark.parametrize("kind, match", [
-    ("truncated tokens", "the manifest implies"), ("missing mask", "mask.bin: missing"),
-    ("manifest", "corrupt manifest"), ("no manifest", "not a tokenized store"),
-    ("offsets", "offsets do not match the manifest"), ("offsets garbage", "offsets.npy: unreadable"),
-    ("ids", "outside [0, 256)"), ("tokenizer", "another tokenizer"),
-])
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("truncated tokens", "the manifest implies"),
+        ("missing mask", "mask.bin: missing"),
+        ("manifest", "corrupt manifest"),
+        ("no manifest", "not a tokenized store"),
+        ("offsets", "offsets do not match the manifest"),
+        ("offsets garbage", "offsets.npy: unreadable"),
+        ("ids", "outside [0, 256)"),
+        ("tokenizer", "another tokenizer"),
+    ],
+)
 def test_bad_store_is_a_one_line_error(tmp_path, capsys, kind, match):
     from tests.builders import make_hf_checkpoint
+
     model, _ = make_hf_checkpoint(tmp_path / "m", tied=True, max_pos=64)
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"input_ids": list(range(i, i + 20))}) + "\n" for i in range(30)))
     assert main(["tokenize", "--model", model, "--data", src, "--out", tmp_path / "st"]) == 0
     _corrupt(kind, tmp_path / "st")
     capsys.readouterr()
-    code = main(["--model", model, "--data", tmp_path / "st", "--out", tmp_path / "run", "--trainable", "ids:5",
-                 "--steps", 1, "--batch-size", 2, "--seq-len", 32, "--quiet"])
+    code = main(
+        [
+            "--model",
+            model,
+            "--data",
+            tmp_path / "st",
+            "--out",
+            tmp_path / "run",
+            "--trainable",
+            "ids:5",
+            "--steps",
+            1,
+            "--batch-size",
+            2,
+            "--seq-len",
+            32,
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and match in err, err
 
 
-@pytest.mark.parametrize("flags, match", [
-    (["--coordinator", "127.0.0.1:1234"], "--num-processes, --process-id missing"),
-    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "need 0 <= process-id < num-processes"),
-    (["--coordinator", "nohostport", "--num-processes", "2", "--process-id", "0"], "expected HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--coordinator", "127.0.0.1:1234"], "--num-processes, --process-id missing"),
+        (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "need 0 <= process-id < num-processes"),
+        (["--coordinator", "nohostport", "--num-processes", "2", "--process-id", "0"], "expected HOST:PORT"),
+    ],
+)
 def test_distributed_flags_are_checked(tmp_path, capsys, flags, match):
     code = main(["--model", tmp_path, "--data", tmp_path, "--out", tmp_path / "o", *flags])
     err = capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Tokenizer parity with Meta (tiktoken) and HF, chat masking, vocabulary edits and file export."""
+
 import json
 import os
 import shutil
@@ -41,8 +42,8 @@ CORPUS = [
     "สวัสดีชาวโลก นี่คือประโยคภาษาไทย",
     "Größenwahn über Äpfel, Öl und Übermut; straße — Fußgängerübergänge.",
     "def f(x):\n\tif x > 0:\n\t\treturn x ** 2\n\telse:\n\t\treturn -x\n",
-    "#include <stdio.h>\nint main(void) {\n    printf(\"%d\\n\", 42);\n    return 0;\n}\n",
-    "fn main() {\n    let v: Vec<u32> = (0..10).map(|x| x * x).collect();\n    println!(\"{:?}\", v);\n}",
+    '#include <stdio.h>\nint main(void) {\n    printf("%d\\n", 42);\n    return 0;\n}\n',
+    'fn main() {\n    let v: Vec<u32> = (0..10).map(|x| x * x).collect();\n    println!("{:?}", v);\n}',
     "const f = async (a, b) => { await g(a ?? b); };\r\n// comment\r\n",
     "SELECT id, name FROM users WHERE age >= 18 ORDER BY name DESC;",
     "Emoji: 😀👍🏽 family 👨‍👩‍👧‍👦 rainbow flag 🏳️‍🌈 flags 🇺🇸🇯🇵🇩🇪 keycap 1️⃣",
@@ -84,6 +85,7 @@ def tok_model_only(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_tok():
     from tokenizers import Tokenizer
+
     return Tokenizer.from_file(os.path.join(TOK_DIR, "tokenizer.json"))
 
 
@@ -179,6 +181,7 @@ def test_encode_chat(tok):
     with open(os.path.join(TOK_DIR, "tokenizer_config.json")) as f:
         template = json.load(f).get("chat_template") or LLAMA3_CHAT_TEMPLATE
     from transformers import AutoTokenizer
+
     hf = AutoTokenizer.from_pretrained(TOK_DIR)
     out = hf.apply_chat_template(MESSAGES, chat_template=template, tokenize=True, add_generation_prompt=False)
     if not isinstance(out, list):
@@ -187,9 +190,13 @@ def test_encode_chat(tok):
 
 
 def test_encode_chat_eom_and_errors(tok):
-    ids, mask = tok.encode_chat([{"role": "user", "content": "run it"},
-                                 {"role": "assistant", "content": "<|python_tag|>x()", "end": "eom"},
-                                 {"role": "ipython", "content": "ok"}])
+    ids, mask = tok.encode_chat(
+        [
+            {"role": "user", "content": "run it"},
+            {"role": "assistant", "content": "<|python_tag|>x()", "end": "eom"},
+            {"role": "ipython", "content": "ok"},
+        ]
+    )
     k = ids.index(128008)
     assert mask[k] == 1 and 128009 in ids and mask[-1] == 0
     assert 128010 not in ids  # special text in content stays ordinary text
@@ -198,8 +205,9 @@ def test_encode_chat_eom_and_errors(tok):
 
 
 def test_with_tokens(tok):
-    t2 = tok.with_tokens({128002: "<think>", 128003: "<|ctrl|>"},
-                         {128257: "</think>", 128258: "<|tool|>"}, special={128003, 128258})
+    t2 = tok.with_tokens(
+        {128002: "<think>", 128003: "<|ctrl|>"}, {128257: "</think>", 128258: "<|tool|>"}, special={128003, 128258}
+    )
     assert tok.encode("<think>") != [128002]  # original untouched
     assert t2.added == {128002: "<think>", 128003: "<|ctrl|>", 128257: "</think>", 128258: "<|tool|>"}
     assert t2.added_plain == {"<think>", "</think>"}
@@ -229,11 +237,13 @@ def test_write_tokenizer_files_llama(tmp_path, tok):
     written = write_tokenizer_files(TOK_DIR, out, renamed, appended, {128003, 128258}, vocab_size=128264)
     assert sorted(written) == ["tokenizer.json", "tokenizer_config.json"]
     from jaxvocab.io import carried
-    assert carried.carry(TOK_DIR, out, ["tokenizer.model"]) == ["tokenizer.model"]   # parsed, re-written
+
+    assert carried.carry(TOK_DIR, out, ["tokenizer.model"]) == ["tokenizer.model"]  # parsed, re-written
     assert dir_hashes(TOK_DIR) == before
     assert (out / "tokenizer.model").read_bytes() == open(os.path.join(TOK_DIR, "tokenizer.model"), "rb").read()
 
     from transformers import AutoTokenizer
+
     hf = AutoTokenizer.from_pretrained(str(out))
     vocab = hf.get_vocab()
     for i, s in {**renamed, **appended}.items():
@@ -288,6 +298,7 @@ def test_write_tokenizer_files_gpt2_style(tmp_path):
     assert dir_hashes(str(src)) == before
 
     from transformers import AutoTokenizer
+
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     for i, s in appended.items():
         assert hf.convert_tokens_to_ids(s) == i

@@ -27,8 +27,8 @@ def _docs(n=24, seed=0):
     docs = []
     for _ in range(n):
         ids = rs.randint(0, V, rs.randint(8, 40)).astype(np.int32)
-        ids[rs.rand(len(ids)) < 0.2] = rs.choice(IDS)       # the chosen ids occur often
-        mask = (rs.rand(len(ids)) < 0.8).astype(np.float32)   # and some targets are masked out
+        ids[rs.rand(len(ids)) < 0.2] = rs.choice(IDS)  # the chosen ids occur often
+        mask = (rs.rand(len(ids)) < 0.8).astype(np.float32)  # and some targets are masked out
         mask[1] = 1
         docs.append(Doc(ids, mask))
     return docs
@@ -57,7 +57,7 @@ def test_schedule_warmup_cosine_and_constant():
     cfg = loop.TrainConfig(steps=10, lr=1e-2, warmup=2)
     lr = loop.schedule(cfg)
     assert [float(lr(s)) for s in (0, 1, 2)] == pytest.approx([0.0, 5e-3, 1e-2])
-    assert float(lr(6)) == pytest.approx(5e-3, rel=1e-5)            # half-way through the cosine
+    assert float(lr(6)) == pytest.approx(5e-3, rel=1e-5)  # half-way through the cosine
     assert float(lr(10)) == pytest.approx(0.0, abs=1e-9)
     const = loop.schedule(loop.TrainConfig(steps=10, lr=1e-2, schedule="constant"))
     assert [float(const(s)) for s in (0, 5, 9)] == pytest.approx([1e-2] * 3)
@@ -80,12 +80,15 @@ def test_step_trains_only_rows_with_kxd_state(ckpt, mesh1):
     for _ in range(3):
         m = jax.device_get(trainer.step(packer.next()))
         assert np.isfinite(m["loss"]) and m["grad_norm"] > 0
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(_host(trainer.frozen)), strict=True))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(_host(trainer.frozen)), strict=True)
+    )
     merged = _host(nnx.to_pure_dict(nnx.state(row_split.merge(trainer.model()), nnx.Param)))
     keep = np.setdiff1d(np.arange(V), IDS)
     for table in ("embed", "lm_head"):
         assert np.array_equal(merged[table][keep], before[table][keep])
-        assert not np.any(np.all(merged[table][IDS] == before[table][IDS], axis=1))   # every chosen row moved
+        assert not np.any(np.all(merged[table][IDS] == before[table][IDS], axis=1))  # every chosen row moved
     for name in before["layers"]:
         assert np.array_equal(merged["layers"][name], before["layers"][name])
     assert np.array_equal(merged["norm"], before["norm"])
@@ -111,7 +114,11 @@ def test_accumulation_equals_one_big_batch_and_loss_is_masked_mean(ckpt, mesh1):
     # the reported loss is the mean NLL over the weighted targets of the whole batch
     mb = jax.tree.map(lambda a: a[0], big)
     logits = np.asarray(_logits(model, mb), np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
     nll = -np.take_along_axis(logp, mb.targets[..., None], -1)[..., 0]
     assert m1["loss"] == pytest.approx((nll * mb.weights).sum() / mb.weights.sum(), abs=1e-5)
     assert m1["targets"] == mb.weights.sum()
@@ -124,10 +131,11 @@ def test_chunked_loss_grads_equal_dense_grads(ckpt, tmp_path, monkeypatch, tied,
     model = _model(make_hf_checkpoint(tmp_path / "tied", tied=True, seed=4)[0] if tied else ckpt)
     batch = _batch(_docs(), 2, 2, T=40)
     monkeypatch.setattr(loss, "LOSS_CHUNK_BYTES", 4 * V * 2 * 16)
-    assert loss.chunk_len(2, 40, V) == 16                      # 3 chunks, the last one padded
+    assert loss.chunk_len(2, 40, V) == 16  # 3 chunks, the last one padded
     graphdef, params, frozen = nnx.split(row_split.split(model, IDS, tables), nnx.Param, row_split.Frozen)
     total, count, grads = jax.jit(functools.partial(loop.batch_grads, graphdef))(
-        nnx.to_pure_dict(params), nnx.to_pure_dict(frozen), batch)
+        nnx.to_pure_dict(params), nnx.to_pure_dict(frozen), batch
+    )
 
     def dense(m):
         s = 0.0
@@ -143,7 +151,7 @@ def test_chunked_loss_grads_equal_dense_grads(ckpt, tmp_path, monkeypatch, tied,
     assert set(grads) == {r for r, _ in pairs[tables]} - ({"head_rows"} if tied else set())
     for rows, table in pairs[tables]:
         if tied and table == "lm_head":
-            continue     # tied: one set of rows, its gradient is the embed table's (both uses)
+            continue  # tied: one set of rows, its gradient is the embed table's (both uses)
         want = np.asarray(g[table][...])[IDS]
         np.testing.assert_allclose(np.asarray(grads[rows]), want, atol=1e-5 * np.abs(want).max(), rtol=0)
 
@@ -178,7 +186,7 @@ def test_mesh_matches_single_device(ckpt, mesh1, mesh24):
     t = out["mesh"][2]
     # rows and optimizer state stay replicated step after step (one compiled program, exact resume)
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves((t.params, t.opt_state)))
-    assert t.frozen["embed"].sharding.spec == P("tensor", "fsdp")     # frozen tables stay sharded
+    assert t.frozen["embed"].sharding.spec == P("tensor", "fsdp")  # frozen tables stay sharded
     assert t.put(_batch(docs, 2, 2)).inputs.sharding.spec == P(None, ("data", "fsdp"), None)
 
 
@@ -214,10 +222,15 @@ def test_run_resume_from_checkpoint_is_exact(ckpt, mesh1, tmp_path):
     for step in ("4", "6"):
         shutil.rmtree(tmp_path / "b" / "checkpoints" / step)
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
-        f.write('{"step": 5, "loss": 1.0')            # a half-written line from the "killed" run
-    resumed = loop.run(row_split.split(_model(ckpt), IDS), cfg, mesh1, docs, tmp_path / "b", resume=True,
-                       show_progress=False)
-    for a, b in zip(jax.tree.leaves(_host(row_split.row_values(full))), jax.tree.leaves(_host(row_split.row_values(resumed))), strict=True):
+        f.write('{"step": 5, "loss": 1.0')  # a half-written line from the "killed" run
+    resumed = loop.run(
+        row_split.split(_model(ckpt), IDS), cfg, mesh1, docs, tmp_path / "b", resume=True, show_progress=False
+    )
+    for a, b in zip(
+        jax.tree.leaves(_host(row_split.row_values(full))),
+        jax.tree.leaves(_host(row_split.row_values(resumed))),
+        strict=True,
+    ):
         assert np.array_equal(a, b)
     lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]

@@ -50,16 +50,45 @@ def _host(a):
 def test_end_to_end(setup, tmp_path, capsys):
     ckpt, data, evalf = setup
     out, hf = tmp_path / "run", tmp_path / "hf"
-    code, cap = _run(capsys, "--model", ckpt, "--data", data, "--eval", evalf, "--out", out, "--trainable", f"ids:{IDS}",
-                     "--steps", 20, "--batch-size", 4, "--seq-len", 64, "--lr", 3e-2, "--warmup", 2, "--dtype", "float32",
-                     "--save-every", 10, "--eval-every", 5, "--export-hf", hf, "--quiet")
+    code, cap = _run(
+        capsys,
+        "--model",
+        ckpt,
+        "--data",
+        data,
+        "--eval",
+        evalf,
+        "--out",
+        out,
+        "--trainable",
+        f"ids:{IDS}",
+        "--steps",
+        20,
+        "--batch-size",
+        4,
+        "--seq-len",
+        64,
+        "--lr",
+        3e-2,
+        "--warmup",
+        2,
+        "--dtype",
+        "float32",
+        "--save-every",
+        10,
+        "--eval-every",
+        5,
+        "--export-hf",
+        hf,
+        "--quiet",
+    )
     assert code == 0, cap.err
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == list(range(1, 21))
     assert all({"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= set(r) for r in recs)
     evals = [r for r in recs if "eval_loss" in r]
     assert [r["step"] for r in evals] == [5, 10, 15, 20] and all("new_token_acc" in r for r in evals)
-    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.05      # the rows learned something
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.05  # the rows learned something
     assert (out / "loss.png").stat().st_size > 1000
     assert sorted(os.listdir(out / "checkpoints")) == ["10", "20"]
     before, after = jaxvocab.load(ckpt, show_progress=False), jaxvocab.load(out / "final", show_progress=False)
@@ -72,44 +101,72 @@ def test_end_to_end(setup, tmp_path, capsys):
     # the HF export is what transformers loads
     import torch
     from transformers import LlamaForCausalLM
+
     tm = LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32)
     assert np.array_equal(tm.model.embed_tokens.weight.detach().numpy(), e1)
 
 
-@pytest.mark.parametrize("extra, code, match", [
-    (["--trainable", "new"], 2, "no vocab_plan.json"),
-    (["--trainable", "ids:"], 2, "no trainable ids"),
-    (["--trainable", "ids:5,x"], 2, "integers"),
-    (["--trainable", "ids:999"], 2, "outside the model's vocabulary"),
-    (["--trainable", "tokens:@nope.txt"], 2, "no tokenizer files"),
-    (["--seq-len", "4096"], 2, "max_position_embeddings"),
-    (["--steps", "0"], 2, "--steps 0"),
-    (["--tables", "embed"], 2, "ties embedding and head"),
-    (["--mesh", "fsdp=3"], 2, "--mesh"),
-    (["--data", "MISSING"], 1, "no such file"),
-    (["--data", "BAD"], 1, "bad.jsonl:2: invalid JSON"),
-    (["--model", "NOMODEL"], 1, "no such file or directory"),
-])
+@pytest.mark.parametrize(
+    "extra, code, match",
+    [
+        (["--trainable", "new"], 2, "no vocab_plan.json"),
+        (["--trainable", "ids:"], 2, "no trainable ids"),
+        (["--trainable", "ids:5,x"], 2, "integers"),
+        (["--trainable", "ids:999"], 2, "outside the model's vocabulary"),
+        (["--trainable", "tokens:@nope.txt"], 2, "no tokenizer files"),
+        (["--seq-len", "4096"], 2, "max_position_embeddings"),
+        (["--steps", "0"], 2, "--steps 0"),
+        (["--tables", "embed"], 2, "ties embedding and head"),
+        (["--mesh", "fsdp=3"], 2, "--mesh"),
+        (["--data", "MISSING"], 1, "no such file"),
+        (["--data", "BAD"], 1, "bad.jsonl:2: invalid JSON"),
+        (["--model", "NOMODEL"], 1, "no such file or directory"),
+    ],
+)
 def test_bad_inputs_one_line_errors(setup, tmp_path, capsys, extra, code, match):
     ckpt, data, _ = setup
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2\n')
     subst = {"MISSING": tmp_path / "missing.jsonl", "BAD": bad, "NOMODEL": tmp_path / "nomodel"}
     extra = [str(subst.get(x, x)) for x in extra]
-    args = ["--model", ckpt, "--data", data, "--out", tmp_path / "out", "--trainable", f"ids:{IDS}",
-            "--seq-len", 64, "--quiet"] + extra
+    args = [
+        "--model",
+        ckpt,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "out",
+        "--trainable",
+        f"ids:{IDS}",
+        "--seq-len",
+        64,
+        "--quiet",
+    ] + extra
     got, cap = _run(capsys, *args)
     assert got == code, cap.err
     assert cap.err.startswith("error: ") and cap.err.strip().count("\n") == 0 and match in cap.err, cap.err
-    assert not (tmp_path / "out").exists()           # nothing half-written
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_existing_out_and_flag_conflicts(setup, tmp_path, capsys):
     ckpt, data, _ = setup
     out = tmp_path / "run"
     out.mkdir()
-    base = ["--model", ckpt, "--data", data, "--out", out, "--trainable", f"ids:{IDS}", "--seq-len", 32,
-            "--steps", 2, "--quiet"]   # default --dtype bfloat16 compute over the f32 checkpoint
+    base = [
+        "--model",
+        ckpt,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--trainable",
+        f"ids:{IDS}",
+        "--seq-len",
+        32,
+        "--steps",
+        2,
+        "--quiet",
+    ]  # default --dtype bfloat16 compute over the f32 checkpoint
     code, cap = _run(capsys, *base)
     assert code == 2 and "--resume" in cap.err and "--overwrite" in cap.err
     code, cap = _run(capsys, *base, "--resume", "--overwrite")
@@ -130,6 +187,7 @@ def test_trainable_specs(tmp_path, llama3_tokenizer_dir):
     from jaxvocab.tokenizer import load_tokenizer
     from jaxvocab.vocab import PlannedToken, VocabPlan
     from train.__main__ import resolve_trainable
+
     tok = load_tokenizer(llama3_tokenizer_dir)
     f = tmp_path / "tokens.txt"
     f.write_text("<|eot_id|>\n\nhello\n")
@@ -141,9 +199,19 @@ def test_trainable_specs(tmp_path, llama3_tokenizer_dir):
 
     path, _ = make_hf_checkpoint(tmp_path / "m", zero_rows=(10, 11, 12))
     model = jaxvocab.load(path, show_progress=False)
-    plan = VocabPlan([PlannedToken("<a>", 12, "reserved", "<|r|>"), PlannedToken("hi", 40, "existing"),
-                      PlannedToken("<b>", 200, "spare_row")], old_rows=256, new_rows=256, tokenizer_size_before=256,
-                     tokenizer_size_after=256, pad_to_multiple_of=1, padding_ids=[])
+    plan = VocabPlan(
+        [
+            PlannedToken("<a>", 12, "reserved", "<|r|>"),
+            PlannedToken("hi", 40, "existing"),
+            PlannedToken("<b>", 200, "spare_row"),
+        ],
+        old_rows=256,
+        new_rows=256,
+        tokenizer_size_before=256,
+        tokenizer_size_after=256,
+        pad_to_multiple_of=1,
+        padding_ids=[],
+    )
     model.vocab_plan = plan.to_json()
     assert resolve_trainable("new", model, None) == [12, 200]
     assert resolve_trainable("untrained", model, None) == [10, 11, 12]
@@ -159,17 +227,48 @@ def _env():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [[], ["--lora-rank", "2", "--lora-targets", "q,down", "--lora-dropout", "0.1"]],
-                         ids=["rows", "rows+lora"])
+@pytest.mark.parametrize(
+    "lora", [[], ["--lora-rank", "2", "--lora-targets", "q,down", "--lora-dropout", "0.1"]], ids=["rows", "rows+lora"]
+)
 def test_kill_9_and_resume_is_bit_identical(setup, tmp_path, lora):
     ckpt, data, _ = setup
     steps = 200
 
     def cmd(out, *extra):
-        return [sys.executable, "-m", "train", "--model", str(ckpt), "--data", str(data), "--out", str(out),
-                "--trainable", f"ids:{IDS}", "--steps", str(steps), "--batch-size", "2", "--seq-len", "32",
-                "--lr", "1e-2", "--warmup", "5", "--save-every", "7", "--keep", "2", "--dtype", "float32",
-                "--mesh", "fsdp=2", "--quiet", *lora, *extra]
+        return [
+            sys.executable,
+            "-m",
+            "train",
+            "--model",
+            str(ckpt),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--trainable",
+            f"ids:{IDS}",
+            "--steps",
+            str(steps),
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--lr",
+            "1e-2",
+            "--warmup",
+            "5",
+            "--save-every",
+            "7",
+            "--keep",
+            "2",
+            "--dtype",
+            "float32",
+            "--mesh",
+            "fsdp=2",
+            "--quiet",
+            *lora,
+            *extra,
+        ]
 
     ref = subprocess.run(cmd(tmp_path / "ref"), env=_env(), cwd=ROOT, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
@@ -195,7 +294,7 @@ def test_kill_9_and_resume_is_bit_identical(setup, tmp_path, lora):
     a = jaxvocab.load(tmp_path / "ref" / "final", show_progress=False)
     b = jaxvocab.load(out / "final", show_progress=False)
     assert np.array_equal(_host(a.embed[...]), _host(b.embed[...]))
-    for name, w in a.layers.weights().items():     # with --lora-rank: the merged adapters too
+    for name, w in a.layers.weights().items():  # with --lora-rank: the merged adapters too
         assert np.array_equal(_host(w), _host(b.layers.weights()[name])), name
 
 
@@ -203,9 +302,21 @@ def test_kill_9_and_resume_is_bit_identical(setup, tmp_path, lora):
 def test_mission_plan_expand_train_new_rows(tmp_path, capsys, llama3_tokenizer_dir):
     """Real Llama-3 tokenizer: plan two tokens, expand, train --trainable new on chat data, generate."""
     from jaxvocab.tokenizer import load_tokenizer
+
     tok = load_tokenizer(llama3_tokenizer_dir)
-    cfg = jaxvocab.LlamaConfig(tok.n_words, 64, 128, 2, 4, 2, rope_theta=10000.0, tie_word_embeddings=True,
-                               max_position_embeddings=512, eos_token_id=128001, dtype="float32")
+    cfg = jaxvocab.LlamaConfig(
+        tok.n_words,
+        64,
+        128,
+        2,
+        4,
+        2,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+        eos_token_id=128001,
+        dtype="float32",
+    )
     model = random_llama(cfg)
     model.source_dir = str(llama3_tokenizer_dir)
     plan = jaxvocab.plan_vocab(tok, ["<|lang_xx|>", "<think>"], model=model)
@@ -215,20 +326,43 @@ def test_mission_plan_expand_train_new_rows(tmp_path, capsys, llama3_tokenizer_d
     data = tmp_path / "chat.jsonl"
     with data.open("w") as f:
         for i in range(12):
-            msgs = [{"role": "user", "content": f"Say it in xx: number {i}"},
-                    {"role": "assistant", "content": f"<|lang_xx|> <think> {i} <|lang_xx|>"}]
+            msgs = [
+                {"role": "user", "content": f"Say it in xx: number {i}"},
+                {"role": "assistant", "content": f"<|lang_xx|> <think> {i} <|lang_xx|>"},
+            ]
             f.write(json.dumps({"messages": msgs}) + "\n")
     out = tmp_path / "run"
-    code, cap = _run(capsys, "--model", tmp_path / "ckpt", "--data", data, "--eval", data, "--out", out,
-                     "--steps", 6, "--batch-size", 8, "--seq-len", 64, "--lr", 5e-2, "--dtype", "float32",
-                     "--mesh", "data=8", "--quiet")
+    code, cap = _run(
+        capsys,
+        "--model",
+        tmp_path / "ckpt",
+        "--data",
+        data,
+        "--eval",
+        data,
+        "--out",
+        out,
+        "--steps",
+        6,
+        "--batch-size",
+        8,
+        "--seq-len",
+        64,
+        "--lr",
+        5e-2,
+        "--dtype",
+        "float32",
+        "--mesh",
+        "data=8",
+        "--quiet",
+    )
     assert code == 0, cap.err
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["eval_new_tokens"] > 0 and recs[-1]["new_token_acc"] is not None
     final = jaxvocab.load(out / "final", show_progress=False)
     assert (out / "final" / "vocab_plan.json").is_file() and final.vocab_plan
     ftok = load_tokenizer(out / "final")
-    assert all(ftok.encode(t.token, allowed_special="all") == [t.id] for t in plan.tokens)   # <|lang_xx|>: special
+    assert all(ftok.encode(t.token, allowed_special="all") == [t.id] for t in plan.tokens)  # <|lang_xx|>: special
     e0, e1 = _host(model.embed[...]), _host(final.embed[...])
     keep = np.setdiff1d(np.arange(cfg.vocab_size), new)
     assert np.array_equal(e0[keep], e1[keep]) and not np.array_equal(e0[new], e1[new])
@@ -244,11 +378,13 @@ def test_training_text_matches_the_plans_new_special_tokens(tmp_path, llama3_tok
     from jaxvocab.io.tokenizer_files import write_tokenizer_files
     from jaxvocab.tokenizer import load_tokenizer
     from train.__main__ import tokenizer_of
+
     tok = load_tokenizer(llama3_tokenizer_dir)
     plan = jaxvocab.plan_vocab(tok, ["<|tool|>"], special=True, pad_to_multiple_of=1)
     (tmp_path / "tok").mkdir()
-    write_tokenizer_files(llama3_tokenizer_dir, tmp_path / "tok", plan.renamed, plan.appended, plan.special_ids,
-                          plan.new_rows)
+    write_tokenizer_files(
+        llama3_tokenizer_dir, tmp_path / "tok", plan.renamed, plan.appended, plan.special_ids, plan.new_rows
+    )
     model = SimpleNamespace(source_dir=str(tmp_path / "tok"), vocab_plan=plan.to_json())
     (new_id,) = plan.renamed
     got = tokenizer_of(model).encode("call <|tool|> now <|eot_id|>")

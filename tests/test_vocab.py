@@ -1,5 +1,6 @@
 """Vocabulary planning against the real Llama-3 tokenizer files and a GPT-2-style one, and the
 untrained-row scan. Ids are checked against the files themselves and HF `tokenizers`."""
+
 import json
 import re
 import shutil
@@ -23,9 +24,19 @@ RESERVED = re.compile(r"<\|reserved_special_token_\d+\|>")
 
 # ------------------------------------------------------------------ helpers shared by the vocab tests
 def tiny_config(vocab: int, hidden: int = 64, layers: int = 2, tied: bool = False) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, rope_theta=10000.0,
-                       max_position_embeddings=4096, tie_word_embeddings=tied, dtype="float32")
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+        tie_word_embeddings=tied,
+        dtype="float32",
+    )
 
 
 def sharded_model(config: LlamaConfig, mesh, seed: int = 0, embed=None, head=None, norm=None, std=0.2) -> Llama:
@@ -73,6 +84,7 @@ def gpt2_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hf_tokenizer(llama3_tokenizer_dir):
     from tokenizers import Tokenizer
+
     return Tokenizer.from_file(str(llama3_tokenizer_dir / "tokenizer.json"))
 
 
@@ -80,8 +92,12 @@ def hf_tokenizer(llama3_tokenizer_dir):
 def test_existing_tokens_are_kept(tok31, hf_tokenizer):
     model = abstract_model(128256)
     plan = plan_vocab(tok31, ["<|eot_id|>", "hello", " world", "<|reserved_special_token_5|>"], model=model)
-    want = [128009, hf_tokenizer.token_to_id("hello"), hf_tokenizer.token_to_id("Ġworld"),
-            tok31.special_tokens["<|reserved_special_token_5|>"]]
+    want = [
+        128009,
+        hf_tokenizer.token_to_id("hello"),
+        hf_tokenizer.token_to_id("Ġworld"),
+        tok31.special_tokens["<|reserved_special_token_5|>"],
+    ]
     assert [t.id for t in plan.tokens] == want
     assert {t.action for t in plan.tokens} == {"existing"}
     assert plan.tokens[0].special and not plan.tokens[1].special
@@ -94,7 +110,9 @@ def test_existing_tokens_are_kept(tok31, hf_tokenizer):
 
 def test_reserved_reuse_ascending_then_append(tok_vision, llama3_tokenizer_dir):
     """The package's files are Llama-3.2-Vision's: 247 free slots, <|image|> at 128256."""
-    added = {e["id"]: e["content"] for e in json.loads((llama3_tokenizer_dir / "tokenizer.json").read_text())["added_tokens"]}
+    added = {
+        e["id"]: e["content"] for e in json.loads((llama3_tokenizer_dir / "tokenizer.json").read_text())["added_tokens"]
+    }
     free = sorted(i for i, t in added.items() if RESERVED.fullmatch(t))
     assert len(free) == 247 and free[:3] == [128002, 128003, 128011]
     new = [f"<|new_{i}|>" for i in range(250)]
@@ -105,11 +123,11 @@ def test_reserved_reuse_ascending_then_append(tok_vision, llama3_tokenizer_dir):
     assert plan.renamed == dict(zip(free, new[:247], strict=True))
     assert plan.appended == {128257: new[247], 128258: new[248], 128259: new[249]}
     assert [t.action for t in plan.tokens[247:]] == ["appended"] * 3
-    assert plan.unbacked_ids == [128256]          # <|image|> has no row in a 128256-row text model
+    assert plan.unbacked_ids == [128256]  # <|image|> has no row in a 128256-row text model
     assert (plan.tokenizer_size_before, plan.tokenizer_size_after) == (128257, 128260)
     assert plan.new_rows == 128384 and plan.padding_ids == list(range(128260, 128384))
     assert plan.reinit_ids == free + list(range(128256, 128384))
-    few = plan_vocab(tok_vision, ["<a>", "<b>", "<c>"])      # no model: rows = tokenizer ids
+    few = plan_vocab(tok_vision, ["<a>", "<b>", "<c>"])  # no model: rows = tokenizer ids
     assert [t.id for t in few.tokens] == [128002, 128003, 128011]
     assert few.old_rows == few.new_rows == 128257
 
@@ -122,8 +140,14 @@ def test_append_without_reuse_and_padding(tok31):
 
 
 def test_reuse_reserved_for_special_tokens_only(tok31):
-    plan = plan_vocab(tok31, ["<|tool|>", "jaxvocab", "<|lang|>"], reuse_reserved="special",
-                      special=["<|tool|>", "<|lang|>"], pad_to_multiple_of=64, model=abstract_model(128256))
+    plan = plan_vocab(
+        tok31,
+        ["<|tool|>", "jaxvocab", "<|lang|>"],
+        reuse_reserved="special",
+        special=["<|tool|>", "<|lang|>"],
+        pad_to_multiple_of=64,
+        model=abstract_model(128256),
+    )
     first, second = tok31.free_reserved()[:2]
     assert plan.renamed == {first: "<|tool|>", second: "<|lang|>"}
     assert plan.appended == {128256: "jaxvocab"} and plan.special_ids == {first, second}
@@ -132,7 +156,7 @@ def test_reuse_reserved_for_special_tokens_only(tok31):
 
 
 def test_reuse_reserved_modes_match_the_old_booleans(tok31):
-    """"all" / "none" are what True / False always meant; other values are a usage error."""
+    """ "all" / "none" are what True / False always meant; other values are a usage error."""
     model = abstract_model(128256)
     words = ["<|tool|>", "jaxvocab"]
     for mode, old, actions in (("all", True, ["reserved", "reserved"]), ("none", False, ["appended", "appended"])):
@@ -145,7 +169,7 @@ def test_reuse_reserved_modes_match_the_old_booleans(tok31):
 
 
 def test_pre_padded_rows_are_used_first(tok31):
-    model = abstract_model(128320)           # tokenizer 128256 ids, 64 spare padding rows
+    model = abstract_model(128320)  # tokenizer 128256 ids, 64 spare padding rows
     plan = plan_vocab(tok31, [f"<t{i}>" for i in range(70)], reuse_reserved=False, model=model)
     actions = [t.action for t in plan.tokens]
     assert actions == ["spare_row"] * 64 + ["appended"] * 6
@@ -155,20 +179,21 @@ def test_pre_padded_rows_are_used_first(tok31):
     fits = plan_vocab(tok31, [f"<t{i}>" for i in range(250)], model=model)
     assert [t.action for t in fits.tokens] == ["reserved"] * 248 + ["spare_row"] * 2
     assert fits.new_rows == 128320 and fits.padding_ids == list(range(128258, 128320))
-    assert 128300 not in fits.reinit_ids     # unused spare rows stay as they were
+    assert 128300 not in fits.reinit_ids  # unused spare rows stay as they were
 
 
 def test_default_padding_follows_the_mesh(gpt2_dir, mesh24, mesh1):
     tok = jaxvocab.load_tokenizer(gpt2_dir)
     on24 = sharded_model(tiny_config(tok.n_words), mesh24)
     on1 = sharded_model(tiny_config(tok.n_words), mesh1)
-    assert plan_vocab(tok, ["<x>"], model=on24).new_rows == 384          # >= 128 on several devices
+    assert plan_vocab(tok, ["<x>"], model=on24).new_rows == 384  # >= 128 on several devices
     assert plan_vocab(tok, ["<x>"], model=on1).new_rows == tok.n_words + 1
     assert plan_vocab(tok, ["<x>"], model=on24, pad_to_multiple_of=8).new_rows == 320
 
 
 def test_gpt2_style_tokenizer(gpt2_dir):
     from tokenizers import Tokenizer
+
     hf = Tokenizer.from_file(str(gpt2_dir / "tokenizer.json"))
     tok = jaxvocab.load_tokenizer(gpt2_dir)
     assert not tok.llama3
@@ -181,8 +206,13 @@ def test_gpt2_style_tokenizer(gpt2_dir):
 
 
 def test_bad_requests(tok31, tmp_path):
-    for bad, msg in ((["<a>", "<a>"], "twice"), ([""], "empty"), (["  \t"], "whitespace"), ([3], "not a string"),
-                     ({"<a>": " "}, "description")):
+    for bad, msg in (
+        (["<a>", "<a>"], "twice"),
+        ([""], "empty"),
+        (["  \t"], "whitespace"),
+        ([3], "not a string"),
+        ({"<a>": " "}, "description"),
+    ):
         with pytest.raises(VocabError, match=msg):
             plan_vocab(tok31, bad)
     with pytest.raises(UsageError, match="pad-to-multiple-of"):
@@ -196,8 +226,14 @@ def test_bad_requests(tok31, tmp_path):
 
 
 def test_plan_json_round_trip(tok31):
-    plan = plan_vocab(tok31, {"<a>": "a letter", "hello": None, "<b>": None}, special={"<b>"},
-                      reuse_reserved=True, pad_to_multiple_of=128, model=abstract_model(128256))
+    plan = plan_vocab(
+        tok31,
+        {"<a>": "a letter", "hello": None, "<b>": None},
+        special={"<b>"},
+        reuse_reserved=True,
+        pad_to_multiple_of=128,
+        model=abstract_model(128256),
+    )
     again = VocabPlan.from_json(plan.to_json())
     assert again == plan
     assert again.renamed == {128002: "<a>", 128003: "<b>"} and again.special_ids == {128003}
@@ -217,9 +253,9 @@ def test_find_untrained_tiny_zero_and_duplicate_rows(tok31, mesh24):
     embed = rng.normal(0, 0.02, (v, d)).astype(np.float32)
     head = rng.normal(0, 0.02, (v, d)).astype(np.float32)
     embed[[3, 4]] = 0.0
-    embed[5] = 1e-30                          # "zero" in some releases is a denormal-ish tiny value
+    embed[5] = 1e-30  # "zero" in some releases is a denormal-ish tiny value
     head[6] = 1e-9
-    head[[100, 200, 300]] = head[7]           # one non-zero head row repeated (Llama-3.1 base)
+    head[[100, 200, 300]] = head[7]  # one non-zero head row repeated (Llama-3.1 base)
     model = sharded_model(tiny_config(v), mesh24, embed=embed, head=head)
     assert find_untrained(model) == [3, 4, 5, 6, 7, 100, 200, 300]
     assert find_untrained(model, rel_eps=1e-33) == [3, 4, 7, 100, 200, 300]

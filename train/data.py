@@ -23,12 +23,13 @@ from jaxvocab.errors import DataError, JaxVocabError, brief
 
 
 class Doc(NamedTuple):
-    ids: np.ndarray    # int32 [n]
-    mask: np.ndarray   # float32 [n]: 1 where the token is a training target
+    ids: np.ndarray  # int32 [n]
+    mask: np.ndarray  # float32 [n]: 1 where the token is a training target
 
 
 class Batch(NamedTuple):
     """[K, B, T] arrays: K micro-batches of B rows of T tokens."""
+
     inputs: np.ndarray
     segments: np.ndarray
     targets: np.ndarray
@@ -78,11 +79,15 @@ def parse_record(obj, where: str, tok, vocab_size: int) -> Doc:
             ids, mask = _pretokenized(obj, where)
         elif "messages" in obj or "text" in obj:
             if tok is None:
-                raise DataError(f"{where}: 'text'/'messages' need the model's tokenizer files, which the checkpoint "
-                                "lacks; pass pre-tokenized 'input_ids' instead")
+                raise DataError(
+                    f"{where}: 'text'/'messages' need the model's tokenizer files, which the checkpoint "
+                    "lacks; pass pre-tokenized 'input_ids' instead"
+                )
             ids, mask = _tokenize(obj, where, tok)
         else:
-            raise DataError(f"{where}: expected a key 'text', 'messages' or 'input_ids' (got {brief(list(obj)) if obj else 'none'})")
+            raise DataError(
+                f"{where}: expected a key 'text', 'messages' or 'input_ids' (got {brief(list(obj)) if obj else 'none'})"
+            )
     except DataError:
         raise
     except JaxVocabError as e:
@@ -90,15 +95,18 @@ def parse_record(obj, where: str, tok, vocab_size: int) -> Doc:
     ids = np.asarray(ids, np.int64)
     bad = ids[(ids < 0) | (ids >= vocab_size)]
     if bad.size:
-        raise DataError(f"{where}: token id {int(bad[0])} is outside the model's vocabulary [0, {vocab_size}); "
-                        "tokenize with this model's tokenizer")
+        raise DataError(
+            f"{where}: token id {int(bad[0])} is outside the model's vocabulary [0, {vocab_size}); "
+            "tokenize with this model's tokenizer"
+        )
     return Doc(ids.astype(np.int32), np.asarray(mask, np.float32))
 
 
 def _pretokenized(obj: dict, where: str):
     ids, mask = obj["input_ids"], obj.get("loss_mask")
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and -2**31 <= i < 2**31
-                                            for i in ids):
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and -(2**31) <= i < 2**31 for i in ids
+    ):
         raise DataError(f"{where}: 'input_ids' must be a list of integers (int32 token ids)")
     if mask is None:
         return ids, [1] * len(ids)
@@ -160,8 +168,7 @@ class Packer:
     are then read only for the rows asked for (`next(rows=...)`), so a host reads its share only.
     """
 
-    def __init__(self, docs, seq_len: int, batch_size: int, grad_accum: int = 1,
-                 seed: int = 0, shuffle: bool = True):
+    def __init__(self, docs, seq_len: int, batch_size: int, grad_accum: int = 1, seed: int = 0, shuffle: bool = True):
         if seq_len < 2:
             raise DataError(f"seq_len={seq_len}: need at least 2 tokens per row (one input, one target)")
         self.source = MemoryDocs(docs) if isinstance(docs, list) else docs
@@ -229,10 +236,10 @@ def place(row, pos: int, seg: int, doc: Doc) -> None:
     """Write a document piece into row at pos: inputs, segment, next-token targets and their weights."""
     inputs, segments, targets, weights = row
     n = len(doc.ids)
-    inputs[pos:pos + n] = doc.ids
-    segments[pos:pos + n] = seg
-    targets[pos:pos + n - 1] = doc.ids[1:]
-    weights[pos:pos + n - 1] = doc.mask[1:]
+    inputs[pos : pos + n] = doc.ids
+    segments[pos : pos + n] = seg
+    targets[pos : pos + n - 1] = doc.ids[1:]
+    weights[pos : pos + n - 1] = doc.mask[1:]
 
 
 def eval_batches(docs: list[Doc], seq_len: int, batch_size: int) -> list[Batch]:
@@ -242,5 +249,7 @@ def eval_batches(docs: list[Doc], seq_len: int, batch_size: int) -> list[Batch]:
     while packer.state["epoch"] == 0:
         rows.append(packer.row(within_epoch=True))
     rows += [[np.zeros_like(a) for a in rows[0]] for _ in range(-len(rows) % batch_size)]
-    return [Batch(*(np.stack([r[i] for r in rows[b:b + batch_size]])[None] for i in range(4)))
-            for b in range(0, len(rows), batch_size)]
+    return [
+        Batch(*(np.stack([r[i] for r in rows[b : b + batch_size]])[None] for i in range(4)))
+        for b in range(0, len(rows), batch_size)
+    ]

@@ -30,13 +30,21 @@ ERROR_KEY = "jaxvocab/error"
 
 def add_args(p) -> None:
     g = p.add_argument_group("multi-host (run the same command on every host)")
-    g.add_argument("--distributed", action="store_true",
-                   help="join a multi-host job, auto-detected by jax.distributed.initialize() (TPU VM, SLURM, MPI)")
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-host job, auto-detected by jax.distributed.initialize() (TPU VM, SLURM, MPI)",
+    )
     g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (env JAX_COORDINATOR_ADDRESS)")
     g.add_argument("--num-processes", type=int, metavar="N", help="processes in the job (env JAX_NUM_PROCESSES)")
     g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (env JAX_PROCESS_ID)")
-    g.add_argument("--distributed-timeout", type=int, default=60, metavar="S",
-                   help="seconds without a sign of life from a peer before the whole job stops (default 60)")
+    g.add_argument(
+        "--distributed-timeout",
+        type=int,
+        default=60,
+        metavar="S",
+        help="seconds without a sign of life from a peer before the whole job stops (default 60)",
+    )
 
 
 def _resolve(args) -> dict | None:
@@ -58,8 +66,10 @@ def _resolve(args) -> dict | None:
     if explicit or n is not None or pid is not None:
         missing = [f for f, v in (("--coordinator", coord), ("--num-processes", n), ("--process-id", pid)) if v is None]
         if missing:
-            raise UsageError(f"{', '.join(missing)} missing: pass all of --coordinator HOST:PORT --num-processes N "
-                             "--process-id I (or their JAX_* variables), or only --distributed to auto-detect")
+            raise UsageError(
+                f"{', '.join(missing)} missing: pass all of --coordinator HOST:PORT --num-processes N "
+                "--process-id I (or their JAX_* variables), or only --distributed to auto-detect"
+            )
         if n < 1 or not 0 <= pid < n:
             raise UsageError(f"--process-id {pid} / --num-processes {n}: need 0 <= process-id < num-processes")
         if ":" not in coord:
@@ -73,17 +83,23 @@ def start(args) -> bool:
     if spec is None:
         return False
     import jax
+
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU collectives across processes
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
     timeout = args.distributed_timeout
     try:
         # JAX's own heartbeat is the backstop; the watchdog, at `timeout`, fires first with one line.
-        jax.distributed.initialize(**{k: v for k, v in spec.items() if v is not None},
-                                   initialization_timeout=max(timeout, 30), heartbeat_timeout_seconds=2 * timeout + 10,
-                                   shutdown_timeout_seconds=timeout)
+        jax.distributed.initialize(
+            **{k: v for k, v in spec.items() if v is not None},
+            initialization_timeout=max(timeout, 30),
+            heartbeat_timeout_seconds=2 * timeout + 10,
+            shutdown_timeout_seconds=timeout,
+        )
     except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--distributed: could not join the job ({str(e).splitlines()[0]}); pass --coordinator "
-                         "HOST:PORT --num-processes N --process-id I") from None
+        raise UsageError(
+            f"--distributed: could not join the job ({str(e).splitlines()[0]}); pass --coordinator "
+            "HOST:PORT --num-processes N --process-id I"
+        ) from None
     if jax.process_count() > 1:
         Watchdog.start(timeout)
     return True
@@ -93,6 +109,7 @@ def run_job(command, interrupted: str) -> int:
     """`run_command` for a command that may join a job: a failure on this process stops every process
     (one `error:` line each, the failing one's message); success leaves the job together."""
     from jaxvocab.errors import run_command
+
     failure = []
 
     def guarded():
@@ -113,7 +130,7 @@ def run_job(command, interrupted: str) -> int:
         fail(failure[0])
         raise
     if failure:
-        fail(failure[0], code)   # peers stop too, with this message; never returns in a job
+        fail(failure[0], code)  # peers stop too, with this message; never returns in a job
     elif code == 0:
         finish()
     return code
@@ -121,6 +138,7 @@ def run_job(command, interrupted: str) -> int:
 
 def is_main() -> bool:
     import jax
+
     return jax.process_index() == 0
 
 
@@ -137,11 +155,12 @@ def fail(message: str, code: int = 1) -> None:
     if dog is None:
         return
     import jax
-    dog.stopped.set()   # our own beat thread must not report our error a second time
-    with contextlib.suppress(Exception):   # the coordinator may already be gone; exiting is all that is left
+
+    dog.stopped.set()  # our own beat thread must not report our error a second time
+    with contextlib.suppress(Exception):  # the coordinator may already be gone; exiting is all that is left
         dog.client.key_value_set(ERROR_KEY, f"process {jax.process_index()}: {message}", allow_overwrite=True)
     if jax.process_index() == 0:
-        time.sleep(4 * BEAT_S)   # the coordination service lives here: let the peers read the error first
+        time.sleep(4 * BEAT_S)  # the coordination service lives here: let the peers read the error first
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -155,11 +174,13 @@ def finish() -> None:
     dog.client.wait_at_barrier("jaxvocab/finish", dog.timeout * 1000 + 60_000)
     dog.stop()
     import jax
+
     jax.distributed.shutdown()
 
 
 class Watchdog:
     """Beats in the key-value store; ends the process with one line when the job is broken."""
+
     current: Watchdog | None = None
 
     def __init__(self, client, me: int, n: int, timeout: int):
@@ -172,6 +193,7 @@ class Watchdog:
     def start(cls, timeout: int) -> None:
         import jax
         from jax._src import distributed as jd
+
         dog = cls(jd.global_state.client, jax.process_index(), jax.process_count(), timeout)
         cls.current = dog
         threading.Thread(target=dog._beat, name="jaxvocab-beat", daemon=True).start()
@@ -211,12 +233,16 @@ class Watchdog:
         while not self.stopped.wait(BEAT_S):
             now = time.monotonic()
             if now - self.last_ok > self.timeout:
-                self._die(f"lost contact with the coordinator (process 0) for {self.timeout} s; it died or the "
-                          "network failed. Rerun with --resume to continue from the last checkpoint")
+                self._die(
+                    f"lost contact with the coordinator (process 0) for {self.timeout} s; it died or the "
+                    "network failed. Rerun with --resume to continue from the last checkpoint"
+                )
             for p, (_, since) in self.seen.items():
                 if now - since > self.timeout:
-                    self._die(f"process {p} gave no sign of life for {self.timeout} s (killed or hung); stopping "
-                              "the job. Rerun with --resume to continue from the last checkpoint")
+                    self._die(
+                        f"process {p} gave no sign of life for {self.timeout} s (killed or hung); stopping "
+                        "the job. Rerun with --resume to continue from the last checkpoint"
+                    )
 
     def _die(self, message: str) -> None:
         if self.stopped.is_set():

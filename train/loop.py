@@ -44,19 +44,19 @@ class TrainConfig:
     seq_len: int = 512
     grad_accum: int = 1
     lr: float = 1e-3
-    lora_lr: float | None = None   # the adapters' peak learning rate (None: lr)
+    lora_lr: float | None = None  # the adapters' peak learning rate (None: lr)
     warmup: int = 0
-    schedule: str = "cosine"       # cosine | constant (after linear warmup)
+    schedule: str = "cosine"  # cosine | constant (after linear warmup)
     weight_decay: float = 0.0
-    clip: float = 1.0              # global-norm clipping; <= 0 disables
+    clip: float = 1.0  # global-norm clipping; <= 0 disables
     seed: int = 0
-    save_every: int = 0            # 0: only the final step
+    save_every: int = 0  # 0: only the final step
     keep: int = 3
-    eval_every: int = 0            # 0: only at the end
-    remat: str = "auto"            # full: recompute each layer in the backward pass (activations shrink
-                                   # to one [B, T, D] per layer for one more forward); none; auto: full
-                                   # only when the activations would not fit (jaxvocab/remat.py)
-    skip_nonfinite: bool = False   # a step with a non-finite loss / gradient: skip it (logged) instead of stopping
+    eval_every: int = 0  # 0: only at the end
+    remat: str = "auto"  # full: recompute each layer in the backward pass (activations shrink
+    # to one [B, T, D] per layer for one more forward); none; auto: full
+    # only when the activations would not fit (jaxvocab/remat.py)
+    skip_nonfinite: bool = False  # a step with a non-finite loss / gradient: skip it (logged) instead of stopping
 
 
 def schedule(cfg: TrainConfig, peak: float | None = None) -> optax.Schedule:
@@ -76,13 +76,18 @@ def param_labels(params: dict) -> dict:
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """One AdamW over rows and adapters, each group at its own learning rate; clipping by their joint norm."""
     adamw = optax.multi_transform(
-        {"rows": optax.adamw(schedule(cfg), weight_decay=cfg.weight_decay),
-         "lora": optax.adamw(schedule(cfg, cfg.lora_lr), weight_decay=cfg.weight_decay)}, param_labels)
+        {
+            "rows": optax.adamw(schedule(cfg), weight_decay=cfg.weight_decay),
+            "lora": optax.adamw(schedule(cfg, cfg.lora_lr), weight_decay=cfg.weight_decay),
+        },
+        param_labels,
+    )
     return optax.chain(optax.clip_by_global_norm(cfg.clip), adamw) if cfg.clip > 0 else adamw
 
 
 def batch_grads(graphdef, params, frozen, batch: Batch, dropout_key=None):
     """Summed NLL, target count and summed gradients over the K micro-batches of `batch`."""
+
     def micro(carry, xs):
         mb, k = xs
         grads, total, count = carry
@@ -113,8 +118,11 @@ def train_step(graphdef, cfg: TrainConfig, params, opt_state, frozen, batch: Bat
     finite = jnp.isfinite(total) & _all_finite(grads, new_params)
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     params, opt_state = jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
-    return params, opt_state, {"loss": total / denom, "grad_norm": optax.global_norm(grads), "targets": count,
-                               "finite": finite}
+    return (
+        params,
+        opt_state,
+        {"loss": total / denom, "grad_norm": optax.global_norm(grads), "targets": count, "finite": finite},
+    )
 
 
 def eval_step(graphdef, params, frozen, batch: Batch, is_new):
@@ -126,7 +134,7 @@ class Trainer:
 
     def __init__(self, rm: RowsModel, cfg: TrainConfig, mesh: Mesh):
         self.cfg, self.mesh = cfg, mesh
-        caller_remat, rm.remat = rm.remat, cfg.remat     # baked into the graphdef, then given back
+        caller_remat, rm.remat = rm.remat, cfg.remat  # baked into the graphdef, then given back
         self.graphdef, params, frozen = nnx.split(rm, nnx.Param, Frozen)
         rm.remat = caller_remat
         self.frozen = nnx.to_pure_dict(frozen)
@@ -134,12 +142,14 @@ class Trainer:
         # Copies: the step donates its inputs, and the caller's RowsModel must stay usable. Rows are
         # replicated; adapters keep the shardings their logical axes gave them (lora.py).
         params = nnx.to_pure_dict(params)
-        shardings = {k: jax.tree.map(lambda a, k=k: a.sharding if k == "lora" else replicated, v)
-                     for k, v in params.items()}
+        shardings = {
+            k: jax.tree.map(lambda a, k=k: a.sharding if k == "lora" else replicated, v) for k, v in params.items()
+        }
         self.params = jax.device_put(jax.tree.map(jnp.copy, params), shardings)
-        opt_state = jax.jit(optimizer(cfg).init)(self.params)     # moments follow their params' shardings
-        opt_shardings = jax.tree.map(lambda a: a.sharding if isinstance(a.sharding, NamedSharding) else replicated,
-                                     opt_state)
+        opt_state = jax.jit(optimizer(cfg).init)(self.params)  # moments follow their params' shardings
+        opt_shardings = jax.tree.map(
+            lambda a: a.sharding if isinstance(a.sharding, NamedSharding) else replicated, opt_state
+        )
         self.opt_state = jax.device_put(opt_state, opt_shardings)
         self.lr = schedule(cfg)
         is_new = jnp.zeros(rm.config.vocab_size, bool).at[rm.ids[...]].set(True)
@@ -147,8 +157,12 @@ class Trainer:
         # Pinned output shardings: left to the compiler, the rows come back sharded, the second step
         # compiles a differently partitioned program, and a resumed run would not be bit-identical.
         # graphdef and cfg are static: Trainers of the same model and config share one compilation.
-        self._step = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=(2, 3),
-                             out_shardings=(shardings, opt_shardings, replicated))
+        self._step = jax.jit(
+            train_step,
+            static_argnums=(0, 1),
+            donate_argnums=(2, 3),
+            out_shardings=(shardings, opt_shardings, replicated),
+        )
         self.steps_done = 0
         self._eval = jax.jit(eval_step, static_argnums=0)
 
@@ -163,7 +177,7 @@ class Trainer:
         spans = sorted({s[1].indices(B)[:2] for s in idx})
         lo, hi = spans[0][0], max(e for _, e in spans)
         if sum(e - s for s, e in spans) < hi - lo or any(a[1] < b[0] for a, b in itertools.pairwise(spans)):
-            return slice(0, B)   # this process's rows are not one block: it reads the whole batch
+            return slice(0, B)  # this process's rows are not one block: it reads the whole batch
         return slice(lo, hi)
 
     def put(self, batch: Batch, global_rows: int | None = None) -> Batch:
@@ -171,13 +185,18 @@ class Trainer:
         this process's block of them (`local_rows`); each process contributes what its devices hold."""
         B = global_rows or batch.inputs.shape[1]
         sharding = self.batch_sharding(B)
-        return Batch(*(jax.make_array_from_process_local_data(sharding, a, (a.shape[0], B, a.shape[2]))
-                       for a in batch))
+        return Batch(*(jax.make_array_from_process_local_data(sharding, a, (a.shape[0], B, a.shape[2])) for a in batch))
 
     def step(self, batch: Batch, global_rows: int | None = None) -> dict:
-        self.params, self.opt_state, metrics = self._step(self.graphdef, self.cfg, self.params, self.opt_state,
-                                                          self.frozen, self.put(batch, global_rows),
-                                                          jnp.int32(self.steps_done))
+        self.params, self.opt_state, metrics = self._step(
+            self.graphdef,
+            self.cfg,
+            self.params,
+            self.opt_state,
+            self.frozen,
+            self.put(batch, global_rows),
+            jnp.int32(self.steps_done),
+        )
         self.steps_done += 1
         return metrics
 
@@ -186,18 +205,25 @@ class Trainer:
         for: on a big model the total loss hides them). `global_rows` as for `put`."""
         sums = np.zeros(5)
         for b in batches:
-            sums += np.array(jax.device_get(self._eval(self.graphdef, self.params, self.frozen, self.put(b, global_rows),
-                                                       self.is_new)))
+            sums += np.array(
+                jax.device_get(
+                    self._eval(self.graphdef, self.params, self.frozen, self.put(b, global_rows), self.is_new)
+                )
+            )
         s, n, correct, on_new, new_nll = sums
         acc_key = "new_token_acc" if prefix == "eval_" else prefix + "new_token_acc"
-        return {prefix + "loss": s / max(n, 1.0), acc_key: correct / on_new if on_new else None,
-                prefix + "new_token_loss": new_nll / on_new if on_new else None, prefix + "new_tokens": int(on_new)}
+        return {
+            prefix + "loss": s / max(n, 1.0),
+            acc_key: correct / on_new if on_new else None,
+            prefix + "new_token_loss": new_nll / on_new if on_new else None,
+            prefix + "new_tokens": int(on_new),
+        }
 
     def model(self) -> RowsModel:
         return nnx.merge(self.graphdef, self.params, self.frozen)
 
     def state(self) -> dict:
-        return {"rows": self.params, "opt_state": self.opt_state}   # "rows" also holds the adapters ("lora")
+        return {"rows": self.params, "opt_state": self.opt_state}  # "rows" also holds the adapters ("lora")
 
     def restore(self, state: dict) -> None:
         self.params, self.opt_state = state["rows"], state["opt_state"]
@@ -209,9 +235,13 @@ def checkpoint_manager(path: Path, keep: int) -> ocp.CheckpointManager:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, trainer: Trainer, data_state: dict) -> None:
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(trainer.state()),
-        meta=ocp.args.JsonSave({"step": step, "data": data_state})), force=True)
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(trainer.state()), meta=ocp.args.JsonSave({"step": step, "data": data_state})
+        ),
+        force=True,
+    )
 
 
 def restore_latest(mngr: ocp.CheckpointManager, trainer: Trainer, packer: Packer) -> int:
@@ -219,8 +249,9 @@ def restore_latest(mngr: ocp.CheckpointManager, trainer: Trainer, packer: Packer
     if step is None:
         return 0
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.state())
-    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                    meta=ocp.args.JsonRestore()))
+    got = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    )
     trainer.restore(got.state)
     trainer.steps_done = int(got.meta["step"])
     packer.load_state(got.meta["data"])
@@ -232,9 +263,13 @@ def _check_finite(m: dict, step: int, cfg: TrainConfig, mngr: ocp.CheckpointMana
     if m["finite"] or cfg.skip_nonfinite:
         return
     last = mngr.latest_step()
-    kept = f"the last good checkpoint (step {last}) is in {out / 'checkpoints'}" if last else "no checkpoint was saved yet"
-    raise TrainError(f"step {step}: the loss ({float(m['loss'])}) or a gradient / updated row is not finite; {kept}. "
-                     "Lower --lr, check --weight-decay and the data, or pass --skip-nonfinite to skip such steps")
+    kept = (
+        f"the last good checkpoint (step {last}) is in {out / 'checkpoints'}" if last else "no checkpoint was saved yet"
+    )
+    raise TrainError(
+        f"step {step}: the loss ({float(m['loss'])}) or a gradient / updated row is not finite; {kept}. "
+        "Lower --lr, check --weight-decay and the data, or pass --skip-nonfinite to skip such steps"
+    )
 
 
 def _restore(mngr: ocp.CheckpointManager, trainer: Trainer, packer: Packer, out: Path) -> int:
@@ -242,13 +277,24 @@ def _restore(mngr: ocp.CheckpointManager, trainer: Trainer, packer: Packer, out:
     try:
         return restore_latest(mngr, trainer, packer)
     except Exception as e:
-        raise CheckpointError(f"{out / 'checkpoints'}: the latest checkpoint cannot be restored ({type(e).__name__}: "
-                              f"{brief(str(e).splitlines()[0] if str(e) else '')}); delete that step's dir to resume "
-                              "from the one before, or start a new --out") from None
+        raise CheckpointError(
+            f"{out / 'checkpoints'}: the latest checkpoint cannot be restored ({type(e).__name__}: "
+            f"{brief(str(e).splitlines()[0] if str(e) else '')}); delete that step's dir to resume "
+            "from the one before, or start a new --out"
+        ) from None
 
 
-def run(rm: RowsModel, cfg: TrainConfig, mesh: Mesh, docs, out: Path, *,
-        eval_docs: list[Doc] | None = None, resume: bool = False, show_progress: bool = True) -> RowsModel:
+def run(
+    rm: RowsModel,
+    cfg: TrainConfig,
+    mesh: Mesh,
+    docs,
+    out: Path,
+    *,
+    eval_docs: list[Doc] | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> RowsModel:
     """Train `rm`'s rows for cfg.steps into `out` (metrics.jsonl, checkpoints/); returns the trained RowsModel.
 
     `docs` is a list of Docs or a tokenized store (train/store.py). Every process plans the same global
@@ -270,14 +316,22 @@ def run(rm: RowsModel, cfg: TrainConfig, mesh: Mesh, docs, out: Path, *,
                 m = jax.device_get(trainer.step(batch, cfg.batch_size))
                 now = time.perf_counter()
                 _check_finite(m, step, cfg, mngr, out)
-                rec = {"step": step, "loss": float(m["loss"]), "lr": float(trainer.lr(step - 1)),
-                       "grad_norm": float(m["grad_norm"]), "tokens": packer.last_tokens,
-                       "targets": int(m["targets"]), "tokens_per_s": packer.last_tokens / max(now - t_prev, 1e-9)}
+                rec = {
+                    "step": step,
+                    "loss": float(m["loss"]),
+                    "lr": float(trainer.lr(step - 1)),
+                    "grad_norm": float(m["grad_norm"]),
+                    "tokens": packer.last_tokens,
+                    "targets": int(m["targets"]),
+                    "tokens_per_s": packer.last_tokens / max(now - t_prev, 1e-9),
+                }
                 if not m["finite"]:
                     rec["skipped"] = "non-finite loss or gradient"
                     if main:
-                        print(f"warning: step {step}: non-finite loss or gradient; step skipped (--skip-nonfinite)",
-                              file=sys.stderr)
+                        print(
+                            f"warning: step {step}: non-finite loss or gradient; step skipped (--skip-nonfinite)",
+                            file=sys.stderr,
+                        )
                 if evals and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                     rec.update(trainer.evaluate(evals))
                     rec.update(trainer.evaluate([batch], prefix="train_", global_rows=cfg.batch_size))

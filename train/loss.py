@@ -51,22 +51,23 @@ def _chunk_fwd(dtype, h, rows, table, ids, targets, weights):
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     sums = (jnp.sum((lse - picked) * weights), jnp.sum(weights))
     onehot = jnp.arange(logits.shape[-1]) == targets[..., None]
-    d = (jnp.exp(logits - lse[..., None]) - onehot) * weights[..., None]          # d sum / d logits
+    d = (jnp.exp(logits - lse[..., None]) - onehot) * weights[..., None]  # d sum / d logits
     cast = lambda x: x.astype(dtype)  # noqa: E731
     if rows is None:
         dh = jnp.einsum("bcv,vd->bcd", cast(d), cast(table), preferred_element_type=jnp.float32)
         return sums, (cast(dh), None)
     from_table = jnp.ones(table.shape[0], bool).at[ids].set(False)
     d_rows = d[..., ids]
-    dh = (jnp.einsum("bcv,vd->bcd", cast(jnp.where(from_table, d, 0.0)), cast(table), preferred_element_type=jnp.float32)
-          + jnp.einsum("bck,kd->bcd", cast(d_rows), cast(rows.astype(table.dtype)), preferred_element_type=jnp.float32))
+    dh = jnp.einsum(
+        "bcv,vd->bcd", cast(jnp.where(from_table, d, 0.0)), cast(table), preferred_element_type=jnp.float32
+    ) + jnp.einsum("bck,kd->bcd", cast(d_rows), cast(rows.astype(table.dtype)), preferred_element_type=jnp.float32)
     d_head_rows = jnp.einsum("bck,bcd->kd", cast(d_rows), h, preferred_element_type=jnp.float32)
     return sums, (cast(dh), d_head_rows)
 
 
 def _chunk_bwd(dtype, res, g):
     dh, d_rows = res
-    scale = g[0]   # only the NLL sum carries gradient; the weight sum does not depend on the inputs
+    scale = g[0]  # only the NLL sum carries gradient; the weight sum does not depend on the inputs
     return (dh * scale.astype(dh.dtype), None if d_rows is None else d_rows * scale, None, None, None, None)
 
 
@@ -91,6 +92,7 @@ def _chunks(model, mb: Batch, dropout_key=None):
 def _scan_sum(fn, xs, n_out: int):
     def body(acc, x):
         return tuple(a + b for a, b in zip(acc, fn(*x), strict=True)), None
+
     sums, _ = jax.lax.scan(body, (jnp.float32(0),) * n_out, xs)
     return sums
 
@@ -115,7 +117,6 @@ def eval_sums(graphdef, params, frozen, mb: Batch, is_new):
         on_new = (w > 0) & is_new[t]
         hits = (jnp.argmax(logits, axis=-1) == t) & on_new
         new_nll, _ = nll_sums(logits, t, on_new.astype(jnp.float32))
-        return nll_sums(logits, t, w) + (jnp.sum(hits, dtype=jnp.float32), jnp.sum(on_new, dtype=jnp.float32),
-                                         new_nll)
+        return nll_sums(logits, t, w) + (jnp.sum(hits, dtype=jnp.float32), jnp.sum(on_new, dtype=jnp.float32), new_nll)
 
     return _scan_sum(chunk, _chunks(model, mb), 5)

@@ -27,7 +27,7 @@ class MetricsLog:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                continue   # the half-written last line of a killed run
+                continue  # the half-written last line of a killed run
             if rec.get("step", 0) <= step:
                 kept.append(line)
         self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
@@ -61,6 +61,7 @@ def plot_loss(metrics: Path, png: Path) -> bool:
     random model the total loss barely shows it. Quietly skipped without matplotlib."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

@@ -34,9 +34,9 @@ from train.data import Doc, load_json, parse_record
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-CHUNK = 512            # records per task handed to a worker
-BYTES_READ = 0          # store bytes this process has read (tests check each host reads its share)
-ROWS_READ = 0           # document pieces this process has read
+CHUNK = 512  # records per task handed to a worker
+BYTES_READ = 0  # store bytes this process has read (tests check each host reads its share)
+ROWS_READ = 0  # document pieces this process has read
 
 
 def is_store(path: Path) -> bool:
@@ -51,8 +51,11 @@ def fingerprint(tok) -> str | None:
     h = hashlib.sha256()
     for piece, rank in sorted(tok.mergeable_ranks.items(), key=lambda x: x[1]):
         h.update(rank.to_bytes(4, "little") + len(piece).to_bytes(2, "little") + piece)
-    h.update(json.dumps([sorted(tok.special_tokens.items()), sorted(tok.added_plain), tok.bos_id, tok.eos_id,
-                         tok.eot_id]).encode())
+    h.update(
+        json.dumps(
+            [sorted(tok.special_tokens.items()), sorted(tok.added_plain), tok.bos_id, tok.eos_id, tok.eot_id]
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -78,10 +81,11 @@ def records(path: Path):
 def _parquet_rows(path: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     try:
         n = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK):
-            for row in batch.to_pylist():   # a column a row lacks reads as None: the row does not have it
+            for row in batch.to_pylist():  # a column a row lacks reads as None: the row does not have it
                 n += 1
                 yield f"{path}:row {n}", {k: v for k, v in row.items() if v is not None}
     except (pa.ArrowException, OSError) as e:
@@ -112,8 +116,11 @@ def tokenizer_for(model_dir: Path):
     from types import SimpleNamespace
 
     from train.__main__ import tokenizer_of
+
     plan = model_dir / "vocab_plan.json"
-    return tokenizer_of(SimpleNamespace(source_dir=str(model_dir), vocab_plan=plan.read_text() if plan.is_file() else None))
+    return tokenizer_of(
+        SimpleNamespace(source_dir=str(model_dir), vocab_plan=plan.read_text() if plan.is_file() else None)
+    )
 
 
 def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
@@ -156,13 +163,20 @@ def _results(paths, model_dir: Path, vocab_size: int, workers: int):
             yield pending.popleft().get()
 
 
-def tokenize(model_dir: Path, sources: list[Path], out: Path, workers: int = 1, overwrite: bool = False,
-             vocab_size: int | None = None) -> dict:
+def tokenize(
+    model_dir: Path,
+    sources: list[Path],
+    out: Path,
+    workers: int = 1,
+    overwrite: bool = False,
+    vocab_size: int | None = None,
+) -> dict:
     """Tokenize `sources` with the model's tokenizer into a store at `out`; returns the manifest."""
     from jaxvocab.io.atomic import atomic_dir
+
     vocab_size = vocab_size or model_vocab_size(model_dir)
     with atomic_dir(out, overwrite) as tmp:
-        offsets, total, counts = array("q", [0]), 0, {"dropped": 0, "targets": 0, "text": 0}   # 8 bytes a doc
+        offsets, total, counts = array("q", [0]), 0, {"dropped": 0, "targets": 0, "text": 0}  # 8 bytes a doc
         with open(tmp / "tokens.bin", "wb") as ft, open(tmp / "mask.bin", "wb") as fm:
             for lengths, ids, mask, got in _results(sources, model_dir, vocab_size, workers):
                 ft.write(ids.astype("<i4").tobytes())
@@ -171,13 +185,21 @@ def tokenize(model_dir: Path, sources: list[Path], out: Path, workers: int = 1, 
                 total += len(ids)
                 counts = {k: counts[k] + got[k] for k in counts}
         if len(offsets) == 1:
-            raise DataError(f"{', '.join(map(str, sources))}: no record has a token to train on "
-                            "(empty files, or every loss_mask is 0)")
+            raise DataError(
+                f"{', '.join(map(str, sources))}: no record has a token to train on "
+                "(empty files, or every loss_mask is 0)"
+            )
         np.save(tmp / "offsets.npy", np.frombuffer(offsets, np.int64))
-        manifest = {"format": FORMAT, "docs": len(offsets) - 1, "tokens": total, "targets": counts["targets"],
-                    "dropped": counts["dropped"], "vocab_size": vocab_size,
-                    "tokenizer": fingerprint(tokenizer_for(Path(model_dir))) if counts["text"] else None,
-                    "sources": [str(Path(s).name) for s in sources]}
+        manifest = {
+            "format": FORMAT,
+            "docs": len(offsets) - 1,
+            "tokens": total,
+            "targets": counts["targets"],
+            "dropped": counts["dropped"],
+            "vocab_size": vocab_size,
+            "tokenizer": fingerprint(tokenizer_for(Path(model_dir))) if counts["text"] else None,
+            "sources": [str(Path(s).name) for s in sources],
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -185,6 +207,7 @@ def tokenize(model_dir: Path, sources: list[Path], out: Path, workers: int = 1, 
 def model_vocab_size(model_dir: Path) -> int:
     from jaxvocab.config import LlamaConfig
     from jaxvocab.io import detect
+
     kind = detect(Path(model_dir))
     if kind == "meta":
         params = json.loads((Path(model_dir) / "params.json").read_text())
@@ -212,26 +235,38 @@ class Store:
             self._fds[name] = os.open(f, os.O_RDONLY)
         self.vocab_size = vocab_size
         if vocab_size is not None and self.manifest["vocab_size"] > vocab_size:
-            raise DataError(f"{self.path}: tokenized for a vocabulary of {self.manifest['vocab_size']}, the model has "
-                            f"{vocab_size}; tokenize again with this --model")
+            raise DataError(
+                f"{self.path}: tokenized for a vocabulary of {self.manifest['vocab_size']}, the model has "
+                f"{vocab_size}; tokenize again with this --model"
+            )
         want = self.manifest["tokenizer"]
         if want is not None and fingerprint(tok) != want:
-            raise DataError(f"{self.path}: tokenized with another tokenizer or vocab plan than --model's; "
-                            "tokenize again with this --model")
+            raise DataError(
+                f"{self.path}: tokenized with another tokenizer or vocab plan than --model's; "
+                "tokenize again with this --model"
+            )
 
     def _manifest(self) -> dict:
         f = self.path / MANIFEST
         try:
             m = json.loads(f.read_text())
         except FileNotFoundError:
-            raise DataError(f"{self.path}: not a tokenized store (no {MANIFEST}); build one with "
-                            "`jaxvocab-train tokenize`, or pass a JSONL file") from None
+            raise DataError(
+                f"{self.path}: not a tokenized store (no {MANIFEST}); build one with "
+                "`jaxvocab-train tokenize`, or pass a JSONL file"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise DataError(f"{f}: corrupt manifest; rebuild the store with `jaxvocab-train tokenize`") from None
         keys = ("format", "docs", "tokens", "vocab_size", "tokenizer")
-        if not isinstance(m, dict) or any(k not in m for k in keys) or m["format"] != FORMAT or \
-                not all(isinstance(m[k], int) and m[k] >= 0 for k in ("docs", "tokens", "vocab_size")):
-            raise DataError(f"{f}: not a format-{FORMAT} store manifest; rebuild the store with `jaxvocab-train tokenize`")
+        if (
+            not isinstance(m, dict)
+            or any(k not in m for k in keys)
+            or m["format"] != FORMAT
+            or not all(isinstance(m[k], int) and m[k] >= 0 for k in ("docs", "tokens", "vocab_size"))
+        ):
+            raise DataError(
+                f"{f}: not a format-{FORMAT} store manifest; rebuild the store with `jaxvocab-train tokenize`"
+            )
         return m
 
     def _offsets(self, n: int, total: int) -> np.ndarray:
@@ -239,11 +274,20 @@ class Store:
         try:
             off = np.load(f, allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:
-            raise DataError(f"{f}: unreadable ({str(e).splitlines()[0]}); rebuild the store with "
-                            "`jaxvocab-train tokenize`") from None
-        if off.dtype != np.int64 or off.shape != (n + 1,) or off[0] != 0 or off[-1] != total or np.any(np.diff(off) < 1):
-            raise DataError(f"{f}: offsets do not match the manifest ({n} documents, {total} tokens); "
-                            "rebuild the store with `jaxvocab-train tokenize`")
+            raise DataError(
+                f"{f}: unreadable ({str(e).splitlines()[0]}); rebuild the store with `jaxvocab-train tokenize`"
+            ) from None
+        if (
+            off.dtype != np.int64
+            or off.shape != (n + 1,)
+            or off[0] != 0
+            or off[-1] != total
+            or np.any(np.diff(off) < 1)
+        ):
+            raise DataError(
+                f"{f}: offsets do not match the manifest ({n} documents, {total} tokens); "
+                "rebuild the store with `jaxvocab-train tokenize`"
+            )
         return off
 
     def __len__(self) -> int:
@@ -259,13 +303,16 @@ class Store:
         ids = np.frombuffer(os.pread(self._fds["tokens.bin"], 4 * n, 4 * a), "<i4").astype(np.int32)
         mask = np.frombuffer(os.pread(self._fds["mask.bin"], n, a), np.uint8)
         if len(ids) != n or len(mask) != n:
-            raise DataError(f"{self.path}: short read at document {i}; the store changed or was truncated "
-                            "while training")
+            raise DataError(
+                f"{self.path}: short read at document {i}; the store changed or was truncated while training"
+            )
         BYTES_READ += 5 * n
         ROWS_READ += 1
         if self.vocab_size is not None and n and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise DataError(f"{self.path / 'tokens.bin'}: document {i} holds token ids outside [0, {self.vocab_size}); "
-                            "the store is corrupt: rebuild it with `jaxvocab-train tokenize`")
+            raise DataError(
+                f"{self.path / 'tokens.bin'}: document {i} holds token ids outside [0, {self.vocab_size}); "
+                "the store is corrupt: rebuild it with `jaxvocab-train tokenize`"
+            )
         return Doc(ids, mask)
 
     def close(self) -> None:

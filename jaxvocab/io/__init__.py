@@ -30,9 +30,17 @@ def detect(path: Path) -> str:
     raise CheckpointError(f"{path}: not a checkpoint dir (no config.json, params.json or {checkpoint.MARKER})")
 
 
-def load(path, dtype=None, mesh: Mesh | None = None, *, show_progress: bool = True,
-         rope_factor: float | None = None, allow_nonfinite: bool = False, attention: str = "auto",
-         remat: str = "auto") -> Llama:
+def load(
+    path,
+    dtype=None,
+    mesh: Mesh | None = None,
+    *,
+    show_progress: bool = True,
+    rope_factor: float | None = None,
+    allow_nonfinite: bool = False,
+    attention: str = "auto",
+    remat: str = "auto",
+) -> Llama:
     """Load any supported checkpoint dir onto `mesh` (default: one device), params in `dtype`
     (default: as stored). `rope_factor` overrides the llama3 rope factor a Meta params.json omits.
     Weights holding NaN or Inf are refused unless `allow_nonfinite`. `attention` and `remat` are
@@ -54,6 +62,7 @@ def _load(path: Path, dtype, mesh, show_progress: bool, rope_factor) -> Llama:
         return checkpoint.read_jaxvocab(path, dtype=dtype, mesh=mesh)
     if kind == "meta":
         from jaxvocab.io import meta
+
         return meta.read_meta(path, dtype=dtype, mesh=mesh, show_progress=show_progress, rope_factor=rope_factor)
     model = hf.read_hf(path, dtype=dtype, mesh=mesh, show_progress=show_progress)
     model.vocab_plan = None
@@ -66,7 +75,12 @@ def _plan_of(model: Llama, plan):
     if plan is None:
         return None
     from jaxvocab.vocab import VocabPlan
-    return plan if isinstance(plan, VocabPlan) else VocabPlan.from_json(plan if isinstance(plan, str) else json.dumps(plan))
+
+    return (
+        plan
+        if isinstance(plan, VocabPlan)
+        else VocabPlan.from_json(plan if isinstance(plan, str) else json.dumps(plan))
+    )
 
 
 def _write_support_files(model: Llama, out: Path, plan, *, hf_export: bool, llama_version: str | None) -> None:
@@ -74,6 +88,7 @@ def _write_support_files(model: Llama, out: Path, plan, *, hf_export: bool, llam
     plan), the source's other allow-listed files (parsed and re-written), generation config, plan."""
     from jaxvocab.io import carried
     from jaxvocab.io.meta_tokenizer import is_meta_tokenizer_dir, write_meta_tokenizer_files
+
     src = getattr(model, "source_dir", None) or None
     plan = _plan_of(model, plan)
     tok_dir, generated = src, bool(src and is_meta_tokenizer_dir(src))
@@ -82,6 +97,7 @@ def _write_support_files(model: Llama, out: Path, plan, *, hf_export: bool, llam
         tok_dir = out
     if plan is not None and (plan.renamed or plan.appended) and tok_dir and (generated or not plan.applied_in(tok_dir)):
         from jaxvocab.io.tokenizer_files import write_tokenizer_files
+
         write_tokenizer_files(tok_dir, out, plan.renamed, plan.appended, plan.special_ids, model.config.vocab_size)
     if plan is not None:
         (out / "vocab_plan.json").write_text(plan.to_json() + "\n")
@@ -89,10 +105,17 @@ def _write_support_files(model: Llama, out: Path, plan, *, hf_export: bool, llam
     # level llama.cpp's converter takes it for a SentencePiece model and fails.
     carried.carry(src, out, dest={"tokenizer.model": "original/tokenizer.model"} if hf_export else None)
     gen = out / "generation_config.json"
-    if not gen.exists():   # token ids only: sampling settings are the model author's to state, not ours
+    if not gen.exists():  # token ids only: sampling settings are the model author's to state, not ours
         c = model.config
-        ids = {k: hf_ids(v) for k, v in (("bos_token_id", c.bos_token_id), ("eos_token_id", c.eos_token_id),
-                                         ("pad_token_id", c.pad_token_id)) if v is not None}
+        ids = {
+            k: hf_ids(v)
+            for k, v in (
+                ("bos_token_id", c.bos_token_id),
+                ("eos_token_id", c.eos_token_id),
+                ("pad_token_id", c.pad_token_id),
+            )
+            if v is not None
+        }
         gen.write_text(json.dumps(ids, indent=2) + "\n")
 
 
@@ -114,8 +137,17 @@ def _check_source(model: Llama, out: Path) -> None:
         check_overlap({"out_dir": out}, {"the model's source dir": Path(src)})
 
 
-def save_hf(model: Llama, out_dir, max_shard_size="5GB", *, plan=None, overwrite: bool = False,
-            show_progress: bool = True, keep_padding: bool = False, llama_version: str | None = None) -> Path:
+def save_hf(
+    model: Llama,
+    out_dir,
+    max_shard_size="5GB",
+    *,
+    plan=None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    keep_padding: bool = False,
+    llama_version: str | None = None,
+) -> Path:
     """Write an HF dir that transformers / vLLM / llama.cpp load: safetensors shards under
     `max_shard_size`, index, config.json, generation_config.json and the tokenizer files.
     Padding rows jaxvocab added are dropped unless `keep_padding`; `llama_version` ('3.0'/'3.1')
@@ -123,7 +155,7 @@ def save_hf(model: Llama, out_dir, max_shard_size="5GB", *, plan=None, overwrite
     out = Path(out_dir)
     _check_source(model, out)
     rows = export_rows(model, plan, keep_padding)
-    with shared_atomic_dir(out, overwrite) as tmp:   # many processes: each tensor gathered, process 0 writes
+    with shared_atomic_dir(out, overwrite) as tmp:  # many processes: each tensor gathered, process 0 writes
         hf.write_weights(model, tmp, max_shard_size, show_progress and is_main(), rows=rows)
         if is_main():
             config = model.config.replace(vocab_size=rows).to_hf_dict()
@@ -133,12 +165,13 @@ def save_hf(model: Llama, out_dir, max_shard_size="5GB", *, plan=None, overwrite
     return out
 
 
-def save_checkpoint(model: Llama, out_dir, *, plan=None, overwrite: bool = False,
-                    llama_version: str | None = None) -> Path:
+def save_checkpoint(
+    model: Llama, out_dir, *, plan=None, overwrite: bool = False, llama_version: str | None = None
+) -> Path:
     """A jaxvocab checkpoint dir (orbax state + config + tokenizer files + vocab plan)."""
     out = Path(out_dir)
     _check_source(model, out)
-    with shared_atomic_dir(out, overwrite) as tmp:   # many processes: orbax's multi-host save, process 0 the rest
+    with shared_atomic_dir(out, overwrite) as tmp:  # many processes: orbax's multi-host save, process 0 the rest
         checkpoint.save_state(model, tmp)
         if is_main():
             _write_support_files(model, tmp, plan, hf_export=False, llama_version=llama_version)

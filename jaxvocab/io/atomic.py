@@ -63,12 +63,14 @@ def check_overlap(outputs: dict[str, Path | None], inputs: dict[str, Path | None
     named_in = [(f, Path(p)) for f, p in inputs.items() if p is not None]
     for i, (oflag, out) in enumerate(named_out):
         outs = _variants(out)
-        others = [(f, _input_paths(p), p) for f, p in named_in] + [(f, _variants(p), p) for f, p in named_out[i + 1:]]
+        others = [(f, _input_paths(p), p) for f, p in named_in] + [(f, _variants(p), p) for f, p in named_out[i + 1 :]]
         for flag, paths, given in others:
             if any(_overlaps(o, q) for o in outs for q in paths):
-                raise UsageError(f"{oflag} {out} overlaps {flag} {given} (same dir, inside it or containing it, "
-                                 "through links too); writing it would destroy what is read: choose an output "
-                                 "outside the inputs")
+                raise UsageError(
+                    f"{oflag} {out} overlaps {flag} {given} (same dir, inside it or containing it, "
+                    "through links too); writing it would destroy what is read: choose an output "
+                    "outside the inputs"
+                )
 
 
 def check_output(out: Path, overwrite: bool, flag: str = "OUT") -> None:
@@ -79,8 +81,9 @@ def check_output(out: Path, overwrite: bool, flag: str = "OUT") -> None:
     for parent in Path(os.path.abspath(out)).parents:
         if parent.exists():
             if not parent.is_dir():
-                raise UsageError(f"{flag} {out}: {parent} is a file, so no directory can be created under it; "
-                                 f"choose another {flag}")
+                raise UsageError(
+                    f"{flag} {out}: {parent} is a file, so no directory can be created under it; choose another {flag}"
+                )
             break
     if out.exists() and not overwrite:
         raise UsageError(f"{flag} {out}: already exists; pass --overwrite to replace it or choose another {flag}")
@@ -110,7 +113,7 @@ def _lock_dir(path: Path, blocking: bool = False) -> int | None:
 def _sweep(out: Path) -> None:
     """Remove temp dirs of killed writers of `out`; refuse while a live writer holds one."""
     now = time.time()
-    for d in out.parent.glob(f".{out.name}.new-*"):   # killed between mkdtemp and its rename below
+    for d in out.parent.glob(f".{out.name}.new-*"):  # killed between mkdtemp and its rename below
         with contextlib.suppress(OSError):
             if now - d.stat().st_mtime > 60:
                 shutil.rmtree(d, ignore_errors=True)
@@ -120,8 +123,10 @@ def _sweep(out: Path) -> None:
         except OSError:
             continue
         if fd is None:
-            raise CheckpointError(f"{out}: another jaxvocab run is writing it right now ({d.name} is locked); "
-                                  "wait for it or choose another OUT")
+            raise CheckpointError(
+                f"{out}: another jaxvocab run is writing it right now ({d.name} is locked); "
+                "wait for it or choose another OUT"
+            )
         try:
             shutil.rmtree(d, ignore_errors=True)
         finally:
@@ -146,7 +151,7 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     fn = getattr(libc, "renameat2", None)
     if fn is not None:
-        if fn(-100, os.fsencode(src), -100, os.fsencode(dst), 1) == 0:   # AT_FDCWD, RENAME_NOREPLACE
+        if fn(-100, os.fsencode(src), -100, os.fsencode(dst), 1) == 0:  # AT_FDCWD, RENAME_NOREPLACE
             return
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS):
@@ -164,8 +169,10 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     try:
         _rename_noreplace(tmp, out)
     except FileExistsError:
-        raise CheckpointError(f"{out}: appeared while this run was writing it (another run?); it was left as is "
-                              "and this run's result discarded; choose another OUT or pass --overwrite") from None
+        raise CheckpointError(
+            f"{out}: appeared while this run was writing it (another run?); it was left as is "
+            "and this run's result discarded; choose another OUT or pass --overwrite"
+        ) from None
     finally:
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)

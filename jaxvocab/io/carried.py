@@ -14,19 +14,64 @@ from pathlib import Path
 from jaxvocab.errors import CheckpointError
 from jaxvocab.tokenizer import ROLE_KEYS
 
-_TOKENIZER_JSON = ("version", "truncation", "padding", "added_tokens", "normalizer", "pre_tokenizer",
-                   "post_processor", "decoder", "model")
+_TOKENIZER_JSON = (
+    "version",
+    "truncation",
+    "padding",
+    "added_tokens",
+    "normalizer",
+    "pre_tokenizer",
+    "post_processor",
+    "decoder",
+    "model",
+)
 _ADDED_TOKEN = ("id", "content", "single_word", "lstrip", "rstrip", "normalized", "special")
 _TOKENIZER_CONFIG = ROLE_KEYS + (
-    "added_tokens_decoder", "additional_special_tokens", "extra_special_tokens", "chat_template",
-    "add_bos_token", "add_eos_token", "add_prefix_space", "clean_up_tokenization_spaces", "legacy",
-    "model_input_names", "model_max_length", "padding_side", "truncation_side", "split_special_tokens",
-    "tokenizer_class", "use_default_system_prompt", "spaces_between_special_tokens", "do_lower_case")
-_GENERATION = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "do_sample",
-               "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "num_beams",
-               "max_length", "max_new_tokens", "min_length", "no_repeat_ngram_size", "length_penalty",
-               "use_cache", "output_attentions", "output_hidden_states", "output_scores",
-               "return_dict_in_generate", "_from_model_config", "transformers_version")
+    "added_tokens_decoder",
+    "additional_special_tokens",
+    "extra_special_tokens",
+    "chat_template",
+    "add_bos_token",
+    "add_eos_token",
+    "add_prefix_space",
+    "clean_up_tokenization_spaces",
+    "legacy",
+    "model_input_names",
+    "model_max_length",
+    "padding_side",
+    "truncation_side",
+    "split_special_tokens",
+    "tokenizer_class",
+    "use_default_system_prompt",
+    "spaces_between_special_tokens",
+    "do_lower_case",
+)
+_GENERATION = (
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "decoder_start_token_id",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "repetition_penalty",
+    "num_beams",
+    "max_length",
+    "max_new_tokens",
+    "min_length",
+    "no_repeat_ngram_size",
+    "length_penalty",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "output_scores",
+    "return_dict_in_generate",
+    "_from_model_config",
+    "transformers_version",
+)
 # name -> the top-level keys it is known to have (None: not a JSON object, parsed by its own rule)
 ALLOWED = {
     "tokenizer.json": _TOKENIZER_JSON,
@@ -102,7 +147,7 @@ def _jinja(path: Path) -> str:
     text = _text(path)
     try:
         import jinja2.sandbox
-    except ImportError:     # transformers needs jinja2 to render it; without it we check text only
+    except ImportError:  # transformers needs jinja2 to render it; without it we check text only
         return text
     try:
         jinja2.sandbox.ImmutableSandboxedEnvironment().parse(text)
@@ -115,6 +160,7 @@ def _tiktoken(path: Path) -> str:
     import base64
 
     from jaxvocab.tokenizer import _load_tiktoken_model
+
     ranks = _load_tiktoken_model(str(path))
     return "".join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in sorted(ranks.items(), key=lambda kv: kv[1]))
 
@@ -136,6 +182,7 @@ def parse(path):
     if name == "vocab_plan.json":
         from jaxvocab.errors import VocabError
         from jaxvocab.vocab import VocabPlan
+
         try:
             return VocabPlan.from_json(json.dumps(obj)).to_json() + "\n"
         except VocabError:

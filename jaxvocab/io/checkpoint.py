@@ -26,8 +26,8 @@ from jaxvocab.model import Llama
 from jaxvocab.sharding import sharding_for, single_device_mesh
 
 MARKER = "jaxvocab.json"
-FORMAT_VERSION = 1            # what save_checkpoint writes
-READABLE_FORMATS = (1,)       # every format `load` still reads: a new version is added here, none removed
+FORMAT_VERSION = 1  # what save_checkpoint writes
+READABLE_FORMATS = (1,)  # every format `load` still reads: a new version is added here, none removed
 
 
 def is_jaxvocab_dir(path: Path) -> bool:
@@ -50,7 +50,7 @@ def save_state(model: Llama, out: Path) -> None:
             with signals_blocked():
                 ckptr.wait_until_finished()
     fault_point("save:files")
-    if jax.process_index() != 0:   # orbax wrote this process's shards; the small files are process 0's
+    if jax.process_index() != 0:  # orbax wrote this process's shards; the small files are process 0's
         return
     (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
     (out / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "vocab_size": model.config.vocab_size}) + "\n")
@@ -70,8 +70,9 @@ def _restore(state: Path, config: LlamaConfig, dtype, mesh: Mesh):
             name = "/".join(k.path)
             if name not in tree or tuple(tree[name].shape) != shape:
                 raise CheckpointError(f"{state}: {name} is missing or does not match config.json")
-            target[name] = jax.ShapeDtypeStruct(shape, jnp.dtype(tree[name].dtype),
-                                                sharding=sharding_for(shape, keys.logical_axes(k), mesh))
+            target[name] = jax.ShapeDtypeStruct(
+                shape, jnp.dtype(tree[name].dtype), sharding=sharding_for(shape, keys.logical_axes(k), mesh)
+            )
         return ckptr.restore(state, target), dtype
 
 
@@ -82,10 +83,13 @@ def _check_format(path: Path, marker) -> None:
         if fmt in READABLE_FORMATS:
             return
         if fmt > FORMAT_VERSION:
-            raise CheckpointError(f"{path / MARKER}: format {fmt} was written by a newer jaxvocab (this one reads "
-                                  f"{', '.join(map(str, READABLE_FORMATS))}); upgrade jaxvocab")
-    raise CheckpointError(f"{path / MARKER}: format {brief(fmt)} is not supported by this jaxvocab; "
-                          "re-create the checkpoint")
+            raise CheckpointError(
+                f"{path / MARKER}: format {fmt} was written by a newer jaxvocab (this one reads "
+                f"{', '.join(map(str, READABLE_FORMATS))}); upgrade jaxvocab"
+            )
+    raise CheckpointError(
+        f"{path / MARKER}: format {brief(fmt)} is not supported by this jaxvocab; re-create the checkpoint"
+    )
 
 
 def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Llama:
@@ -104,8 +108,10 @@ def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Llama:
     except JaxVocabError:
         raise
     except Exception as e:  # orbax / tensorstore raise many types for a damaged state dir
-        raise CheckpointError(f"{state}: cannot be read ({type(e).__name__}: {brief(str(e).splitlines()[0] if str(e) else '')}); "
-                              "the checkpoint is corrupt, re-create it") from None
+        raise CheckpointError(
+            f"{state}: cannot be read ({type(e).__name__}: {brief(str(e).splitlines()[0] if str(e) else '')}); "
+            "the checkpoint is corrupt, re-create it"
+        ) from None
     model = nnx.eval_shape(lambda: Llama(config.replace(dtype=dtype.name), dtype=dtype))
     for k in keys.keys_for(config):
         keys.get_param(model, k).set_value(params["/".join(k.path)].astype(dtype))

@@ -38,9 +38,12 @@ def _finite_rows(v) -> jax.Array:
     return jnp.max(bits, axis=axes) != jnp.asarray(mask, uint)
 
 
-_HOST_MASKS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000),
-               np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
-_CHUNK = 1 << 18   # elements per step: the masked copy stays in cache
+_HOST_MASKS = {
+    np.dtype(np.float16): (np.uint16, 0x7C00),
+    np.dtype(np.float32): (np.uint32, 0x7F800000),
+    np.dtype(np.float64): (np.uint64, 0x7FF0000000000000),
+}
+_CHUNK = 1 << 18  # elements per step: the masked copy stays in cache
 
 
 def has_nonfinite(a: np.ndarray) -> bool:
@@ -55,8 +58,8 @@ def has_nonfinite(a: np.ndarray) -> bool:
     bits = np.ascontiguousarray(a).reshape(-1).view(uint)
     buf = np.empty(min(_CHUNK, bits.size), uint)
     for i in range(0, bits.size, _CHUNK):
-        chunk = bits[i:i + _CHUNK]
-        out = buf[:chunk.size]
+        chunk = bits[i : i + _CHUNK]
+        out = buf[: chunk.size]
         np.bitwise_and(chunk, mask, out=out)
         if out.max() == mask:
             return True
@@ -114,6 +117,8 @@ def check_finite(model, where) -> None:
         bad = np.nonzero(~np.asarray(ok[name]))[0]
         if bad.size:
             unit = "layer" if k.layered else ("row" if len(keys.param_shape(k, model.config)) == 2 else "index")
-            raise CheckpointError(f"{where}: {name} holds NaN or Inf ({bad.size} {unit}(s), first {unit} "
-                                  f"{int(bad[0])}); the checkpoint is corrupt: re-create or re-download it, or "
-                                  "pass --allow-nonfinite (allow_nonfinite=True) to load it anyway")
+            raise CheckpointError(
+                f"{where}: {name} holds NaN or Inf ({bad.size} {unit}(s), first {unit} "
+                f"{int(bad[0])}); the checkpoint is corrupt: re-create or re-download it, or "
+                "pass --allow-nonfinite (allow_nonfinite=True) to load it anyway"
+            )

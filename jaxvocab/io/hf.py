@@ -41,10 +41,14 @@ def tensor_index(path: Path) -> dict[str, TensorInfo]:
             weight_map = json.loads(index_file.read_text())["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
             weight_map = None
-        if not (isinstance(weight_map, dict) and all(isinstance(k, str) and isinstance(v, str) and v and "\0" not in v
-                                                     for k, v in weight_map.items())):
-            raise CheckpointError(f"{index_file}: not a valid index (needs a 'weight_map' object of tensor name -> "
-                                  "shard file name); fix or re-download it")
+        if not (
+            isinstance(weight_map, dict)
+            and all(isinstance(k, str) and isinstance(v, str) and v and "\0" not in v for k, v in weight_map.items())
+        ):
+            raise CheckpointError(
+                f"{index_file}: not a valid index (needs a 'weight_map' object of tensor name -> "
+                "shard file name); fix or re-download it"
+            )
         files = sorted(set(weight_map.values()))
         for f in files:
             if not _inside(f):
@@ -83,16 +87,24 @@ def validate(config: LlamaConfig, infos: dict, path: Path) -> None:
     missing = sorted(set(expected) - set(infos), key=keys.natural_order)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{path}: tensor {missing[0]!r}{more} is missing; the checkpoint does not match config.json")
+        raise CheckpointError(
+            f"{path}: tensor {missing[0]!r}{more} is missing; the checkpoint does not match config.json"
+        )
     allowed_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    unexpected = sorted(n for n in infos if n not in expected and n not in allowed_extra and not keys.IGNORED.fullmatch(n))
+    unexpected = sorted(
+        n for n in infos if n not in expected and n not in allowed_extra and not keys.IGNORED.fullmatch(n)
+    )
     if unexpected:
-        raise CheckpointError(f"{infos[unexpected[0]].path}: unexpected tensor {unexpected[0]!r}; "
-                              "jaxvocab reads plain LlamaForCausalLM checkpoints")
+        raise CheckpointError(
+            f"{infos[unexpected[0]].path}: unexpected tensor {unexpected[0]!r}; "
+            "jaxvocab reads plain LlamaForCausalLM checkpoints"
+        )
     for name, (_, shape) in expected.items():
         info = infos[name]
         if info.shape != shape:
-            raise CheckpointError(f"{info.path}: {name} has shape {list(info.shape)} but config.json implies {list(shape)}")
+            raise CheckpointError(
+                f"{info.path}: {name} has shape {list(info.shape)} but config.json implies {list(shape)}"
+            )
         if info.dtype not in FLOATS:
             raise CheckpointError(f"{info.path}: {name} has dtype {info.dtype}; weights must be floating point")
 
@@ -104,8 +116,7 @@ def read_hf(path, *, dtype=None, mesh: Mesh | None = None, show_progress: bool =
     validate(config, infos, path)
     stored = infos[keys.names(keys.KEYS[0], config)[0]].dtype
     dtype = np.dtype(dtype) if dtype is not None else stored
-    return build(config, dtype, mesh, lambda key: _hf_source(key, config, infos), show_progress,
-                 source=str(path))
+    return build(config, dtype, mesh, lambda key: _hf_source(key, config, infos), show_progress, source=str(path))
 
 
 def _hf_source(key: keys.Key, config: LlamaConfig, infos: dict):
@@ -145,15 +156,17 @@ def build(config: LlamaConfig, dtype, mesh: Mesh | None, source_for, show_progre
     model = nnx.eval_shape(lambda: Llama(config.replace(dtype=dtype.name), dtype=jnp.dtype(dtype)))
     param_keys = keys.keys_for(config)
     sources = {k: source_for(k) for k in param_keys}
-    bar = progress(total=sum(s[1] for s in sources.values()), desc="loading", unit="B", unit_scale=True,
-                   disable=not show_progress)
+    bar = progress(
+        total=sum(s[1] for s in sources.values()), desc="loading", unit="B", unit_scale=True, disable=not show_progress
+    )
     with bar:
         for key in param_keys:
             read, nbytes = sources[key]
             shape = keys.param_shape(key, config)
             sharding = sharding_for(shape, keys.logical_axes(key), mesh)
             arr = jax.make_array_from_callback(
-                shape, sharding, lambda idx, r=read, s=shape: finite.observe(_as_dtype(r(_full(idx, s)), dtype)))
+                shape, sharding, lambda idx, r=read, s=shape: finite.observe(_as_dtype(r(_full(idx, s)), dtype))
+            )
             keys.get_param(model, key).set_value(arr)
             bar.update(nbytes)
     model.source_dir = source
@@ -173,8 +186,17 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise UsageError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
     unit = m.group(2).rstrip("B") or ""
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    scale = {
+        "": 1,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+        "KI": 2**10,
+        "MI": 2**20,
+        "GI": 2**30,
+        "TI": 2**40,
+    }[unit]
     return int(float(m.group(1)) * scale)
 
 
@@ -206,24 +228,29 @@ def host_tensor(model: Llama, key: keys.Key, layer: int | None, rows: int | None
 class ExportTensor(NamedTuple):
     """One tensor of an HF export: where it comes from in the model, and how it is stored."""
 
-    name: str                 # HF tensor name
+    name: str  # HF tensor name
     key: keys.Key
-    layer: int | None         # index into the stacked layers, None for unstacked params
+    layer: int | None  # index into the stacked layers, None for unstacked params
     dtype: np.dtype
-    shape: tuple[int, ...]    # checkpoint shape (tables cut to the exported rows)
+    shape: tuple[int, ...]  # checkpoint shape (tables cut to the exported rows)
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
 
-def write_weights(model: Llama, out: Path, max_shard_size="5GB", show_progress: bool = True,
-                  rows: int | None = None) -> dict:
+def write_weights(
+    model: Llama, out: Path, max_shard_size="5GB", show_progress: bool = True, rows: int | None = None
+) -> dict:
     """The weights as safetensors shards; `rows` keeps only the first rows of the vocab tables."""
     limit = parse_size(max_shard_size)
     config = model.config if rows is None else model.config.replace(vocab_size=rows)
-    plan = [ExportTensor(name, key, layer, np.dtype(keys.get_param(model, key)[...].dtype),
-                         keys.checkpoint_shape(key, config)) for name, key, layer in tensors_of(model)]
+    plan = [
+        ExportTensor(
+            name, key, layer, np.dtype(keys.get_param(model, key)[...].dtype), keys.checkpoint_shape(key, config)
+        )
+        for name, key, layer in tensors_of(model)
+    ]
     shards, current, size = [], [], 0
     for entry in plan:
         nbytes = entry.nbytes
@@ -246,7 +273,7 @@ def write_weights(model: Llama, out: Path, max_shard_size="5GB", show_progress: 
                 bar.update(1)
                 return host_tensor(model, e.key, e.layer, rows=e.shape[0] if e.key.path in _TABLES else None)
 
-            write = write_file if is_main() else gather_only   # a gather is collective: all take part
+            write = write_file if is_main() else gather_only  # a gather is collective: all take part
             total += write(out / fname, [(e.name, e.dtype, e.shape) for e in shard], produce)
             weight_map.update({e.name: fname for e in shard})
     if len(shards) > 1 and is_main():

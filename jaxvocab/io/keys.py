@@ -17,11 +17,11 @@ from jaxvocab.model import LAYER_AXES, TABLE_AXES, layer_shapes
 
 @dataclasses.dataclass(frozen=True)
 class Key:
-    path: tuple[str, ...]        # attribute path on the Llama module
-    hf: str                      # HF name; "{i}" is the layer index
-    meta: str                    # Meta consolidated.*.pth name
+    path: tuple[str, ...]  # attribute path on the Llama module
+    hf: str  # HF name; "{i}" is the layer index
+    meta: str  # Meta consolidated.*.pth name
     meta_split: int | None = None  # dim Meta's model-parallel shards are concatenated along (None: replicated)
-    rotary: str | None = None    # "q" / "k": Meta stores these heads interleaved, HF as rotate-half
+    rotary: str | None = None  # "q" / "k": Meta stores these heads interleaved, HF as rotate-half
 
     @property
     def layered(self) -> bool:
@@ -68,7 +68,7 @@ def logical_axes(key: Key) -> tuple[str, ...]:
 
 def checkpoint_shape(key: Key, config: LlamaConfig) -> tuple[int, ...]:
     """Shape of one stored tensor (one layer's, for stacked params)."""
-    return param_shape(key, config)[1 if key.layered else 0:]
+    return param_shape(key, config)[1 if key.layered else 0 :]
 
 
 def names(key: Key, config: LlamaConfig, style: str = "hf") -> list[str]:

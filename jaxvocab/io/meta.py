@@ -48,8 +48,10 @@ def shard_files(path: Path) -> list[Path]:
         raise CheckpointError(f"{path}: no consolidated.NN.pth files next to {PARAMS}")
     for i in range(max(found) + 1):
         if i not in found:
-            raise CheckpointError(f"{path}: consolidated.{i:02d}.pth is missing (shards go up to "
-                                  f"consolidated.{max(found):02d}.pth); re-download the checkpoint")
+            raise CheckpointError(
+                f"{path}: consolidated.{i:02d}.pth is missing (shards go up to "
+                f"consolidated.{max(found):02d}.pth); re-download the checkpoint"
+            )
     return [found[i] for i in range(len(found))]
 
 
@@ -74,7 +76,9 @@ def read_params(path: Path) -> dict:
     for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
         v = d.get(k)
         required = k in ("dim", "n_layers", "n_heads")
-        if (v is not None or required) and (isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and k != "vocab_size")):
+        if (v is not None or required) and (
+            isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and k != "vocab_size")
+        ):
             raise ConfigError(f"{file}: {k} must be a positive integer, got {brief(v)}")
     for k in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
         if d.get(k) is not None:
@@ -85,8 +89,10 @@ def read_params(path: Path) -> dict:
         raise ConfigError(f"{file}: vocab_size must be a positive integer (or -1), got {d['vocab_size']}")
     dim, heads, kv = d["dim"], d["n_heads"], d.get("n_kv_heads") or d["n_heads"]
     if dim <= 0 or heads <= 0 or d["n_layers"] <= 0 or dim % heads or heads % kv or (dim // heads) % 2:
-        raise ConfigError(f"{file}: dim={dim}, n_heads={heads}, n_kv_heads={kv} do not describe a Llama "
-                          "(dim must split into even-sized heads, n_heads into kv groups)")
+        raise ConfigError(
+            f"{file}: dim={dim}, n_heads={heads}, n_kv_heads={kv} do not describe a Llama "
+            "(dim must split into even-sized heads, n_heads into kv groups)"
+        )
     return d
 
 
@@ -98,22 +104,28 @@ class Merged:
         local = parts[0].shape
         for p in parts:
             if p.shape != local:
-                raise CheckpointError(f"{p.path}: {name} has shape {list(p.shape)} but {list(local)} in "
-                                      f"{parts[0].path.name}; all shards of one checkpoint must agree")
-        bad = CheckpointError(f"{parts[0].path.parent}: {name} is {list(local)} in each of {len(parts)} shard(s), "
-                              f"which cannot make the {list(shape)} that {PARAMS} implies")
+                raise CheckpointError(
+                    f"{p.path}: {name} has shape {list(p.shape)} but {list(local)} in "
+                    f"{parts[0].path.name}; all shards of one checkpoint must agree"
+                )
+        bad = CheckpointError(
+            f"{parts[0].path.parent}: {name} is {list(local)} in each of {len(parts)} shard(s), "
+            f"which cannot make the {list(shape)} that {PARAMS} implies"
+        )
         if dim is None:
             if local != self.shape:
                 raise bad
             self.groups = [(0, parts)]
             return
-        if len(local) != len(shape) or any(a != b for i, (a, b) in enumerate(zip(local, shape, strict=True)) if i != dim):
+        if len(local) != len(shape) or any(
+            a != b for i, (a, b) in enumerate(zip(local, shape, strict=True)) if i != dim
+        ):
             raise bad
         self.local = local[dim]
         if self.local == 0 or shape[dim] % self.local or (len(parts) * self.local) % shape[dim]:
             raise bad
         copies = len(parts) * self.local // shape[dim]  # >1 only when kv heads are duplicated
-        self.groups = [(g * self.local, parts[g * copies:(g + 1) * copies]) for g in range(len(parts) // copies)]
+        self.groups = [(g * self.local, parts[g * copies : (g + 1) * copies]) for g in range(len(parts) // copies)]
 
     @property
     def nbytes(self) -> int:
@@ -127,7 +139,7 @@ class Merged:
         for start, copies in self.groups:
             lo, hi = max(want.start, start), min(want.stop, start + self.local)
             if lo < hi:
-                local = idx[:self.dim] + (slice(lo - start, hi - start),) + idx[self.dim + 1:]
+                local = idx[: self.dim] + (slice(lo - start, hi - start),) + idx[self.dim + 1 :]
                 out.append(self._agreeing(copies, local))
         return out[0] if len(out) == 1 else np.concatenate(out, axis=self.dim)
 
@@ -136,8 +148,10 @@ class Merged:
         for other in copies[1:]:
             if not _identical(first, other.read(idx)):
                 what = "a replicated weight" if self.dim is None else "duplicated kv heads"
-                raise CheckpointError(f"{other.path}: {self.name} differs from {copies[0].path.name}; {what} must be "
-                                      "identical on every shard (corrupt or mixed-up shard files)")
+                raise CheckpointError(
+                    f"{other.path}: {self.name} differs from {copies[0].path.name}; {what} must be "
+                    "identical on every shard (corrupt or mixed-up shard files)"
+                )
         return first
 
 
@@ -171,7 +185,7 @@ def _rotary_rows(t: Merged, rows: slice, cols: slice, head_dim: int) -> np.ndarr
     h0, h1 = rows.start // head_dim, -(-rows.stop // head_dim)
     block = t.read((slice(h0 * head_dim, h1 * head_dim), cols))
     block = block.reshape(h1 - h0, head_dim // 2, 2, -1).swapaxes(1, 2).reshape((h1 - h0) * head_dim, -1)
-    return block[rows.start - h0 * head_dim: rows.stop - h0 * head_dim]
+    return block[rows.start - h0 * head_dim : rows.stop - h0 * head_dim]
 
 
 class MetaCheckpoint:
@@ -192,8 +206,10 @@ class MetaCheckpoint:
         vocab = p.get("vocab_size", -1)
         if vocab in (-1, None):
             vocab = emb.shape[0] * (mp if self.embed_split == 0 else 1)
-        tables = {n: self._merged(n, split, (vocab, dim))
-                  for n, split in (("tok_embeddings.weight", self.embed_split), ("output.weight", 0))}
+        tables = {
+            n: self._merged(n, split, (vocab, dim))
+            for n, split in (("tok_embeddings.weight", self.embed_split), ("output.weight", 0))
+        }
         tied = _same_tables(tables["tok_embeddings.weight"], tables["output.weight"])
         self.dtype = emb.dtype
         self.config = self._config(vocab, tied, rope_factor)
@@ -209,9 +225,11 @@ class MetaCheckpoint:
         for f, shard in zip(self.files, self.shards, strict=True):
             missing = sorted(expected - set(shard), key=keys.natural_order)
             if missing:
-                raise CheckpointError(f"{f}: tensor {missing[0]!r} is missing"
-                                      f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
-                                      f"the checkpoint does not match {PARAMS} (n_layers={n_layers})")
+                raise CheckpointError(
+                    f"{f}: tensor {missing[0]!r} is missing"
+                    f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                    f"the checkpoint does not match {PARAMS} (n_layers={n_layers})"
+                )
             extra = sorted(set(shard) - expected - _IGNORED, key=keys.natural_order)
             if extra:
                 raise CheckpointError(f"{f}: unexpected tensor {extra[0]!r}; jaxvocab reads plain Llama checkpoints")
@@ -228,17 +246,23 @@ class MetaCheckpoint:
         legacy = p.get("vocab_size", -1) in (-1, None)  # Llama 1/2 releases wrote -1
         if rope_factor is not None:
             if not scaled:
-                raise UsageError(f"--rope-factor {rope_factor:g}: {where} does not set use_scaled_rope, so the model "
-                                 "uses no rope scaling; drop the flag")
+                raise UsageError(
+                    f"--rope-factor {rope_factor:g}: {where} does not set use_scaled_rope, so the model "
+                    "uses no rope scaling; drop the flag"
+                )
             if not float(rope_factor) > 0:
                 raise UsageError(f"--rope-factor {rope_factor:g}: must be > 0 (8 for Llama 3.1/3.3, 32 for 3.2 1B/3B)")
             factor = float(rope_factor)
         elif scaled:
             factor = 32.0 if tied else 8.0
-            log.warning("%s: use_scaled_rope does not say the factor; using %g because output.weight %s "
-                        "tok_embeddings.weight (tied: Llama 3.2 1B/3B use 32; untied: 3.1/3.3 use 8). "
-                        "Pass --rope-factor (rope_factor=) to override.", where, factor,
-                        "equals" if tied else "differs from")
+            log.warning(
+                "%s: use_scaled_rope does not say the factor; using %g because output.weight %s "
+                "tok_embeddings.weight (tied: Llama 3.2 1B/3B use 32; untied: 3.1/3.3 use 8). "
+                "Pass --rope-factor (rope_factor=) to override.",
+                where,
+                factor,
+                "equals" if tied else "differs from",
+            )
         dim, heads = p["dim"], p["n_heads"]
         try:
             ffn = intermediate_size(dim, int(p.get("multiple_of", 256)), p.get("ffn_dim_multiplier"))
@@ -246,12 +270,19 @@ class MetaCheckpoint:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: {e}") from None
         return LlamaConfig(
-            vocab_size=vocab, hidden_size=dim, intermediate_size=ffn, num_hidden_layers=p["n_layers"],
-            num_attention_heads=heads, num_key_value_heads=p.get("n_kv_heads") or heads, head_dim=dim // heads,
-            rms_norm_eps=eps, rope_theta=theta,
+            vocab_size=vocab,
+            hidden_size=dim,
+            intermediate_size=ffn,
+            num_hidden_layers=p["n_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=p.get("n_kv_heads") or heads,
+            head_dim=dim // heads,
+            rms_norm_eps=eps,
+            rope_theta=theta,
             rope_scaling=RopeScaling(factor, **_LLAMA3_ROPE) if scaled else None,
             max_position_embeddings=131072 if scaled else (4096 if legacy else 8192),
-            tie_word_embeddings=tied, bos_token_id=1 if legacy else 128000,
+            tie_word_embeddings=tied,
+            bos_token_id=1 if legacy else 128000,
             eos_token_id=2 if legacy else ((128001, 128008, 128009) if scaled else (128001, 128009)),
             dtype=self.dtype.name,
         )
@@ -277,8 +308,9 @@ def meta_config(path, rope_factor: float | None = None) -> LlamaConfig:
     return MetaCheckpoint(Path(path), rope_factor).config
 
 
-def read_meta(path, *, dtype=None, mesh: Mesh | None = None, show_progress: bool = True,
-              rope_factor: float | None = None) -> Llama:
+def read_meta(
+    path, *, dtype=None, mesh: Mesh | None = None, show_progress: bool = True, rope_factor: float | None = None
+) -> Llama:
     """Load a Meta dir onto `mesh`; its tokenizer.model rides along via `model.source_dir`."""
     ckpt = MetaCheckpoint(Path(path), rope_factor)
     dtype = np.dtype(dtype) if dtype is not None else ckpt.dtype

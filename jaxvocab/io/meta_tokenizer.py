@@ -23,21 +23,26 @@ CHAT_TEMPLATE_30 = (
     "{{- bos_token }}{%- for message in messages %}"
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
     " + '<|eot_id|>' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
 # 3.1+: tool results are the `ipython` role, and a message may end with <|eom_id|> (a tool call awaiting its result).
 CHAT_TEMPLATE_31 = (
     "{{- bos_token }}{%- for message in messages %}"
     "{%- set role = 'ipython' if message['role'] == 'tool' else message['role'] %}"
     "{{- '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' + message['content'] | trim }}"
     "{{- '<|eom_id|>' if message.get('end') == 'eom' else '<|eot_id|>' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
 
 
 def is_meta_tokenizer_dir(path) -> bool:
     """A Meta source: params.json and a tokenizer.model, without HF tokenizer files."""
     p = Path(path)
-    return ((p / "params.json").is_file() and (p / "tokenizer.model").is_file()
-            and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")))
+    return (
+        (p / "params.json").is_file()
+        and (p / "tokenizer.model").is_file()
+        and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    )
 
 
 def meta_version(path, version: str | None = None) -> str:
@@ -59,8 +64,14 @@ def meta_specials(version: str) -> dict[str, int]:
 
 
 def _entry(text: str) -> dict:
-    return {"content": text, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-            "special": True}
+    return {
+        "content": text,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+    }
 
 
 def tokenizer_json(model_file: Path, specials: dict[str, int]) -> dict:
@@ -68,8 +79,10 @@ def tokenizer_json(model_file: Path, specials: dict[str, int]) -> dict:
         from tokenizers import AddedToken, processors
         from transformers.convert_slow_tokenizer import TikTokenConverter
     except ImportError as e:
-        raise CheckpointError(f"{model_file}: writing tokenizer.json for a Meta source needs transformers and "
-                              f"tokenizers ({e}); pip install 'jaxvocab[meta]'") from None
+        raise CheckpointError(
+            f"{model_file}: writing tokenizer.json for a Meta source needs transformers and "
+            f"tokenizers ({e}); pip install 'jaxvocab[meta]'"
+        ) from None
     # tiktoken caches files by their *path* in /tmp unless told not to; a later file at the same path
     # would be read stale, so caching is off for this one read.
     cache = os.environ.get("TIKTOKEN_CACHE_DIR")
@@ -87,10 +100,14 @@ def tokenizer_json(model_file: Path, specials: dict[str, int]) -> dict:
         raise CheckpointError(f"{model_file}: {n} ranks do not precede the special ids; not a Llama-3 tokenizer.model")
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, _ in ordered])
     bos = "<|begin_of_text|>"
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
-                                      special_tokens=[(bos, specials[bos])])])
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, specials[bos])]
+            ),
+        ]
+    )
     return json.loads(tok.to_str())
 
 
@@ -100,8 +117,9 @@ def write_meta_tokenizer_files(src, out: Path, version: str | None = None) -> li
     version = meta_version(src, version)
     specials = meta_specials(version)
     from jaxvocab.io import carried
+
     model_file = out / "tokenizer.model.tmp"
-    model_file.write_text(carried.read(src / "tokenizer.model"))   # parsed and re-written like every carried file
+    model_file.write_text(carried.read(src / "tokenizer.model"))  # parsed and re-written like every carried file
     try:
         tj = tokenizer_json(model_file, specials)
     finally:
@@ -109,11 +127,14 @@ def write_meta_tokenizer_files(src, out: Path, version: str | None = None) -> li
     bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
     config = {
         "added_tokens_decoder": {str(i): _entry(t) for t, i in sorted(specials.items(), key=lambda kv: kv[1])},
-        "bos_token": bos, "eos_token": eos, "clean_up_tokenization_spaces": True,
+        "bos_token": bos,
+        "eos_token": eos,
+        "clean_up_tokenization_spaces": True,
         "model_input_names": ["input_ids", "attention_mask"],
         "model_max_length": 131072 if version == "3.1" else 8192,
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": CHAT_TEMPLATE_31 if version == "3.1" else CHAT_TEMPLATE_30}
+        "chat_template": CHAT_TEMPLATE_31 if version == "3.1" else CHAT_TEMPLATE_30,
+    }
     for name, obj in zip(FILES, (tj, config, {"bos_token": bos, "eos_token": eos}), strict=True):
         (out / name).write_text(carried.dumps(name, obj), encoding="utf-8")
     return list(FILES)

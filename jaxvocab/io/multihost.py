@@ -19,7 +19,7 @@ import numpy as np
 from jaxvocab.io.atomic import atomic_dir, check_output
 
 _calls = itertools.count()
-BARRIER_MS = 3_600_000    # a dead peer is caught by the CLI's watchdog, not by this timeout
+BARRIER_MS = 3_600_000  # a dead peer is caught by the CLI's watchdog, not by this timeout
 
 
 def is_main() -> bool:
@@ -28,6 +28,7 @@ def is_main() -> bool:
 
 def _client():
     from jax._src import distributed
+
     return distributed.global_state.client
 
 
@@ -46,7 +47,7 @@ def shared_atomic_dir(out, overwrite: bool = False):
     out = Path(out)
     key = f"atomic/{next(_calls)}"
     check_output(out, overwrite)
-    barrier(f"{key}/checked")        # nobody may see the output process 0 is about to create
+    barrier(f"{key}/checked")  # nobody may see the output process 0 is about to create
     if is_main():
         ctx = atomic_dir(out, overwrite)
         tmp = ctx.__enter__()
@@ -70,6 +71,7 @@ def to_host(arr) -> np.ndarray:
     if getattr(arr, "is_fully_addressable", True):
         return np.asarray(jax.device_get(arr))
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
 
 

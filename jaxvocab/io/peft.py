@@ -39,11 +39,23 @@ def adapter_config(spec: LoraSpec, ids: list[int], tied: bool, head_rows: bool, 
         tokens = ids if embed_rows else None
     if ids and not tied and head_rows:
         tokens = {"lm_head": ids, **({"embed_tokens": ids} if embed_rows else {})}
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": spec.alpha,
-            "lora_dropout": spec.dropout, "target_modules": sorted(HF_MODULES[t].split(".")[1] for t in spec.targets),
-            "trainable_token_indices": tokens, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-            "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
-            "base_model_name_or_path": None}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": sorted(HF_MODULES[t].split(".")[1] for t in spec.targets),
+        "trainable_token_indices": tokens,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "base_model_name_or_path": None,
+    }
 
 
 def save_peft(rm, out_dir, *, overwrite: bool = False) -> Path:
@@ -62,17 +74,19 @@ def save_peft(rm, out_dir, *, overwrite: bool = False) -> Path:
         tensors[EMBED_KEY] = (rm.embed_rows, rm.embed[...].dtype)
     if rm.head_rows is not None:
         tensors[HEAD_KEY] = (rm.head_rows, rm.lm_head[...].dtype)
-    entries = [(k, np.dtype(np.float32), tuple(v[0].shape[1:] if isinstance(v[1], int) else v[0].shape))
-               for k, v in tensors.items()]
+    entries = [
+        (k, np.dtype(np.float32), tuple(v[0].shape[1:] if isinstance(v[1], int) else v[0].shape))
+        for k, v in tensors.items()
+    ]
 
     def produce(key):
         var, where = tensors[key]
         arr = var[...][where] if isinstance(where, int) else var[...].astype(where)
-        return np.asarray(to_host(arr), np.float32)   # gathered when the job spans several processes
+        return np.asarray(to_host(arr), np.float32)  # gathered when the job spans several processes
 
     config = adapter_config(spec, ids, rm.tied, rm.head_rows is not None, rm.embed_rows is not None)
     out = Path(out_dir)
-    with shared_atomic_dir(out, overwrite) as tmp:   # many processes: each tensor gathered, process 0 writes
+    with shared_atomic_dir(out, overwrite) as tmp:  # many processes: each tensor gathered, process 0 writes
         (write_file if is_main() else gather_only)(tmp / WEIGHTS, entries, produce)
         if is_main():
             (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -89,7 +103,12 @@ def read_peft(path) -> tuple[dict, dict[str, np.ndarray]]:
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e}); re-export the adapter") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA" or not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
+    if (
+        not isinstance(cfg, dict)
+        or cfg.get("peft_type") != "LORA"
+        or not isinstance(cfg.get("r"), int)
+        or cfg["r"] <= 0
+    ):
         raise CheckpointError(f"{cfg_file}: not a LoRA adapter config (needs peft_type LORA and a positive r)")
     infos, _ = read_header(weights)
     tensors = {name: read_slice(info) for name, info in infos.items()}
@@ -109,9 +128,11 @@ def load_adapters(rm, path) -> None:
     targets = sorted(HF_MODULES[t].split(".")[1] for t in spec.targets)
     got = (cfg["r"], float(cfg.get("lora_alpha") or 0), sorted(cfg.get("target_modules") or []))
     if got != (spec.rank, spec.alpha, targets):
-        raise CheckpointError(f"{Path(path) / CONFIG}: r={got[0]}, lora_alpha={got[1]:g}, target_modules={got[2]} "
-                              f"but this run has --lora-rank {spec.rank} --lora-alpha {spec.alpha:g} with {targets}; "
-                              "pass the adapter's values")
+        raise CheckpointError(
+            f"{Path(path) / CONFIG}: r={got[0]}, lora_alpha={got[1]:g}, target_modules={got[2]} "
+            f"but this run has --lora-rank {spec.rank} --lora-alpha {spec.alpha:g} with {targets}; "
+            "pass the adapter's values"
+        )
     for name in spec.targets:
         for ab, key in (("A", a_key(name)), ("B", b_key(name))):
             var = rm.lora[key]
@@ -120,7 +141,9 @@ def load_adapters(rm, path) -> None:
                 k = lora_key(i, name, ab)
                 if k not in tensors or tensors[k].shape != tuple(var.shape[1:]):
                     shape = tensors[k].shape if k in tensors else "missing"
-                    raise CheckpointError(f"{Path(path) / WEIGHTS}: {k} is {shape}; expected {tuple(var.shape[1:])} "
-                                          "(an adapter for another model?)")
+                    raise CheckpointError(
+                        f"{Path(path) / WEIGHTS}: {k} is {shape}; expected {tuple(var.shape[1:])} "
+                        "(an adapter for another model?)"
+                    )
                 layers.append(tensors[k].astype(np.float32))
             var.set_value(jax.device_put(np.stack(layers), var[...].sharding))

@@ -30,21 +30,27 @@ import numpy as np
 from jaxvocab.errors import CheckpointError, brief
 
 # Bounds on the unpickler's work (a torch state dict of a 405B shard needs a small fraction of each):
-MAX_PICKLE = 16 << 20       # bytes of data.pkl
-MAX_OPS = 2_000_000         # opcodes
-MAX_MEMO = 500_000          # memo entries
-MAX_DEPTH = 32              # nesting of built values (a shared-tuple DAG of depth 60 hashes 2**60 times)
-MAX_NUMEL = 1 << 40         # elements of one tensor view
+MAX_PICKLE = 16 << 20  # bytes of data.pkl
+MAX_OPS = 2_000_000  # opcodes
+MAX_MEMO = 500_000  # memo entries
+MAX_DEPTH = 32  # nesting of built values (a shared-tuple DAG of depth 60 hashes 2**60 times)
+MAX_NUMEL = 1 << 40  # elements of one tensor view
 _INPLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
 
 # Bytes copied out of .pth storages by this process (the multi-host test checks each host reads its share).
 BYTES_READ = 0
 
 STORAGE_DTYPES = {
-    "FloatStorage": np.dtype(np.float32), "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16), "DoubleStorage": np.dtype(np.float64),
-    "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32), "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8), "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "DoubleStorage": np.dtype(np.float64),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
 }
 
 
@@ -95,8 +101,9 @@ class LazyTensor:
             mm = mmap.mmap(f.fileno(), st.start + st.numel * item - base, access=mmap.ACCESS_READ, offset=base)
         try:
             flat = np.frombuffer(mm, dtype=st.dtype, count=st.numel, offset=st.start - base)
-            view = np.lib.stride_tricks.as_strided(flat[self.offset:], self.shape, [s * item for s in self.stride],
-                                                   writeable=False)
+            view = np.lib.stride_tricks.as_strided(
+                flat[self.offset :], self.shape, [s * item for s in self.stride], writeable=False
+            )
             out = np.array(view[index or ()], copy=True)
             del view, flat
         finally:
@@ -110,17 +117,26 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     if not isinstance(storage, Storage):
         raise CheckpointError("tensor without a storage")
     ints = lambda t: isinstance(t, tuple) and all(isinstance(v, int) and v >= 0 for v in t)  # noqa: E731
-    if not (isinstance(storage_offset, int) and storage_offset >= 0 and ints(size) and ints(stride)
-            and len(size) == len(stride)):
-        raise CheckpointError(f"{storage.path}: malformed tensor record (offset {brief(storage_offset)}, size "
-                              f"{brief(size)}, stride {brief(stride)})")
+    if not (
+        isinstance(storage_offset, int)
+        and storage_offset >= 0
+        and ints(size)
+        and ints(stride)
+        and len(size) == len(stride)
+    ):
+        raise CheckpointError(
+            f"{storage.path}: malformed tensor record (offset {brief(storage_offset)}, size "
+            f"{brief(size)}, stride {brief(stride)})"
+        )
     if math.prod(size) > MAX_NUMEL:
-        raise CheckpointError(f"{storage.path}: a tensor of {len(size)} dims claims more than {MAX_NUMEL} elements; "
-                              "the file is corrupt")
+        raise CheckpointError(
+            f"{storage.path}: a tensor of {len(size)} dims claims more than {MAX_NUMEL} elements; the file is corrupt"
+        )
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) if 0 not in size else -1
     if last >= storage.numel:
-        raise CheckpointError(f"{storage.path}: a tensor of shape {list(size)} reaches past the end of its storage; "
-                              "the file is corrupt")
+        raise CheckpointError(
+            f"{storage.path}: a tensor of shape {list(size)} reaches past the end of its storage; the file is corrupt"
+        )
     return LazyTensor(storage, storage_offset, size, stride)
 
 
@@ -148,13 +164,22 @@ class _Unpickler(pickle.Unpickler):
             return _StorageType(name)
         fn = _ALLOWED.get((module, name))
         if fn is None:
-            raise CheckpointError(f"{self.path}: refusing to unpickle the global {module[:80]}.{name[:80]}: a tensor state dict "
-                                  "never needs it, and jaxvocab does not run code from checkpoint files")
+            raise CheckpointError(
+                f"{self.path}: refusing to unpickle the global {module[:80]}.{name[:80]}: a tensor state dict "
+                "never needs it, and jaxvocab does not run code from checkpoint files"
+            )
         return fn
 
     def persistent_load(self, pid):
-        ok = (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
-              and isinstance(pid[2], str) and isinstance(pid[4], int) and pid[4] >= 0)
+        ok = (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+            and isinstance(pid[4], int)
+            and pid[4] >= 0
+        )
         if not ok:
             raise CheckpointError(f"{self.path}: unsupported persistent id {brief(pid)}; only tensor storages are read")
         return self.storage_for(pid[2], pid[1].dtype, pid[4])
@@ -172,11 +197,15 @@ def read_pth(path) -> dict[str, LazyTensor]:
             prefix = pkl[0][: -len("data.pkl")]
             order = z.read(prefix + "byteorder").strip() if prefix + "byteorder" in members else b"little"
             if order != b"little":
-                raise CheckpointError(f"{path}: byte order {order.decode(errors='replace')!r} is not supported; "
-                                      "re-save it on a little-endian machine")
+                raise CheckpointError(
+                    f"{path}: byte order {order.decode(errors='replace')!r} is not supported; "
+                    "re-save it on a little-endian machine"
+                )
             if members[pkl[0]].file_size > MAX_PICKLE:
-                raise CheckpointError(f"{path}: data.pkl is {members[pkl[0]].file_size} bytes, more than a state dict "
-                                      f"needs ({MAX_PICKLE}); refusing to unpickle it")
+                raise CheckpointError(
+                    f"{path}: data.pkl is {members[pkl[0]].file_size} bytes, more than a state dict "
+                    f"needs ({MAX_PICKLE}); refusing to unpickle it"
+                )
             with z.open(pkl[0]) as f:
                 blob = f.read(MAX_PICKLE + 1)
             if len(blob) > MAX_PICKLE:
@@ -193,12 +222,26 @@ def read_pth(path) -> dict[str, LazyTensor]:
 
                 state = _Unpickler(data, path, storage_for).load()
     except zipfile.BadZipFile:
-        raise CheckpointError(f"{path}: not a zip archive; only torch's zip format (torch >= 1.6) is read, "
-                              "re-save the file with a recent torch.save") from None
+        raise CheckpointError(
+            f"{path}: not a zip archive; only torch's zip format (torch >= 1.6) is read, "
+            "re-save the file with a recent torch.save"
+        ) from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            RecursionError, MemoryError, OverflowError, zipfile.LargeZipFile, NotImplementedError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        RecursionError,
+        MemoryError,
+        OverflowError,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+    ) as e:
         raise CheckpointError(f"{path}: corrupt data.pkl ({type(e).__name__}: {brief(str(e))})") from None
     flat = isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, LazyTensor) for k, v in state.items())
     if not flat:
@@ -209,18 +252,21 @@ def read_pth(path) -> dict[str, LazyTensor]:
 def check_pickle(blob: bytes, path: Path) -> None:
     """Walk the pickle's opcodes before running any (pickletools parses, never executes): bound the
     opcode count, the memo and the nesting depth of every value the real unpickler would build."""
-    stack: list[int | None] = []   # depth of each stack value; None marks a MARK
+    stack: list[int | None] = []  # depth of each stack value; None marks a MARK
     memo: dict = {}
     try:
         for n, (op, arg, _) in enumerate(pickletools.genops(blob)):
             if n > MAX_OPS or len(memo) > MAX_MEMO:
-                raise CheckpointError(f"{path}: data.pkl needs more than {MAX_OPS} opcodes / {MAX_MEMO} memo entries; "
-                                      "a state dict never does, refusing to unpickle it")
+                raise CheckpointError(
+                    f"{path}: data.pkl needs more than {MAX_OPS} opcodes / {MAX_MEMO} memo entries; "
+                    "a state dict never does, refusing to unpickle it"
+                )
             _simulate(op, arg, stack, memo)
     except (ValueError, IndexError, KeyError) as e:
         raise CheckpointError(f"{path}: corrupt data.pkl ({type(e).__name__}: {brief(str(e))})") from None
     if max((d for d in stack if d is not None), default=0) > MAX_DEPTH or any(
-            d is not None and d > MAX_DEPTH for d in memo.values()):
+        d is not None and d > MAX_DEPTH for d in memo.values()
+    ):
         raise CheckpointError(f"{path}: data.pkl nests values deeper than {MAX_DEPTH}; refusing to unpickle it")
 
 
@@ -236,14 +282,14 @@ def _simulate(op, arg, stack: list, memo: dict) -> None:
     before = op.stack_before
     if pickletools.markobject in before:
         k = len(stack) - 1 - stack[::-1].index(None)
-        items, pre_n = stack[k + 1:], before.index(pickletools.markobject)
-        pre = stack[k - pre_n:k] if pre_n else []
-        del stack[k - pre_n:]
+        items, pre_n = stack[k + 1 :], before.index(pickletools.markobject)
+        pre = stack[k - pre_n : k] if pre_n else []
+        del stack[k - pre_n :]
     else:
-        pre = stack[len(stack) - len(before):] if before else []
+        pre = stack[len(stack) - len(before) :] if before else []
         if len(pre) != len(before):
             raise IndexError("stack underflow")
-        del stack[len(stack) - len(before):]
+        del stack[len(stack) - len(before) :]
         items = []
     depths = [d or 0 for d in pre + items]
     if name == "DUP":
@@ -265,8 +311,10 @@ def _storage(path: Path, raw, info: zipfile.ZipInfo | None, key: str, dtype: np.
     if info.compress_type != zipfile.ZIP_STORED:
         raise CheckpointError(f"{path}: storage {key!r} is compressed; re-save the file with torch.save")
     if info.file_size < numel * dtype.itemsize:
-        raise CheckpointError(f"{path}: storage {key!r} holds {info.file_size} bytes, fewer than its {numel} "
-                              f"{dtype.name} elements; the file is truncated")
+        raise CheckpointError(
+            f"{path}: storage {key!r} holds {info.file_size} bytes, fewer than its {numel} "
+            f"{dtype.name} elements; the file is truncated"
+        )
     raw.seek(info.header_offset)
     header = raw.read(30)
     if len(header) != 30 or header[:4] != b"PK\x03\x04":

@@ -23,10 +23,18 @@ import numpy as np
 from jaxvocab.errors import CheckpointError, brief
 
 DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 CODES = {v: k for k, v in DTYPES.items()}
 FLOATS = {DTYPES[k] for k in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")}
@@ -45,7 +53,7 @@ class TensorInfo:
         return self.end - self.start
 
 
-MAX_HEADER = 100_000_000   # the safetensors library's limit
+MAX_HEADER = 100_000_000  # the safetensors library's limit
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
@@ -60,8 +68,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
             (n,) = struct.unpack("<Q", raw)
             size = os.fstat(f.fileno()).st_size
             if n > size - 8 or n > MAX_HEADER or n < 2:
-                raise CheckpointError(f"{path}: header length {n} is impossible for a file of {size} bytes; "
-                                      "the file is truncated or not safetensors")
+                raise CheckpointError(
+                    f"{path}: header length {n} is impossible for a file of {size} bytes; "
+                    "the file is truncated or not safetensors"
+                )
             text = f.read(n)
         if not text.startswith(b"{"):
             raise CheckpointError(f"{path}: header does not start with '{{'; the file is corrupt or not safetensors")
@@ -91,19 +101,29 @@ def _no_duplicates(pairs):
 def _entry(path: Path, name: str, e, base: int) -> TensorInfo:
     """One header entry, every field type-checked (ints are JSON integers, never floats or bools)."""
     nat = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
-    ok = (isinstance(e, dict) and isinstance(e.get("dtype"), str) and e["dtype"] in DTYPES
-          and isinstance(e.get("shape"), list) and all(nat(s) for s in e["shape"])
-          and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
-          and all(nat(o) for o in e["data_offsets"]) and e["data_offsets"][0] <= e["data_offsets"][1])
+    ok = (
+        isinstance(e, dict)
+        and isinstance(e.get("dtype"), str)
+        and e["dtype"] in DTYPES
+        and isinstance(e.get("shape"), list)
+        and all(nat(s) for s in e["shape"])
+        and isinstance(e.get("data_offsets"), list)
+        and len(e["data_offsets"]) == 2
+        and all(nat(o) for o in e["data_offsets"])
+        and e["data_offsets"][0] <= e["data_offsets"][1]
+    )
     if not ok:
-        raise CheckpointError(f"{path}: tensor {brief(name)} has an unsupported or malformed header entry {brief(e)}; "
-                              "the file is corrupt")
+        raise CheckpointError(
+            f"{path}: tensor {brief(name)} has an unsupported or malformed header entry {brief(e)}; the file is corrupt"
+        )
     dtype, shape = DTYPES[e["dtype"]], tuple(e["shape"])
     start, end = (base + o for o in e["data_offsets"])
     if end - start != math.prod(shape) * dtype.itemsize:
-        raise CheckpointError(f"{path}: tensor {brief(name)} spans {end - start} bytes but its shape "
-                              f"{brief(list(shape))} of {e['dtype']} needs {math.prod(shape) * dtype.itemsize}; "
-                              "the file is corrupt")
+        raise CheckpointError(
+            f"{path}: tensor {brief(name)} spans {end - start} bytes but its shape "
+            f"{brief(list(shape))} of {e['dtype']} needs {math.prod(shape) * dtype.itemsize}; "
+            "the file is corrupt"
+        )
     return TensorInfo(name, dtype, shape, start, end, Path(path))
 
 
@@ -112,12 +132,16 @@ def _check_layout(path: Path, infos: dict[str, TensorInfo], base: int, size: int
     cursor = base
     for info in sorted(infos.values(), key=lambda i: (i.start, i.end)):
         if info.start != cursor:
-            raise CheckpointError(f"{path}: tensor {brief(info.name)} starts at data offset {info.start - base}, "
-                                  f"expected {cursor - base} (offsets overlap or leave a gap); the file is corrupt")
+            raise CheckpointError(
+                f"{path}: tensor {brief(info.name)} starts at data offset {info.start - base}, "
+                f"expected {cursor - base} (offsets overlap or leave a gap); the file is corrupt"
+            )
         cursor = info.end
     if cursor != size:
-        raise CheckpointError(f"{path}: the tensors cover {cursor - base} data bytes but the file holds {size - base}; "
-                              "the file is truncated or has trailing bytes")
+        raise CheckpointError(
+            f"{path}: the tensors cover {cursor - base} data bytes but the file holds {size - base}; "
+            "the file is truncated or has trailing bytes"
+        )
 
 
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
@@ -127,7 +151,7 @@ def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.empty(nbytes + align, np.uint8)
     skip = -raw.ctypes.data % align
-    return raw[skip:skip + nbytes].view(dtype).reshape(shape)
+    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
 
 def read_slice(info: TensorInfo, index: tuple[slice, ...] | None = None, out: np.ndarray | None = None) -> np.ndarray:
@@ -201,7 +225,11 @@ def write_file(path: Path, entries: list[tuple[str, np.dtype, tuple[int, ...]]],
     header, offset = {}, 0
     for name, dtype, shape in entries:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": CODES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     blob = json.dumps({"__metadata__": metadata or {"format": "pt"}, **header}, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)

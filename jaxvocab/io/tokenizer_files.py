@@ -4,6 +4,7 @@ Only the added-token tables are edited: model.vocab and merges stay identical, b
 BPE part of the vocabulary never changes and any drift there would silently re-tokenize data.
 Every file is read and written through `carried` (allow-listed keys only, never byte-copied).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,15 @@ def _write(path: str, obj) -> None:
 
 def _entry(i: int, text: str, special: bool) -> dict:
     # normalized=False even for plain tokens: jaxvocab matches added text verbatim, HF must too.
-    return {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
-            "normalized": False, "special": special}
+    return {
+        "id": i,
+        "content": text,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": special,
+    }
 
 
 def _text(v) -> str | None:
@@ -45,16 +53,19 @@ def _replace_names(obj, old_to_new: dict[str, str]):
     return obj
 
 
-def write_tokenizer_files(src_dir, out_dir, renamed: dict[int, str], appended: dict[int, str],
-                          special_ids: set[int], vocab_size: int) -> list[str]:
+def write_tokenizer_files(
+    src_dir, out_dir, renamed: dict[int, str], appended: dict[int, str], special_ids: set[int], vocab_size: int
+) -> list[str]:
     src_dir, out_dir = os.fspath(src_dir), os.fspath(out_dir)
     renamed = {int(k): v for k, v in renamed.items()}
     appended = {int(k): v for k, v in appended.items()}
     special_ids = {int(i) for i in special_ids}
     present = [n for n in EDITED if os.path.isfile(os.path.join(src_dir, n))]
     if not any(n in present for n in ("tokenizer.json", "tokenizer_config.json")):
-        raise CheckpointError(f"{src_dir}: no tokenizer.json / tokenizer_config.json to add the new tokens to; "
-                              "point at the checkpoint's tokenizer directory")
+        raise CheckpointError(
+            f"{src_dir}: no tokenizer.json / tokenizer_config.json to add the new tokens to; "
+            "point at the checkpoint's tokenizer directory"
+        )
     new = {**renamed, **appended}
     if set(renamed) & set(appended):
         raise VocabError(f"ids {sorted(set(renamed) & set(appended))} are both renamed and appended; plan each id once")
@@ -83,18 +94,22 @@ def write_tokenizer_files(src_dir, out_dir, renamed: dict[int, str], appended: d
 
     for i in renamed:
         if i not in cur:
-            raise VocabError(f"{src_dir}: id {i} is not an added/reserved token in the tokenizer files; "
-                             "rename only reserved slots")
+            raise VocabError(
+                f"{src_dir}: id {i} is not an added/reserved token in the tokenizer files; rename only reserved slots"
+            )
     old_to_new = {cur[i]: t for i, t in renamed.items()}
     roles = {k: _text(tc.get(k)) for k in ROLE_KEYS} if tc else {}
     in_use = [f"{k}={v}" for k, v in roles.items() if v in old_to_new]
     if in_use:
-        raise VocabError(f"{src_dir}/tokenizer_config.json: renamed slot is in use ({', '.join(in_use)}); "
-                         "pick another reserved slot")
+        raise VocabError(
+            f"{src_dir}/tokenizer_config.json: renamed slot is in use ({', '.join(in_use)}); pick another reserved slot"
+        )
     for i in appended:
         if i in cur or i in base_ids:
-            raise VocabError(f"{src_dir}: appended id {i} is already taken by {cur.get(i, 'a vocab token')!r}; "
-                             "append after the last id")
+            raise VocabError(
+                f"{src_dir}: appended id {i} is already taken by {cur.get(i, 'a vocab token')!r}; "
+                "append after the last id"
+            )
     after = {**cur, **new}
     kept_texts = {t for i, t in after.items() if i not in new}
     clash = [t for t in texts if t in kept_texts or (t in base_vocab and base_vocab[t] not in new)]
@@ -103,8 +118,10 @@ def write_tokenizer_files(src_dir, out_dir, renamed: dict[int, str], appended: d
     all_ids = base_ids | set(after)
     size = max(max(all_ids, default=-1) + 1, len(all_ids))
     if size > vocab_size:
-        raise VocabError(f"{src_dir}: edited tokenizer would have {size} ids but the model has "
-                         f"vocab_size={vocab_size}; resize the embeddings or drop tokens")
+        raise VocabError(
+            f"{src_dir}: edited tokenizer would have {size} ids but the model has "
+            f"vocab_size={vocab_size}; resize the embeddings or drop tokens"
+        )
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
