@@ -30,38 +30,9 @@ import numpy as np
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import fmt_bytes, machine, measure, save, table  # noqa: E402
 
+from examples.llama3_tokenizer import tokenizing_checkpoint  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tokenizer_model(d: Path) -> Path:
-    """The real Llama-3 tokenizer files + a config.json: all `tokenize` needs of a checkpoint."""
-    from examples.llama3_tokenizer import package_tokenizer_dir
-
-    src = package_tokenizer_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        shutil.copy(f, d / f.name)
-    (d / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "vocab_size": 128256,
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": 512,
-                "rms_norm_eps": 1e-5,
-                "rope_theta": 500000.0,
-                "tie_word_embeddings": True,
-                "bos_token_id": 128000,
-                "eos_token_id": 128001,
-            }
-        )
-    )
-    return d
 
 
 def corpus(path: Path, mb: float, seed: int = 0) -> Path:
@@ -234,7 +205,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="jaxvocab-bench-data-") as tmp:
         work = Path(tmp)
-        model = tokenizer_model(work / "tok")
+        model = tokenizing_checkpoint(work / "tok")
         data = corpus(work / "corpus.jsonl", args.corpus_mb)
         tok_rows = bench_tokenize(work, model, data, args.workers)
         rss_rows = bench_rss(work, args.small_store_mb, args.big_store_mb, args.steps)

@@ -46,3 +46,30 @@ def write_text_tokenizer(out: Path) -> None:
     tc = json.loads((src / "tokenizer_config.json").read_text())
     tc["added_tokens_decoder"] = {k: v for k, v in tc["added_tokens_decoder"].items() if int(k) < TEXT_VOCAB}
     (out / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2))
+
+
+def tokenizing_checkpoint(out: Path) -> Path:
+    """A dir that is a checkpoint as far as tokenizing goes: the package's tokenizer files and a tiny
+    Llama-3 config.json (no weights). What `jaxvocab-train tokenize --model` needs, and nothing more."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in package_tokenizer_dir().iterdir():
+        shutil.copy(f, out / f.name)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": TEXT_VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -19,32 +18,11 @@ FILES = ("tokens.bin", "mask.bin", "offsets.npy")
 
 
 @pytest.fixture(scope="module")
-def tok_model(tmp_path_factory, llama3_tokenizer_dir):
+def tok_model(tmp_path_factory):
     """A checkpoint dir as far as tokenizing goes: the real tokenizer files and a config.json."""
-    d = tmp_path_factory.mktemp("tokmodel")
-    for f in llama3_tokenizer_dir.iterdir():
-        shutil.copy(f, d / f.name)
-    (d / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "vocab_size": 128256,
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": 512,
-                "rms_norm_eps": 1e-5,
-                "rope_theta": 500000.0,
-                "tie_word_embeddings": True,
-                "bos_token_id": 128000,
-                "eos_token_id": 128001,
-            }
-        )
-    )
-    return d
+    from examples.llama3_tokenizer import tokenizing_checkpoint
+
+    return tokenizing_checkpoint(tmp_path_factory.mktemp("tokmodel"))
 
 
 def _records(n=1300):
