@@ -36,13 +36,15 @@ def make_hf_checkpoint(
     theta=10000.0,
     max_pos=4096,
     zero_rows=(),
+    bigram_steps=0,
 ):
     """Write a random LlamaForCausalLM with transformers; returns (path, torch model in f32).
 
     style: "rope_parameters" (transformers 5), "rope_scaling" (rope_type key) or "rope_scaling_type"
     (the older `type` key). std is larger than HF's 0.02 so logits are far from uniform and
     parity tests can actually fail. `zero_rows` are set to 0 in embed (and head), like Llama-3's
-    untrained reserved rows.
+    untrained reserved rows. `bigram_steps` > 0 then trains it (f32 AdamW) on `bigram_ids`' language,
+    so its next-token predictions are confident the way a trained model's are.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -65,6 +67,8 @@ def make_hf_checkpoint(
         eos_token_id=1,
     )
     model = randomize(LlamaForCausalLM(cfg).eval(), std)
+    if bigram_steps:
+        learn_bigram(model, vocab, bigram_steps)
     with torch.no_grad():
         for r in zero_rows:
             model.model.embed_tokens.weight[r] = 0
@@ -76,6 +80,35 @@ def make_hf_checkpoint(
     model.save_pretrained(path, max_shard_size="200KB" if shards else "10GB")
     _restyle_config(path / "config.json", style, scaling, theta)
     return path, model.float()
+
+
+def bigram_ids(vocab: int, batch: int = 2, length: int = 520, seed: int = 0) -> np.ndarray:
+    """Chains x[t+1] = perm[x[t]] from random starts: a language with one right answer per position."""
+    perm = np.random.RandomState(1234).permutation(vocab)
+    ids = np.empty((batch, length), np.int64)
+    ids[:, 0] = np.random.RandomState(seed).randint(0, vocab, batch)
+    for t in range(1, length):
+        ids[:, t] = perm[ids[:, t - 1]]
+    return ids
+
+
+def learn_bigram(model, vocab: int, steps: int) -> None:
+    """AdamW on short `bigram_ids` chains: trained-looking logits (large top-1 margins) in a few seconds.
+    One torch thread: tiny ops are slower with more, and the suite shares 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for step in range(steps):
+        ids = torch.tensor(bigram_ids(vocab, batch=16, length=33, seed=step))
+        loss = model(ids, labels=ids).loss  # labels are shifted inside
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    torch.set_num_threads(threads)
 
 
 def randomize(model, std: float):

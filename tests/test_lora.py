@@ -10,7 +10,7 @@ import jaxvocab
 from jaxvocab import lora
 from jaxvocab import rows as row_split
 from jaxvocab.sharding import parse_mesh
-from tests.builders import make_hf_checkpoint
+from tests.builders import bigram_ids, make_hf_checkpoint
 from train import loop
 from train.data import Batch
 
@@ -178,15 +178,19 @@ def _log_softmax(x):
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False])
 def test_merged_and_peft_exports_match_the_trained_model(tmp_path, tied):
-    """bf16 checkpoint, trained-looking adapters and rows: the f32 merge (transformers) and PEFT on the
-    plain base both give jaxvocab's logits within 1e-4; the bf16 merge keeps every top-1, KL <= 1e-3."""
+    """bf16 checkpoint of a trained base, trained-looking adapters and rows: the f32 merge (transformers)
+    and PEFT on the plain base both give jaxvocab's logits within 1e-4; the bf16 merge keeps every top-1
+    with KL <= 1e-3 at every position. The base learns a bigram language first: a random model's logits
+    are near-ties everywhere, which no 16-bit storage can keep in order."""
     import peft
     import torch
     from transformers import LlamaForCausalLM
 
     from jaxvocab.io.peft import save_peft
 
-    path, _ = make_hf_checkpoint(tmp_path / "hf", tied=tied, seed=12, max_pos=1024, dtype="bfloat16")
+    path, _ = make_hf_checkpoint(
+        tmp_path / "hf", tied=tied, seed=12, max_pos=1024, dtype="bfloat16", std=0.02, bigram_steps=200
+    )
     model = jaxvocab.load(path, mesh=parse_mesh("fsdp=2,tensor=4"), show_progress=False)
     model.compute_dtype = "float32"
     rm = row_split.split(model, IDS, "both", lora.LoraSpec(RANK, ALPHA, dropout=0.1))
@@ -196,7 +200,7 @@ def test_merged_and_peft_exports_match_the_trained_model(tmp_path, tied):
     for v in trained:
         noise = jnp.asarray(0.01 * rs.standard_normal(v.shape), jnp.float32)
         v.set_value(jax.device_put(v[...] + noise, v[...].sharding))
-    ids = np.random.RandomState(0).randint(0, 256, (2, 520)).astype(np.int32)
+    ids = bigram_ids(256, batch=2, length=520, seed=99).astype(np.int32)
     want = _host(rm(jnp.asarray(ids)))
     jaxvocab.save_hf(row_split.merge(rm, "float32"), tmp_path / "f32")
     jaxvocab.save_hf(row_split.merge(rm), tmp_path / "bf16")
@@ -207,21 +211,20 @@ def test_merged_and_peft_exports_match_the_trained_model(tmp_path, tied):
     bf16 = _logits_t(LlamaForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32), ids)
     agree = bf16.argmax(-1) == f32.argmax(-1)
     top2 = np.sort(f32, -1)[..., -2:]
-    clear = top2[..., 1] - top2[..., 0] > 0.05  # positions that are not near-ties of the f32 merge
     p = _log_softmax(f32.astype(np.float64))
     kl = np.sum(np.exp(p) * (p - _log_softmax(bf16.astype(np.float64))), -1)
     base = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    effect = float(np.max(np.abs(_logits_t(base, ids) - f32)))  # what the adapters and rows change
     pm = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     peft_err = float(np.max(np.abs(_logits_t(pm, ids) - f32)))
     print(
         f"tied={tied}: f32 merge vs jaxvocab {err:.2e}; PEFT vs f32 merge {peft_err:.2e}; bf16 merge: top-1 "
-        f"{100 * agree.mean():.1f}% ({100 * agree[clear].mean():.1f}% where the f32 top-2 margin > 0.05), "
-        f"KL max {kl.max():.2e}, p99.5 {np.quantile(kl, 0.995):.2e}"
+        f"{100 * agree.mean():.1f}% (smallest f32 top-2 margin {np.min(top2[..., 1] - top2[..., 0]):.2f}), "
+        f"KL max {kl.max():.2e}, max |logit diff| {np.max(np.abs(bf16 - f32)):.2e} (adapters+rows move {effect:.2f})"
     )
     assert err < 1e-4 and peft_err < 1e-4
-    # bf16 storage moves these logits by up to ~0.1: only near-ties may flip (see README, "Exports").
-    assert agree[clear].all() and agree.mean() >= 0.98
-    assert np.quantile(kl, 0.995) <= 1e-3 and kl.max() <= 2e-3
+    assert agree.all() and kl.max() <= 1e-3
+    assert np.max(np.abs(bf16 - f32)) < 0.2 * effect  # the bf16 merge kept the adapters' effect
     frozen = jaxvocab.load(tmp_path / "bf16", show_progress=False)
     for name in ("attn_norm", "mlp_norm"):  # weights without adapters: bit-identical
         assert np.array_equal(_host(frozen.layers.weights()[name]), _host(model.layers.weights()[name]))
