@@ -30,7 +30,12 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Hashable (it rides in NNX graph definitions, so jit caches on it)."""
+    """One Llama-3 architecture. Hashable: it rides in NNX graph definitions, so jit caches on it.
+
+    Example:
+        >>> cfg = LlamaConfig.from_hf_file("Llama-3.2-1B")   # or PRESETS["llama-3.2-1b"]
+        >>> cfg.replace(vocab_size=128384).num_params()
+    """
 
     vocab_size: int
     hidden_size: int
@@ -70,17 +75,35 @@ class LlamaConfig:
         return () if e is None else ((e,) if isinstance(e, int) else tuple(e))
 
     def replace(self, **changes) -> LlamaConfig:
+        """A copy with `changes` applied (e.g. `vocab_size=` after expansion); checks run again."""
         return dataclasses.replace(self, **changes)
 
-    def num_params(self) -> int:
-        d, f, L, v = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The stacked decoder weights' shapes, [layers, out, in] as torch stores them: the one place
+        parameter shapes are written (the model, the key table and `num_params` all read it)."""
+        L, d, f = self.num_hidden_layers, self.hidden_size, self.intermediate_size
         q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        per_layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
-        return v * d * (1 if self.tie_word_embeddings else 2) + L * per_layer + d
+        return {
+            "attn_norm": (L, d),
+            "wq": (L, q, d),
+            "wk": (L, kv, d),
+            "wv": (L, kv, d),
+            "wo": (L, d, q),
+            "mlp_norm": (L, d),
+            "w_gate": (L, f, d),
+            "w_up": (L, f, d),
+            "w_down": (L, d, f),
+        }
+
+    def num_params(self) -> int:
+        """Parameters as transformers counts them (a tied head once, the final norm included)."""
+        tables = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return tables + sum(math.prod(s) for s in self.layer_shapes().values()) + self.hidden_size
 
     # ------------------------------------------------------------------ HF
     @classmethod
     def from_hf_dict(cls, d: dict, where: str = "config.json") -> LlamaConfig:
+        """Validate an HF config dict (`where` names it in errors) and normalise its rope spelling."""
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}; fix the file")
         if d.get("model_type", "llama") != "llama":
@@ -131,6 +154,16 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_file(cls, path: str | Path) -> LlamaConfig:
+        """Read `config.json` (or a dir holding one).
+
+        Args:
+            path: the file, or an HF checkpoint dir (plain or a hub-cache snapshot).
+        Returns:
+            The config; a missing, malformed or non-Llama file raises a one-line ConfigError naming it.
+        Example:
+            >>> LlamaConfig.from_hf_file("Llama-3.2-1B").num_hidden_layers
+            16
+        """
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"

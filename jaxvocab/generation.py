@@ -40,12 +40,22 @@ def generate(
     seed: int = 0,
     return_ids: bool = False,
 ):
-    """Continue `prompt` (str, chat messages or a list of token ids) and return the new text.
+    """Continue `prompt` with a KV cache, one jitted step per token.
 
-    model: a Llama (a RowsModel is merged first).
-    suppress: None = default_suppressed(model, tok); () = nothing; or an iterable of ids.
-    stop: ids that end generation (default: tok.stop_ids and the config's eos ids); not returned.
-    return_ids=True returns (text, new ids).
+    Args:
+        model: a Llama (a RowsModel is merged first).
+        tok: the tokenizer the model's ids belong to.
+        prompt: a string, chat messages ([{"role": ..., "content": ...}]) or a list of token ids.
+        max_new_tokens: at most this many new tokens (prompt + new must fit the model's positions).
+        temperature, top_p: 0.0 is greedy; otherwise nucleus sampling with `seed`.
+        suppress: ids never generated. None = `default_suppressed(model, tok)` (untrained and padding
+            rows); () = nothing.
+        stop: ids that end generation (default: tok.stop_ids and the config's eos ids); not returned.
+        return_ids: also return the new ids.
+    Returns:
+        The new text, or (text, ids) with `return_ids`.
+    Example:
+        >>> generate(model, tok, [{"role": "user", "content": "Hi"}], max_new_tokens=16)
     """
     if isinstance(model, RowsModel):
         model = merge(model)

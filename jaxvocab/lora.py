@@ -43,6 +43,17 @@ HF_MODULES = {
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
+    """What adapters to train, with PEFT's meaning for each field (scale = alpha / rank).
+
+    Args:
+        rank: R of A [R, in] and B [out, R].
+        alpha: scale numerator; the update is (alpha / R) B A.
+        targets: layer weight names (`parse_targets("q,v,down")` turns CLI names into these).
+        dropout: on the adapter's input only, as PEFT's lora_dropout.
+    Example:
+        >>> rm = jaxvocab.rows.split(model, new_ids, lora=LoraSpec(16, 32.0, parse_targets("q,k,v,o")))
+    """
+
     rank: int
     alpha: float
     targets: tuple[str, ...] = tuple(TARGETS.values())  # layer weight names

@@ -40,22 +40,6 @@ TABLE_AXES = ("vocab", "embed")
 LORA_ORDER = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # fixes each adapter's dropout stream
 
 
-def layer_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    L, d, f = c.num_hidden_layers, c.hidden_size, c.intermediate_size
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    return {
-        "attn_norm": (L, d),
-        "wq": (L, q, d),
-        "wk": (L, kv, d),
-        "wv": (L, kv, d),
-        "wo": (L, d, q),
-        "mlp_norm": (L, d),
-        "w_gate": (L, f, d),
-        "w_up": (L, f, d),
-        "w_down": (L, d, f),
-    }
-
-
 def _param(shape, dtype, logical, rngs: nnx.Rngs | None, ones=False):
     if ones:
         value = jnp.ones(shape, dtype)
@@ -70,7 +54,7 @@ class Layers(nnx.Module):
     """All decoder layers, each weight stacked on a leading layer axis."""
 
     def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs | None):
-        for name, shape in layer_shapes(config).items():
+        for name, shape in config.layer_shapes().items():
             setattr(self, name, _param(shape, dtype, LAYER_AXES[name], rngs, ones=name.endswith("norm")))
 
     def weights(self) -> dict[str, jax.Array]:

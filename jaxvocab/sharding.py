@@ -41,7 +41,17 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def parse_mesh(spec: str | None, devices=None) -> Mesh:
-    """'data=1,fsdp=2,tensor=4' -> Mesh. Missing axes are 1; one axis may be -1 (the rest)."""
+    """Build the one (data, fsdp, tensor) mesh every placement in jaxvocab uses.
+
+    Args:
+        spec: e.g. "data=1,fsdp=2,tensor=4". Missing axes are 1; one axis may be -1 (the rest).
+            None puts every device on fsdp.
+        devices: defaults to all visible devices; the sizes must multiply to their count.
+    Returns:
+        A `jax.sharding.Mesh`; a bad spec raises a one-line UsageError naming `--mesh`.
+    Example:
+        >>> mesh = parse_mesh("fsdp=-1,tensor=4")   # 8 devices -> fsdp=2, tensor=4
+    """
     devices = list(devices if devices is not None else jax.devices())
     sizes = {a: 1 for a in MESH_AXES}
     if spec:
@@ -70,6 +80,7 @@ def parse_mesh(spec: str | None, devices=None) -> Mesh:
 
 
 def single_device_mesh() -> Mesh:
+    """The default placement: the first device, every axis of size 1."""
     return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES)
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import re
 
 from jaxvocab.config import LlamaConfig
-from jaxvocab.model import LAYER_AXES, TABLE_AXES, layer_shapes
+from jaxvocab.model import LAYER_AXES, TABLE_AXES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ def keys_for(config: LlamaConfig) -> list[Key]:
 
 def param_shape(key: Key, config: LlamaConfig) -> tuple[int, ...]:
     if key.path[0] == "layers":
-        return layer_shapes(config)[key.path[1]]
+        return config.layer_shapes()[key.path[1]]
     if key.path == ("norm",):
         return (config.hidden_size,)
     return (config.vocab_size, config.hidden_size)
