@@ -205,6 +205,7 @@ def _forward(bq, bk, q, k, v, m):
     forward has no `lax.cond` (it computes every block) and the block mask is tied to the scores;
     the backward, which JAX does not partially evaluate, skips the blocks no query can see."""
     T = q.shape[1]
+    q, m = jax.lax.optimization_barrier((q, m))
     qb, kb, vb = _blocks(q, bq), _blocks(k, bk), _blocks(v, bk)
     qs, ks, qp, kp = _blocks(m[0], bq), _blocks(m[1], bk), _blocks(m[2], bq), _blocks(m[3], bk)
     B, KV, G, hd = q.shape[0], q.shape[2], q.shape[3], q.shape[4]
@@ -258,6 +259,7 @@ def _flash_bwd(bq, bk, res, do):
     inner carry, dq in the outer one. Nothing [T, S]-sized is ever stored."""
     q, k, v, m, out, lse = res
     T, S = q.shape[1], k.shape[1]
+    do, m = jax.lax.optimization_barrier((do, m))
     delta = jnp.einsum("bqkgh,bqkgh->bkgq", do.astype(jnp.float32), out.astype(jnp.float32))
     qb, dob, kb, vb = _blocks(q, bq), _blocks(do, bq), _blocks(k, bk), _blocks(v, bk)
     deltab = _blocks(jnp.moveaxis(delta, 3, 1), bq)  # [nq, B, bq, KV, G]
