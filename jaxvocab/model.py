@@ -244,6 +244,7 @@ def _layer(w, h, kv, c: LlamaConfig, dtype, positions, inv_freq, mask, cache, im
         k, v = k_all.astype(dtype), v_all.astype(dtype)
     attn = attend(q, k, v, mask, impl).reshape(B, T, H * hd)
     h = h + linear(attn, "wo")
+
     def mlp(h):
         m = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
         return h + linear(jax.nn.silu(linear(m, "w_gate")) * linear(m, "w_up"), "w_down")
