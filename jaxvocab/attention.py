@@ -256,7 +256,7 @@ def _flash_fwd(bq, bk, q, k, v, m):
 
 def _flash_bwd(bq, bk, res, do):
     """FlashAttention-2 backward: per kv block, recompute p per q block; dk, dv accumulate in the
-    inner carry, dq in the outer one. Nothing [T, S]-sized is ever stored."""
+    inner carry, dq in place in a carried [nq, ...] buffer. Nothing [T, S]-sized is ever stored."""
     q, k, v, m, out, lse = res
     T, S = q.shape[1], k.shape[1]
     do, m = jax.lax.optimization_barrier((do, m))
@@ -271,10 +271,10 @@ def _flash_bwd(bq, bk, res, do):
         kj, vj, ksj, kpj, live_j = xs
 
         def q_block(carry, ys):
-            qi, doi, lsei, di, qsi, qpi, on = ys
+            i, qi, doi, lsei, di, qsi, qpi, on = ys
 
             def grads(carry):
-                dk, dv = carry
+                dk, dv, dq = carry
                 s, vis = _scores(qi, kj, qsi, qpi, ksj, kpj)
                 p = jnp.where(vis, jnp.exp(s - lsei[..., None]), 0.0)
                 dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
@@ -282,16 +282,15 @@ def _flash_bwd(bq, bk, res, do):
                 ds = p * (dp - jnp.moveaxis(di, 1, 3)[..., None]) * scale
                 dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
                 dqi = jnp.einsum("bkgqs,bskh->bqkgh", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
-                return (dk, dv), dqi
+                return dk, dv, jax.lax.dynamic_update_index_in_dim(dq, dq[i] + dqi, i, 0)  # in place: no [T] stack
 
-            def skip(carry):
-                return carry, jnp.zeros(qi.shape, jnp.float32)
-
-            return jax.lax.cond(on, grads, skip, carry)
+            return jax.lax.cond(on, grads, lambda carry: carry, carry), None
 
         zeros = jnp.zeros(kj.shape, jnp.float32)
-        (dk, dv), dq_j = jax.lax.scan(q_block, (zeros, zeros), (qb, dob, lse, deltab, qs, qp, live_j))
-        return dq + dq_j, (dk, dv)
+        (dk, dv, dq), _ = jax.lax.scan(
+            q_block, (zeros, zeros, dq), (jnp.arange(len(qb)), qb, dob, lse, deltab, qs, qp, live_j)
+        )
+        return dq, (dk, dv)
 
     dq, (dk, dv) = jax.lax.scan(kv_block, jnp.zeros(qb.shape, jnp.float32), (kb, vb, ks, kp, live))
     return (_unblock(dq, T).astype(q.dtype), _unblock(dk, S).astype(k.dtype), _unblock(dv, S).astype(v.dtype), None)
