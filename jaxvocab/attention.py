@@ -8,10 +8,11 @@ positions offset by the cache index. Each implementation turns that into what it
 
 - `xla`: scores [B, KV, G, T, S] in f32 and a dense mask; the reference, fastest for short T.
 - `chunked`: blockwise online softmax with a custom VJP that recomputes blocks (FlashAttention-2's
-  backward, as levanter's `flash_attention` does): activation memory O(T) forward and backward. The
-  backward skips (`lax.cond`) blocks no query of the batch can see (causal upper triangle, other
-  documents, padding); the forward cannot (see `_forward`). Written here because JAX ships no
-  portable memory-linear attention (its Pallas kernels are TPU/GPU only).
+  backward, as levanter's `flash_attention` does): activation memory O(T) forward and backward.
+  Forward and backward skip (`lax.cond`) blocks no query of the batch can see (causal upper
+  triangle, other documents, padding); block masks are built inside the loop from the positions
+  and segment ids (see `_forward` for why they pass an optimization barrier). Written here because
+  JAX ships no portable memory-linear attention (its Pallas kernels are TPU/GPU only).
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`; plain causal batches only (it
   takes no segment ids and no cache offset), bf16/fp16 on an NVIDIA GPU.
 - `splash`: JAX's Pallas TPU splash kernel (`attention_splash.py`), segment ids as its own.
@@ -198,26 +199,28 @@ def _scores(qb, kb, qs, qp, ks, kp):
 
 def _forward(bq, bk, q, k, v, m):
     """Online softmax over kv blocks for every q block: (out [B, T, KV, G, hd], lse [nq, B, KV, G, bq]).
+    Blocks no query can see are skipped (`lax.cond`), as in the backward.
 
-    Inside the layer scan under `grad`, JAX's scan partial evaluation splits this loop nest into
-    the part that depends on q and the part that does not, and stacks the latter's per-block values
-    ([nq, nk, ..., bq, bk]: quadratic, measured 91 GB at 16k) as residuals nobody reads. So the
-    forward has no `lax.cond` (it computes every block) and the block mask is tied to the scores;
-    the backward, which JAX does not partially evaluate, skips the blocks no query can see."""
+    The masks pass an optimization barrier together with q (the backward: with the cotangent).
+    Otherwise, inside the layer scan under `grad`, JAX's partial evaluation (of the remat'd layer
+    recomputed in the backward pass) splits this loop nest into the part that depends on q and the
+    part that does not, and stacks the latter's per-block values as residuals: every block's
+    [bq, bk] visibility ([nq, nk, ..., bq, bk]: a [T, S] mask, 268 MB at 16k) and, with `lax.cond`
+    skipping, its branch residuals too (91 GB at 16k). Tied to q, nothing is known early."""
     T = q.shape[1]
     q, m = jax.lax.optimization_barrier((q, m))
     qb, kb, vb = _blocks(q, bq), _blocks(k, bk), _blocks(v, bk)
     qs, ks, qp, kp = _blocks(m[0], bq), _blocks(m[1], bk), _blocks(m[2], bq), _blocks(m[3], bk)
+    live = _live(qs, qp, ks, kp)  # [nq, nk]
     B, KV, G, hd = q.shape[0], q.shape[2], q.shape[3], q.shape[4]
 
     def q_block(xs):
-        qi, qsi, qpi = xs
+        qi, qsi, qpi, live_i = xs
 
         def kv_block(carry, ys):
             def update(carry):
                 mx, denom, acc = carry
                 s, vis = _scores(qi, ys[0], qsi, qpi, ys[2], ys[3])
-                vis = vis & (s > _NEG)  # always true: ties the mask to q (see below)
                 s = jnp.where(vis, s, _NEG)
                 mx_new = jnp.maximum(mx, s.max(-1))
                 p = jnp.where(vis, jnp.exp(s - mx_new[..., None]), 0.0)
@@ -227,20 +230,20 @@ def _forward(bq, bk, q, k, v, m):
                 )
                 return mx_new, alpha * denom + p.sum(-1), acc
 
-            return update(carry), None
+            return jax.lax.cond(ys[4], update, lambda carry: carry, carry), None
 
         init = (
             jnp.full((B, KV, G, bq), _NEG, jnp.float32),
             jnp.zeros((B, KV, G, bq), jnp.float32),
             jnp.zeros((B, KV, G, bq, hd), jnp.float32),
         )
-        (mx, denom, acc), _ = jax.lax.scan(kv_block, init, (kb, vb, ks, kp))
+        (mx, denom, acc), _ = jax.lax.scan(kv_block, init, (kb, vb, ks, kp, live_i))
         seen = denom > 0
         out = acc / jnp.where(seen, denom, 1.0)[..., None]
         lse = jnp.where(seen, mx + jnp.log(jnp.where(seen, denom, 1.0)), 0.0)
         return jnp.einsum("bkgqh->bqkgh", out).astype(q.dtype), lse
 
-    out, lse = jax.lax.map(q_block, (qb, qs, qp))
+    out, lse = jax.lax.map(q_block, (qb, qs, qp, live))
     return _unblock(out, T), lse
 
 
