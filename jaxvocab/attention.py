@@ -64,7 +64,19 @@ class Mask:
 
 
 def make_mask(B: int, T: int, attention_mask=None, segment_ids=None, cache_valid=None, cache_index=None) -> Mask:
-    """The model's arguments -> Mask. With a cache, `cache_valid` [B, S] already holds the new tokens."""
+    """The model's arguments -> Mask; no [T, S] array is built.
+
+    Args:
+      B, T: batch and query length.
+      attention_mask: [B, T] 1 for real tokens, 0 for padding (keys only: a padding query sees nothing).
+      segment_ids: [B, T] packed-document ids; 0 marks padding.
+      cache_valid, cache_index: the KV cache's [B, S] valid slots (already holding the new tokens)
+        and the slot of the first new token.
+    Returns:
+      A Mask of per-token segment ids and positions.
+    Example:
+      >>> mask = make_mask(2, 512, segment_ids=docs)  # packed rows: documents never see each other
+    """
     q_seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     if cache_valid is not None:
         S = cache_valid.shape[1]
@@ -81,7 +93,17 @@ def _visible(qs, qp, ks, kp):
 
 
 def attend(q, k, v, mask: Mask, implementation: str = "auto") -> jax.Array:
-    """q [B, T, H, hd], k/v [B, S, KV, hd] -> [B, T, H, hd] in q's dtype; softmax in f32."""
+    """The one attention entry point: training, evaluation, prefill and the decode step.
+
+    Args:
+      q: [B, T, H, hd] queries; k, v: [B, S, KV, hd] keys and values (H a multiple of KV: GQA).
+      mask: which keys each query sees (`make_mask`).
+      implementation: auto | xla | chunked | cudnn | splash (`choose` resolves auto).
+    Returns:
+      [B, T, H, hd] in q's dtype (softmax in f32); 0 for a query that sees no key.
+    Example:
+      >>> out = attend(q, k, v, make_mask(B, T), "chunked")
+    """
     impl = choose(implementation, q, k, mask)
     if impl == "xla":
         return xla(q, k, v, mask)
@@ -95,7 +117,17 @@ def attend(q, k, v, mask: Mask, implementation: str = "auto") -> jax.Array:
 
 
 def choose(implementation: str, q, k, mask: Mask) -> str:
-    """The implementation `auto` resolves to for these traced shapes (others: checked, passed through)."""
+    """The implementation `auto` resolves to for these traced shapes (others: checked, passed through).
+
+    Args:
+      implementation: one of IMPLEMENTATIONS; q, k: arrays or ShapeDtypeStructs; mask: the Mask.
+    Returns:
+      "splash" on TPU, "cudnn" on GPU where supported, else "xla" below AUTO_CHUNKED_FROM keys and
+      "chunked" from there.
+    Example:
+      >>> choose("auto", jax.ShapeDtypeStruct((1, 4096, 32, 64), jnp.bfloat16), k, mask)  # CPU
+      'chunked'
+    """
     if implementation not in IMPLEMENTATIONS:
         raise UsageError(f"--attention {implementation!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
     if implementation != "auto":
@@ -140,7 +172,12 @@ def cudnn(q, k, v, mask: Mask) -> jax.Array:
 
 
 def xla(q, k, v, mask: Mask) -> jax.Array:
-    """The reference: dense f32 scores, softmax, probabilities cast back to the compute dtype."""
+    """The reference: dense f32 scores, softmax, probabilities cast back to the compute dtype.
+
+    Args and returns as `attend`; memory O(T x S) (scores [B, KV, G, T, S] in f32).
+    Example:
+      >>> out = xla(q, k, v, make_mask(B, T))
+    """
     B, T, H, hd = q.shape
     KV = k.shape[2]
     qg = q.reshape(B, T, KV, H // KV, hd)
@@ -153,6 +190,12 @@ def xla(q, k, v, mask: Mask) -> jax.Array:
 
 # ---------------------------------------------------------------------------------------- chunked
 def chunked(q, k, v, mask: Mask, block: int | None = None) -> jax.Array:
+    """Blockwise attention, memory O(T) forward and backward (custom VJP recomputing blocks).
+
+    Args and returns as `attend`; block: query/key block length (default BLOCK; tests use 128).
+    Example:
+      >>> out = chunked(q, k, v, make_mask(B, T, segment_ids=docs))
+    """
     block = block or BLOCK
     B, T, H, hd = q.shape
     S, KV = k.shape[1], k.shape[2]
