@@ -21,7 +21,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-CHUNK_ELEMENTS = 1 << 24  # B x tokens x intermediate per chunk: 64 MB of f32
+CHUNK_ELEMENTS = 1 << 23  # B x tokens x intermediate per chunk: 32 MB of f32
 
 
 def chunks(batch: int, tokens: int, intermediate: int) -> int:
@@ -32,8 +32,8 @@ def chunks(batch: int, tokens: int, intermediate: int) -> int:
     Returns:
       ceil(B x T x intermediate / CHUNK_ELEMENTS), at most T.
     Example:
-      >>> chunks(1, 16384, 8192)  # Llama-3.2-1B at 16k: eight chunks of 2048 tokens
-      8
+      >>> chunks(1, 16384, 8192)  # Llama-3.2-1B at 16k: sixteen chunks of 1024 tokens
+      16
     """
     return max(1, min(tokens, -(-batch * tokens * intermediate // CHUNK_ELEMENTS)))
 

@@ -24,8 +24,8 @@ def _block(w, x):
 
 
 def test_chunk_count():
-    assert M.chunks(1, 2048, 8192) == 1  # Llama-3.2-1B up to 2k: one chunk, nothing changes
-    assert M.chunks(1, 16384, 8192) == 8 and M.chunks(2, 16384, 8192) == 16
+    assert M.chunks(1, 1024, 8192) == 1  # Llama-3.2-1B up to 1k: one chunk, nothing changes
+    assert M.chunks(1, 16384, 8192) == 16 and M.chunks(2, 16384, 8192) == 32
     assert M.chunks(1, 3, 1 << 30) == 3  # never more chunks than tokens
 
 
