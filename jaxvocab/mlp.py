@@ -9,7 +9,7 @@ activations at a time instead of keeping all of them.
 
 Above CHUNK_ELEMENTS = B x T x intermediate elements per activation only: below it one chunk is the
 whole sequence and nothing changes. Weight gradients then sum over chunks in the weights' dtype
-(JAX's scan transpose accumulates in the closed-over value's dtype): exact for f32 weights, one
+(JAX's scan transpose accumulates in the closed-over value's dtype): in f32 for f32 weights, one
 rounding per chunk for bf16 ones. Not used with LoRA dropout, whose random mask depends on the
 shape it is drawn for.
 """
