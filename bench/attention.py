@@ -76,6 +76,8 @@ bench_extra = {"temp": grad.lower(state, ids).compile().memory_analysis().temp_s
 _ROWS = (
     _MODEL
     + """
+import sys
+sys.path.insert(0, {root!r})  # the `train` package, not bench/train.py (bench/ comes first on the path)
 from jaxvocab import rows
 from jaxvocab.sharding import parse_mesh
 from train.data import Batch
@@ -91,7 +93,7 @@ batch = tr.put(Batch(z, z + 1, z, np.ones((1, 1, {T}), np.float32)))
 )
 
 _ROWS_MEM = """
-lowered = tr._step.lower(tr.graphdef, tr.cfg, tr.params, tr.opt_state, tr.frozen, batch)
+lowered = tr._step.lower(tr.graphdef, tr.cfg, tr.params, tr.opt_state, tr.frozen, batch, jnp.int32(0))
 bench_extra = {"temp": lowered.compile().memory_analysis().temp_size_in_bytes}
 """
 
@@ -141,7 +143,8 @@ def memory_rows(lengths, xla_max: int, rows_step: bool) -> list[list]:
                     setup = _GRAD.format(shape=LLAMA_1B, dtype="bfloat16", attention=attention, remat="full", T=T)
                     row.append(temp_bytes(setup, _GRAD_MEM))
                 else:
-                    row.append(temp_bytes(_ROWS.format(shape=LLAMA_1B, attention=attention, T=T), _ROWS_MEM))
+                    setup = _ROWS.format(shape=LLAMA_1B, attention=attention, T=T, root=str(ROOT))
+                    row.append(temp_bytes(setup, _ROWS_MEM))
         out.append(row)
     return out
 

@@ -8,10 +8,11 @@ positions offset by the cache index. Each implementation turns that into what it
 
 - `xla`: scores [B, KV, G, T, S] in f32 and a dense mask; the reference, fastest for short T.
 - `chunked`: blockwise online softmax with a custom VJP that recomputes blocks (FlashAttention-2's
-  backward, as levanter's `flash_attention` does): activation memory O(T) forward and backward. The
-  backward skips (`lax.cond`) blocks no query of the batch can see (causal upper triangle, other
-  documents, padding); the forward cannot (see `_forward`). Written here because JAX ships no
-  portable memory-linear attention (its Pallas kernels are TPU/GPU only).
+  backward, as levanter's `flash_attention` does): activation memory O(T) forward and backward.
+  Forward and backward skip (`lax.cond`) blocks no query of the batch can see (causal upper
+  triangle, other documents, padding); block masks are built inside the loop from the positions
+  and segment ids (see `_forward` for why they pass an optimization barrier). Written here because
+  JAX ships no portable memory-linear attention (its Pallas kernels are TPU/GPU only).
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`; plain causal batches only (it
   takes no segment ids and no cache offset), bf16/fp16 on an NVIDIA GPU.
 - `splash`: JAX's Pallas TPU splash kernel (`attention_splash.py`), segment ids as its own.
@@ -63,7 +64,19 @@ class Mask:
 
 
 def make_mask(B: int, T: int, attention_mask=None, segment_ids=None, cache_valid=None, cache_index=None) -> Mask:
-    """The model's arguments -> Mask. With a cache, `cache_valid` [B, S] already holds the new tokens."""
+    """The model's arguments -> Mask; no [T, S] array is built.
+
+    Args:
+      B, T: batch and query length.
+      attention_mask: [B, T] 1 for real tokens, 0 for padding (keys only: a padding query sees nothing).
+      segment_ids: [B, T] packed-document ids; 0 marks padding.
+      cache_valid, cache_index: the KV cache's [B, S] valid slots (already holding the new tokens)
+        and the slot of the first new token.
+    Returns:
+      A Mask of per-token segment ids and positions.
+    Example:
+      >>> mask = make_mask(2, 512, segment_ids=docs)  # packed rows: documents never see each other
+    """
     q_seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     if cache_valid is not None:
         S = cache_valid.shape[1]
@@ -80,7 +93,17 @@ def _visible(qs, qp, ks, kp):
 
 
 def attend(q, k, v, mask: Mask, implementation: str = "auto") -> jax.Array:
-    """q [B, T, H, hd], k/v [B, S, KV, hd] -> [B, T, H, hd] in q's dtype; softmax in f32."""
+    """The one attention entry point: training, evaluation, prefill and the decode step.
+
+    Args:
+      q: [B, T, H, hd] queries; k, v: [B, S, KV, hd] keys and values (H a multiple of KV: GQA).
+      mask: which keys each query sees (`make_mask`).
+      implementation: auto | xla | chunked | cudnn | splash (`choose` resolves auto).
+    Returns:
+      [B, T, H, hd] in q's dtype (softmax in f32); 0 for a query that sees no key.
+    Example:
+      >>> out = attend(q, k, v, make_mask(B, T), "chunked")
+    """
     impl = choose(implementation, q, k, mask)
     if impl == "xla":
         return xla(q, k, v, mask)
@@ -94,7 +117,17 @@ def attend(q, k, v, mask: Mask, implementation: str = "auto") -> jax.Array:
 
 
 def choose(implementation: str, q, k, mask: Mask) -> str:
-    """The implementation `auto` resolves to for these traced shapes (others: checked, passed through)."""
+    """The implementation `auto` resolves to for these traced shapes (others: checked, passed through).
+
+    Args:
+      implementation: one of IMPLEMENTATIONS; q, k: arrays or ShapeDtypeStructs; mask: the Mask.
+    Returns:
+      "splash" on TPU, "cudnn" on GPU where supported, else "xla" below AUTO_CHUNKED_FROM keys and
+      "chunked" from there.
+    Example:
+      >>> choose("auto", jax.ShapeDtypeStruct((1, 4096, 32, 64), jnp.bfloat16), k, mask)  # CPU
+      'chunked'
+    """
     if implementation not in IMPLEMENTATIONS:
         raise UsageError(f"--attention {implementation!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
     if implementation != "auto":
@@ -139,7 +172,12 @@ def cudnn(q, k, v, mask: Mask) -> jax.Array:
 
 
 def xla(q, k, v, mask: Mask) -> jax.Array:
-    """The reference: dense f32 scores, softmax, probabilities cast back to the compute dtype."""
+    """The reference: dense f32 scores, softmax, probabilities cast back to the compute dtype.
+
+    Args and returns as `attend`; memory O(T x S) (scores [B, KV, G, T, S] in f32).
+    Example:
+      >>> out = xla(q, k, v, make_mask(B, T))
+    """
     B, T, H, hd = q.shape
     KV = k.shape[2]
     qg = q.reshape(B, T, KV, H // KV, hd)
@@ -152,6 +190,12 @@ def xla(q, k, v, mask: Mask) -> jax.Array:
 
 # ---------------------------------------------------------------------------------------- chunked
 def chunked(q, k, v, mask: Mask, block: int | None = None) -> jax.Array:
+    """Blockwise attention, memory O(T) forward and backward (custom VJP recomputing blocks).
+
+    Args and returns as `attend`; block: query/key block length (default BLOCK; tests use 128).
+    Example:
+      >>> out = chunked(q, k, v, make_mask(B, T, segment_ids=docs))
+    """
     block = block or BLOCK
     B, T, H, hd = q.shape
     S, KV = k.shape[1], k.shape[2]
@@ -198,25 +242,28 @@ def _scores(qb, kb, qs, qp, ks, kp):
 
 def _forward(bq, bk, q, k, v, m):
     """Online softmax over kv blocks for every q block: (out [B, T, KV, G, hd], lse [nq, B, KV, G, bq]).
+    Blocks no query can see are skipped (`lax.cond`), as in the backward.
 
-    Inside the layer scan under `grad`, JAX's scan partial evaluation splits this loop nest into
-    the part that depends on q and the part that does not, and stacks the latter's per-block values
-    ([nq, nk, ..., bq, bk]: quadratic, measured 91 GB at 16k) as residuals nobody reads. So the
-    forward has no `lax.cond` (it computes every block) and the block mask is tied to the scores;
-    the backward, which JAX does not partially evaluate, skips the blocks no query can see."""
+    The masks pass an optimization barrier together with q (the backward: with the cotangent).
+    Otherwise, inside the layer scan under `grad`, JAX's partial evaluation (of the remat'd layer
+    recomputed in the backward pass) splits this loop nest into the part that depends on q and the
+    part that does not, and stacks the latter's per-block values as residuals: every block's
+    [bq, bk] visibility ([nq, nk, ..., bq, bk]: a [T, S] mask, 268 MB at 16k) and, with `lax.cond`
+    skipping, its branch residuals too (91 GB at 16k). Tied to q, nothing is known early."""
     T = q.shape[1]
+    q, m = jax.lax.optimization_barrier((q, m))
     qb, kb, vb = _blocks(q, bq), _blocks(k, bk), _blocks(v, bk)
     qs, ks, qp, kp = _blocks(m[0], bq), _blocks(m[1], bk), _blocks(m[2], bq), _blocks(m[3], bk)
+    live = _live(qs, qp, ks, kp)  # [nq, nk]
     B, KV, G, hd = q.shape[0], q.shape[2], q.shape[3], q.shape[4]
 
     def q_block(xs):
-        qi, qsi, qpi = xs
+        qi, qsi, qpi, live_i = xs
 
         def kv_block(carry, ys):
             def update(carry):
                 mx, denom, acc = carry
                 s, vis = _scores(qi, ys[0], qsi, qpi, ys[2], ys[3])
-                vis = vis & (s > _NEG)  # always true: ties the mask to q (see below)
                 s = jnp.where(vis, s, _NEG)
                 mx_new = jnp.maximum(mx, s.max(-1))
                 p = jnp.where(vis, jnp.exp(s - mx_new[..., None]), 0.0)
@@ -226,20 +273,20 @@ def _forward(bq, bk, q, k, v, m):
                 )
                 return mx_new, alpha * denom + p.sum(-1), acc
 
-            return update(carry), None
+            return jax.lax.cond(ys[4], update, lambda carry: carry, carry), None
 
         init = (
             jnp.full((B, KV, G, bq), _NEG, jnp.float32),
             jnp.zeros((B, KV, G, bq), jnp.float32),
             jnp.zeros((B, KV, G, bq, hd), jnp.float32),
         )
-        (mx, denom, acc), _ = jax.lax.scan(kv_block, init, (kb, vb, ks, kp))
+        (mx, denom, acc), _ = jax.lax.scan(kv_block, init, (kb, vb, ks, kp, live_i))
         seen = denom > 0
         out = acc / jnp.where(seen, denom, 1.0)[..., None]
         lse = jnp.where(seen, mx + jnp.log(jnp.where(seen, denom, 1.0)), 0.0)
         return jnp.einsum("bkgqh->bqkgh", out).astype(q.dtype), lse
 
-    out, lse = jax.lax.map(q_block, (qb, qs, qp))
+    out, lse = jax.lax.map(q_block, (qb, qs, qp, live))
     return _unblock(out, T), lse
 
 
@@ -255,9 +302,10 @@ def _flash_fwd(bq, bk, q, k, v, m):
 
 def _flash_bwd(bq, bk, res, do):
     """FlashAttention-2 backward: per kv block, recompute p per q block; dk, dv accumulate in the
-    inner carry, dq in the outer one. Nothing [T, S]-sized is ever stored."""
+    inner carry, dq in place in a carried [nq, ...] buffer. Nothing [T, S]-sized is ever stored."""
     q, k, v, m, out, lse = res
     T, S = q.shape[1], k.shape[1]
+    do, m = jax.lax.optimization_barrier((do, m))
     delta = jnp.einsum("bqkgh,bqkgh->bkgq", do.astype(jnp.float32), out.astype(jnp.float32))
     qb, dob, kb, vb = _blocks(q, bq), _blocks(do, bq), _blocks(k, bk), _blocks(v, bk)
     deltab = _blocks(jnp.moveaxis(delta, 3, 1), bq)  # [nq, B, bq, KV, G]
@@ -269,10 +317,10 @@ def _flash_bwd(bq, bk, res, do):
         kj, vj, ksj, kpj, live_j = xs
 
         def q_block(carry, ys):
-            qi, doi, lsei, di, qsi, qpi, on = ys
+            i, qi, doi, lsei, di, qsi, qpi, on = ys
 
             def grads(carry):
-                dk, dv = carry
+                dk, dv, dq = carry
                 s, vis = _scores(qi, kj, qsi, qpi, ksj, kpj)
                 p = jnp.where(vis, jnp.exp(s - lsei[..., None]), 0.0)
                 dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
@@ -280,16 +328,15 @@ def _flash_bwd(bq, bk, res, do):
                 ds = p * (dp - jnp.moveaxis(di, 1, 3)[..., None]) * scale
                 dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
                 dqi = jnp.einsum("bkgqs,bskh->bqkgh", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
-                return (dk, dv), dqi
+                return dk, dv, jax.lax.dynamic_update_index_in_dim(dq, dq[i] + dqi, i, 0)  # in place: no [T] stack
 
-            def skip(carry):
-                return carry, jnp.zeros(qi.shape, jnp.float32)
-
-            return jax.lax.cond(on, grads, skip, carry)
+            return jax.lax.cond(on, grads, lambda carry: carry, carry), None
 
         zeros = jnp.zeros(kj.shape, jnp.float32)
-        (dk, dv), dq_j = jax.lax.scan(q_block, (zeros, zeros), (qb, dob, lse, deltab, qs, qp, live_j))
-        return dq + dq_j, (dk, dv)
+        (dk, dv, dq), _ = jax.lax.scan(
+            q_block, (zeros, zeros, dq), (jnp.arange(len(qb)), qb, dob, lse, deltab, qs, qp, live_j)
+        )
+        return dq, (dk, dv)
 
     dq, (dk, dv) = jax.lax.scan(kv_block, jnp.zeros(qb.shape, jnp.float32), (kb, vb, ks, kp, live))
     return (_unblock(dq, T).astype(q.dtype), _unblock(dk, S).astype(k.dtype), _unblock(dv, S).astype(v.dtype), None)

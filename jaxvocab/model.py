@@ -22,6 +22,7 @@ from flax import nnx
 from jaxvocab.attention import IMPLEMENTATIONS, attend, choose, make_mask
 from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import UsageError
+from jaxvocab.mlp import sequence_chunked
 from jaxvocab.remat import REMATS, use_remat
 from jaxvocab.rope import apply_rope, inverse_frequencies
 
@@ -227,8 +228,12 @@ def _layer(w, h, kv, c: LlamaConfig, dtype, positions, inv_freq, mask, cache, im
         k, v = k_all.astype(dtype), v_all.astype(dtype)
     attn = attend(q, k, v, mask, impl).reshape(B, T, H * hd)
     h = h + linear(attn, "wo")
-    m = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
-    h = h + linear(jax.nn.silu(linear(m, "w_gate")) * linear(m, "w_up"), "w_down")
+
+    def mlp(h):
+        m = rms_norm(h, w["mlp_norm"], c.rms_norm_eps)
+        return h + linear(jax.nn.silu(linear(m, "w_gate")) * linear(m, "w_up"), "w_down")
+
+    h = mlp(h) if "lora_drop_key" in w else sequence_chunked(mlp, h, c.intermediate_size)
     return h, kv
 
 

@@ -31,20 +31,21 @@ def _inputs(B, T, S, H, KV, hd, seed=0):
     )
 
 
-def _masks(kind, B, T):
-    if kind == "causal":
-        return A.make_mask(B, T)
-    if kind == "padding":  # left padding on row 0, right padding on the last row
-        m = np.ones((B, T), np.int32)
-        m[0, :37] = 0
-        m[-1, T - 50 :] = 0
-        return A.make_mask(B, T, attention_mask=jnp.asarray(m))
-    seg = np.zeros((B, T), np.int32)  # documents of 150, 95, rest-20 tokens, then a padding tail
-    for b in range(B):
-        cuts = np.cumsum([150 - 31 * b, 95, T])
-        seg[b] = np.searchsorted(cuts, np.arange(T), side="right") + 1
-        seg[b, T - 20 :] = 0
-    return A.make_mask(B, T, segment_ids=jnp.asarray(seg))
+def _mask(kinds, T):
+    """One batch row per kind: causal; padding (left 37 tokens on even rows, right 50 on odd ones);
+    packed (documents of 150 - 31 x row, 95 and the rest, then a 20-token padding tail). Every kind
+    goes through the same make_mask call, so one compiled pair serves every mix of kinds."""
+    am, seg = np.ones((len(kinds), T), np.int32), np.ones((len(kinds), T), np.int32)
+    for b, kind in enumerate(kinds):
+        if kind == "padding" and b % 2 == 0:
+            am[b, :37] = 0
+        elif kind == "padding":
+            am[b, T - 50 :] = 0
+        elif kind == "packed":
+            cuts = np.cumsum([150 - 31 * b, 95, T])
+            seg[b] = np.searchsorted(cuts, np.arange(T), side="right") + 1
+            seg[b, T - 20 :] = 0
+    return A.make_mask(len(kinds), T, attention_mask=jnp.asarray(am), segment_ids=jnp.asarray(seg))
 
 
 def _grads(fn, q, k, v, ct):
@@ -89,25 +90,37 @@ def _print_maxima():
         print(f"\nparity max {k:26s} vs xla {v[0]:.2e}  vs f64 {v[1]:.2e}  (xla vs f64 {v[2]:.2e})", end="")
 
 
-# A covering subset of GQA 1/2/4 x head_dim 64/128 x causal/padding/packed (each compile of the
-# chunked VJP costs ~5 s on 2 shared cores): every (kv, hd) pair, every kind twice, all kinds at 2:1.
-KINDS = ("causal", "padding", "packed")
-GRID = [(kv, hd, KINDS[i % 3]) for i, (kv, hd) in enumerate((kv, hd) for kv in (1, 2, 4) for hd in (64, 128))]
-GRID += [(2, 64, "causal"), (2, 64, "padding")]
+@jax.jit
+def _pair(q, k, v, ct, mask):
+    """(xla, chunked) outputs and q/k/v grads: one compile per shape, shared by every mask mix."""
+    return _grads(partial(A.xla, mask=mask), q, k, v, ct), _grads(partial(A.chunked, mask=mask, block=128), q, k, v, ct)
 
 
-@pytest.mark.parametrize("kv,hd,kind", GRID, ids=[f"kv{kv}-hd{hd}-{kind}" for kv, hd, kind in GRID])
-def test_chunked_matches_xla(kv, hd, kind):
-    B, T, H = 2, 300, 4
+# Every (kv heads, head_dim) pair of GQA 1/2/4 x 64/128 once, with two batch rows of mixed kinds:
+# every kind in three cases, left and right padding twice each, and one all-packed batch, where the
+# backward also skips blocks of other documents (mixed with a causal row, only the triangle is skipped).
+GRID = [
+    (1, 64, ("causal", "padding")),
+    (1, 128, ("packed", "packed")),
+    (2, 64, ("padding", "packed")),
+    (2, 128, ("causal", "packed")),
+    (4, 64, ("packed", "padding")),
+    (4, 128, ("padding", "causal")),
+]
+
+
+@pytest.mark.parametrize("kv,hd,kinds", GRID, ids=[f"kv{kv}-hd{hd}-{'-'.join(kinds)}" for kv, hd, kinds in GRID])
+def test_chunked_matches_xla(kv, hd, kinds):
+    B, T, H = len(kinds), 300, 4
     q, k, v, ct = _inputs(B, T, T, H, kv, hd, seed=kv * hd)
-    mask = _masks(kind, B, T)
+    mask = _mask(kinds, T)
     seen = mask.dense()[:, 0, 0].any(-1)[..., None, None]  # [B, T, 1, 1]
     ct = jnp.where(seen, ct, 0.0)
-    want = jax.jit(_grads, static_argnums=0)(partial(A.xla, mask=mask), q, k, v, ct)
-    got = jax.jit(_grads, static_argnums=0)(partial(A.chunked, mask=mask, block=128), q, k, v, ct)
-    _check(f"chunked {kind}", got, want, _exact(q, k, v, ct, mask))
-    if kind != "causal":
-        assert float(jnp.abs(want[0] - A.xla(q, k, v, A.make_mask(B, T))).max()) > 1e-2  # the mask matters
+    want, got = _pair(q, k, v, ct, mask)
+    _check("chunked grid", got, want, _exact(q, k, v, ct, mask))
+    plain = _pair(q, k, v, ct, _mask(("causal",) * B, T))[0][0]
+    for b, kind in enumerate(kinds):  # the mask matters
+        assert (kind == "causal") == (float(jnp.abs(want[0][b] - plain[b]).max()) < 1e-6)
 
 
 def test_chunked_skips_blocks_no_query_can_see():
@@ -131,8 +144,7 @@ def test_cache_decode_matches_xla(T):
     valid[:, : 203 + T] = True
     valid[1, :40] = False
     mask = A.make_mask(B, T, cache_valid=jnp.asarray(valid), cache_index=jnp.int32(203))
-    want = jax.jit(_grads, static_argnums=0)(partial(A.xla, mask=mask), q, k, v, ct)
-    got = jax.jit(_grads, static_argnums=0)(partial(A.chunked, mask=mask, block=128), q, k, v, ct)
+    want, got = _pair(q, k, v, ct, mask)
     _check(f"chunked cache T={T}", got, want, _exact(q, k, v, ct, mask))
 
 
@@ -143,7 +155,7 @@ def test_splash_interpret_matches_xla(kind):
 
     B, T, H, KV, hd = 1, 300, 4, 2, 64
     q, k, v, ct = _inputs(B, T, T, H, KV, hd, seed=3)
-    mask = _masks(kind, B, T)
+    mask = _mask((kind,), T)
     ct = jnp.where(mask.dense()[:, 0, 0].any(-1)[..., None, None], ct, 0.0)
     want = _grads(partial(A.xla, mask=mask), q, k, v, ct)
     got = _grads(partial(splash, mask=mask, interpret=True), q, k, v, ct)
