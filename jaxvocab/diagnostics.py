@@ -28,9 +28,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxvocab.errors import VocabError
-from jaxvocab.model import decode, rms_norm
+from jaxvocab.model import project
 from jaxvocab.row_init import init_rows
 from jaxvocab.vocab import VocabPlan, expansion_layout, model_mesh, subword_arrays
 
@@ -67,24 +68,18 @@ def table(reports: list[KLReport]) -> str:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _hidden(embed, layers, norm, ids, config, dtype):
-    x = embed[ids].astype(dtype)
-    h, _ = decode(layers, x, config, jnp.dtype(dtype))
-    return rms_norm(h, norm, config.rms_norm_eps)
+@functools.partial(jax.jit, static_argnums=0)
+def _hidden(graphdef, state, ids):
+    h, _ = nnx.merge(graphdef, state).hidden(ids)
+    return h
 
 
 def final_hidden(model, ids) -> jax.Array:
-    """[P, D] final-norm hidden states of the probe (all positions of all rows, flattened)."""
+    """[P, D] final-norm hidden states of the probe (all positions of all rows, flattened): the
+    model's own `hidden` stage."""
     ids = jnp.asarray(np.atleast_2d(np.asarray(ids, np.int32)))
-    h = _hidden(
-        model.embed.get_value(), model.layers.weights(), model.norm.get_value(), ids, model.config, model.compute_dtype
-    )
+    h = _hidden(*nnx.split(model), ids)
     return h.reshape(-1, h.shape[-1])
-
-
-def _logits(h, table):
-    return jnp.einsum("pd,vd->pv", h, table.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 @jax.jit
@@ -134,7 +129,7 @@ def expansion_kl(
     if expanded is not None:
         if expanded.config.vocab_size != new_rows:
             raise VocabError(f"the expanded model has {expanded.config.vocab_size} rows but the plan makes {new_rows}")
-        h_new, new_head = final_hidden(expanded, probe_ids), expanded.head_table.get_value()
+        h_new = final_hidden(expanded, probe_ids)
     else:
         n_table = 0 if model.lm_head is None else 1  # expand_vocab's per-table seed
         key = jax.random.fold_in(jax.random.key(seed), n_table)
@@ -150,11 +145,11 @@ def expansion_kl(
     kls, masses = [], []
     for s in range(0, h.shape[0], CHUNK):
         hc = h[s : s + CHUNK]
-        old = _logits(hc, head)
+        old = model.logits(hc)
         if expanded is not None:
-            new = _logits(h_new[s : s + CHUNK], new_head)
+            new = expanded.logits(h_new[s : s + CHUNK])
         else:
-            new = jnp.pad(old, ((0, 0), (0, new_rows - plan.old_rows))).at[:, targets].set(_logits(hc, rows))
+            new = jnp.pad(old, ((0, 0), (0, new_rows - plan.old_rows))).at[:, targets].set(project(hc, rows, hc.dtype))
         kl, mass = _kl(old, new, jnp.asarray(kept), jnp.asarray(written))
         kls.append(np.asarray(kl))
         masses.append(np.asarray(mass))

@@ -39,11 +39,13 @@ def generate(
     stop=None,
     seed: int = 0,
     return_ids: bool = False,
+    plan=None,
 ):
     """Continue `prompt` (str, chat messages or a list of token ids) and return the new text.
 
     model: a Llama (a RowsModel is merged first).
-    suppress: None = default_suppressed(model, tok); () = nothing; or an iterable of ids.
+    suppress: None = default_suppressed(model, tok, plan); () = nothing; or an iterable of ids.
+    plan: the model's VocabPlan, if any (its padding rows are suppressed by default).
     stop: ids that end generation (default: tok.stop_ids and the config's eos ids); not returned.
     return_ids=True returns (text, new ids).
     """
@@ -62,7 +64,7 @@ def generate(
         raise UsageError(f"temperature={temperature}, top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1")
     stops = set(stop) if stop is not None else set(getattr(tok, "stop_ids", None) or []) | set(model.config.eos_ids)
     banned = np.zeros(V, bool)
-    for i in default_suppressed(model, tok) if suppress is None else suppress:
+    for i in default_suppressed(model, tok, plan) if suppress is None else suppress:
         if 0 <= int(i) < V and int(i) not in stops:
             banned[int(i)] = True
     n = len(ids)
@@ -107,18 +109,18 @@ def prompt_ids(tok, prompt) -> list[int]:
     return [int(i) for i in prompt]
 
 
-def default_suppressed(model, tok) -> list[int]:
+def default_suppressed(model, tok, plan=None) -> list[int]:
     """Ids without a trained row: still-reserved slots, rows past the tokenizer, the plan's padding
     rows, and rows `find_untrained` measures as untrained (tiny, or identical to another row, as
     freshly mean-initialised rows are until trained)."""
-    from jaxvocab.vocab import VocabPlan, find_untrained
+    from jaxvocab.vocab import find_untrained
 
     V = model.config.vocab_size
     out = set(find_untrained(model, tok))
     if tok is not None:
         out |= set(tok.free_reserved()) | set(range(min(tok.n_words, V), V))
-    if getattr(model, "vocab_plan", None):
-        out |= set(VocabPlan.from_json(model.vocab_plan).padding_ids)
+    if plan is not None:
+        out |= set(plan.padding_ids)
     return sorted(i for i in out if 0 <= i < V)
 
 

@@ -1,7 +1,7 @@
 """Grow a Llama vocabulary: plan the ids, find untrained rows, initialise and grow the tables.
 
     plan = plan_vocab(tok, ["<|lang_xx|>", "<think>"], model=model)
-    model, tok = expand_vocab(model, tok, plan, init="mean")
+    model, tok, plan = expand_vocab(model, tok, plan, init="mean")   # new objects; the old tables donated
 
 Planning is host-only and cheap; it decides every id before any weight moves, so the plan can be
 printed, reviewed and written beside the checkpoint (vocab_plan.json) to travel through training
@@ -12,10 +12,8 @@ model's spare padding rows, then new rows; the table is padded to a multiple the
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
-import os
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Literal, NamedTuple
@@ -25,9 +23,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxvocab.errors import JaxVocabError, UsageError, VocabError
+from jaxvocab.model import check_live
 from jaxvocab.row_init import INITS, REL_EPS, expand_table, no_subword, tables, untrained_mask
 from jaxvocab.sharding import axis_size, round_up, single_device_mesh
-from jaxvocab.tokenizer import ROLE_KEYS
 
 ACTIONS = ("existing", "reserved", "spare_row", "appended")
 MIN_SHARDED_MULTIPLE = 128  # rows on a multi-device mesh: MXU/tensor-core friendly and shardable
@@ -193,21 +191,6 @@ def default_multiple(model) -> int:
     return math.lcm(need, MIN_SHARDED_MULTIPLE) if mesh.size > 1 else need
 
 
-def _roles_in_use(model) -> set[str]:
-    """Token texts tokenizer_config.json gives a role (a pad token parked on a reserved slot)."""
-    src = getattr(model, "source_dir", None) if model is not None else None
-    path = os.path.join(src, "tokenizer_config.json") if src else ""
-    if not path or not os.path.isfile(path):
-        return set()
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return set()
-    vals = [cfg.get(k) for k in ROLE_KEYS]
-    return {v.get("content") if isinstance(v, dict) else v for v in vals if v}
-
-
 def looks_special(text: str) -> bool:
     """`<|...|>` tokens: llama.cpp types them CONTROL whatever the files say, so they default to
     special (transformers, vLLM and llama.cpp then agree); every other new token defaults to plain."""
@@ -252,17 +235,26 @@ def plan_vocab(
     *,
     special: bool | str | Iterable[str] | Mapping[str, bool] = "auto",
 ) -> VocabPlan:
-    """Decide the id of every requested token.
+    """Decide the id of every requested token (host only; no weight moves).
 
-    new_tokens: texts, or {text: description or None} (a description seeds the subword init).
-    reuse_reserved: "all" (default: every new token may take a free reserved slot), "none" (append
-    all), or "special" (only control tokens take reserved slots, which Llama-3 declares special
-    anyway; plain words are appended). True / False are still accepted and mean "all" / "none".
-    special: which new tokens are control tokens (special=True in the tokenizer files; vLLM and
-    transformers drop them from decoded output by default): "auto" (default: `<|...|>` tokens),
-    True / False (all / none), the texts to flag, or {text: bool} overriding "auto" per token.
-    model: gives the current row count (spare padding rows are used before growing) and the mesh
-    (default padding); without it the model is assumed to have exactly the tokenizer's rows.
+    Args:
+      tok: the Tokenizer; the slots its files give a role (`tok.role_tokens`: a pad token parked
+        on a reserved slot) stay taken.
+      new_tokens: texts, or {text: description or None} (a description seeds the subword init).
+      reuse_reserved: "all" (default: every new token may take a free reserved slot), "none"
+        (append all), or "special" (only control tokens take reserved slots, which Llama-3 declares
+        special anyway; plain words are appended). True / False mean "all" / "none".
+      pad_to_multiple_of: row multiple (default: what the model's mesh needs, else 1).
+      model: gives the current row count (spare padding rows are used before growing) and the mesh.
+        Without it the plan assumes the tokenizer's row count, and `expand_vocab` re-fits it to the
+        rows the model it is given really has.
+      special: which new tokens are control tokens (special=True in the tokenizer files; vLLM and
+        transformers drop them from decoded output by default): "auto" (default: `<|...|>` tokens),
+        True / False (all / none), the texts to flag, or {text: bool} overriding "auto" per token.
+    Returns:
+      The VocabPlan (print `plan.table()`; it travels as vocab_plan.json).
+    Example:
+      >>> plan = plan_vocab(tok, ["<|lang_xx|>", "<think>"], model=model)
     """
     reuse = _reuse_mode(reuse_reserved)
     requests = _requests(new_tokens)
@@ -271,11 +263,21 @@ def plan_vocab(
         isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1
     ):
         raise UsageError(f"--pad-to-multiple-of {pad_to_multiple_of!r}: give a positive integer")
-    multiple = pad_to_multiple_of or default_multiple(model)
+    unknown = flagged - {t for t, _ in requests}
+    if unknown:
+        raise VocabError(
+            f"special tokens {sorted(unknown)[:3]} are not among the new tokens; flag only requested tokens"
+        )
+    tokens, size_after = _assign(tok, requests, flagged, reuse)
     old_rows = model.config.vocab_size if model is not None else tok.n_words
+    return fit_rows(tokens, tok, size_after, old_rows, pad_to_multiple_of or default_multiple(model))
+
+
+def _assign(tok, requests, flagged: set[str], reuse: str) -> tuple[list[PlannedToken], int]:
+    """Each request's id: its existing one, a free reserved slot, or the next new id; and the size after."""
     have_ids = {text: existing_id(tok, text) for text, _ in requests}
     # Slots a role or the request itself keeps (asking for "<|reserved_special_token_5|>") stay.
-    kept = _roles_in_use(model) | {t for t, i in have_ids.items() if i is not None}
+    kept = tok.role_tokens | {t for t, i in have_ids.items() if i is not None}
     reserved = [i for i in tok.free_reserved() if tok.id_to_piece(i) not in kept] if reuse != "none" else []
     next_id = tok.n_words
     tokens: list[PlannedToken] = []
@@ -283,29 +285,33 @@ def plan_vocab(
         have = have_ids[text]
         if have is not None:
             if desc:
-                warnings.warn(f"token {text!r} already exists as id {have}; its description is ignored", stacklevel=2)
+                warnings.warn(f"token {text!r} already exists as id {have}; its description is ignored", stacklevel=3)
             tokens.append(PlannedToken(text, int(have), "existing", special=tok.is_special(have)))
-            continue
-        if reserved and (reuse == "all" or text in flagged):
+        elif reserved and (reuse == "all" or text in flagged):
             i = reserved.pop(0)
             tokens.append(PlannedToken(text, i, "reserved", tok.id_to_piece(i), text in flagged, desc))
-            continue
-        action = "spare_row" if next_id < old_rows else "appended"
-        tokens.append(PlannedToken(text, next_id, action, None, text in flagged, desc))
-        next_id += 1
-    unknown = flagged - {t for t, _ in requests}
-    if unknown:
-        raise VocabError(
-            f"special tokens {sorted(unknown)[:3]} are not among the new tokens; flag only requested tokens"
-        )
-    size_after = next_id
+        else:  # "spare_row" or "appended": fit_rows decides from the model's row count
+            tokens.append(PlannedToken(text, next_id, "appended", None, text in flagged, desc))
+            next_id += 1
+    return tokens, next_id
+
+
+def fit_rows(tokens: list[PlannedToken], tok, size_after: int, old_rows: int, multiple: int) -> VocabPlan:
+    """The plan of `tokens` for a model of `old_rows` rows: which new ids take spare padding rows,
+    how many rows the tables grow to (a multiple of `multiple`), the padding and unbacked ids."""
+    tokens = [
+        t
+        if t.action in ("existing", "reserved")
+        else dataclasses.replace(t, action="spare_row" if t.id < old_rows else "appended")
+        for t in tokens
+    ]
     new_rows = round_up(max(old_rows, size_after), multiple)
     unbacked = list(range(old_rows, tok.n_words))
     if unbacked:
         warnings.warn(
             f"the tokenizer has {len(unbacked)} id(s) beyond the model's {old_rows} rows (first: "
             f"{tok.id_to_piece(unbacked[0])!r}); the expansion gives them initialised rows",
-            stacklevel=2,
+            stacklevel=3,
         )
     return VocabPlan(
         tokens=tokens,
@@ -375,35 +381,46 @@ def _check_init(init: str) -> None:
         raise VocabError(f"init {init!r} is not one of {', '.join(INITS)}")
 
 
-def _rewrite(model, targets: np.ndarray, trained: np.ndarray, texts, tok, init: str, new_rows: int, seed: int):
-    """Write `targets` (sorted) of every table with `init`, growing to `new_rows`, in place."""
+def _rewrite(model, targets: np.ndarray, trained: np.ndarray, texts, tok, init: str, new_rows: int, seed: int, donate):
+    """A new model: `targets` (sorted) of every table written with `init`, the tables grown to
+    `new_rows`, every other parameter shared with `model`. With `donate`, each old table is
+    consumed as its successor is made (donated to the jitted expansion, or deleted right after
+    it), so peak memory is the model plus one new table and `model` fails loudly if used again."""
     if init in ("mean", "mean-noise", "covariance", "subword") and not trained.any():
         raise VocabError("the model has no trained rows to take statistics from; use --init random or zeros")
     if len(targets) == 0:
-        return model
+        return _with_tables(model, [p.get_value() for p in tables(model)], new_rows)
     mesh = model_mesh(model)
     key = jax.random.key(seed)
     subword = subword_arrays(tok, texts, trained, init)
+    new_tables = []
     for n, param in enumerate(tables(model)):
+        old = param.get_value()
         new = expand_table(
-            param.get_value(),
-            trained,
-            targets,
-            jax.random.fold_in(key, n),
-            subword,
-            method=init,
-            new_vocab=new_rows,
-            mesh=mesh,
+            old, trained, targets, jax.random.fold_in(key, n), subword, method=init, new_vocab=new_rows, mesh=mesh,
+            donate=donate,
         )
-        param.set_value(new.block_until_ready())
-        if new_rows != model.config.vocab_size:
-            # The old table is unreferenced now, but arrays built by make_array_from_callback (the
-            # loaders) can keep their buffers in reference cycles: collect them before the next
-            # table grows, so peak memory stays at the model plus one new table.
-            gc.collect()
-    if new_rows != model.config.vocab_size:
-        model.config = model.config.replace(vocab_size=new_rows)
-    return model
+        new_tables.append(new.block_until_ready())
+        if donate and not old.is_deleted():
+            old.delete()  # frees the buffer whoever still holds the array: peak stays one new table
+    return _with_tables(model, new_tables, new_rows)
+
+
+def _with_tables(model, new_tables: list, rows: int):
+    """A Llama with the same construction choices and layer weights as `model` and the given tables."""
+    from flax import nnx
+
+    from jaxvocab.model import LAYER_AXES, Llama
+
+    config = model.config if rows == model.config.vocab_size else model.config.replace(vocab_size=rows)
+    dtype = new_tables[0].dtype
+    out = nnx.eval_shape(lambda: Llama(config, param_dtype=dtype, **model.choices()))
+    for name in LAYER_AXES:
+        getattr(out.layers, name).set_value(getattr(model.layers, name).get_value())
+    out.norm.set_value(model.norm.get_value())
+    for param, table in zip(tables(out), new_tables, strict=True):
+        param.set_value(table)
+    return out
 
 
 def _trained(untrained: np.ndarray, limit: int, targets) -> np.ndarray:
@@ -422,8 +439,19 @@ class ExpansionLayout(NamedTuple):
     texts: list[str | None]  # per target: the text (or description) the subword init splits
 
 
+def fitted(plan: VocabPlan, model, tok) -> VocabPlan:
+    """`plan` for the rows `model` really has: a plan made without `model=` assumed the tokenizer's
+    row count, and is re-fitted here (same ids; spare rows, padding and growth follow the model)."""
+    rows = model.config.vocab_size
+    made_without_model = plan.old_rows == plan.tokenizer_size_before == tok.n_words
+    if plan.old_rows == rows or not made_without_model:
+        return plan
+    return fit_rows(plan.tokens, tok, plan.tokenizer_size_after, rows, plan.pad_to_multiple_of)
+
+
 def expansion_layout(model, tok, plan: VocabPlan, init: str = "mean", fix_untrained: bool = False) -> ExpansionLayout:
     """The rows an expansion of `model` by `plan` writes, and the trained rows it reads."""
+    plan = fitted(plan, model, tok)
     if plan.old_rows != model.config.vocab_size:
         raise VocabError(
             f"the plan was made for {plan.old_rows} model rows but the model has "
@@ -469,16 +497,46 @@ def _check_size(model, plan: VocabPlan) -> None:
     )
 
 
-def expand_vocab(model, tok, plan: VocabPlan, init: str = "mean", *, fix_untrained: bool = False, seed: int = 0):
-    """Grow `model` (in place; also returned) and `tok` as planned. Returns (model, new tokenizer).
+class Expansion(NamedTuple):
+    """What `expand_vocab` returns: unpack it as `model, tok, plan = expand_vocab(...)`."""
+
+    model: object  # the expanded Llama
+    tokenizer: object  # the tokenizer with the new tokens
+    plan: VocabPlan  # the plan as applied: init and fixed untrained rows filled in
+
+
+def expand_vocab(
+    model,
+    tok,
+    plan: VocabPlan,
+    init: str = "mean",
+    *,
+    fix_untrained: bool = False,
+    seed: int = 0,
+    donate: bool = True,
+) -> Expansion:
+    """Grow `model` and `tok` as planned.
 
     Rows not in the plan stay bit-identical. Planned rows (reserved slots, spare and new rows,
     padding, with fix_untrained the untrained rows) get `init` from statistics over trained rows
-    only. Each table is grown by one jitted call that donates the old table, so peak memory is
-    the model plus one new table: keep a host copy if you need the old tables.
-    `model.vocab_plan` records the plan with its init.
+    only, each table in one jitted, sharded call.
+
+    Args:
+      model: the Llama; tok: its Tokenizer; plan: from `plan_vocab` (one made without `model=`
+        is re-fitted to the model's real row count).
+      init: mean | mean-noise | covariance | subword | random | zeros.
+      fix_untrained: also re-initialise rows the model never trained.
+      seed: for the random inits.
+      donate: consume `model`'s tables (default): peak memory stays the model plus one new table,
+        and the consumed model raises an error if used again. donate=False leaves `model` intact
+        at the cost of holding both tables.
+    Returns:
+      Expansion(model, tokenizer, plan): new objects; the plan has its init and fixed rows filled in.
+    Example:
+      >>> model, tok, plan = expand_vocab(model, tok, plan_vocab(tok, ["<think>"], model=model))
     """
-    _check_size(model, plan)
+    check_live(model)
+    _check_size(model, fitted(plan, model, tok))
     plan, targets, trained, texts = expansion_layout(model, tok, plan, init, fix_untrained)
     new_tok = tok.with_tokens(plan.renamed, plan.appended, plan.special_ids)
     vocab_axis = axis_size(model_mesh(model), "vocab")
@@ -488,28 +546,32 @@ def expand_vocab(model, tok, plan: VocabPlan, init: str = "mean", *, fix_untrain
             f"replicated along it. Plan with model=model or pad_to_multiple_of={vocab_axis}",
             stacklevel=2,
         )
-    _rewrite(model, targets, trained, texts, tok, init, plan.new_rows, seed)
-    model.vocab_plan = plan.to_json()
-    return model, new_tok
+    new_model = _rewrite(model, targets, trained, texts, tok, init, plan.new_rows, seed, donate)
+    return Expansion(new_model, new_tok, plan)
 
 
-def fix_untrained(model, ids, init: str = "mean", *, tok=None, seed: int = 0):
-    """Re-initialise rows `ids` (e.g. `find_untrained(model, tok)`) in place like new rows; returns
-    the model. Statistics skip these ids, every other untrained row and, with `tok`, padding rows."""
+def fix_untrained(model, ids, init: str = "mean", *, tok=None, seed: int = 0, donate: bool = True):
+    """Re-initialise rows `ids` like new rows.
+
+    Statistics skip these ids, every other untrained row and, with `tok`, padding rows.
+
+    Args:
+      model: the Llama; ids: rows to rewrite (e.g. `find_untrained(model, tok)`).
+      init: as in `expand_vocab`; tok: the tokenizer (subword init, padding rows); seed: random inits.
+      donate: consume `model`'s tables (default), as in `expand_vocab`.
+    Returns:
+      A new Llama (to record the fixed rows in a plan, use `expand_vocab(..., fix_untrained=True)`).
+    Example:
+      >>> model = fix_untrained(model, find_untrained(model, tok), tok=tok)
+    """
+    check_live(model)
     _check_init(init)
     targets = np.asarray(sorted({int(i) for i in ids}), np.int64)
     rows = model.config.vocab_size
     if targets.size and (targets[0] < 0 or targets[-1] >= rows):
         raise VocabError(f"untrained ids must lie in [0, {rows}); got {int(targets[0])}..{int(targets[-1])}")
-    if targets.size == 0:
-        return model
-    untrained = untrained_mask(model) if init not in ("random", "zeros") else np.zeros(rows, bool)
+    untrained = untrained_mask(model) if init not in ("random", "zeros") and targets.size else np.zeros(rows, bool)
     limit = min(rows, tok.n_words) if tok is not None else rows
     trained = _trained(untrained, limit, targets)
     texts = [tok.id_to_piece(int(i)) if tok is not None and i < tok.n_words else None for i in targets]
-    _rewrite(model, targets, trained, texts, tok, init, rows, seed)
-    if getattr(model, "vocab_plan", None):
-        plan = VocabPlan.from_json(model.vocab_plan)
-        plan.untrained_fixed = sorted(set(plan.untrained_fixed) | {int(i) for i in targets})
-        model.vocab_plan = plan.to_json()
-    return model
+    return _rewrite(model, targets, trained, texts, tok, init, rows, seed, donate)

@@ -262,32 +262,29 @@ def check_lora_flags(args) -> None:
     args.lora_spec = LoraSpec(args.lora_rank, args.lora_alpha, tuple(args.lora_targets.split(",")), args.lora_dropout)
 
 
-def tokenizer_of(model):
+def tokenizer_of(model_dir, plan=None):
     """The checkpoint's own tokenizer, or None when it ships none (then data must be pre-tokenized).
 
-    The tokens the vocab plan added are what this run teaches, so they are matched wherever they
-    appear in the data's text and chat content, special or not; the model's older control tokens
-    (<|eot_id|>, ...) stay literal text, so data cannot inject them by accident.
+    The tokens the vocab plan added are what this run teaches, so the returned tokenizer (a new
+    one) matches them wherever they appear in the data's text and chat content, special or not;
+    the model's older control tokens (<|eot_id|>, ...) stay literal text, so data cannot inject
+    them by accident.
     """
-    src = getattr(model, "source_dir", None)
-    if not src or not any((Path(src) / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+    src = Path(model_dir)
+    if not any((src / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
         return None
     from jaxvocab.tokenizer import load_tokenizer
-    from jaxvocab.vocab import VocabPlan
 
     with malformed(f"{src}: tokenizer.json / tokenizer_config.json", "fix or re-download the tokenizer files"):
         tok = load_tokenizer(src)
-    plan = getattr(model, "vocab_plan", None)
-    if plan:
-        tok.added_plain |= {
-            t.token
-            for t in VocabPlan.from_json(plan).tokens
-            if t.action != "existing" and tok.special_tokens.get(t.token) == t.id
-        }
-    return tok
+    if plan is None:
+        return tok
+    return tok.with_plain(
+        t.token for t in plan.tokens if t.action != "existing" and tok.special_tokens.get(t.token) == t.id
+    )
 
 
-def resolve_trainable(spec: str, model, tok) -> list[int]:
+def resolve_trainable(spec: str, model, tok, plan=None) -> list[int]:
     """--trainable value -> sorted ids (see EPILOG)."""
     from jaxvocab.rows import new_ids
 
@@ -304,12 +301,12 @@ def resolve_trainable(spec: str, model, tok) -> list[int]:
         ids = set()
         for part in spec.split("+"):
             if part == "new":
-                if not getattr(model, "vocab_plan", None):
+                if plan is None:
                     raise UsageError(
                         "--trainable new: the checkpoint has no vocab_plan.json (its vocabulary was not "
                         "expanded by jaxvocab); pass --trainable ids:... or tokens:@file.txt"
                     )
-                ids |= set(new_ids(model))
+                ids |= set(new_ids(plan))
             elif part == "untrained":
                 from jaxvocab.vocab import find_untrained
 
@@ -397,6 +394,7 @@ def cmd_train(args) -> None:
     check_flags(args)
     import jaxvocab
     from jaxvocab import rows
+    from jaxvocab.io.carried import CarriedFiles
     from jaxvocab.sharding import parse_mesh
     from train import loop
     from train.data import read_jsonl
@@ -408,11 +406,10 @@ def cmd_train(args) -> None:
         show_progress=not args.quiet and is_main(),
         allow_nonfinite=args.allow_nonfinite,
         attention=args.attention,
+        remat=args.remat,
+        compute_dtype=args.dtype,
     )
-    model.compute_dtype = args.dtype
-    plan = Path(getattr(model, "source_dir", None) or args.model) / "vocab_plan.json"
-    if not getattr(model, "vocab_plan", None) and plan.is_file():  # an HF dir exported by jaxvocab
-        model.vocab_plan = plan.read_text()
+    plan = jaxvocab.load_plan(args.model)  # a jaxvocab checkpoint's, or an HF dir's that jaxvocab exported
     limit = model.config.max_position_embeddings
     args.seq_len = args.seq_len or min(1024, limit)
     if args.seq_len > limit:
@@ -420,8 +417,8 @@ def cmd_train(args) -> None:
             f"--seq-len {args.seq_len}: longer than the model's max_position_embeddings ({limit}); "
             f"pass --seq-len {limit} or less"
         )
-    tok = tokenizer_of(model)
-    ids = resolve_trainable(args.trainable, model, tok)
+    tok = tokenizer_of(args.model, plan)
+    ids = resolve_trainable(args.trainable, model, tok, plan)
     rm = rows.split(model, ids, args.tables, getattr(args, "lora_spec", None), args.seed)
     if args.lora_init is not None:
         from jaxvocab.io.peft import load_adapters
@@ -463,11 +460,18 @@ def cmd_train(args) -> None:
     )
     _report_reads(args.out, docs)
     final = rows.merge(trained, args.export_dtype)
-    jaxvocab.save_checkpoint(final, args.out / "final", overwrite=True)
+    jaxvocab.save_checkpoint(final, args.out / "final", tokenizer=CarriedFiles.of(args.model), plan=plan, overwrite=True)
     what = f"{len(ids)} rows" + (f" + rank-{args.lora_rank} adapters" if args.lora_rank else "")
     say(f"trained {what} for {args.steps} steps; wrote {args.out / 'final'}")
     if args.export_hf is not None:
-        jaxvocab.save_hf(final, args.export_hf, overwrite=args.overwrite, show_progress=not args.quiet)
+        jaxvocab.save_hf(
+            final,
+            args.export_hf,
+            tokenizer=CarriedFiles.of(args.model),
+            plan=plan,
+            overwrite=args.overwrite,
+            show_progress=not args.quiet,
+        )
         say(f"wrote {args.export_hf}")
     if args.export_peft is not None:
         from jaxvocab.io.peft import save_peft
