@@ -141,7 +141,9 @@ class Decoder(nnx.Module):
         h, cache = run_layers(
             self.layer_weights(dropout_key),
             x,
-            LayerStack(self.config, jnp.dtype(self.compute_dtype), self.attention, self.remat if remat is None else remat),
+            LayerStack(
+                self.config, jnp.dtype(self.compute_dtype), self.attention, self.remat if remat is None else remat
+            ),
             attention_mask=attention_mask,
             segment_ids=segment_ids,
             positions=positions,

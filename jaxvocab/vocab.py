@@ -397,7 +397,14 @@ def _rewrite(model, targets: np.ndarray, trained: np.ndarray, texts, tok, init: 
     for n, param in enumerate(tables(model)):
         old = param.get_value()
         new = expand_table(
-            old, trained, targets, jax.random.fold_in(key, n), subword, method=init, new_vocab=new_rows, mesh=mesh,
+            old,
+            trained,
+            targets,
+            jax.random.fold_in(key, n),
+            subword,
+            method=init,
+            new_vocab=new_rows,
+            mesh=mesh,
             donate=donate,
         )
         new_tables.append(new.block_until_ready())

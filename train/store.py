@@ -114,7 +114,7 @@ def _init_worker(model_dir: str, vocab_size: int) -> None:
 
 def tokenizer_for(model_dir: Path):
     from jaxvocab.io import load_plan
-    from train.__main__ import tokenizer_of
+    from train.trainable import tokenizer_of
 
     return tokenizer_of(model_dir, load_plan(model_dir))
 
