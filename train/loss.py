@@ -104,7 +104,9 @@ def token_sums(graphdef, params, frozen, mb: Batch, dropout_key=None, remat=None
     rows = model.head_param
     rows = None if rows is None else rows[...]
     table, ids, dtype = model.head_table[...], model.ids[...], jnp.dtype(model.compute_dtype)
-    return _scan_sum(lambda h, t, w: chunk_nll(dtype, h, rows, table, ids, t, w), _chunks(model, mb, dropout_key, remat), 2)
+    return _scan_sum(
+        lambda h, t, w: chunk_nll(dtype, h, rows, table, ids, t, w), _chunks(model, mb, dropout_key, remat), 2
+    )
 
 
 def eval_sums(graphdef, params, frozen, mb: Batch, is_new):
