@@ -114,9 +114,18 @@ def expansion_kl(
 ) -> KLReport:
     """KL(old || new) over the probe's positions for `plan` under `init`.
 
+    Args:
+      model: the model before expansion; probe_ids: [P] or [B, T] ids (`probe_ids(tok, text)`).
+      plan, tok: as for `expand_vocab`; init / fix_untrained / seed: the expansion to score.
+      expanded: the model `expand_vocab(..., donate=False)` returned, to score its own logits.
+    Returns:
+      A KLReport (max / mean KL, new-row mass, Hewitt's bound log(1+k/n)).
+    Example:
+      >>> print(table([expansion_kl(model, probe_ids(tok, text), plan, tok, init=i) for i in ("mean", "random")]))
+
     Without `expanded`, the new head rows are computed exactly as expand_vocab would (same
     statistics, same seed) and scored against the old model's hidden states; with `expanded` (the
-    model after expand_vocab(model_copy, tok, plan, init, ...)), its own logits are used.
+    model expand_vocab(model, tok, plan, init, ..., donate=False) returned), its own logits are used.
     """
     layout_plan, targets, trained, texts = expansion_layout(model, tok, plan, init, fix_untrained)
     new_rows = layout_plan.new_rows

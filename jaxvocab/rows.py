@@ -153,8 +153,16 @@ def split(
 
 
 def merge(rm: RowsModel, dtype=None) -> Llama:
-    """An ordinary Llama with the rows written back and the adapters folded in (W + (alpha/r) B A in
-    f32), stored in the checkpoint's dtype or `dtype`; every other weight untouched."""
+    """An ordinary Llama with the rows written back and the adapters folded in.
+
+    Args:
+      rm: the trained RowsModel (left unchanged).
+      dtype: the stored dtype (default: the checkpoint's); adapters fold in as W + (alpha/r) B A in f32.
+    Returns:
+      A new Llama with the same construction choices; every other weight untouched.
+    Example:
+      >>> save_hf(merge(rm), "out", tokenizer=tok, plan=plan)
+    """
     c = rm.config
     dtype = jnp.dtype(dtype or rm.embed[...].dtype)
     model = nnx.eval_shape(

@@ -35,7 +35,9 @@ from jaxvocab.vocab_plan import (  # noqa: F401  (re-exported: the vocabulary AP
 
 # ---------------------------------------------------------------------------- untrained rows
 def find_untrained(model, tok=None, *, rel_eps: float = REL_EPS, include_padding: bool = False) -> list[int]:
-    """Sorted ids of untrained rows.
+    """Sorted ids of untrained rows (Args: `tok` leaves out padding rows beyond it unless
+    `include_padding`; `rel_eps` sets "tiny". Returns: the ids. Example:
+    `model = fix_untrained(model, find_untrained(model, tok), tok=tok)`).
 
     "Tiny" is relative: max |x| <= rel_eps * the median row's max |x| (1e-3: trained Llama-3 rows
     sit near 1e-2..1e-1, untrained ones at 0 or 1e-20-ish, so the gap is many orders wide and

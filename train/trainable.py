@@ -30,7 +30,16 @@ def tokenizer_of(model_dir, plan=None):
 
 
 def resolve_trainable(spec: str, model, tok, plan=None) -> list[int]:
-    """--trainable value -> sorted ids (see EPILOG)."""
+    """--trainable value -> sorted ids.
+
+    Args:
+      spec: new | untrained | new+untrained | ids:1,2,3 | tokens:@file.txt | none (see train/flags.py EPILOG).
+      model: the Llama (untrained rows); tok: its tokenizer (tokens:@file); plan: its VocabPlan (new).
+    Returns:
+      The sorted ids to train.
+    Example:
+      >>> resolve_trainable("new+untrained", model, tok, jaxvocab.load_plan(ckpt))
+    """
     from jaxvocab.rows import new_ids
 
     if spec == "none":
