@@ -133,24 +133,13 @@ def expansion_kl(
     kept[targets[targets < plan.old_rows]] = False
     written = np.ones(new_rows, bool)
     written[np.nonzero(kept)[0]] = False
-    head = model.head_table.get_value()
     h = final_hidden(model, probe_ids)
     if expanded is not None:
         if expanded.config.vocab_size != new_rows:
             raise VocabError(f"the expanded model has {expanded.config.vocab_size} rows but the plan makes {new_rows}")
         h_new = final_hidden(expanded, probe_ids)
     else:
-        n_table = 0 if model.lm_head is None else 1  # expand_vocab's per-table seed
-        key = jax.random.fold_in(jax.random.key(seed), n_table)
-        rows = init_rows(
-            head,
-            trained,
-            key,
-            subword_arrays(tok, texts, trained, init),
-            method=init,
-            k=len(targets),
-            mesh=model_mesh(model),
-        ).astype(head.dtype)
+        rows = _planned_rows(model, tok, trained, texts, init, len(targets), seed)
     kls, masses = [], []
     for s in range(0, h.shape[0], CHUNK):
         hc = h[s : s + CHUNK]
@@ -173,6 +162,15 @@ def expansion_kl(
         k=int(written.sum()),
         n=int(trained.sum()),
     )
+
+
+def _planned_rows(model, tok, trained, texts, init: str, k: int, seed: int):
+    """The [k, D] head rows expand_vocab would write (same statistics, same per-table seed)."""
+    head = model.head_table.get_value()
+    n_table = 0 if model.lm_head is None else 1
+    key = jax.random.fold_in(jax.random.key(seed), n_table)
+    subword = subword_arrays(tok, texts, trained, init)
+    return init_rows(head, trained, key, subword, method=init, k=k, mesh=model_mesh(model)).astype(head.dtype)
 
 
 def probe_ids(tok, text: str, max_tokens: int = 1024) -> np.ndarray:
