@@ -87,7 +87,7 @@ def run(path: Path, repeats: int, transformers_repeats: int) -> dict:
     jax_body = (
         textwrap.dedent("""
         plan = jaxvocab.plan_vocab(tok, new, reuse_reserved=False, model=model)
-        model, tok = jaxvocab.expand_vocab(model, tok, plan, init="mean")
+        model, tok, plan = jaxvocab.expand_vocab(model, tok, plan, init="mean")
         jax.block_until_ready([model.embed[...], model.lm_head[...]])
         bench_extra = {"rows": model.config.vocab_size}
         """)

@@ -106,10 +106,9 @@ def jax_child(path: Path, steps: int, remat: bool = True) -> tuple[str, str]:
         from train import loop
         from train.data import Batch
         _t = time.perf_counter()
-        model = jaxvocab.load({str(path)!r}, dtype="float32", show_progress=False)
+        model = jaxvocab.load({str(path)!r}, dtype="float32", compute_dtype="float32", show_progress=False)
         jax.block_until_ready(model.embed[...])
         _load_s = time.perf_counter() - _t
-        model.compute_dtype = "float32"
         cfg = loop.TrainConfig(steps=100, batch_size={BATCH}, seq_len={SEQ}, lr={LR}, clip=1.0, schedule="constant",
                                remat={remat})
         trainer = loop.Trainer(rows.split(model, {NEW}), cfg, single_device_mesh())

@@ -147,14 +147,17 @@ def cmd_import(args) -> None:
         allow_nonfinite=args.allow_nonfinite,
     )
     fault_point("import:loaded")
-    plan = vocab_cli.expand_for_import(model, args)
-    jaxvocab.save_checkpoint(model, args.out, plan=plan, overwrite=args.overwrite, llama_version=args.llama_version)
+    model, tok, plan = vocab_cli.expand_for_import(model, args)
+    jaxvocab.save_checkpoint(
+        model, args.out, tokenizer=tok, plan=plan, overwrite=args.overwrite, llama_version=args.llama_version
+    )
     distributed.say(f"wrote {args.out} ({model.config.num_params() / 1e6:.1f}M params, {model.embed[...].dtype})")
 
 
 def cmd_export(args) -> None:
     import jaxvocab
     from jaxvocab.io.atomic import check_output, check_overlap
+    from jaxvocab.io.carried import CarriedFiles
     from jaxvocab.io.hf import parse_size
 
     check_overlap({"OUT_HF": args.out}, {"CKPT": args.ckpt})
@@ -164,7 +167,13 @@ def cmd_export(args) -> None:
     model = jaxvocab.load(args.ckpt, dtype=args.dtype, mesh=mesh, allow_nonfinite=args.allow_nonfinite)
     fault_point("export:loaded")
     jaxvocab.save_hf(
-        model, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite, keep_padding=args.keep_padding
+        model,
+        args.out,
+        max_shard_size=args.max_shard_size,
+        tokenizer=CarriedFiles.of(args.ckpt),
+        plan=jaxvocab.load_plan(args.ckpt),
+        overwrite=args.overwrite,
+        keep_padding=args.keep_padding,
     )
     distributed.say(f"wrote {args.out}")
 

@@ -194,15 +194,18 @@ def check_import_flags(args) -> bool:
 
 
 def expand_for_import(model, args):
-    """Apply the vocabulary flags of `import` to the loaded model; returns the plan (or None)."""
+    """Apply the vocabulary flags of `import` to the loaded model: (model, tokenizer files, plan or None).
+
+    Without vocabulary flags the model is returned as loaded, with the source's files to carry."""
     import jaxvocab
-    from jaxvocab.vocab import VocabPlan, describe_untrained
+    from jaxvocab.io.carried import CarriedFiles
+    from jaxvocab.vocab import describe_untrained
 
     if not check_import_flags(args):
-        return None
+        return model, CarriedFiles.of(args.src), None
     tokens, flags = parse_token_flags(args.add_tokens) if args.add_tokens is not None else ({}, {})
     with _warnings_as_lines():
-        tok = _tokenizer(model.source_dir, args.llama_version)
+        tok = _tokenizer(args.src, args.llama_version)
         plan = jaxvocab.plan_vocab(
             tok,
             tokens,
@@ -211,13 +214,14 @@ def expand_for_import(model, args):
             model=model,
             special=special_arg(args, tokens, flags),
         )
-        jaxvocab.expand_vocab(model, tok, plan, init=args.init or "mean", fix_untrained=args.fix_untrained)
-    plan = VocabPlan.from_json(model.vocab_plan)
+        model, tok, plan = jaxvocab.expand_vocab(
+            model, tok, plan, init=args.init or "mean", fix_untrained=args.fix_untrained
+        )
     print(plan.table())
     if plan.untrained_fixed:
         shown = describe_untrained(plan.untrained_fixed, tok, limit=5)
         print(f"fixed untrained rows: {', '.join(shown)}{' ...' if len(plan.untrained_fixed) > 5 else ''}")
-    return plan
+    return model, tok, plan
 
 
 def _tokenizer(src, llama_version=None):
@@ -229,7 +233,7 @@ def _tokenizer(src, llama_version=None):
 
 
 def _abstract_model(src: Path):
-    """Config-only stand-in (no weights) so plan_vocab sees the row count and the tokenizer dir."""
+    """Config-only stand-in (no weights) so plan_vocab sees the row count."""
     from flax import nnx
 
     from convert.describe import _meta_config
@@ -238,9 +242,7 @@ def _abstract_model(src: Path):
     from jaxvocab.model import Llama
 
     config = _meta_config(src) if detect(src) == "meta" else LlamaConfig.from_hf_file(src)
-    model = nnx.eval_shape(lambda: Llama(config))
-    model.source_dir = str(src)
-    return model
+    return nnx.eval_shape(lambda: Llama(config))
 
 
 def check_inspect_flags(args) -> None:

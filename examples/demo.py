@@ -73,8 +73,8 @@ def run_demo(out: Path, overwrite: bool = False, attention: str = "auto") -> Non
         print(_indent(diagnostics.table(reports)))
 
         stage("expanding the vocabulary (mean init) and saving a jaxvocab checkpoint")
-        model, tok = jaxvocab.expand_vocab(model, tok, plan, init="mean")
-        ckpt = jaxvocab.save_checkpoint(model, tmp / "ckpt", plan=plan)
+        model, tok, plan = jaxvocab.expand_vocab(model, tok, plan, init="mean")
+        ckpt = jaxvocab.save_checkpoint(model, tmp / "ckpt", tokenizer=tok, plan=plan)
         print(f"  {model.config.vocab_size} rows; wrote {ckpt.relative_to(tmp)}")
 
         stage("fine-tuning only the new rows (jaxvocab-train)")
@@ -114,13 +114,14 @@ def run_demo(out: Path, overwrite: bool = False, attention: str = "auto") -> Non
 
         stage("exporting to Hugging Face and reloading in transformers")
         final = jaxvocab.load(run / "final", attention=attention)
-        hf = jaxvocab.save_hf(final, tmp / "hf", max_shard_size="20MB")
+        final_tok, final_plan = jaxvocab.load_tokenizer(run / "final"), jaxvocab.load_plan(run / "final")
+        hf = jaxvocab.save_hf(final, tmp / "hf", max_shard_size="20MB", tokenizer=final_tok, plan=final_plan)
         print(f"  wrote {hf.relative_to(tmp)}: {', '.join(sorted(p.name for p in hf.iterdir()))}")
         _compare_transformers(final, hf, tok, plan)
 
         stage("generating with the fine-tuned rows")
         for prompt in ("Q: What is the weather in Lyon?", "Let me reason step by step:"):
-            text = jaxvocab.generate(final, tok, prompt, max_new_tokens=12)
+            text = jaxvocab.generate(final, tok, prompt, max_new_tokens=12, plan=plan)
             print(f"  {prompt!r} -> {text!r}")
     print(
         f"\ndone in {time.perf_counter() - stage.t0:.0f}s; everything is in {out}/ "

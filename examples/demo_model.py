@@ -83,8 +83,6 @@ def build_demo_checkpoint(out: Path, seed: int = 0) -> Path:
     model.embed.set_value(jnp.asarray(embed))
     model.lm_head.set_value(jnp.asarray(head))
     model.norm.set_value(jnp.asarray(norm))
-    model.source_dir = str(tok_dir)
-    model.vocab_plan = None
-    save_hf(model, out / "hf", overwrite=True, show_progress=False)
+    save_hf(model, out / "hf", tokenizer=tok, overwrite=True, show_progress=False)
     shutil.rmtree(tok_dir)
     return out / "hf"

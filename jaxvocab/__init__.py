@@ -2,10 +2,10 @@
 
     import jaxvocab
     model = jaxvocab.load("Llama-3.2-1B", mesh=jaxvocab.parse_mesh("fsdp=2,tensor=4"))
-    tok = jaxvocab.load_tokenizer("Llama-3.2-1B")
+    tok = jaxvocab.load_tokenizer("Llama-3.2-1B")          # carries the dir's tokenizer files
     plan = jaxvocab.plan_vocab(tok, ["<|lang_xx|>"], model=model)
-    model, tok = jaxvocab.expand_vocab(model, tok, plan)
-    jaxvocab.save_hf(model, "out-hf")
+    model, tok, plan = jaxvocab.expand_vocab(model, tok, plan)   # new objects
+    jaxvocab.save_hf(model, "out-hf", tokenizer=tok, plan=plan)
 
 Heavy submodules load on first use, so `import jaxvocab` stays fast.
 """
@@ -14,7 +14,7 @@ import importlib
 
 from jaxvocab.config import PRESETS, LlamaConfig, RopeScaling
 from jaxvocab.errors import JaxVocabError
-from jaxvocab.io import load, save_checkpoint, save_hf
+from jaxvocab.io import load, load_plan, save_checkpoint, save_hf
 from jaxvocab.model import KVCache, Llama
 from jaxvocab.sharding import parse_mesh
 
@@ -26,6 +26,7 @@ _LAZY = {
     "expand_vocab": "jaxvocab.vocab",
     "find_untrained": "jaxvocab.vocab",
     "fix_untrained": "jaxvocab.vocab",
+    "CarriedFiles": "jaxvocab.io.carried",
     "generate": "jaxvocab.generation",
 }
 _SUBMODULES = ("rows", "lora", "diagnostics", "vocab", "tokenizer", "generation")
@@ -38,6 +39,7 @@ __all__ = [
     "PRESETS",
     "RopeScaling",
     "load",
+    "load_plan",
     "parse_mesh",
     "save_checkpoint",
     "save_hf",

@@ -28,9 +28,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxvocab.errors import VocabError
-from jaxvocab.model import decode, rms_norm
+from jaxvocab.model import project
 from jaxvocab.row_init import init_rows
 from jaxvocab.vocab import VocabPlan, expansion_layout, model_mesh, subword_arrays
 
@@ -67,24 +68,18 @@ def table(reports: list[KLReport]) -> str:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _hidden(embed, layers, norm, ids, config, dtype):
-    x = embed[ids].astype(dtype)
-    h, _ = decode(layers, x, config, jnp.dtype(dtype))
-    return rms_norm(h, norm, config.rms_norm_eps)
+@functools.partial(jax.jit, static_argnums=0)
+def _hidden(graphdef, state, ids):
+    h, _ = nnx.merge(graphdef, state).hidden(ids)
+    return h
 
 
 def final_hidden(model, ids) -> jax.Array:
-    """[P, D] final-norm hidden states of the probe (all positions of all rows, flattened)."""
+    """[P, D] final-norm hidden states of the probe (all positions of all rows, flattened): the
+    model's own `hidden` stage."""
     ids = jnp.asarray(np.atleast_2d(np.asarray(ids, np.int32)))
-    h = _hidden(
-        model.embed.get_value(), model.layers.weights(), model.norm.get_value(), ids, model.config, model.compute_dtype
-    )
+    h = _hidden(*nnx.split(model), ids)
     return h.reshape(-1, h.shape[-1])
-
-
-def _logits(h, table):
-    return jnp.einsum("pd,vd->pv", h, table.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 @jax.jit
@@ -119,9 +114,18 @@ def expansion_kl(
 ) -> KLReport:
     """KL(old || new) over the probe's positions for `plan` under `init`.
 
+    Args:
+      model: the model before expansion; probe_ids: [P] or [B, T] ids (`probe_ids(tok, text)`).
+      plan, tok: as for `expand_vocab`; init / fix_untrained / seed: the expansion to score.
+      expanded: the model `expand_vocab(..., donate=False)` returned, to score its own logits.
+    Returns:
+      A KLReport (max / mean KL, new-row mass, Hewitt's bound log(1+k/n)).
+    Example:
+      >>> print(table([expansion_kl(model, probe_ids(tok, text), plan, tok, init=i) for i in ("mean", "random")]))
+
     Without `expanded`, the new head rows are computed exactly as expand_vocab would (same
     statistics, same seed) and scored against the old model's hidden states; with `expanded` (the
-    model after expand_vocab(model_copy, tok, plan, init, ...)), its own logits are used.
+    model expand_vocab(model, tok, plan, init, ..., donate=False) returned), its own logits are used.
     """
     layout_plan, targets, trained, texts = expansion_layout(model, tok, plan, init, fix_untrained)
     new_rows = layout_plan.new_rows
@@ -129,32 +133,21 @@ def expansion_kl(
     kept[targets[targets < plan.old_rows]] = False
     written = np.ones(new_rows, bool)
     written[np.nonzero(kept)[0]] = False
-    head = model.head_table.get_value()
     h = final_hidden(model, probe_ids)
     if expanded is not None:
         if expanded.config.vocab_size != new_rows:
             raise VocabError(f"the expanded model has {expanded.config.vocab_size} rows but the plan makes {new_rows}")
-        h_new, new_head = final_hidden(expanded, probe_ids), expanded.head_table.get_value()
+        h_new = final_hidden(expanded, probe_ids)
     else:
-        n_table = 0 if model.lm_head is None else 1  # expand_vocab's per-table seed
-        key = jax.random.fold_in(jax.random.key(seed), n_table)
-        rows = init_rows(
-            head,
-            trained,
-            key,
-            subword_arrays(tok, texts, trained, init),
-            method=init,
-            k=len(targets),
-            mesh=model_mesh(model),
-        ).astype(head.dtype)
+        rows = _planned_rows(model, tok, trained, texts, init, len(targets), seed)
     kls, masses = [], []
     for s in range(0, h.shape[0], CHUNK):
         hc = h[s : s + CHUNK]
-        old = _logits(hc, head)
+        old = model.logits(hc)
         if expanded is not None:
-            new = _logits(h_new[s : s + CHUNK], new_head)
+            new = expanded.logits(h_new[s : s + CHUNK])
         else:
-            new = jnp.pad(old, ((0, 0), (0, new_rows - plan.old_rows))).at[:, targets].set(_logits(hc, rows))
+            new = jnp.pad(old, ((0, 0), (0, new_rows - plan.old_rows))).at[:, targets].set(project(hc, rows, hc.dtype))
         kl, mass = _kl(old, new, jnp.asarray(kept), jnp.asarray(written))
         kls.append(np.asarray(kl))
         masses.append(np.asarray(mass))
@@ -169,6 +162,15 @@ def expansion_kl(
         k=int(written.sum()),
         n=int(trained.sum()),
     )
+
+
+def _planned_rows(model, tok, trained, texts, init: str, k: int, seed: int):
+    """The [k, D] head rows expand_vocab would write (same statistics, same per-table seed)."""
+    head = model.head_table.get_value()
+    n_table = 0 if model.lm_head is None else 1
+    key = jax.random.fold_in(jax.random.key(seed), n_table)
+    subword = subword_arrays(tok, texts, trained, init)
+    return init_rows(head, trained, key, subword, method=init, k=k, mesh=model_mesh(model)).astype(head.dtype)
 
 
 def probe_ids(tok, text: str, max_tokens: int = 1024) -> np.ndarray:

@@ -39,6 +39,7 @@ def generate(
     stop=None,
     seed: int = 0,
     return_ids: bool = False,
+    plan=None,
 ):
     """Continue `prompt` with a KV cache, one jitted step per token.
 
@@ -48,10 +49,11 @@ def generate(
         prompt: a string, chat messages ([{"role": ..., "content": ...}]) or a list of token ids.
         max_new_tokens: at most this many new tokens (prompt + new must fit the model's positions).
         temperature, top_p: 0.0 is greedy; otherwise nucleus sampling with `seed`.
-        suppress: ids never generated. None = `default_suppressed(model, tok)` (untrained and padding
-            rows); () = nothing.
+        suppress: ids never generated. None = `default_suppressed(model, tok, plan)` (untrained and
+            padding rows); () = nothing.
         stop: ids that end generation (default: tok.stop_ids and the config's eos ids); not returned.
         return_ids: also return the new ids.
+        plan: the model's VocabPlan, if any (its padding rows are suppressed by default).
     Returns:
         The new text, or (text, ids) with `return_ids`.
     Example:
@@ -72,7 +74,7 @@ def generate(
         raise UsageError(f"temperature={temperature}, top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1")
     stops = set(stop) if stop is not None else set(getattr(tok, "stop_ids", None) or []) | set(model.config.eos_ids)
     banned = np.zeros(V, bool)
-    for i in default_suppressed(model, tok) if suppress is None else suppress:
+    for i in default_suppressed(model, tok, plan) if suppress is None else suppress:
         if 0 <= int(i) < V and int(i) not in stops:
             banned[int(i)] = True
     n = len(ids)
@@ -117,18 +119,18 @@ def prompt_ids(tok, prompt) -> list[int]:
     return [int(i) for i in prompt]
 
 
-def default_suppressed(model, tok) -> list[int]:
+def default_suppressed(model, tok, plan=None) -> list[int]:
     """Ids without a trained row: still-reserved slots, rows past the tokenizer, the plan's padding
     rows, and rows `find_untrained` measures as untrained (tiny, or identical to another row, as
     freshly mean-initialised rows are until trained)."""
-    from jaxvocab.vocab import VocabPlan, find_untrained
+    from jaxvocab.vocab import find_untrained
 
     V = model.config.vocab_size
     out = set(find_untrained(model, tok))
     if tok is not None:
         out |= set(tok.free_reserved()) | set(range(min(tok.n_words, V), V))
-    if getattr(model, "vocab_plan", None):
-        out |= set(VocabPlan.from_json(model.vocab_plan).padding_ids)
+    if plan is not None:
+        out |= set(plan.padding_ids)
     return sorted(i for i in out if 0 <= i < V)
 
 

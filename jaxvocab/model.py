@@ -3,8 +3,9 @@
 Layer weights are stacked along a leading "layers" axis and run with `lax.scan`: compile time does
 not grow with depth (an 80-layer model compiles like a 1-layer one) and the KV cache is one array
 per tensor. Every parameter carries logical axis names in its `logical` metadata; `sharding.py`
-turns those into mesh placements. The forward pass is split into small pure functions so that
-`rows.py` can reuse the decoder with its own embedding lookup and head.
+turns those into mesh placements. The forward pass has named stages (`Decoder`): embed_tokens ->
+hidden (the layer stack + final norm) -> logits, so `rows.py` overrides only the lookup and the head
+and the loss projects a slice of positions at a time.
 
 Every weight keeps the checkpoint's own layout: tables `embed` and `lm_head` are both [V, D], so
 vocabulary work treats them alike, and Linear weights are [out, in] as torch stores them, so import
@@ -74,59 +75,146 @@ class KVCache(NamedTuple):
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool), jnp.int32(0))
 
 
-class Llama(nnx.Module):
+class Decoder(nnx.Module):
+    """The forward pass in named stages: `embed_tokens(ids)` -> `hidden(ids)` (the layer stack and the
+    final norm) -> `logits(h)`. Subclasses say how a token is looked up, which layer weights run and
+    how hidden states meet the head; `Llama` uses its own tables, `rows.RowsModel` overrides them."""
+
+    config: LlamaConfig
+    compute_dtype: str
+    remat: str
+    attention: str
+
+    def embed_tokens(self, input_ids) -> jax.Array:
+        """Token ids [B, T] -> embeddings [B, T, D] in the compute dtype."""
+        raise NotImplementedError
+
+    def logits(self, h) -> jax.Array:
+        """Final-norm hidden states [..., D] (any slice of positions) -> f32 logits [..., V]."""
+        raise NotImplementedError
+
+    def layer_weights(self, dropout_key=None) -> dict[str, jax.Array]:
+        """The stacked layer weights the scan runs over (adapters included, if any)."""
+        raise NotImplementedError
+
+    def hidden(
+        self,
+        input_ids,
+        *,
+        attention_mask=None,
+        segment_ids=None,
+        positions=None,
+        cache: KVCache | None = None,
+        dropout_key=None,
+        remat: str | None = None,
+    ):
+        """Final-norm hidden states [B, T, D] and the updated cache (None without one).
+
+        Args:
+          input_ids: int [B, T] token ids.
+          attention_mask: optional [B, T] (1 = real token); segment_ids: optional [B, T] packed documents.
+          positions: optional [B, T] rotary positions (default: from segments / the cache index).
+          cache: a `KVCache` to extend (decoding), or None.
+          dropout_key: turns on the adapters' dropout (training only).
+          remat: overrides the model's remat choice for this call ("auto" | "full" | "none").
+        Returns:
+          (h, cache): h in the compute dtype; the loss projects it a slice at a time.
+        Example:
+          >>> h, _ = model.hidden(ids); logits = model.logits(h[:, -1])
+        """
+        x = self.embed_tokens(input_ids)
+        h, cache = run_layers(
+            self.layer_weights(dropout_key),
+            x,
+            LayerStack(
+                self.config, jnp.dtype(self.compute_dtype), self.attention, self.remat if remat is None else remat
+            ),
+            attention_mask=attention_mask,
+            segment_ids=segment_ids,
+            positions=positions,
+            cache=cache,
+        )
+        return rms_norm(h, self.norm[...], self.config.rms_norm_eps), cache
+
+    def __call__(
+        self, input_ids, *, attention_mask=None, segment_ids=None, positions=None, cache: KVCache | None = None
+    ):
+        """f32 logits [B, T, V] (and the cache when one is given): `logits(hidden(ids))`."""
+        h, cache = self.hidden(
+            input_ids, attention_mask=attention_mask, segment_ids=segment_ids, positions=positions, cache=cache
+        )
+        logits = self.logits(h)
+        return logits if cache is None else (logits, cache)
+
+
+class Llama(Decoder):
     """`Llama(config)(input_ids)` -> f32 logits [B, T, V].
 
-    Build it abstractly with `nnx.eval_shape(lambda: Llama(cfg))` and fill it from a checkpoint;
-    pass `rngs` only when you really want a random model (tests, benchmarks).
-    `attention`: auto | xla | chunked | cudnn | splash (jaxvocab/attention.py); `remat`: auto | full |
-    none, per-layer recompute in the backward pass, auto deciding from the traced shapes (remat.py).
+    A model is its config, its parameters and the static choices made here; nothing is assigned
+    onto it afterwards. Build it abstractly with `nnx.eval_shape(lambda: Llama(cfg, ...))` and fill it
+    from a checkpoint; pass `rngs` only when you really want a random model (tests, benchmarks).
+
+    Args:
+      config: the architecture.
+      param_dtype: the parameters' dtype (`dtype` is the older spelling); default f32.
+      compute_dtype: activations' dtype (default: param_dtype); logits and norms are f32 regardless.
+      attention: auto | xla | chunked | cudnn | splash (jaxvocab/attention.py).
+      remat: auto | full | none: per-layer recompute in the backward pass, auto deciding from the
+        traced shapes (remat.py).
+    Example:
+      >>> model = Llama(PRESETS["llama-3.2-1b"], param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     """
 
     def __init__(
         self,
         config: LlamaConfig,
         *,
-        dtype=jnp.float32,
+        param_dtype=None,
         compute_dtype=None,
         rngs: nnx.Rngs | None = None,
         attention: str = "auto",
         remat: str = "auto",
+        dtype=None,
     ):
+        param_dtype = jnp.dtype(param_dtype or dtype or jnp.float32)
         self.config = config
-        self.compute_dtype = jnp.dtype(compute_dtype or dtype).name
+        self.compute_dtype = jnp.dtype(compute_dtype or param_dtype).name
         self.attention = check_attention(attention)
         self.remat = check_remat(remat)
         shape = (config.vocab_size, config.hidden_size)
-        self.embed = _param(shape, dtype, TABLE_AXES, rngs)
-        self.layers = Layers(config, dtype, rngs)
-        self.norm = _param((config.hidden_size,), dtype, ("norm",), rngs, ones=True)
-        self.lm_head = None if config.tie_word_embeddings else _param(shape, dtype, TABLE_AXES, rngs)
+        self.embed = _param(shape, param_dtype, TABLE_AXES, rngs)
+        self.layers = Layers(config, param_dtype, rngs)
+        self.norm = _param((config.hidden_size,), param_dtype, ("norm",), rngs, ones=True)
+        self.lm_head = None if config.tie_word_embeddings else _param(shape, param_dtype, TABLE_AXES, rngs)
 
     @property
     def head_table(self) -> nnx.Param:
         return self.embed if self.lm_head is None else self.lm_head
 
-    def __call__(
-        self, input_ids, *, attention_mask=None, segment_ids=None, positions=None, cache: KVCache | None = None
-    ):
-        dtype = jnp.dtype(self.compute_dtype)
-        x = self.embed[...][input_ids].astype(dtype)
-        h, cache = decode(
-            self.layers.weights(),
-            x,
-            self.config,
-            dtype,
-            attention_mask=attention_mask,
-            segment_ids=segment_ids,
-            positions=positions,
-            cache=cache,
-            remat=self.remat,
-            attention=self.attention,
-        )
-        h = rms_norm(h, self.norm[...], self.config.rms_norm_eps)
-        logits = project(h, self.head_table[...], dtype)
-        return logits if cache is None else (logits, cache)
+    def embed_tokens(self, input_ids):
+        check_live(self)
+        return self.embed[...][input_ids].astype(jnp.dtype(self.compute_dtype))
+
+    def layer_weights(self, dropout_key=None):
+        return self.layers.weights()
+
+    def logits(self, h):
+        return project(h, self.head_table[...], jnp.dtype(self.compute_dtype))
+
+    def choices(self) -> dict:
+        """The construction choices besides the config, to build a sibling model with the same ones."""
+        return {"compute_dtype": self.compute_dtype, "attention": self.attention, "remat": self.remat}
+
+
+def check_live(model) -> None:
+    """A model whose tables `expand_vocab(..., donate=True)` consumed fails here, not with stale values."""
+    for table in (model.embed, getattr(model, "lm_head", None)):
+        value = None if table is None else table.get_value()
+        if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer) and value.is_deleted():
+            raise UsageError(
+                "this model was consumed by expand_vocab(..., donate=True) (its tables were donated to the "
+                "expanded model): use the model expand_vocab returned, or pass donate=False to keep this one"
+            )
 
 
 def check_attention(attention: str) -> str:
@@ -144,8 +232,8 @@ def check_remat(remat) -> str:
 
 
 def project(h, table, dtype):
-    """Hidden states [B, T, D] x table [V, D] -> f32 logits (accumulated in f32)."""
-    return jnp.einsum("btd,vd->btv", h, table.astype(dtype), preferred_element_type=jnp.float32)
+    """Hidden states [..., D] x table [V, D] -> f32 logits [..., V] (accumulated in f32)."""
+    return jnp.einsum("...d,vd->...v", h, table.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def rms_norm(x, weight, eps):
@@ -164,24 +252,42 @@ def default_positions(B, T, segment_ids=None, start=0):
     return idx - last_start
 
 
-def decode(
+class LayerStack(NamedTuple):
+    """How the layer stack runs: the static choices of the model that owns it."""
+
+    config: LlamaConfig
+    dtype: jnp.dtype  # compute dtype
+    attention: str = "auto"
+    remat: str = "auto"
+
+
+class LayerContext(NamedTuple):
+    """What every layer of one forward pass shares (built once, outside the scan)."""
+
+    config: LlamaConfig
+    dtype: jnp.dtype
+    positions: jax.Array  # [B, T] rotary positions
+    inv_freq: jax.Array
+    mask: object  # attention.Mask
+    cache: KVCache | None
+    impl: str  # the attention implementation chosen for these shapes
+
+
+def run_layers(
     layers: dict,
     x,
-    config: LlamaConfig,
-    dtype,
+    stack: LayerStack,
     *,
     attention_mask=None,
     segment_ids=None,
     positions=None,
     cache: KVCache | None = None,
-    remat="auto",
-    attention: str = "auto",
 ):
-    """Run all decoder layers with one scan. Returns (hidden [B, T, D], updated cache or None)."""
+    """Run all decoder layers with one scan (no final norm). Returns (hidden [B, T, D], updated cache or None)."""
+    config, dtype = stack.config, jnp.dtype(stack.dtype)
     B, T, _ = x.shape
     if positions is None:
         positions = default_positions(B, T, segment_ids, 0 if cache is None else cache.index)
-    inv_freq = inverse_frequencies(config)
     if cache is not None:
         new_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         cache = cache._replace(valid=jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index)))
@@ -190,18 +296,18 @@ def decode(
         mask = make_mask(B, T, attention_mask, segment_ids)
     S = T if cache is None else cache.valid.shape[1]
     impl = choose(
-        attention,
+        stack.attention,
         jax.ShapeDtypeStruct((B, T, config.num_attention_heads, config.head_dim), dtype),
         jax.ShapeDtypeStruct((B, S, config.num_key_value_heads, config.head_dim), dtype),
         mask,
     )
+    ctx = LayerContext(config, dtype, positions, inverse_frequencies(config), mask, cache, impl)
 
     def layer(h, xs):
         w, kv = xs
-        h, kv = _layer(w, h, kv, config, dtype, positions, inv_freq, mask, cache, impl)
-        return h, kv
+        return _layer(w, h, kv, ctx)
 
-    body = jax.checkpoint(layer) if use_remat(remat, config, B, T, S, dtype, impl) else layer
+    body = jax.checkpoint(layer) if use_remat(stack.remat, config, B, T, S, dtype, impl) else layer
     kv_in = None if cache is None else (cache.k, cache.v)
     h, kv_out = jax.lax.scan(body, x, (layers, kv_in))
     if cache is not None:
@@ -209,7 +315,8 @@ def decode(
     return h, cache
 
 
-def _layer(w, h, kv, c: LlamaConfig, dtype, positions, inv_freq, mask, cache, impl):
+def _layer(w, h, kv, ctx: LayerContext):
+    c, dtype = ctx.config, ctx.dtype
     B, T, _ = h.shape
     H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
 
@@ -218,15 +325,15 @@ def _layer(w, h, kv, c: LlamaConfig, dtype, positions, inv_freq, mask, cache, im
         return y + lora_delta(x, w, name, dtype) if "lora_a_" + name in w else y
 
     a = rms_norm(h, w["attn_norm"], c.rms_norm_eps)
-    q = apply_rope(linear(a, "wq").reshape(B, T, H, hd), positions, inv_freq)
-    k = apply_rope(linear(a, "wk").reshape(B, T, KV, hd), positions, inv_freq)
+    q = apply_rope(linear(a, "wq").reshape(B, T, H, hd), ctx.positions, ctx.inv_freq)
+    k = apply_rope(linear(a, "wk").reshape(B, T, KV, hd), ctx.positions, ctx.inv_freq)
     v = linear(a, "wv").reshape(B, T, KV, hd)
     if kv is not None:
-        k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache.index, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache.index, 0, 0))
+        k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, ctx.cache.index, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, ctx.cache.index, 0, 0))
         kv = (k_all, v_all)
         k, v = k_all.astype(dtype), v_all.astype(dtype)
-    attn = attend(q, k, v, mask, impl).reshape(B, T, H * hd)
+    attn = attend(q, k, v, ctx.mask, ctx.impl).reshape(B, T, H * hd)
     h = h + linear(attn, "wo")
 
     def mlp(h):

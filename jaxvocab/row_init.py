@@ -125,7 +125,7 @@ def new_rows(table, trained, key, sub_idx, sub_w, sub_ok, *, method: str, k: int
 
 
 @functools.lru_cache(maxsize=64)
-def _expander(method: str, k: int, old_vocab: int, new_vocab: int, out_sharding: NamedSharding):
+def _expander(method: str, k: int, old_vocab: int, new_vocab: int, out_sharding: NamedSharding, donate: bool = True):
     mesh = out_sharding.mesh
 
     def expand(table, trained, source, key, sub_idx, sub_w, sub_ok):
@@ -141,19 +141,29 @@ def _expander(method: str, k: int, old_vocab: int, new_vocab: int, out_sharding:
 
     # Same shape (reserved slots only, untrained fixes): the old table is donated and updated in
     # place. A grown table cannot reuse the old buffer, so peak memory is the old table plus the
-    # new one; the caller drops the old one right after.
-    return jax.jit(expand, out_shardings=out_sharding, donate_argnums=0 if new_vocab == old_vocab else ())
+    # new one; the caller deletes the old one right after.
+    return jax.jit(expand, out_shardings=out_sharding, donate_argnums=0 if donate and new_vocab == old_vocab else ())
 
 
 def expand_table(
-    table, trained: np.ndarray, target_ids: np.ndarray, key, subword, *, method: str, new_vocab: int, mesh: Mesh
+    table,
+    trained: np.ndarray,
+    target_ids: np.ndarray,
+    key,
+    subword,
+    *,
+    method: str,
+    new_vocab: int,
+    mesh: Mesh,
+    donate: bool = True,
 ):
-    """The table grown to `new_vocab` rows with `target_ids` (sorted) set by `method`; the input is
-    donated when the shape does not change. `subword` is (sub_idx, sub_w, sub_ok) as in `new_rows`."""
+    """The table grown to `new_vocab` rows with `target_ids` (sorted) set by `method`; with `donate`
+    the input is donated when the shape does not change. `subword` is (sub_idx, sub_w, sub_ok) as in
+    `new_rows`."""
     out = sharding_for((new_vocab, table.shape[1]), TABLE_AXES, mesh)
     source = np.full(new_vocab, -1, np.int32)  # output row -> index of its new row, or -1
     source[np.asarray(target_ids, np.int64)] = np.arange(len(target_ids), dtype=np.int32)
-    fn = _expander(method, len(target_ids), table.shape[0], new_vocab, out)
+    fn = _expander(method, len(target_ids), table.shape[0], new_vocab, out, donate)
     return fn(table, jnp.asarray(trained), jnp.asarray(source), key, *subword)
 
 

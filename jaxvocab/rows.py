@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from jaxvocab import lora as lora_lib
 from jaxvocab.errors import UsageError
 from jaxvocab.lora import LoraSpec
-from jaxvocab.model import Llama, decode, project, rms_norm
+from jaxvocab.model import Decoder, Llama, check_remat, project
 
 TABLES = ("both", "embed", "head")
 
@@ -39,14 +39,25 @@ class Frozen(nnx.Variable):
     """Carried by the module but not an nnx.Param: gradients and optimizers never touch it."""
 
 
-class RowsModel(nnx.Module):
+class RowsModel(Decoder):
     """A Llama whose only parameters are the chosen rows of its embedding and/or head.
 
     Tied models hold one set of rows that serves both the embedding and the head, so its gradient
-    is the sum of both uses, exactly as for the tied table itself.
+    is the sum of both uses, exactly as for the tied table itself. The forward pass is the
+    `Decoder`'s; only the embedding lookup, the head and the layer weights (adapters) differ.
+    `remat` (default: the model's) is the one construction choice a training run may change.
     """
 
-    def __init__(self, model: Llama, ids, tables: str = "both", lora: LoraSpec | None = None, seed: int = 0):
+    def __init__(
+        self,
+        model: Llama,
+        ids,
+        tables: str = "both",
+        lora: LoraSpec | None = None,
+        seed: int = 0,
+        *,
+        remat: str | None = None,
+    ):
         config = model.config
         tied = model.lm_head is None
         if tables not in TABLES:
@@ -58,7 +69,7 @@ class RowsModel(nnx.Module):
         ids = _check_ids(ids, config.vocab_size, allow_empty=lora is not None)
         self.config = config
         self.compute_dtype = model.compute_dtype
-        self.remat = model.remat
+        self.remat = model.remat if remat is None else check_remat(remat)
         self.attention = model.attention
         self.tied = tied
         self.tables = tables
@@ -76,8 +87,6 @@ class RowsModel(nnx.Module):
         self.head_rows = None if tied or tables == "embed" or not trains_rows else _rows(model.lm_head[...], ids)
         self.lora_spec = lora
         self.lora = None if lora is None else lora_lib.init(model.layers.weights(), lora, jax.random.key(seed))
-        self.source_dir = getattr(model, "source_dir", None)
-        self.vocab_plan = getattr(model, "vocab_plan", None)
 
     @property
     def head_table(self) -> Frozen:
@@ -87,39 +96,18 @@ class RowsModel(nnx.Module):
     def head_param(self) -> nnx.Param | None:
         return self.embed_rows if self.tied else self.head_rows
 
-    def __call__(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None, cache=None):
-        h, cache = self.hidden(
-            input_ids, attention_mask=attention_mask, segment_ids=segment_ids, positions=positions, cache=cache
-        )
-        logits = self.head(h)
-        return logits if cache is None else (logits, cache)
-
-    def hidden(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None, cache=None, dropout_key=None):
-        """Final-norm hidden states [B, T, D] (and the cache): the head is applied separately so a
-        loss can project a few tokens at a time instead of materialising [B, T, V] logits.
-        `dropout_key` turns on the adapters' dropout (training only)."""
-        dtype = jnp.dtype(self.compute_dtype)
-        x = self.embed_lookup(input_ids, dtype)
+    def layer_weights(self, dropout_key=None):
+        """Frozen stacked weights, with the adapters (and their dropout under `dropout_key`) beside them."""
         layers = {name: v[...] for name, v in self.layers.items()}
         if self.lora is not None:
             layers |= lora_lib.forward_weights(
                 {k: v[...] for k, v in self.lora.items()}, self.lora_spec, self.config.num_hidden_layers, dropout_key
             )
-        h, cache = decode(
-            layers,
-            x,
-            self.config,
-            dtype,
-            attention_mask=attention_mask,
-            segment_ids=segment_ids,
-            positions=positions,
-            cache=cache,
-            remat=self.remat,
-            attention=self.attention,
-        )
-        return rms_norm(h, self.norm[...], self.config.rms_norm_eps), cache
+        return layers
 
-    def embed_lookup(self, input_ids, dtype):
+    def embed_tokens(self, input_ids):
+        """The frozen table's rows, with the chosen ids' rows taken from the trainable params."""
+        dtype = jnp.dtype(self.compute_dtype)
         table = self.embed[...]
         x = table[input_ids]
         if self.embed_rows is None:
@@ -128,7 +116,8 @@ class RowsModel(nnx.Module):
         r = self.embed_rows[...].astype(table.dtype)[jnp.maximum(idx, 0)]
         return jnp.where((idx >= 0)[..., None], r, x).astype(dtype)
 
-    def head(self, h):
+    def logits(self, h):
+        """The frozen head's logits with the chosen ids' columns from the trainable rows."""
         rows = self.head_param
         return head_logits(
             h, self.head_table[...], None if rows is None else rows[...], self.ids[...], jnp.dtype(self.compute_dtype)
@@ -144,19 +133,40 @@ def head_logits(h, table, rows, ids, dtype):
     return logits.at[..., ids].set(project(h, rows.astype(table.dtype), dtype))
 
 
-def split(model: Llama, ids, tables: str = "both", lora: LoraSpec | None = None, seed: int = 0) -> RowsModel:
-    """`model` with only rows `ids` trainable (`tables`: which tables of an untied model train), plus
-    LoRA adapters on its projections when `lora` is given (then `ids` may be empty); `seed` draws A."""
-    return RowsModel(model, ids, tables, lora, seed)
+def split(
+    model: Llama, ids, tables: str = "both", lora: LoraSpec | None = None, seed: int = 0, *, remat: str | None = None
+) -> RowsModel:
+    """`model` with only rows `ids` trainable.
+
+    Args:
+      model: the Llama (left unchanged; the RowsModel shares its frozen arrays).
+      ids: the token ids whose rows train.
+      tables: "both" | "embed" | "head": which tables of an untied model train.
+      lora: adapters on the projections (then `ids` may be empty); `seed` draws their A.
+      remat: the training run's remat choice (default: the model's).
+    Returns:
+      A RowsModel whose only `nnx.Param`s are the k x d rows (and the adapters).
+    Example:
+      >>> rm = split(model, new_ids(plan)); loss = ...; model = merge(rm)
+    """
+    return RowsModel(model, ids, tables, lora, seed, remat=remat)
 
 
 def merge(rm: RowsModel, dtype=None) -> Llama:
-    """An ordinary Llama with the rows written back and the adapters folded in (W + (alpha/r) B A in
-    f32), stored in the checkpoint's dtype or `dtype`; every other weight untouched."""
+    """An ordinary Llama with the rows written back and the adapters folded in.
+
+    Args:
+      rm: the trained RowsModel (left unchanged).
+      dtype: the stored dtype (default: the checkpoint's); adapters fold in as W + (alpha/r) B A in f32.
+    Returns:
+      A new Llama with the same construction choices; every other weight untouched.
+    Example:
+      >>> save_hf(merge(rm), "out", tokenizer=tok, plan=plan)
+    """
     c = rm.config
     dtype = jnp.dtype(dtype or rm.embed[...].dtype)
     model = nnx.eval_shape(
-        lambda: Llama(c, dtype=dtype, compute_dtype=rm.compute_dtype, attention=rm.attention, remat=rm.remat)
+        lambda: Llama(c, param_dtype=dtype, compute_dtype=rm.compute_dtype, attention=rm.attention, remat=rm.remat)
     )
     ids = rm.ids[...]
     model.embed.set_value(_write_rows(rm.embed[...], ids, rm.embed_rows, dtype))
@@ -170,8 +180,6 @@ def merge(rm: RowsModel, dtype=None) -> Llama:
     model.norm.set_value(_cast(rm.norm[...], dtype))
     if not rm.tied:
         model.lm_head.set_value(_write_rows(rm.lm_head[...], ids, rm.head_rows, dtype))
-    model.source_dir = rm.source_dir
-    model.vocab_plan = rm.vocab_plan
     return model
 
 
@@ -180,15 +188,17 @@ def row_values(rm: RowsModel) -> dict[str, jax.Array]:
     return nnx.to_pure_dict(nnx.state(rm, nnx.Param))
 
 
-def new_ids(model) -> list[int]:
-    """Ids the model's vocab plan added or renamed (every planned token not 'existing'); [] without a plan."""
-    text = getattr(model, "vocab_plan", None)
-    if not text:
-        return []
-    from jaxvocab.vocab import VocabPlan
+def new_ids(plan) -> list[int]:
+    """Ids a vocab plan added or renamed (every planned token not 'existing'); [] without a plan.
 
-    plan = text if isinstance(text, VocabPlan) else VocabPlan.from_json(text)
-    return sorted({t.id for t in plan.tokens if t.action != "existing"})
+    Args:
+      plan: a `VocabPlan` (e.g. `jaxvocab.load_plan(ckpt)`), or None.
+    Returns:
+      The sorted ids, what `--trainable new` trains.
+    Example:
+      >>> rm = split(model, new_ids(jaxvocab.load_plan("ckpt")))
+    """
+    return [] if plan is None else sorted({t.id for t in plan.tokens if t.action != "existing"})
 
 
 def _check_ids(ids, vocab_size: int, allow_empty: bool = False) -> np.ndarray:

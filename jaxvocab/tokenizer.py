@@ -141,8 +141,10 @@ class Tokenizer:
         added_plain: set[str] | None = None,
         bos_text: str | None = None,
         eos_text: str | None = None,
+        files=None,
     ):
         self.mergeable_ranks = mergeable_ranks
+        self.files = files  # io.carried.CarriedFiles: the files the writers carry beside the weights
         self.special_tokens = dict(special_tokens)
         self.source = source
         self.llama3 = llama3
@@ -318,8 +320,35 @@ class Tokenizer:
             not_llama3_reason=self.not_llama3_reason,
             added=added,
             added_plain=plain,
+            files=self.files,
             **self._role_texts,
         )
+
+    def with_files(self, files) -> Tokenizer:
+        """The same tokenizer, carrying `files` (an io.carried.CarriedFiles, or None)."""
+        return self._copy(files=files)
+
+    def with_plain(self, texts) -> Tokenizer:
+        """A new tokenizer that also matches `texts` (added tokens) in plain text."""
+        return self._copy(added_plain=self.added_plain | set(texts))
+
+    def _copy(self, **changes) -> Tokenizer:
+        kw = dict(
+            source=self.source,
+            llama3=self.llama3,
+            pattern=self.pattern,
+            not_llama3_reason=self.not_llama3_reason,
+            added=self._added,
+            added_plain=self.added_plain,
+            files=self.files,
+            **self._role_texts,
+        )
+        return Tokenizer(self.mergeable_ranks, self.special_tokens, **(kw | changes))
+
+    @property
+    def role_tokens(self) -> set[str]:
+        """Texts the tokenizer files give a role (bos, eos, pad, ...); empty without carried files."""
+        return self.files.roles() if self.files is not None else set()
 
 
 # ----------------------------------------------------------------------------- loading
@@ -480,23 +509,22 @@ def _from_hf_json(path: str) -> Tokenizer:
 
 
 def load_tokenizer(path, llama_version: str | None = None) -> Tokenizer:
-    """The tokenizer of a checkpoint dir (or one tokenizer file). `llama_version` ('3.0' / '3.1')
-    names the special tokens of a bare Meta tokenizer.model (default: from params.json beside it)."""
+    """The tokenizer of a checkpoint dir (or one tokenizer file).
+
+    Args:
+      path: a checkpoint dir (HF, Meta or jaxvocab), or tokenizer.json / tokenizer.model.
+      llama_version: '3.0' / '3.1' names the special tokens of a bare Meta tokenizer.model
+        (default: from params.json beside it).
+    Returns:
+      A Tokenizer; loaded from a dir, it carries that dir's files (`tok.files`) for the writers.
+    Example:
+      >>> tok = load_tokenizer("Llama-3.2-1B"); save_hf(model, "out", tokenizer=tok, plan=plan)
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
-        tm, tj = os.path.join(path, "tokenizer.model"), os.path.join(path, "tokenizer.json")
-        if os.path.isfile(tm):
-            try:
-                return _from_tiktoken(tm, llama_version)
-            except CheckpointError:
-                if not os.path.isfile(tj):
-                    raise
-                log.info("%s: not tiktoken format, falling back to tokenizer.json", tm)
-        if os.path.isfile(tj):
-            return _from_hf_json(tj)
-        raise CheckpointError(
-            f"{path}: has neither tokenizer.model nor tokenizer.json; copy the tokenizer files into the checkpoint dir"
-        )
+        from jaxvocab.io.carried import CarriedFiles
+
+        return _load_dir(path, llama_version).with_files(CarriedFiles.of(path))
     if os.path.isfile(path):
         name = os.path.basename(path)
         if name == "tokenizer_config.json":
@@ -505,3 +533,19 @@ def load_tokenizer(path, llama_version: str | None = None) -> Tokenizer:
             return _from_hf_json(path)
         return _from_tiktoken(path, llama_version)
     raise CheckpointError(f"{path}: no such tokenizer file or directory; check the path")
+
+
+def _load_dir(path: str, llama_version: str | None) -> Tokenizer:
+    tm, tj = os.path.join(path, "tokenizer.model"), os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tm):
+        try:
+            return _from_tiktoken(tm, llama_version)
+        except CheckpointError:
+            if not os.path.isfile(tj):
+                raise
+            log.info("%s: not tiktoken format, falling back to tokenizer.json", tm)
+    if os.path.isfile(tj):
+        return _from_hf_json(tj)
+    raise CheckpointError(
+        f"{path}: has neither tokenizer.model nor tokenizer.json; copy the tokenizer files into the checkpoint dir"
+    )

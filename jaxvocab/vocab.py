@@ -1,327 +1,43 @@
-"""Grow a Llama vocabulary: plan the ids, find untrained rows, initialise and grow the tables.
+"""Grow a Llama vocabulary: find untrained rows, initialise and grow the tables as planned.
 
-    plan = plan_vocab(tok, ["<|lang_xx|>", "<think>"], model=model)
-    model, tok = expand_vocab(model, tok, plan, init="mean")
+    plan = plan_vocab(tok, ["<|lang_xx|>", "<think>"], model=model)   # vocab_plan.py
+    model, tok, plan = expand_vocab(model, tok, plan, init="mean")   # new objects; the old tables donated
 
-Planning is host-only and cheap; it decides every id before any weight moves, so the plan can be
-printed, reviewed and written beside the checkpoint (vocab_plan.json) to travel through training
-and export. New tokens first take free `<|reserved_special_token_N|>` slots (no resize), then the
-model's spare padding rows, then new rows; the table is padded to a multiple the mesh can shard.
+The planning names (VocabPlan, plan_vocab, ...) live in `vocab_plan.py` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
-import json
-import math
-import os
 import warnings
-from collections.abc import Iterable, Mapping
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
 
-from jaxvocab.errors import JaxVocabError, UsageError, VocabError
+from jaxvocab.errors import UsageError, VocabError
+from jaxvocab.model import check_live
 from jaxvocab.row_init import INITS, REL_EPS, expand_table, no_subword, tables, untrained_mask
-from jaxvocab.sharding import axis_size, round_up, single_device_mesh
-from jaxvocab.tokenizer import ROLE_KEYS
-
-ACTIONS = ("existing", "reserved", "spare_row", "appended")
-MIN_SHARDED_MULTIPLE = 128  # rows on a multi-device mesh: MXU/tensor-core friendly and shardable
-
-
-@dataclasses.dataclass
-class PlannedToken:
-    token: str
-    id: int
-    action: str  # one of ACTIONS
-    replaces: str | None = None  # the reserved name a "reserved" token renames
-    special: bool = False  # control token (matched only when allowed) vs plain text
-    description: str | None = None  # text whose tokenization seeds the "subword" init
-
-
-@dataclasses.dataclass
-class VocabPlan:
-    """Every id decision of one vocabulary edit; JSON-able so it travels with the checkpoint."""
-
-    tokens: list[PlannedToken]
-    old_rows: int  # model rows before
-    new_rows: int  # model rows after padding
-    tokenizer_size_before: int
-    tokenizer_size_after: int
-    pad_to_multiple_of: int
-    padding_ids: list[int]  # rows with no token after the edit
-    unbacked_ids: list[int] = dataclasses.field(default_factory=list)  # tokenizer ids the old model had no row for
-    untrained_fixed: list[int] = dataclasses.field(default_factory=list)
-    init: str | None = None
-    version: int = 1
-
-    @property
-    def renamed(self) -> dict[int, str]:
-        return {t.id: t.token for t in self.tokens if t.action == "reserved"}
-
-    @property
-    def appended(self) -> dict[int, str]:
-        return {t.id: t.token for t in self.tokens if t.action in ("spare_row", "appended")}
-
-    @property
-    def special_ids(self) -> set[int]:
-        return {t.id for t in self.tokens if t.special and t.action != "existing"}
-
-    @property
-    def reinit_ids(self) -> list[int]:
-        """Every row an expansion writes: reused slots, new rows (tokens and padding), fixed rows."""
-        reused = [t.id for t in self.tokens if t.action in ("reserved", "spare_row")]
-        return sorted(set(reused) | set(range(self.old_rows, self.new_rows)) | set(self.untrained_fixed))
-
-    def to_json(self) -> str:
-        d = dataclasses.asdict(self)
-        tokens = d.pop("tokens")
-        lines = [f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in d.items()]
-        lines.append(
-            '  "tokens": ['
-            + ",".join("\n    " + json.dumps(t, ensure_ascii=False) for t in tokens)
-            + ("\n  ]" if tokens else "]")
-        )
-        return "{\n" + ",\n".join(lines) + "\n}"
-
-    @classmethod
-    def from_json(cls, text: str) -> VocabPlan:
-        try:
-            d = json.loads(text)
-            tokens = [PlannedToken(**t) for t in d.pop("tokens")]
-            plan = cls(tokens=tokens, **d)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise VocabError(f"vocab_plan.json is malformed ({e}); re-create it with plan_vocab") from None
-        if any(t.action not in ACTIONS for t in plan.tokens):
-            raise VocabError(f"vocab_plan.json: actions must be among {', '.join(ACTIONS)}")
-        return plan
-
-    def applied_in(self, tokenizer_dir) -> bool:
-        """Whether the tokenizer files in `tokenizer_dir` already map every new token to its id
-        (a checkpoint saved after the expansion), so export must copy rather than re-edit them."""
-        from jaxvocab.tokenizer import load_tokenizer
-
-        new = {**self.renamed, **self.appended}
-        try:
-            have = load_tokenizer(tokenizer_dir).special_tokens
-        except JaxVocabError:  # unreadable files are write_tokenizer_files' error to report
-            return False
-        return all(have.get(t) == i for i, t in new.items())
-
-    def table(self) -> str:
-        """The plan as the CLI prints it."""
-        rows = [("token", "id", "action", "note")]
-        for t in self.tokens:
-            note = {
-                "existing": "already one token: no new row",
-                "reserved": f"renames {t.replaces}",
-                "spare_row": "takes an unused padding row",
-                "appended": "new row",
-            }[t.action]
-            if t.special and t.action != "existing":
-                note += ", special"
-            if t.description:
-                note += f", subword init from {t.description!r}"
-            rows.append((json.dumps(t.token, ensure_ascii=False)[1:-1], str(t.id), t.action, note))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        out = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]
-        counts = {a: sum(t.action == a for t in self.tokens) for a in ACTIONS}
-        out.append(
-            f"{len(self.tokens)} token(s): {counts['existing']} existing, {counts['reserved']} in reserved "
-            f"slots, {counts['spare_row']} in spare rows, {counts['appended']} appended"
-        )
-        out.append(
-            f"rows {self.old_rows} -> {self.new_rows} (multiple of {self.pad_to_multiple_of}, "
-            f"{len(self.padding_ids)} padding), tokenizer {self.tokenizer_size_before} -> "
-            f"{self.tokenizer_size_after}" + (f", init {self.init}" if self.init else "")
-        )
-        if self.unbacked_ids:
-            out.append(
-                f"{len(self.unbacked_ids)} tokenizer id(s) had no model row and get initialised rows: "
-                f"{self.unbacked_ids[:5]}"
-            )
-        if self.untrained_fixed:
-            out.append(f"{len(self.untrained_fixed)} untrained row(s) re-initialised")
-        return "\n".join(out)
-
-
-# ------------------------------------------------------------------------------------ planning
-def _requests(new_tokens) -> list[tuple[str, str | None]]:
-    items = list(new_tokens.items()) if isinstance(new_tokens, Mapping) else [(t, None) for t in new_tokens]
-    seen: set[str] = set()
-    for text, desc in items:
-        if not isinstance(text, str):
-            raise VocabError(f"new token {text!r} is not a string; pass token texts")
-        if not text:
-            raise VocabError("a new token is the empty string; remove it from the token list")
-        if not text.strip():
-            raise VocabError(f"new token {text!r} is only whitespace; such added tokens break text matching, drop it")
-        if text in seen:
-            raise VocabError(f"new token {text!r} is listed twice; list each token once")
-        if desc is not None and (not isinstance(desc, str) or not desc.strip()):
-            raise VocabError(f"description of {text!r} must be non-empty text")
-        seen.add(text)
-    return items
-
-
-def existing_id(tok, text: str) -> int | None:
-    """The id `text` already has as a single token, if any. Llama-3 tokenizers decide by encoding
-    (so 'hello' is existing too); other tokenizers can only be asked for an exact entry."""
-    if text in tok.special_tokens:
-        return tok.special_tokens[text]
-    if tok.llama3:
-        ids = tok.encode(text, allowed_special="all")
-        return ids[0] if len(ids) == 1 else None
-    return tok.mergeable_ranks.get(text.encode("utf-8"))
-
-
-def model_mesh(model) -> Mesh:
-    sharding = getattr(model.embed.get_value(), "sharding", None)
-    return sharding.mesh if isinstance(sharding, NamedSharding) else single_device_mesh()
-
-
-def default_multiple(model) -> int:
-    """What the model's mesh needs: its vocab axis size, and at least 128 on a multi-device mesh."""
-    if model is None:
-        return 1
-    mesh = model_mesh(model)
-    need = axis_size(mesh, "vocab")
-    return math.lcm(need, MIN_SHARDED_MULTIPLE) if mesh.size > 1 else need
-
-
-def _roles_in_use(model) -> set[str]:
-    """Token texts tokenizer_config.json gives a role (a pad token parked on a reserved slot)."""
-    src = getattr(model, "source_dir", None) if model is not None else None
-    path = os.path.join(src, "tokenizer_config.json") if src else ""
-    if not path or not os.path.isfile(path):
-        return set()
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return set()
-    vals = [cfg.get(k) for k in ROLE_KEYS]
-    return {v.get("content") if isinstance(v, dict) else v for v in vals if v}
-
-
-def looks_special(text: str) -> bool:
-    """`<|...|>` tokens: llama.cpp types them CONTROL whatever the files say, so they default to
-    special (transformers, vLLM and llama.cpp then agree); every other new token defaults to plain."""
-    return len(text) > 4 and text.startswith("<|") and text.endswith("|>")
-
-
-def _flagged(texts: list[str], special) -> set[str]:
-    """special: "auto" (`<|...|>` only), True / False (all / none), texts to flag (only those), or
-    {text: bool} overriding "auto" per token."""
-    if special == "auto":
-        return {t for t in texts if looks_special(t)}
-    if isinstance(special, bool):
-        return set(texts) if special else set()
-    if isinstance(special, Mapping):
-        if not all(isinstance(v, bool) for v in special.values()):
-            raise UsageError("special={text: bool}: give True (special) or False (plain) per token")
-        return {t for t in texts if special.get(t, looks_special(t))} | {t for t, v in special.items() if v}
-    if isinstance(special, str):
-        raise UsageError(f"special={special!r}: use 'auto', True, False, a list of texts or {{text: bool}}")
-    return set(special or ())
-
-
-ReuseReserved = Literal["all", "special", "none"]
-_REUSE_MODES = {"all": "all", "special": "special", "none": "none", True: "all", False: "none"}
-
-
-def _reuse_mode(reuse_reserved) -> str:
-    """The Literal mode; True / False (the older spelling) keep their meaning: "all" / "none"."""
-    if isinstance(reuse_reserved, (bool, str)) and reuse_reserved in _REUSE_MODES:
-        return _REUSE_MODES[reuse_reserved]
-    raise UsageError(
-        f"reuse_reserved={reuse_reserved!r}: use 'all', 'special' or 'none' (True / False mean all / none)"
-    )
-
-
-def plan_vocab(
-    tok,
-    new_tokens,
-    reuse_reserved: ReuseReserved | bool = "all",
-    pad_to_multiple_of: int | None = None,
-    model=None,
-    *,
-    special: bool | str | Iterable[str] | Mapping[str, bool] = "auto",
-) -> VocabPlan:
-    """Decide the id of every requested token.
-
-    new_tokens: texts, or {text: description or None} (a description seeds the subword init).
-    reuse_reserved: "all" (default: every new token may take a free reserved slot), "none" (append
-    all), or "special" (only control tokens take reserved slots, which Llama-3 declares special
-    anyway; plain words are appended). True / False are still accepted and mean "all" / "none".
-    special: which new tokens are control tokens (special=True in the tokenizer files; vLLM and
-    transformers drop them from decoded output by default): "auto" (default: `<|...|>` tokens),
-    True / False (all / none), the texts to flag, or {text: bool} overriding "auto" per token.
-    model: gives the current row count (spare padding rows are used before growing) and the mesh
-    (default padding); without it the model is assumed to have exactly the tokenizer's rows.
-    """
-    reuse = _reuse_mode(reuse_reserved)
-    requests = _requests(new_tokens)
-    flagged = _flagged([t for t, _ in requests], special)
-    if pad_to_multiple_of is not None and (
-        isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1
-    ):
-        raise UsageError(f"--pad-to-multiple-of {pad_to_multiple_of!r}: give a positive integer")
-    multiple = pad_to_multiple_of or default_multiple(model)
-    old_rows = model.config.vocab_size if model is not None else tok.n_words
-    have_ids = {text: existing_id(tok, text) for text, _ in requests}
-    # Slots a role or the request itself keeps (asking for "<|reserved_special_token_5|>") stay.
-    kept = _roles_in_use(model) | {t for t, i in have_ids.items() if i is not None}
-    reserved = [i for i in tok.free_reserved() if tok.id_to_piece(i) not in kept] if reuse != "none" else []
-    next_id = tok.n_words
-    tokens: list[PlannedToken] = []
-    for text, desc in requests:
-        have = have_ids[text]
-        if have is not None:
-            if desc:
-                warnings.warn(f"token {text!r} already exists as id {have}; its description is ignored", stacklevel=2)
-            tokens.append(PlannedToken(text, int(have), "existing", special=tok.is_special(have)))
-            continue
-        if reserved and (reuse == "all" or text in flagged):
-            i = reserved.pop(0)
-            tokens.append(PlannedToken(text, i, "reserved", tok.id_to_piece(i), text in flagged, desc))
-            continue
-        action = "spare_row" if next_id < old_rows else "appended"
-        tokens.append(PlannedToken(text, next_id, action, None, text in flagged, desc))
-        next_id += 1
-    unknown = flagged - {t for t, _ in requests}
-    if unknown:
-        raise VocabError(
-            f"special tokens {sorted(unknown)[:3]} are not among the new tokens; flag only requested tokens"
-        )
-    size_after = next_id
-    new_rows = round_up(max(old_rows, size_after), multiple)
-    unbacked = list(range(old_rows, tok.n_words))
-    if unbacked:
-        warnings.warn(
-            f"the tokenizer has {len(unbacked)} id(s) beyond the model's {old_rows} rows (first: "
-            f"{tok.id_to_piece(unbacked[0])!r}); the expansion gives them initialised rows",
-            stacklevel=2,
-        )
-    return VocabPlan(
-        tokens=tokens,
-        old_rows=old_rows,
-        new_rows=new_rows,
-        tokenizer_size_before=tok.n_words,
-        tokenizer_size_after=size_after,
-        pad_to_multiple_of=multiple,
-        padding_ids=list(range(size_after, new_rows)),
-        unbacked_ids=unbacked,
-    )
+from jaxvocab.sharding import axis_size
+from jaxvocab.vocab_plan import (  # noqa: F401  (re-exported: the vocabulary API in one import)
+    ACTIONS,
+    PlannedToken,
+    ReuseReserved,
+    VocabPlan,
+    default_multiple,
+    existing_id,
+    fit_rows,
+    looks_special,
+    model_mesh,
+    plan_vocab,
+)
 
 
 # ---------------------------------------------------------------------------- untrained rows
 def find_untrained(model, tok=None, *, rel_eps: float = REL_EPS, include_padding: bool = False) -> list[int]:
-    """Sorted ids of untrained rows.
+    """Sorted ids of untrained rows (Args: `tok` leaves out padding rows beyond it unless
+    `include_padding`; `rel_eps` sets "tiny". Returns: the ids. Example:
+    `model = fix_untrained(model, find_untrained(model, tok), tok=tok)`).
 
     "Tiny" is relative: max |x| <= rel_eps * the median row's max |x| (1e-3: trained Llama-3 rows
     sit near 1e-2..1e-1, untrained ones at 0 or 1e-20-ish, so the gap is many orders wide and
@@ -375,18 +91,23 @@ def _check_init(init: str) -> None:
         raise VocabError(f"init {init!r} is not one of {', '.join(INITS)}")
 
 
-def _rewrite(model, targets: np.ndarray, trained: np.ndarray, texts, tok, init: str, new_rows: int, seed: int):
-    """Write `targets` (sorted) of every table with `init`, growing to `new_rows`, in place."""
+def _rewrite(model, targets: np.ndarray, trained: np.ndarray, texts, tok, init: str, new_rows: int, seed: int, donate):
+    """A new model: `targets` (sorted) of every table written with `init`, the tables grown to
+    `new_rows`, every other parameter shared with `model`. With `donate`, each old table is
+    consumed as its successor is made (donated to the jitted expansion, or deleted right after
+    it), so peak memory is the model plus one new table and `model` fails loudly if used again."""
     if init in ("mean", "mean-noise", "covariance", "subword") and not trained.any():
         raise VocabError("the model has no trained rows to take statistics from; use --init random or zeros")
     if len(targets) == 0:
-        return model
+        return _with_tables(model, [p.get_value() for p in tables(model)], new_rows)
     mesh = model_mesh(model)
     key = jax.random.key(seed)
     subword = subword_arrays(tok, texts, trained, init)
+    new_tables = []
     for n, param in enumerate(tables(model)):
+        old = param.get_value()
         new = expand_table(
-            param.get_value(),
+            old,
             trained,
             targets,
             jax.random.fold_in(key, n),
@@ -394,16 +115,29 @@ def _rewrite(model, targets: np.ndarray, trained: np.ndarray, texts, tok, init: 
             method=init,
             new_vocab=new_rows,
             mesh=mesh,
+            donate=donate,
         )
-        param.set_value(new.block_until_ready())
-        if new_rows != model.config.vocab_size:
-            # The old table is unreferenced now, but arrays built by make_array_from_callback (the
-            # loaders) can keep their buffers in reference cycles: collect them before the next
-            # table grows, so peak memory stays at the model plus one new table.
-            gc.collect()
-    if new_rows != model.config.vocab_size:
-        model.config = model.config.replace(vocab_size=new_rows)
-    return model
+        new_tables.append(new.block_until_ready())
+        if donate and not old.is_deleted():
+            old.delete()  # frees the buffer whoever still holds the array: peak stays one new table
+    return _with_tables(model, new_tables, new_rows)
+
+
+def _with_tables(model, new_tables: list, rows: int):
+    """A Llama with the same construction choices and layer weights as `model` and the given tables."""
+    from flax import nnx
+
+    from jaxvocab.model import LAYER_AXES, Llama
+
+    config = model.config if rows == model.config.vocab_size else model.config.replace(vocab_size=rows)
+    dtype = new_tables[0].dtype
+    out = nnx.eval_shape(lambda: Llama(config, param_dtype=dtype, **model.choices()))
+    for name in LAYER_AXES:
+        getattr(out.layers, name).set_value(getattr(model.layers, name).get_value())
+    out.norm.set_value(model.norm.get_value())
+    for param, table in zip(tables(out), new_tables, strict=True):
+        param.set_value(table)
+    return out
 
 
 def _trained(untrained: np.ndarray, limit: int, targets) -> np.ndarray:
@@ -422,8 +156,19 @@ class ExpansionLayout(NamedTuple):
     texts: list[str | None]  # per target: the text (or description) the subword init splits
 
 
+def fitted(plan: VocabPlan, model, tok) -> VocabPlan:
+    """`plan` for the rows `model` really has: a plan made without `model=` assumed the tokenizer's
+    row count, and is re-fitted here (same ids; spare rows, padding and growth follow the model)."""
+    rows = model.config.vocab_size
+    made_without_model = plan.old_rows == plan.tokenizer_size_before == tok.n_words
+    if plan.old_rows == rows or not made_without_model:
+        return plan
+    return fit_rows(plan.tokens, tok, plan.tokenizer_size_after, rows, plan.pad_to_multiple_of)
+
+
 def expansion_layout(model, tok, plan: VocabPlan, init: str = "mean", fix_untrained: bool = False) -> ExpansionLayout:
     """The rows an expansion of `model` by `plan` writes, and the trained rows it reads."""
+    plan = fitted(plan, model, tok)
     if plan.old_rows != model.config.vocab_size:
         raise VocabError(
             f"the plan was made for {plan.old_rows} model rows but the model has "
@@ -469,16 +214,46 @@ def _check_size(model, plan: VocabPlan) -> None:
     )
 
 
-def expand_vocab(model, tok, plan: VocabPlan, init: str = "mean", *, fix_untrained: bool = False, seed: int = 0):
-    """Grow `model` (in place; also returned) and `tok` as planned. Returns (model, new tokenizer).
+class Expansion(NamedTuple):
+    """What `expand_vocab` returns: unpack it as `model, tok, plan = expand_vocab(...)`."""
+
+    model: object  # the expanded Llama
+    tokenizer: object  # the tokenizer with the new tokens
+    plan: VocabPlan  # the plan as applied: init and fixed untrained rows filled in
+
+
+def expand_vocab(
+    model,
+    tok,
+    plan: VocabPlan,
+    init: str = "mean",
+    *,
+    fix_untrained: bool = False,
+    seed: int = 0,
+    donate: bool = True,
+) -> Expansion:
+    """Grow `model` and `tok` as planned.
 
     Rows not in the plan stay bit-identical. Planned rows (reserved slots, spare and new rows,
     padding, with fix_untrained the untrained rows) get `init` from statistics over trained rows
-    only. Each table is grown by one jitted call that donates the old table, so peak memory is
-    the model plus one new table: keep a host copy if you need the old tables.
-    `model.vocab_plan` records the plan with its init.
+    only, each table in one jitted, sharded call.
+
+    Args:
+      model: the Llama; tok: its Tokenizer; plan: from `plan_vocab` (one made without `model=`
+        is re-fitted to the model's real row count).
+      init: mean | mean-noise | covariance | subword | random | zeros.
+      fix_untrained: also re-initialise rows the model never trained.
+      seed: for the random inits.
+      donate: consume `model`'s tables (default): peak memory stays the model plus one new table,
+        and the consumed model raises an error if used again. donate=False leaves `model` intact
+        at the cost of holding both tables.
+    Returns:
+      Expansion(model, tokenizer, plan): new objects; the plan has its init and fixed rows filled in.
+    Example:
+      >>> model, tok, plan = expand_vocab(model, tok, plan_vocab(tok, ["<think>"], model=model))
     """
-    _check_size(model, plan)
+    check_live(model)
+    _check_size(model, fitted(plan, model, tok))
     plan, targets, trained, texts = expansion_layout(model, tok, plan, init, fix_untrained)
     new_tok = tok.with_tokens(plan.renamed, plan.appended, plan.special_ids)
     vocab_axis = axis_size(model_mesh(model), "vocab")
@@ -488,28 +263,32 @@ def expand_vocab(model, tok, plan: VocabPlan, init: str = "mean", *, fix_untrain
             f"replicated along it. Plan with model=model or pad_to_multiple_of={vocab_axis}",
             stacklevel=2,
         )
-    _rewrite(model, targets, trained, texts, tok, init, plan.new_rows, seed)
-    model.vocab_plan = plan.to_json()
-    return model, new_tok
+    new_model = _rewrite(model, targets, trained, texts, tok, init, plan.new_rows, seed, donate)
+    return Expansion(new_model, new_tok, plan)
 
 
-def fix_untrained(model, ids, init: str = "mean", *, tok=None, seed: int = 0):
-    """Re-initialise rows `ids` (e.g. `find_untrained(model, tok)`) in place like new rows; returns
-    the model. Statistics skip these ids, every other untrained row and, with `tok`, padding rows."""
+def fix_untrained(model, ids, init: str = "mean", *, tok=None, seed: int = 0, donate: bool = True):
+    """Re-initialise rows `ids` like new rows.
+
+    Statistics skip these ids, every other untrained row and, with `tok`, padding rows.
+
+    Args:
+      model: the Llama; ids: rows to rewrite (e.g. `find_untrained(model, tok)`).
+      init: as in `expand_vocab`; tok: the tokenizer (subword init, padding rows); seed: random inits.
+      donate: consume `model`'s tables (default), as in `expand_vocab`.
+    Returns:
+      A new Llama (to record the fixed rows in a plan, use `expand_vocab(..., fix_untrained=True)`).
+    Example:
+      >>> model = fix_untrained(model, find_untrained(model, tok), tok=tok)
+    """
+    check_live(model)
     _check_init(init)
     targets = np.asarray(sorted({int(i) for i in ids}), np.int64)
     rows = model.config.vocab_size
     if targets.size and (targets[0] < 0 or targets[-1] >= rows):
         raise VocabError(f"untrained ids must lie in [0, {rows}); got {int(targets[0])}..{int(targets[-1])}")
-    if targets.size == 0:
-        return model
-    untrained = untrained_mask(model) if init not in ("random", "zeros") else np.zeros(rows, bool)
+    untrained = untrained_mask(model) if init not in ("random", "zeros") and targets.size else np.zeros(rows, bool)
     limit = min(rows, tok.n_words) if tok is not None else rows
     trained = _trained(untrained, limit, targets)
     texts = [tok.id_to_piece(int(i)) if tok is not None and i < tok.n_words else None for i in targets]
-    _rewrite(model, targets, trained, texts, tok, init, rows, seed)
-    if getattr(model, "vocab_plan", None):
-        plan = VocabPlan.from_json(model.vocab_plan)
-        plan.untrained_fixed = sorted(set(plan.untrained_fixed) | {int(i) for i in targets})
-        model.vocab_plan = plan.to_json()
-    return model
+    return _rewrite(model, targets, trained, texts, tok, init, rows, seed, donate)

@@ -169,5 +169,4 @@ def random_llama(config, seed: int = 0, std: float = 0.1):
             noise = rs.standard_normal(shape)
             value = 1.0 + 0.1 * noise if path[-1].endswith("norm") else std * noise
             var.set_value(jnp.asarray(value, jnp.float32))
-    model.source_dir, model.vocab_plan = None, None
     return model

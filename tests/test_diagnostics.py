@@ -87,7 +87,7 @@ def test_expanded_model_path_matches_plan_path_and_numpy(mesh24, probe, init):
     plan = plan_vocab(tok, [f"<new{i}>" for i in range(8)], model=old, pad_to_multiple_of=128)
     from_plan = diagnostics.expansion_kl(old, probe, plan, tok, init=init, fix_untrained=True)
     old_head = np.asarray(old.lm_head.get_value(), np.float64)
-    jaxvocab.expand_vocab(new, tok, plan, init=init, fix_untrained=True)
+    new, _, _ = jaxvocab.expand_vocab(new, tok, plan, init=init, fix_untrained=True)
     from_model = diagnostics.expansion_kl(old, probe, plan, tok, init=init, fix_untrained=True, expanded=new)
     for a, b in (
         (from_plan.max_kl, from_model.max_kl),
@@ -128,8 +128,7 @@ def llama_negative_dir(tmp_path_factory, mesh1):
     write_text_tokenizer(tok_dir)
     tok = jaxvocab.load_tokenizer(tok_dir)
     model = negative_model(mesh1, vocab=tok.n_words, hidden=16, layers=1, dead=tok.free_reserved())
-    model.source_dir = str(tok_dir)
-    return jaxvocab.save_hf(model, d / "hf", show_progress=False), tok
+    return jaxvocab.save_hf(model, d / "hf", tokenizer=tok, show_progress=False), tok
 
 
 def test_cli_inspect_probe(llama_negative_dir, tmp_path, capsys):

@@ -68,9 +68,12 @@ def test_expand_mean_on_mesh(gpt2_ckpt, gpt2_ckpt_tied, mesh24, tied):
     before = _host(model)
     n = tok.n_words
     plan = plan_vocab(tok, ["<x>", "the", "<y>"], model=model)
-    model2, tok2 = jaxvocab.expand_vocab(model, tok, plan)
-    assert model2 is model and model.config.vocab_size == plan.new_rows == 384
-    assert model.source_dir == str(path) and VocabPlan.from_json(model.vocab_plan).init == "mean"
+    model2, tok2, plan2 = jaxvocab.expand_vocab(model, tok, plan)
+    with pytest.raises(jaxvocab.JaxVocabError, match="consumed by expand_vocab"):
+        model(np.zeros((1, 4), np.int32))  # donate=True (default): the old tables went into the new model
+    model = model2
+    assert model.config.vocab_size == plan.new_rows == 384
+    assert plan2.init == "mean" and plan.init is None  # the applied plan is a new object
     assert (model.lm_head is None) == tied
     assert tok2.special_tokens["<x>"] == n and tok2.special_tokens["<y>"] == n + 1 and tok2.n_words == n + 2
     want_sharding = sharding_for((384, 64), TABLE_AXES, mesh24)
@@ -99,7 +102,7 @@ def test_expansion_is_mesh_independent(tmp_path_factory, mesh24, mesh1, init):
         assert model.embed.get_value().sharding.spec[0] == "tensor"
         plan = plan_vocab(tok, [f"<t{i}>" for i in range(200)], model=model, pad_to_multiple_of=128)
         assert plan.new_rows == 640 and plan.tokens[0].action == "spare_row"
-        jaxvocab.expand_vocab(model, tok, plan, init=init, fix_untrained=True)
+        model, _, _ = jaxvocab.expand_vocab(model, tok, plan, init=init, fix_untrained=True)
         out[name] = _host(model)
     for a, b in zip(out["24"], out["1"], strict=True):
         np.testing.assert_array_equal(a, b)
@@ -116,11 +119,11 @@ def test_reserved_slots_in_place_with_subword_and_fix(text_tok_dir, mesh24):
     model = sharded_model(tiny_config(v, hidden=16, layers=1), mesh24, embed=embed, head=head)
     plan = plan_vocab(tok, {"<think>": None, "</think>": "end of thinking"}, model=model)
     assert plan.new_rows == v and sorted(plan.renamed) == tok.free_reserved()[:2]
-    jaxvocab.expand_vocab(model, tok, plan, init="subword", fix_untrained=True)
+    model, _, plan = jaxvocab.expand_vocab(model, tok, plan, init="subword", fix_untrained=True)
     e2, h2 = _host(model)
     assert e2.shape == embed.shape
     rows = dict(zip(sorted(plan.renamed), ("<think>", "end of thinking"), strict=True))
-    fixed = VocabPlan.from_json(model.vocab_plan).untrained_fixed
+    fixed = plan.untrained_fixed
     assert fixed == sorted(dead)
     for table, new in ((embed, e2), (head, h2)):
         for i, text in rows.items():
@@ -132,6 +135,22 @@ def test_reserved_slots_in_place_with_subword_and_fix(text_tok_dir, mesh24):
     assert find_untrained(model, tok) == []
 
 
+def test_plan_without_model_fits_the_models_rows(gpt2_ckpt, mesh24):
+    """plan_vocab(tok, tokens) without model= assumes the tokenizer's rows; expand_vocab re-fits the
+    plan to the rows the model has (fewer here: the last 3 tokenizer ids have none) instead of refusing."""
+    path, _ = gpt2_ckpt
+    tok = jaxvocab.load_tokenizer(path)
+    n = tok.n_words
+    model = sharded_model(tiny_config(n - 3), mesh24)
+    plan = plan_vocab(tok, ["<x>"], pad_to_multiple_of=8)
+    assert plan.old_rows == n  # what it had to assume
+    with pytest.warns(UserWarning, match="beyond the model's"):
+        model2, tok2, applied = jaxvocab.expand_vocab(model, tok, plan, donate=False)
+    assert applied.old_rows == n - 3 and applied.unbacked_ids == [n - 3, n - 2, n - 1]
+    assert applied.tokens[0].id == n and model2.config.vocab_size == applied.new_rows == 320
+    np.testing.assert_array_equal(np.asarray(model2.embed.get_value())[: n - 3], np.asarray(model.embed.get_value()))
+
+
 def test_fix_untrained(gpt2_ckpt, mesh24):
     path, _ = gpt2_ckpt
     tok = jaxvocab.load_tokenizer(path)
@@ -139,14 +158,18 @@ def test_fix_untrained(gpt2_ckpt, mesh24):
     before = _host(model)
     ids = find_untrained(model, tok)
     assert ids == list(ZERO_ROWS)
-    assert fix_untrained(model, ids, tok=tok) is model
+    kept = fix_untrained(model, ids, tok=tok, donate=False)
+    assert kept is not model
+    for old, unchanged in zip(before, _host(model), strict=True):  # donate=False: the input stays intact
+        np.testing.assert_array_equal(unchanged, old)
+    model = fix_untrained(model, ids, tok=tok)
     for old, new in zip(before, _host(model), strict=True):
         mu, _ = _trained_mean(old, ids)
         np.testing.assert_allclose(new[ids], np.broadcast_to(mu, (3, 64)), rtol=0, atol=2e-7)
         keep = np.setdiff1d(np.arange(len(old)), ids)
         np.testing.assert_array_equal(new[keep], old[keep])
     assert find_untrained(model, tok) == ids  # three identical mean rows: still untrained
-    fix_untrained(model, ids, "mean-noise", tok=tok)
+    model = fix_untrained(model, ids, "mean-noise", tok=tok)
     assert find_untrained(model, tok) == []  # distinct rows now
     with pytest.raises(jaxvocab.JaxVocabError, match="init"):
         fix_untrained(model, ids, "gaussian")
@@ -237,8 +260,8 @@ def test_export_reloads_in_transformers(gpt2_ckpt, mesh24, tmp_path):
     n = tok.n_words
     model = jaxvocab.load(path, mesh=mesh24, show_progress=False)
     plan = plan_vocab(tok, ["<x>", "<|ctl|>", "hello"], special={"<|ctl|>"}, model=model)
-    jaxvocab.expand_vocab(model, tok, plan)
-    out = jaxvocab.save_hf(model, tmp_path / "hf", show_progress=False)
+    model, new_tok, plan = jaxvocab.expand_vocab(model, tok, plan)
+    out = jaxvocab.save_hf(model, tmp_path / "hf", tokenizer=new_tok, plan=plan, show_progress=False)
     hf_tok = AutoTokenizer.from_pretrained(str(out))
     assert hf_tok.convert_tokens_to_ids(["<x>", "<|ctl|>", "hello"]) == [n, n + 1, plan.tokens[2].id]
     assert len(hf_tok) == n + 2 <= model.config.vocab_size
@@ -248,7 +271,7 @@ def test_export_reloads_in_transformers(gpt2_ckpt, mesh24, tmp_path):
     assert cfg["added_tokens_decoder"][str(n + 1)]["special"] is True
     # the 69 padding rows jaxvocab added for the mesh are dropped: 313 + 2 tokens = 315 rows
     assert json.loads((out / "config.json").read_text())["vocab_size"] == n + 2 < model.config.vocab_size == 384
-    assert VocabPlan.from_json((out / "vocab_plan.json").read_text()) == VocabPlan.from_json(model.vocab_plan)
+    assert VocabPlan.from_json((out / "vocab_plan.json").read_text()) == plan == jaxvocab.load_plan(out)
     hf = LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     np.testing.assert_array_equal(
         hf.model.embed_tokens.weight.detach().numpy(), np.asarray(model.embed.get_value())[: n + 2]
@@ -258,7 +281,7 @@ def test_export_reloads_in_transformers(gpt2_ckpt, mesh24, tmp_path):
     got = torch_logits(hf, ids)
     np.testing.assert_allclose(got[..., :n], torch_logits(ref, ids), rtol=0, atol=1e-5)  # old tokens: same logits
     np.testing.assert_allclose(got, np.asarray(model(ids))[..., : n + 2], rtol=0, atol=1e-4)  # test_parity's tolerance
-    kept = jaxvocab.save_hf(model, tmp_path / "hf-pad", show_progress=False, keep_padding=True)
+    kept = jaxvocab.save_hf(model, tmp_path / "hf-pad", plan=plan, show_progress=False, keep_padding=True)
     assert json.loads((kept / "config.json").read_text())["vocab_size"] == 384
 
 
@@ -274,8 +297,8 @@ def test_export_real_tokenizer_reserved_and_appended(text_tok_dir, mesh24, tmp_p
     new = [f"<|lang_{i}|>" for i in range(250)]
     plan = plan_vocab(tok, new, special=set(new[::2]), model=model)
     assert len(plan.renamed) == 247 and len(plan.appended) == 3 and plan.new_rows == 128384
-    jaxvocab.expand_vocab(model, tok, plan)
-    out = jaxvocab.save_hf(model, tmp_path / "hf", show_progress=False)
+    model, tok, plan = jaxvocab.expand_vocab(model, tok, plan)
+    out = jaxvocab.save_hf(model, tmp_path / "hf", tokenizer=tok, plan=plan, show_progress=False)
     assert not (out / "tokenizer.model").exists()  # tiktoken file: under original/, as in Meta's HF repos
     assert (out / "original" / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
     hf_tok = AutoTokenizer.from_pretrained(str(out))

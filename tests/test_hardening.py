@@ -370,6 +370,6 @@ def test_nan_weights_refused_unless_allowed(sources, capsys):
         assert code == 0, err
         model = jaxvocab.load(out, allow_nonfinite=True)
         assert untrained_mask(model)[[7, 9]].all()  # non-finite rows count as untrained ...
-        jaxvocab.fix_untrained(model, [5])  # ... so the mean that re-inits row 5 skips them
+        model = jaxvocab.fix_untrained(model, [5])  # ... so the mean that re-inits row 5 skips them
         embed, head = np.asarray(model.embed[...]), np.asarray(model.lm_head[...])
         assert np.isnan(embed[7]).all() and np.isfinite(embed[5]).all() and np.isfinite(head[5]).all()

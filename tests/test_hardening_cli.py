@@ -131,6 +131,7 @@ def test_library_saves_refuse_the_models_source_dir(world, tmp_path):
 
     count("overlap: library")
     model = jaxvocab.load(world["ckpt"])
+    tok = jaxvocab.load_tokenizer(world["ckpt"])  # the files a save carries come from the source dir
     before = tree_hash(world["ckpt"])
     for save, out in (
         (jaxvocab.save_checkpoint, world["ckpt"]),
@@ -138,7 +139,7 @@ def test_library_saves_refuse_the_models_source_dir(world, tmp_path):
         (jaxvocab.save_checkpoint, world["ckpt"].parent),
     ):
         with pytest.raises(UsageError, match="overlaps"):
-            save(model, out, overwrite=True)
+            save(model, out, tokenizer=tok, overwrite=True)
     assert tree_hash(world["ckpt"]) == before
 
 

@@ -65,7 +65,8 @@ def shard_files(out):
 def test_export_reloads_bit_identical_in_transformers(tmp_path, llama3_tokenizer_dir, mesh24, tied, src_shards, limit):
     src, _ = make_src(tmp_path / "src", llama3_tokenizer_dir, kv_heads=2, tied=tied, shards=src_shards)
     model = jaxvocab.load(src, mesh=mesh24, show_progress=False)  # written back from sharded arrays
-    out = jaxvocab.save_hf(model, tmp_path / "out", max_shard_size=limit, show_progress=False)
+    tok = jaxvocab.load_tokenizer(src)
+    out = jaxvocab.save_hf(model, tmp_path / "out", max_shard_size=limit, tokenizer=tok, show_progress=False)
 
     assert_same_state(torch_state(out), torch_state(src))
     files = shard_files(out)
@@ -99,7 +100,9 @@ def test_bfloat16_round_trips_bit_identical(tmp_path, llama3_tokenizer_dir):
     src, _ = make_src(tmp_path / "src", llama3_tokenizer_dir, kv_heads=4, dtype="bfloat16", shards=True)
     model = jaxvocab.load(src, show_progress=False)
     assert model.embed[...].dtype == jnp.bfloat16 and model.config.dtype == "bfloat16"
-    out = jaxvocab.save_hf(model, tmp_path / "out", max_shard_size="50KB", show_progress=False)
+    out = jaxvocab.save_hf(
+        model, tmp_path / "out", max_shard_size="50KB", tokenizer=jaxvocab.load_tokenizer(src), show_progress=False
+    )
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     state = torch_state(out, torch.bfloat16)
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
@@ -112,7 +115,12 @@ def test_generation_config_written_when_source_has_none(tmp_path, llama3_tokeniz
 
     src, _ = make_src(tmp_path / "src", llama3_tokenizer_dir, kv_heads=2)
     (src / "generation_config.json").unlink()
-    out = jaxvocab.save_hf(jaxvocab.load(src, show_progress=False), tmp_path / "out", show_progress=False)
+    out = jaxvocab.save_hf(
+        jaxvocab.load(src, show_progress=False),
+        tmp_path / "out",
+        tokenizer=jaxvocab.load_tokenizer(src),
+        show_progress=False,
+    )
     gen = GenerationConfig.from_pretrained(out)
     assert (gen.bos_token_id, gen.eos_token_id) == (0, 1)
 
@@ -122,7 +130,10 @@ def test_export_casts_dtype_on_request(tmp_path, llama3_tokenizer_dir):
 
     src, ref = make_src(tmp_path / "src", llama3_tokenizer_dir, kv_heads=2)
     out = jaxvocab.save_hf(
-        jaxvocab.load(src, dtype="bfloat16", show_progress=False), tmp_path / "out", show_progress=False
+        jaxvocab.load(src, dtype="bfloat16", show_progress=False),
+        tmp_path / "out",
+        tokenizer=jaxvocab.load_tokenizer(src),
+        show_progress=False,
     )
     state = torch_state(out, torch.bfloat16)
     want = {k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()}

@@ -191,8 +191,7 @@ def test_merged_and_peft_exports_match_the_trained_model(tmp_path, tied):
     path, _ = make_hf_checkpoint(
         tmp_path / "hf", tied=tied, seed=12, max_pos=1024, dtype="bfloat16", std=0.02, bigram_steps=200
     )
-    model = jaxvocab.load(path, mesh=parse_mesh("fsdp=2,tensor=4"), show_progress=False)
-    model.compute_dtype = "float32"
+    model = jaxvocab.load(path, mesh=parse_mesh("fsdp=2,tensor=4"), show_progress=False, compute_dtype="float32")
     rm = row_split.split(model, IDS, "both", lora.LoraSpec(RANK, ALPHA, dropout=0.1))
     rs = np.random.RandomState(4)
     trained = [v for v in jax.tree.leaves(rm.lora, is_leaf=lambda x: hasattr(x, "set_value"))]

@@ -46,13 +46,15 @@ def _id(case):
     )
 
 
-@functools.cache
-def _graph(config: LlamaConfig, compute_dtype: str, attention: str = "auto"):
-    """The model's structure without loader attributes (source_dir differs per checkpoint), so
-    the jitted forward below compiles once per config instead of once per test case."""
+def _graph(model, attention: str | None):
+    """The model's structure, or that of its twin built with another attention choice. A graph
+    holds only the config and the construction choices, so equal models share one compilation."""
+    if attention is None or attention == model.attention:
+        return nnx.graphdef(model)
+    c = model.config
     return nnx.graphdef(
         nnx.eval_shape(
-            lambda: Llama(config, dtype=jnp.dtype(config.dtype), compute_dtype=compute_dtype, attention=attention)
+            lambda: Llama(c, param_dtype=jnp.dtype(c.dtype), compute_dtype=model.compute_dtype, attention=attention)
         )
     )
 
@@ -62,8 +64,8 @@ def _forward(graph, state, ids, kw):
     return nnx.merge(graph, state)(ids, **kw)
 
 
-def logits(model, ids, attention: str = "auto", **kw) -> np.ndarray:
-    graph = _graph(model.config, model.compute_dtype, attention)
+def logits(model, ids, attention: str | None = None, **kw) -> np.ndarray:
+    graph = _graph(model, attention)
     return np.asarray(_forward(graph, nnx.state(model), jnp.asarray(ids), {k: jnp.asarray(v) for k, v in kw.items()}))
 
 

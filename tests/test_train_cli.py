@@ -212,12 +212,11 @@ def test_trainable_specs(tmp_path, llama3_tokenizer_dir):
         pad_to_multiple_of=1,
         padding_ids=[],
     )
-    model.vocab_plan = plan.to_json()
-    assert resolve_trainable("new", model, None) == [12, 200]
-    assert resolve_trainable("untrained", model, None) == [10, 11, 12]
-    assert resolve_trainable("new+untrained", model, None) == [10, 11, 12, 200]
+    assert resolve_trainable("new", model, None, plan) == [12, 200]
+    assert resolve_trainable("untrained", model, None, plan) == [10, 11, 12]
+    assert resolve_trainable("new+untrained", model, None, plan) == [10, 11, 12, 200]
     with pytest.raises(UsageError, match="expected new, untrained"):
-        resolve_trainable("fresh", model, None)
+        resolve_trainable("fresh", model, None, plan)
 
 
 def _env():
@@ -318,10 +317,9 @@ def test_mission_plan_expand_train_new_rows(tmp_path, capsys, llama3_tokenizer_d
         dtype="float32",
     )
     model = random_llama(cfg)
-    model.source_dir = str(llama3_tokenizer_dir)
     plan = jaxvocab.plan_vocab(tok, ["<|lang_xx|>", "<think>"], model=model)
-    model, tok = jaxvocab.expand_vocab(model, tok, plan)
-    jaxvocab.save_checkpoint(model, tmp_path / "ckpt")
+    model, tok, plan = jaxvocab.expand_vocab(model, tok, plan)
+    jaxvocab.save_checkpoint(model, tmp_path / "ckpt", tokenizer=tok, plan=plan)
     new = sorted(t.id for t in plan.tokens if t.action != "existing")
     data = tmp_path / "chat.jsonl"
     with data.open("w") as f:
@@ -360,21 +358,19 @@ def test_mission_plan_expand_train_new_rows(tmp_path, capsys, llama3_tokenizer_d
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["eval_new_tokens"] > 0 and recs[-1]["new_token_acc"] is not None
     final = jaxvocab.load(out / "final", show_progress=False)
-    assert (out / "final" / "vocab_plan.json").is_file() and final.vocab_plan
+    assert (out / "final" / "vocab_plan.json").is_file() and jaxvocab.load_plan(out / "final") == plan
     ftok = load_tokenizer(out / "final")
     assert all(ftok.encode(t.token, allowed_special="all") == [t.id] for t in plan.tokens)  # <|lang_xx|>: special
     e0, e1 = _host(model.embed[...]), _host(final.embed[...])
     keep = np.setdiff1d(np.arange(cfg.vocab_size), new)
     assert np.array_equal(e0[keep], e1[keep]) and not np.array_equal(e0[new], e1[new])
-    text = jaxvocab.generate(final, ftok, [{"role": "user", "content": "Say it in xx: number 3"}], 8)
+    text = jaxvocab.generate(final, ftok, [{"role": "user", "content": "Say it in xx: number 3"}], 8, plan=plan)
     assert isinstance(text, str)
 
 
 def test_training_text_matches_the_plans_new_special_tokens(tmp_path, llama3_tokenizer_dir):
     """New control tokens are what a run teaches, so text lines must encode them as their ids;
     the model's older specials stay literal text."""
-    from types import SimpleNamespace
-
     from jaxvocab.io.tokenizer_files import write_tokenizer_files
     from jaxvocab.tokenizer import load_tokenizer
     from train.__main__ import tokenizer_of
@@ -385,9 +381,9 @@ def test_training_text_matches_the_plans_new_special_tokens(tmp_path, llama3_tok
     write_tokenizer_files(
         llama3_tokenizer_dir, tmp_path / "tok", plan.renamed, plan.appended, plan.special_ids, plan.new_rows
     )
-    model = SimpleNamespace(source_dir=str(tmp_path / "tok"), vocab_plan=plan.to_json())
     (new_id,) = plan.renamed
-    got = tokenizer_of(model).encode("call <|tool|> now <|eot_id|>")
+    taught = tokenizer_of(tmp_path / "tok", plan)
+    got = taught.encode("call <|tool|> now <|eot_id|>")
     assert new_id in got and tok.eot_id not in got
-    plain = SimpleNamespace(source_dir=str(tmp_path / "tok"), vocab_plan=None)
-    assert new_id not in tokenizer_of(plain).encode("call <|tool|> now")
+    assert new_id not in tokenizer_of(tmp_path / "tok").encode("call <|tool|> now")
+    assert taught.added_plain != load_tokenizer(tmp_path / "tok").added_plain  # a new tokenizer, none mutated

@@ -51,15 +51,11 @@ def sharded_model(config: LlamaConfig, mesh, seed: int = 0, embed=None, head=Non
             value = 1.0 + 0.1 * rng.normal(size=shape) if key.path[-1].endswith("norm") else rng.normal(0, std, shape)
         sharding = sharding_for(shape, keys.logical_axes(key), mesh)
         keys.get_param(model, key).set_value(jax.device_put(np.asarray(value, np.float32), sharding))
-    model.source_dir = ""
-    model.vocab_plan = None
     return model
 
 
-def abstract_model(vocab: int, source_dir: str = "") -> Llama:
-    model = nnx.eval_shape(lambda: Llama(tiny_config(vocab)))
-    model.source_dir = source_dir
-    return model
+def abstract_model(vocab: int) -> Llama:
+    return nnx.eval_shape(lambda: Llama(tiny_config(vocab)))
 
 
 @pytest.fixture(scope="session")
@@ -221,7 +217,9 @@ def test_bad_requests(tok31, tmp_path):
         plan_vocab(tok31, ["<a>"], special={"<b>"})
     # a reserved slot tokenizer_config.json gives a role to is not free
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|reserved_special_token_0|>"}))
-    plan = plan_vocab(tok31, ["<a>"], model=abstract_model(128256, str(tmp_path)))
+    from jaxvocab.io.carried import CarriedFiles
+
+    plan = plan_vocab(tok31.with_files(CarriedFiles.of(tmp_path)), ["<a>"], model=abstract_model(128256))
     assert plan.renamed == {128003: "<a>"}
 
 

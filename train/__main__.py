@@ -8,33 +8,18 @@ and final/ (a jaxvocab checkpoint with the rows merged back and the vocab plan c
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 from pathlib import Path
 
-from jaxvocab.errors import CheckpointError, UsageError, brief, malformed, run_command
-from jaxvocab.io.atomic import check_output, check_overlap
+from jaxvocab.errors import CheckpointError, UsageError, brief, run_command
+from jaxvocab.io.atomic import check_output
 from jaxvocab.io.multihost import barrier, is_main
 from train import distributed
 from train.distributed import say
-
-EPILOG = """examples:
-  jaxvocab-train --model ckpt --data train.jsonl --out run1 --steps 500 --dtype bfloat16
-  jaxvocab-train --model ckpt --data chat.jsonl --eval eval.jsonl --out run2 --trainable new+untrained \\
-                 --mesh data=1,fsdp=2,tensor=4 --save-every 100 --export-hf run2-hf
-  jaxvocab-train ... --out run2 --resume          # continue after a crash / preemption
-  jaxvocab-train tokenize --model ckpt --data a.jsonl.gz b.parquet --out store --workers 8
-  jaxvocab-train --model ckpt --data store --out run3 --distributed   # same command on every host of a pod
-  jaxvocab-train --model ckpt --data chat.jsonl --out run3 --lora-rank 16 --lora-lr 2e-4 \
-                 --export-hf run3-merged --export-peft run3-adapter   # LoRA on all 7 projections + the rows
-
-data lines: {"text": "..."} | {"messages": [{"role": "user", "content": "..."}, ...]}
-            | {"input_ids": [...], "loss_mask": [...]}   (loss_mask optional)
---trainable: new | untrained | new+untrained | ids:1,2,3 | tokens:@file.txt (one token per line)
-             | none (adapters only; needs --lora-rank)
-"""
+from train.flags import build_parser, build_tokenize_parser, check_flags
+from train.trainable import resolve_trainable, tokenizer_of
 
 # Flags whose change makes a resumed run a different run.
 RUN_KEYS = (
@@ -62,111 +47,6 @@ RUN_KEYS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="jaxvocab-train",
-        description=__doc__.splitlines()[0],
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", type=Path, required=True, help="checkpoint dir (jaxvocab, HF or Meta)")
-    p.add_argument(
-        "--data",
-        type=Path,
-        required=True,
-        help="a tokenized store (jaxvocab-train tokenize; read lazily, per host) or a JSONL file",
-    )
-    p.add_argument("--eval", type=Path, help="eval JSONL (loss and new-token accuracy)")
-    p.add_argument(
-        "--out", type=Path, required=True, help="run dir (refused if it exists, unless --resume/--overwrite)"
-    )
-    p.add_argument("--trainable", default="new", help="which rows train (default: new; see below)")
-    p.add_argument(
-        "--tables",
-        default="both",
-        choices=["both", "embed", "head"],
-        help="untied models: train embedding rows, head rows or both (default both)",
-    )
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
-    p.add_argument("--seq-len", type=int, help="tokens per packed row (default: 1024, capped by the model)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay (applies to the rows only)")
-    p.add_argument("--clip", type=float, default=1.0, help="global-norm gradient clipping (0: off)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
-    p.add_argument(
-        "--remat",
-        default="auto",
-        choices=["auto", "full", "none"],
-        help="recompute each layer in the backward pass: full, none, or auto (default): keep "
-        "activations when the estimate fits in half the device memory (CPU: available RAM)",
-    )
-    p.add_argument("--no-remat", dest="remat", action="store_const", const="none", help="same as --remat none")
-    p.add_argument(
-        "--attention",
-        default="auto",
-        choices=["auto", "xla", "chunked", "cudnn", "splash"],
-        help="attention implementation (default auto: splash on TPU, cuDNN on GPU, else xla for "
-        "short sequences and memory-linear chunked for long ones)",
-    )
-    p.add_argument("--mesh", help="e.g. data=1,fsdp=2,tensor=4 (default: fsdp over all devices)")
-    p.add_argument("--seed", type=int, default=0, help="data order seed")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: final only)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (always at the end)")
-    p.add_argument("--export-hf", type=Path, help="also write the final model as an HF dir here (adapters merged)")
-    g = p.add_argument_group("LoRA (adapters on the frozen projections, trained beside the rows)")
-    g.add_argument("--lora-rank", type=int, help="adapter rank r (enables LoRA)")
-    g.add_argument("--lora-alpha", type=float, help="scale is alpha/r (default: 2 x rank)")
-    g.add_argument(
-        "--lora-targets", default="q,k,v,o,gate,up,down", help="projections that get adapters (default: all seven)"
-    )
-    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
-    g.add_argument("--lora-lr", type=float, help="adapters' peak learning rate (default: --lr)")
-    g.add_argument("--lora-init", type=Path, help="start the adapters from a PEFT LoRA dir (same r, alpha, targets)")
-    g.add_argument("--export-peft", type=Path, help="also write the adapters + rows as a PEFT adapter dir here")
-    p.add_argument(
-        "--export-dtype",
-        choices=["float32"],
-        help="--export-hf / final/ dtype (default: the checkpoint's; float32 keeps the f32 merge)",
-    )
-    p.add_argument(
-        "--skip-nonfinite",
-        action="store_true",
-        help="skip (and log) a step whose loss or gradient is NaN/Inf instead of stopping the run there",
-    )
-    p.add_argument("--allow-nonfinite", action="store_true", help="load a --model whose weights hold NaN or Inf")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    distributed.add_args(p)
-    return p
-
-
-def build_tokenize_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="jaxvocab-train tokenize",
-        description="Tokenize JSONL (.jsonl, .jsonl.gz) and Parquet files once, in parallel, "
-        "into a store that training reads lazily, per host.",
-    )
-    p.add_argument("--model", type=Path, required=True, help="checkpoint dir whose tokenizer (and vocab plan) to use")
-    p.add_argument(
-        "--data",
-        type=Path,
-        nargs="+",
-        required=True,
-        metavar="SRC",
-        help="source files, in order: records with 'text', 'messages' or 'input_ids' (+ 'loss_mask')",
-    )
-    p.add_argument("--out", type=Path, required=True, help="store dir to write (atomically)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    return p
-
-
 def cmd_tokenize(args) -> None:
     from train import store
 
@@ -176,7 +56,6 @@ def cmd_tokenize(args) -> None:
     for src in (args.model, *args.data):
         if out == src.resolve() or out in src.resolve().parents or src.resolve() in out.parents:
             raise UsageError(f"--out {args.out} overlaps {src}; choose an --out outside your inputs")
-    from jaxvocab.io.atomic import check_output
 
     check_output(args.out, args.overwrite, "--out")
     m = store.tokenize(args.model, args.data, args.out, args.workers, args.overwrite)
@@ -184,176 +63,6 @@ def cmd_tokenize(args) -> None:
         f"wrote {args.out}: {m['docs']} documents, {m['tokens']} tokens, {m['targets']} targets"
         + (f" ({m['dropped']} records without a target dropped)" if m["dropped"] else "")
     )
-
-
-def check_flags(args) -> None:
-    positive = {
-        "--steps": args.steps,
-        "--batch-size": args.batch_size,
-        "--grad-accum": args.grad_accum,
-        "--keep": args.keep,
-        "--lr": args.lr,
-    }
-    for flag, v in positive.items():
-        if not (0 < v < 1e38):  # also finite in float32, where the step computes
-            raise UsageError(f"{flag} {v}: must be a positive (finite) number")
-    for flag, v in {
-        "--warmup": args.warmup,
-        "--save-every": args.save_every,
-        "--eval-every": args.eval_every,
-        "--weight-decay": args.weight_decay,
-        "--clip": args.clip,
-    }.items():
-        if not (0 <= v < 1e38):
-            raise UsageError(f"{flag} {v}: must be a finite number >= 0")
-    if args.seq_len is not None and args.seq_len < 2:
-        raise UsageError(f"--seq-len {args.seq_len}: need at least 2 (one input and one target per row)")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other; pass one")
-    if args.out.exists() and not (args.resume or args.overwrite):
-        raise UsageError(
-            f"{args.out}: already exists; pass --resume to continue it, --overwrite to replace it, "
-            "or choose another --out"
-        )
-    tokens_file = Path(args.trainable[len("tokens:@") :]) if args.trainable.startswith("tokens:@") else None
-    check_overlap(
-        {"--out": args.out, "--export-hf": args.export_hf, "--export-peft": args.export_peft},
-        {
-            "--model": args.model,
-            "--data": args.data,
-            "--eval": args.eval,
-            "--trainable": tokens_file,
-            "--lora-init": args.lora_init,
-        },
-    )
-    check_output(args.out, True, "--out")
-    for flag, d in (("--export-hf", args.export_hf), ("--export-peft", args.export_peft)):
-        if d is not None:
-            check_output(d, args.overwrite, flag)
-    check_lora_flags(args)
-
-
-def check_lora_flags(args) -> None:
-    """The LoRA flags, checked (and --lora-alpha / --lora-lr defaulted) before anything loads."""
-    lora_only = {
-        "--lora-alpha": args.lora_alpha,
-        "--lora-lr": args.lora_lr,
-        "--export-peft": args.export_peft,
-        "--lora-init": args.lora_init,
-        "--lora-dropout": args.lora_dropout or None,
-        "--lora-targets": None if args.lora_targets == "q,k,v,o,gate,up,down" else args.lora_targets,
-    }
-    if args.lora_rank is None:
-        given = [f for f, v in lora_only.items() if v is not None]
-        if given:
-            raise UsageError(f"{given[0]} needs --lora-rank R (LoRA is off without it)")
-        if args.trainable == "none":
-            raise UsageError("--trainable none: nothing would train; add --lora-rank R to train adapters only")
-        args.lora_targets = None
-        return
-    if args.lora_rank <= 0:
-        raise UsageError(f"--lora-rank {args.lora_rank}: must be a positive integer (e.g. 16)")
-    if args.lora_lr is not None and not args.lora_lr > 0:
-        raise UsageError(f"--lora-lr {args.lora_lr}: must be positive")
-    from jaxvocab.lora import LoraSpec, parse_targets
-
-    args.lora_alpha = float(2 * args.lora_rank if args.lora_alpha is None else args.lora_alpha)
-    args.lora_targets = ",".join(parse_targets(args.lora_targets))
-    args.lora_spec = LoraSpec(args.lora_rank, args.lora_alpha, tuple(args.lora_targets.split(",")), args.lora_dropout)
-
-
-def tokenizer_of(model):
-    """The checkpoint's own tokenizer, or None when it ships none (then data must be pre-tokenized).
-
-    The tokens the vocab plan added are what this run teaches, so they are matched wherever they
-    appear in the data's text and chat content, special or not; the model's older control tokens
-    (<|eot_id|>, ...) stay literal text, so data cannot inject them by accident.
-    """
-    src = getattr(model, "source_dir", None)
-    if not src or not any((Path(src) / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
-        return None
-    from jaxvocab.tokenizer import load_tokenizer
-    from jaxvocab.vocab import VocabPlan
-
-    with malformed(f"{src}: tokenizer.json / tokenizer_config.json", "fix or re-download the tokenizer files"):
-        tok = load_tokenizer(src)
-    plan = getattr(model, "vocab_plan", None)
-    if plan:
-        tok.added_plain |= {
-            t.token
-            for t in VocabPlan.from_json(plan).tokens
-            if t.action != "existing" and tok.special_tokens.get(t.token) == t.id
-        }
-    return tok
-
-
-def resolve_trainable(spec: str, model, tok) -> list[int]:
-    """--trainable value -> sorted ids (see EPILOG)."""
-    from jaxvocab.rows import new_ids
-
-    if spec == "none":
-        return []
-    if spec.startswith("ids:"):
-        try:
-            ids = {int(x) for x in spec[4:].split(",") if x.strip()}
-        except ValueError:
-            raise UsageError(f"--trainable {spec!r}: expected ids:1,2,3 (integers)") from None
-    elif spec.startswith("tokens:"):
-        ids = set(_token_file_ids(spec, tok))
-    else:
-        ids = set()
-        for part in spec.split("+"):
-            if part == "new":
-                if not getattr(model, "vocab_plan", None):
-                    raise UsageError(
-                        "--trainable new: the checkpoint has no vocab_plan.json (its vocabulary was not "
-                        "expanded by jaxvocab); pass --trainable ids:... or tokens:@file.txt"
-                    )
-                ids |= set(new_ids(model))
-            elif part == "untrained":
-                from jaxvocab.vocab import find_untrained
-
-                ids |= set(find_untrained(model, tok))
-            else:
-                raise UsageError(
-                    f"--trainable {spec!r}: expected new, untrained, new+untrained, ids:1,2,3 or tokens:@file.txt"
-                )
-    if not ids:
-        raise UsageError(
-            f"--trainable {spec}: no trainable ids (nothing new/untrained in this checkpoint?); "
-            "pass --trainable ids:... explicitly"
-        )
-    return sorted(ids)
-
-
-def _token_file_ids(spec: str, tok) -> list[int]:
-    name = spec[len("tokens:") :]
-    if not name.startswith("@"):
-        raise UsageError(f"--trainable {spec!r}: expected tokens:@file.txt (a file with one token per line)")
-    path = Path(name[1:])
-    if tok is None:
-        raise UsageError(
-            f"--trainable {spec}: the checkpoint has no tokenizer files to look tokens up in; pass --trainable ids:..."
-        )
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise UsageError(f"--trainable {spec}: cannot read {path} ({e.strerror})") from None
-    ids = []
-    for n, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        if text in tok.special_tokens:
-            ids.append(tok.special_tokens[text])
-            continue
-        enc = tok.encode(text)
-        if len(enc) != 1:
-            raise UsageError(
-                f"--trainable {spec}: {path}:{n}: {text!r} is {len(enc)} tokens, not one; "
-                "list single tokens of the (expanded) tokenizer"
-            )
-        ids.append(enc[0])
-    return ids
 
 
 def _run_record(args, ids) -> dict:
@@ -395,33 +104,15 @@ def _check_resume(out: Path, rec: dict) -> None:
 
 def cmd_train(args) -> None:
     check_flags(args)
-    import jaxvocab
     from jaxvocab import rows
     from jaxvocab.sharding import parse_mesh
     from train import loop
     from train.data import read_jsonl
 
     mesh = parse_mesh(args.mesh)
-    model = jaxvocab.load(
-        args.model,
-        mesh=mesh,
-        show_progress=not args.quiet and is_main(),
-        allow_nonfinite=args.allow_nonfinite,
-        attention=args.attention,
-    )
-    model.compute_dtype = args.dtype
-    plan = Path(getattr(model, "source_dir", None) or args.model) / "vocab_plan.json"
-    if not getattr(model, "vocab_plan", None) and plan.is_file():  # an HF dir exported by jaxvocab
-        model.vocab_plan = plan.read_text()
-    limit = model.config.max_position_embeddings
-    args.seq_len = args.seq_len or min(1024, limit)
-    if args.seq_len > limit:
-        raise UsageError(
-            f"--seq-len {args.seq_len}: longer than the model's max_position_embeddings ({limit}); "
-            f"pass --seq-len {limit} or less"
-        )
-    tok = tokenizer_of(model)
-    ids = resolve_trainable(args.trainable, model, tok)
+    model, plan = _load_model(args, mesh)
+    tok = tokenizer_of(args.model, plan)
+    ids = resolve_trainable(args.trainable, model, tok, plan)
     rm = rows.split(model, ids, args.tables, getattr(args, "lora_spec", None), args.seed)
     if args.lora_init is not None:
         from jaxvocab.io.peft import load_adapters
@@ -429,7 +120,46 @@ def cmd_train(args) -> None:
         load_adapters(rm, args.lora_init)
     docs = _training_data(args, model, tok)
     eval_docs = read_jsonl(args.eval, tok, model.config.vocab_size) if args.eval else None
-    rec = _run_record(args, ids)
+    _prepare_out(args, _run_record(args, ids))
+    trained = loop.run(
+        rm,
+        _train_config(args),
+        mesh,
+        docs,
+        args.out,
+        eval_docs=eval_docs,
+        resume=args.resume,
+        show_progress=not args.quiet,
+    )
+    _report_reads(args.out, docs)
+    _write_results(args, trained, plan, ids)
+
+
+def _load_model(args, mesh):
+    """The model, built with the run's construction choices, and its vocab plan (or None)."""
+    import jaxvocab
+
+    model = jaxvocab.load(
+        args.model,
+        mesh=mesh,
+        show_progress=not args.quiet and is_main(),
+        allow_nonfinite=args.allow_nonfinite,
+        attention=args.attention,
+        remat=args.remat,
+        compute_dtype=args.dtype,
+    )
+    plan = jaxvocab.load_plan(args.model)  # a jaxvocab checkpoint's, or an HF dir's that jaxvocab exported
+    limit = model.config.max_position_embeddings
+    args.seq_len = args.seq_len or min(1024, limit)
+    if args.seq_len > limit:
+        raise UsageError(
+            f"--seq-len {args.seq_len}: longer than the model's max_position_embeddings ({limit}); "
+            f"pass --seq-len {limit} or less"
+        )
+    return model, plan
+
+
+def _prepare_out(args, rec: dict) -> None:
     if args.resume:
         _check_resume(args.out, rec)
     barrier("flags-checked")  # every process has judged --out before process 0 creates it
@@ -440,7 +170,11 @@ def cmd_train(args) -> None:
         (args.out / "run.json").write_text(json.dumps(rec, indent=2) + "\n")
     barrier("out-created")
 
-    cfg = loop.TrainConfig(
+
+def _train_config(args):
+    from train import loop
+
+    return loop.TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -458,16 +192,23 @@ def cmd_train(args) -> None:
         remat=args.remat,
         skip_nonfinite=args.skip_nonfinite,
     )
-    trained = loop.run(
-        rm, cfg, mesh, docs, args.out, eval_docs=eval_docs, resume=args.resume, show_progress=not args.quiet
-    )
-    _report_reads(args.out, docs)
+
+
+def _write_results(args, trained, plan, ids) -> None:
+    """final/ (rows merged back, the source's tokenizer files and the plan carried), then the exports."""
+    import jaxvocab
+    from jaxvocab import rows
+    from jaxvocab.io.carried import CarriedFiles
+
     final = rows.merge(trained, args.export_dtype)
-    jaxvocab.save_checkpoint(final, args.out / "final", overwrite=True)
+    files = CarriedFiles.of(args.model)
+    jaxvocab.save_checkpoint(final, args.out / "final", tokenizer=files, plan=plan, overwrite=True)
     what = f"{len(ids)} rows" + (f" + rank-{args.lora_rank} adapters" if args.lora_rank else "")
     say(f"trained {what} for {args.steps} steps; wrote {args.out / 'final'}")
     if args.export_hf is not None:
-        jaxvocab.save_hf(final, args.export_hf, overwrite=args.overwrite, show_progress=not args.quiet)
+        jaxvocab.save_hf(
+            final, args.export_hf, tokenizer=files, plan=plan, overwrite=args.overwrite, show_progress=not args.quiet
+        )
         say(f"wrote {args.export_hf}")
     if args.export_peft is not None:
         from jaxvocab.io.peft import save_peft

@@ -53,9 +53,9 @@ class TrainConfig:
     save_every: int = 0  # 0: only the final step
     keep: int = 3
     eval_every: int = 0  # 0: only at the end
-    remat: str = "auto"  # full: recompute each layer in the backward pass (activations shrink
-    # to one [B, T, D] per layer for one more forward); none; auto: full
-    # only when the activations would not fit (jaxvocab/remat.py)
+    remat: str | None = None  # None: the model's own choice (Llama(..., remat=)); full: recompute each
+    # layer in the backward pass (activations shrink to one [B, T, D] per layer for one more forward);
+    # none; auto: full only when the activations would not fit (jaxvocab/remat.py)
     skip_nonfinite: bool = False  # a step with a non-finite loss / gradient: skip it (logged) instead of stopping
 
 
@@ -85,14 +85,14 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.clip), adamw) if cfg.clip > 0 else adamw
 
 
-def batch_grads(graphdef, params, frozen, batch: Batch, dropout_key=None):
+def batch_grads(graphdef, params, frozen, batch: Batch, dropout_key=None, remat=None):
     """Summed NLL, target count and summed gradients over the K micro-batches of `batch`."""
 
     def micro(carry, xs):
         mb, k = xs
         grads, total, count = carry
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, k)
-        loss_fn = lambda p: token_sums(graphdef, p, frozen, mb, key)  # noqa: E731  (NLL sum, aux: count)
+        loss_fn = lambda p: token_sums(graphdef, p, frozen, mb, key, remat)  # noqa: E731  (NLL sum, aux: count)
         (s, n), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
 
@@ -110,7 +110,7 @@ def train_step(graphdef, cfg: TrainConfig, params, opt_state, frozen, batch: Bat
     (`finite` says so, and the host stops or skips)."""
     # Adapter dropout draws from (seed, step, micro-batch): a resumed run replays the same masks.
     key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-    total, count, grads = batch_grads(graphdef, params, frozen, batch, key)
+    total, count, grads = batch_grads(graphdef, params, frozen, batch, key, cfg.remat)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, new_opt_state = optimizer(cfg).update(grads, opt_state, params)
@@ -134,9 +134,7 @@ class Trainer:
 
     def __init__(self, rm: RowsModel, cfg: TrainConfig, mesh: Mesh):
         self.cfg, self.mesh = cfg, mesh
-        caller_remat, rm.remat = rm.remat, cfg.remat  # baked into the graphdef, then given back
         self.graphdef, params, frozen = nnx.split(rm, nnx.Param, Frozen)
-        rm.remat = caller_remat
         self.frozen = nnx.to_pure_dict(frozen)
         replicated = NamedSharding(mesh, P())
         # Copies: the step donates its inputs, and the caller's RowsModel must stay usable. Rows are

@@ -82,8 +82,8 @@ def _by_chunk(x, C: int):
     return x.reshape(B, n, C, *x.shape[2:]).swapaxes(0, 1)
 
 
-def _chunks(model, mb: Batch, dropout_key=None):
-    h, _ = model.hidden(mb.inputs, segment_ids=mb.segments, dropout_key=dropout_key)
+def _chunks(model, mb: Batch, dropout_key=None, remat=None):
+    h, _ = model.hidden(mb.inputs, segment_ids=mb.segments, dropout_key=dropout_key, remat=remat)
     B, T, _ = h.shape
     C = chunk_len(B, T, model.config.vocab_size)
     return _by_chunk(h, C), _by_chunk(mb.targets, C), _by_chunk(mb.weights, C)
@@ -97,14 +97,16 @@ def _scan_sum(fn, xs, n_out: int):
     return sums
 
 
-def token_sums(graphdef, params, frozen, mb: Batch, dropout_key=None):
+def token_sums(graphdef, params, frozen, mb: Batch, dropout_key=None, remat=None):
     """(NLL sum, target count) of one micro-batch [B, T]: the differentiable training loss
-    (`dropout_key`: the adapters' dropout, when they have any)."""
+    (`dropout_key`: the adapters' dropout, when they have any; `remat`: overrides the model's)."""
     model = nnx.merge(graphdef, params, frozen)
     rows = model.head_param
     rows = None if rows is None else rows[...]
     table, ids, dtype = model.head_table[...], model.ids[...], jnp.dtype(model.compute_dtype)
-    return _scan_sum(lambda h, t, w: chunk_nll(dtype, h, rows, table, ids, t, w), _chunks(model, mb, dropout_key), 2)
+    return _scan_sum(
+        lambda h, t, w: chunk_nll(dtype, h, rows, table, ids, t, w), _chunks(model, mb, dropout_key, remat), 2
+    )
 
 
 def eval_sums(graphdef, params, frozen, mb: Batch, is_new):
@@ -113,7 +115,7 @@ def eval_sums(graphdef, params, frozen, mb: Batch, is_new):
     model = nnx.merge(graphdef, params, frozen)
 
     def chunk(h, t, w):
-        logits = model.head(h)
+        logits = model.logits(h)
         on_new = (w > 0) & is_new[t]
         hits = (jnp.argmax(logits, axis=-1) == t) & on_new
         new_nll, _ = nll_sums(logits, t, on_new.astype(jnp.float32))

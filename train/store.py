@@ -113,14 +113,10 @@ def _init_worker(model_dir: str, vocab_size: int) -> None:
 
 
 def tokenizer_for(model_dir: Path):
-    from types import SimpleNamespace
+    from jaxvocab.io import load_plan
+    from train.trainable import tokenizer_of
 
-    from train.__main__ import tokenizer_of
-
-    plan = model_dir / "vocab_plan.json"
-    return tokenizer_of(
-        SimpleNamespace(source_dir=str(model_dir), vocab_plan=plan.read_text() if plan.is_file() else None)
-    )
+    return tokenizer_of(model_dir, load_plan(model_dir))
 
 
 def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Entry points that pick the right reader/writer: `load`, `save_hf`, `save_checkpoint`."""
+"""Entry points that pick the right reader/writer: `load`, `load_plan`, `save_hf`, `save_checkpoint`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from jaxvocab.config import hf_ids
 from jaxvocab.errors import CheckpointError, UsageError
 from jaxvocab.io import checkpoint, finite, hf
 from jaxvocab.io.atomic import check_overlap
+from jaxvocab.io.carried import CarriedFiles
 from jaxvocab.io.multihost import is_main, shared_atomic_dir
-from jaxvocab.model import Llama, check_attention, check_remat
+from jaxvocab.model import Llama, check_attention, check_live, check_remat
 
 
 def detect(path: Path) -> str:
@@ -40,60 +41,99 @@ def load(
     allow_nonfinite: bool = False,
     attention: str = "auto",
     remat: str = "auto",
+    compute_dtype=None,
 ) -> Llama:
-    """Load any supported checkpoint dir onto `mesh` (default: one device), params in `dtype`
-    (default: as stored). `rope_factor` overrides the llama3 rope factor a Meta params.json omits.
-    Weights holding NaN or Inf are refused unless `allow_nonfinite`. `attention` and `remat` are
-    the model's construction choices (see Llama)."""
+    """Load any supported checkpoint dir (HF, hub-cache snapshot, Meta, jaxvocab) onto a mesh.
+
+    Args:
+      path: the checkpoint dir.
+      dtype: the params' dtype (default: as stored); mesh: where they live (default: one device).
+      rope_factor: overrides the llama3 rope factor a Meta params.json omits.
+      allow_nonfinite: accept weights holding NaN or Inf (refused by default).
+      attention, remat, compute_dtype: the model's construction choices (see `Llama`).
+    Returns:
+      The Llama. Its tokenizer and vocab plan are separate objects: `load_tokenizer(path)`,
+      `load_plan(path)`.
+    Example:
+      >>> model = load("Llama-3.2-1B", mesh=parse_mesh("fsdp=2,tensor=4"))
+    """
     path = Path(path)
+    choices = {"attention": check_attention(attention), "remat": check_remat(remat), "compute_dtype": compute_dtype}
     with finite.scan_reads() as scan:
-        model = _load(path, dtype, mesh, show_progress, rope_factor)
+        model = _load(path, dtype, mesh, show_progress, rope_factor, choices)
     if not allow_nonfinite:
         finite.check_loaded(model, path, scan)
-    model.attention, model.remat = check_attention(attention), check_remat(remat)
     return model
 
 
-def _load(path: Path, dtype, mesh, show_progress: bool, rope_factor) -> Llama:
+def _load(path: Path, dtype, mesh, show_progress: bool, rope_factor, choices: dict) -> Llama:
     kind = detect(path)
     if rope_factor is not None and kind != "meta":
         raise UsageError(f"--rope-factor: {path} is not a Meta checkpoint; its config.json states its own rope scaling")
     if kind == "jaxvocab":
-        return checkpoint.read_jaxvocab(path, dtype=dtype, mesh=mesh)
+        return checkpoint.read_jaxvocab(path, dtype=dtype, mesh=mesh, choices=choices)
     if kind == "meta":
         from jaxvocab.io import meta
 
-        return meta.read_meta(path, dtype=dtype, mesh=mesh, show_progress=show_progress, rope_factor=rope_factor)
-    model = hf.read_hf(path, dtype=dtype, mesh=mesh, show_progress=show_progress)
-    model.vocab_plan = None
-    return model
+        return meta.read_meta(
+            path, dtype=dtype, mesh=mesh, show_progress=show_progress, rope_factor=rope_factor, choices=choices
+        )
+    return hf.read_hf(path, dtype=dtype, mesh=mesh, show_progress=show_progress, choices=choices)
 
 
-def _plan_of(model: Llama, plan):
-    if plan is None:
-        plan = getattr(model, "vocab_plan", None)
-    if plan is None:
+def load_plan(path):
+    """The vocabulary plan saved beside a checkpoint, or None when it has none.
+
+    Args:
+      path: a jaxvocab checkpoint or an HF dir `save_hf` wrote (both hold vocab_plan.json).
+    Returns:
+      A `VocabPlan`, or None.
+    Example:
+      >>> plan = load_plan("ckpt"); rm = rows.split(model, rows.new_ids(plan))
+    """
+    f = Path(path) / "vocab_plan.json"
+    if not f.is_file():
         return None
+    from jaxvocab.errors import malformed
     from jaxvocab.vocab import VocabPlan
 
-    return (
-        plan
-        if isinstance(plan, VocabPlan)
-        else VocabPlan.from_json(plan if isinstance(plan, str) else json.dumps(plan))
-    )
+    with malformed(str(f), "re-create it with plan_vocab"):
+        return VocabPlan.from_json(f.read_text(encoding="utf-8"))
 
 
-def _write_support_files(model: Llama, out: Path, plan, *, hf_export: bool, llama_version: str | None) -> None:
+def _files_of(tokenizer) -> CarriedFiles | None:
+    """What the writers carry: a Tokenizer's files, a CarriedFiles, or nothing."""
+    if tokenizer is None or isinstance(tokenizer, CarriedFiles):
+        return tokenizer
+    files = getattr(tokenizer, "files", _MISSING)
+    if files is _MISSING:
+        raise UsageError(
+            f"tokenizer={type(tokenizer).__name__}: pass a Tokenizer from load_tokenizer(dir) or io.carried.CarriedFiles"
+        )
+    return files
+
+
+_MISSING = object()
+
+
+def _check_plan(plan):
+    from jaxvocab.vocab import VocabPlan
+
+    if plan is not None and not isinstance(plan, VocabPlan):
+        raise UsageError(f"plan={type(plan).__name__}: pass a VocabPlan (load_plan(dir) reads a saved one)")
+    return plan
+
+
+def _write_support_files(
+    model: Llama, out: Path, files: CarriedFiles | None, plan, *, hf_export: bool, llama_version: str | None
+) -> None:
     """config.json's siblings: tokenizer files (generated for a Meta source, edited per the vocab
     plan), the source's other allow-listed files (parsed and re-written), generation config, plan."""
-    from jaxvocab.io import carried
-    from jaxvocab.io.meta_tokenizer import is_meta_tokenizer_dir, write_meta_tokenizer_files
+    from jaxvocab.io.meta_tokenizer import write_meta_tokenizer_files
 
-    src = getattr(model, "source_dir", None) or None
-    plan = _plan_of(model, plan)
-    tok_dir, generated = src, bool(src and is_meta_tokenizer_dir(src))
+    tok_dir, generated = (files.source if files else None), bool(files and files.is_meta)
     if generated:
-        write_meta_tokenizer_files(src, out, llama_version)
+        write_meta_tokenizer_files(files.source, out, llama_version)
         tok_dir = out
     if plan is not None and (plan.renamed or plan.appended) and tok_dir and (generated or not plan.applied_in(tok_dir)):
         from jaxvocab.io.tokenizer_files import write_tokenizer_files
@@ -103,7 +143,8 @@ def _write_support_files(model: Llama, out: Path, plan, *, hf_export: bool, llam
         (out / "vocab_plan.json").write_text(plan.to_json() + "\n")
     # HF exports keep the tiktoken tokenizer.model under original/ as Meta's HF repos do: at the top
     # level llama.cpp's converter takes it for a SentencePiece model and fails.
-    carried.carry(src, out, dest={"tokenizer.model": "original/tokenizer.model"} if hf_export else None)
+    if files is not None:
+        files.write(out, dest={"tokenizer.model": "original/tokenizer.model"} if hf_export else None)
     gen = out / "generation_config.json"
     if not gen.exists():  # token ids only: sampling settings are the model author's to state, not ours
         c = model.config
@@ -123,18 +164,17 @@ def export_rows(model: Llama, plan, keep_padding: bool = False) -> int:
     """Rows an HF export keeps: padding jaxvocab added to divide a mesh axis is dropped (it carries
     the mean init, and a client that cannot suppress it gives it real probability); padding the
     source already had stays."""
-    plan = _plan_of(model, plan)
     rows = model.config.vocab_size
     if keep_padding or plan is None or rows != plan.new_rows:
         return rows
     return max(plan.old_rows, plan.tokenizer_size_after)
 
 
-def _check_source(model: Llama, out: Path) -> None:
-    """Library callers too: writing over the dir the model was read from would destroy it."""
-    src = getattr(model, "source_dir", None)
-    if src:
-        check_overlap({"out_dir": out}, {"the model's source dir": Path(src)})
+def _check_writable(model: Llama, out: Path, files: CarriedFiles | None) -> None:
+    """Library callers too: writing over the dir the files come from would destroy them."""
+    check_live(model)
+    if files is not None:
+        check_overlap({"out_dir": out}, {"the tokenizer files' source dir": files.source})
 
 
 def save_hf(
@@ -142,18 +182,30 @@ def save_hf(
     out_dir,
     max_shard_size="5GB",
     *,
+    tokenizer=None,
     plan=None,
     overwrite: bool = False,
     show_progress: bool = True,
     keep_padding: bool = False,
     llama_version: str | None = None,
 ) -> Path:
-    """Write an HF dir that transformers / vLLM / llama.cpp load: safetensors shards under
-    `max_shard_size`, index, config.json, generation_config.json and the tokenizer files.
-    Padding rows jaxvocab added are dropped unless `keep_padding`; `llama_version` ('3.0'/'3.1')
-    names the special tokens when the source is a bare Meta tokenizer.model (default: params.json)."""
-    out = Path(out_dir)
-    _check_source(model, out)
+    """Write an HF dir that transformers / vLLM / llama.cpp load.
+
+    Args:
+      model: the Llama to write; out_dir: the new dir (written to a temp sibling, renamed at the end).
+      max_shard_size: safetensors shards stay under it ("5GB", "500MB", bytes).
+      tokenizer: a Tokenizer from `load_tokenizer(dir)` (or its `CarriedFiles`): the tokenizer files,
+        chat template and generation config written beside the weights, edited per `plan`.
+      plan: the `VocabPlan` the model was expanded by (written as vocab_plan.json, so `load_plan`
+        reads it back); its padding rows are dropped unless `keep_padding`.
+      llama_version: '3.0' / '3.1' names the special tokens when the source is a bare Meta tokenizer.model.
+    Returns:
+      The output path.
+    Example:
+      >>> save_hf(model, "out-hf", tokenizer=tok, plan=plan)
+    """
+    out, files, plan = Path(out_dir), _files_of(tokenizer), _check_plan(plan)
+    _check_writable(model, out, files)
     rows = export_rows(model, plan, keep_padding)
     with shared_atomic_dir(out, overwrite) as tmp:  # many processes: each tensor gathered, process 0 writes
         hf.write_weights(model, tmp, max_shard_size, show_progress and is_main(), rows=rows)
@@ -161,18 +213,34 @@ def save_hf(
             config = model.config.replace(vocab_size=rows).to_hf_dict()
             config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(model.embed[...].dtype)
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            _write_support_files(model, tmp, plan, hf_export=True, llama_version=llama_version)
+            _write_support_files(model, tmp, files, plan, hf_export=True, llama_version=llama_version)
     return out
 
 
 def save_checkpoint(
-    model: Llama, out_dir, *, plan=None, overwrite: bool = False, llama_version: str | None = None
+    model: Llama,
+    out_dir,
+    *,
+    tokenizer=None,
+    plan=None,
+    overwrite: bool = False,
+    llama_version: str | None = None,
 ) -> Path:
-    """A jaxvocab checkpoint dir (orbax state + config + tokenizer files + vocab plan)."""
-    out = Path(out_dir)
-    _check_source(model, out)
+    """A jaxvocab checkpoint dir (orbax state + config + tokenizer files + vocab plan).
+
+    Args:
+      model: the Llama to write; out_dir: the new dir.
+      tokenizer: a Tokenizer from `load_tokenizer(dir)` (or its `CarriedFiles`) whose files travel along.
+      plan: the `VocabPlan` to save beside the weights (`load_plan` reads it back).
+    Returns:
+      The output path.
+    Example:
+      >>> save_checkpoint(model, "ckpt", tokenizer=tok, plan=plan); load("ckpt")
+    """
+    out, files, plan = Path(out_dir), _files_of(tokenizer), _check_plan(plan)
+    _check_writable(model, out, files)
     with shared_atomic_dir(out, overwrite) as tmp:  # many processes: orbax's multi-host save, process 0 the rest
         checkpoint.save_state(model, tmp)
         if is_main():
-            _write_support_files(model, tmp, plan, hf_export=False, llama_version=llama_version)
+            _write_support_files(model, tmp, files, plan, hf_export=False, llama_version=llama_version)
     return out

@@ -4,10 +4,15 @@ A user may publish what jaxvocab writes, so nothing foreign rides along: only th
 carried (LICENSE, README, original/ and everything else are ignored), each is read through links,
 parsed, and re-written with only the keys that file is known to have. A listed file that does not
 parse is an error naming it; nothing is ever byte-copied.
+
+`CarriedFiles` names what travels: the loaders hand it out (`load_tokenizer(path).files`,
+`CarriedFiles.of(path)`) and the writers take it (`save_hf(model, out, tokenizer=tok)`), so no
+writer finds its inputs through a path stored on the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -225,3 +230,48 @@ def carry(src, out: Path, names=tuple(ALLOWED), dest: dict[str, str] | None = No
         target.write_text(text, encoding="utf-8")
         written.append(str(target.relative_to(out)))
     return written
+
+
+@dataclasses.dataclass(frozen=True)
+class CarriedFiles:
+    """The files that travel beside the weights of one checkpoint dir: tokenizer files, chat
+    template, generation config (the allow-list above). Read lazily, parsed when written.
+
+    Example:
+      >>> files = CarriedFiles.of("Llama-3.2-1B")
+      >>> save_hf(model, "out", tokenizer=files)   # or tokenizer=load_tokenizer(path): its .files
+    """
+
+    source: Path
+
+    @classmethod
+    def of(cls, path) -> CarriedFiles | None:
+        """The carrier of checkpoint dir `path` (None when `path` is None or not a dir)."""
+        if path is None or not Path(path).is_dir():
+            return None
+        return cls(Path(path))
+
+    @property
+    def is_meta(self) -> bool:
+        """A Meta source (bare tokenizer.model + params.json): HF tokenizer files are generated."""
+        from jaxvocab.io.meta_tokenizer import is_meta_tokenizer_dir
+
+        return is_meta_tokenizer_dir(self.source)
+
+    def roles(self) -> set[str]:
+        """Token texts tokenizer_config.json gives a role (bos, eos, pad, ...): slots planning keeps."""
+        path = self.source / "tokenizer_config.json"
+        if not path.is_file():
+            return set()
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return set()
+        if not isinstance(cfg, dict):
+            return set()
+        vals = [cfg.get(k) for k in ROLE_KEYS]
+        return {v.get("content") if isinstance(v, dict) else v for v in vals if v}
+
+    def write(self, out: Path, dest: dict[str, str] | None = None) -> list[str]:
+        """Parse and re-write every carried file present into `out` (see `carry`)."""
+        return carry(self.source, out, dest=dest)

@@ -92,7 +92,9 @@ def _check_format(path: Path, marker) -> None:
     )
 
 
-def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Llama:
+def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None, choices: dict | None = None) -> Llama:
+    """The model of jaxvocab checkpoint `path`, built with the construction `choices` and restored
+    onto `mesh` (its tokenizer and plan: `load_tokenizer(path)`, `load_plan(path)`)."""
     try:
         marker = json.loads((path / MARKER).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -112,10 +114,7 @@ def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Llama:
             f"{state}: cannot be read ({type(e).__name__}: {brief(str(e).splitlines()[0] if str(e) else '')}); "
             "the checkpoint is corrupt, re-create it"
         ) from None
-    model = nnx.eval_shape(lambda: Llama(config.replace(dtype=dtype.name), dtype=dtype))
+    model = nnx.eval_shape(lambda: Llama(config.replace(dtype=dtype.name), param_dtype=dtype, **(choices or {})))
     for k in keys.keys_for(config):
         keys.get_param(model, k).set_value(params["/".join(k.path)].astype(dtype))
-    model.source_dir = str(path)
-    plan = path / "vocab_plan.json"
-    model.vocab_plan = plan.read_text() if plan.is_file() else None
     return model

@@ -109,14 +109,16 @@ def validate(config: LlamaConfig, infos: dict, path: Path) -> None:
             raise CheckpointError(f"{info.path}: {name} has dtype {info.dtype}; weights must be floating point")
 
 
-def read_hf(path, *, dtype=None, mesh: Mesh | None = None, show_progress: bool = True) -> Llama:
+def read_hf(
+    path, *, dtype=None, mesh: Mesh | None = None, show_progress: bool = True, choices: dict | None = None
+) -> Llama:
     path = Path(path)
     config = LlamaConfig.from_hf_file(path)
     infos = tensor_index(path)
     validate(config, infos, path)
     stored = infos[keys.names(keys.KEYS[0], config)[0]].dtype
     dtype = np.dtype(dtype) if dtype is not None else stored
-    return build(config, dtype, mesh, lambda key: _hf_source(key, config, infos), show_progress, source=str(path))
+    return build(config, dtype, mesh, lambda key: _hf_source(key, config, infos), show_progress, choices)
 
 
 def _hf_source(key: keys.Key, config: LlamaConfig, infos: dict):
@@ -149,11 +151,16 @@ def _as_dtype(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return out
 
 
-def build(config: LlamaConfig, dtype, mesh: Mesh | None, source_for, show_progress: bool, source: str = "") -> Llama:
-    """Abstract model, then every param filled slice by slice by `source_for(key)`."""
+def build(
+    config: LlamaConfig, dtype, mesh: Mesh | None, source_for, show_progress: bool, choices: dict | None = None
+) -> Llama:
+    """Abstract model (built with the caller's construction `choices`: compute_dtype, attention,
+    remat), then every param filled slice by slice by `source_for(key)`."""
     mesh = mesh or single_device_mesh()
     dtype = np.dtype(dtype)
-    model = nnx.eval_shape(lambda: Llama(config.replace(dtype=dtype.name), dtype=jnp.dtype(dtype)))
+    model = nnx.eval_shape(
+        lambda: Llama(config.replace(dtype=dtype.name), param_dtype=jnp.dtype(dtype), **(choices or {}))
+    )
     param_keys = keys.keys_for(config)
     sources = {k: source_for(k) for k in param_keys}
     bar = progress(
@@ -169,7 +176,6 @@ def build(config: LlamaConfig, dtype, mesh: Mesh | None, source_for, show_progre
             )
             keys.get_param(model, key).set_value(arr)
             bar.update(nbytes)
-    model.source_dir = source
     return model
 
 

@@ -309,11 +309,15 @@ def meta_config(path, rope_factor: float | None = None) -> LlamaConfig:
 
 
 def read_meta(
-    path, *, dtype=None, mesh: Mesh | None = None, show_progress: bool = True, rope_factor: float | None = None
+    path,
+    *,
+    dtype=None,
+    mesh: Mesh | None = None,
+    show_progress: bool = True,
+    rope_factor: float | None = None,
+    choices: dict | None = None,
 ) -> Llama:
-    """Load a Meta dir onto `mesh`; its tokenizer.model rides along via `model.source_dir`."""
+    """Load a Meta dir onto `mesh` (its tokenizer.model travels through `load_tokenizer(path).files`)."""
     ckpt = MetaCheckpoint(Path(path), rope_factor)
     dtype = np.dtype(dtype) if dtype is not None else ckpt.dtype
-    model = build(ckpt.config, dtype, mesh, ckpt.source_for, show_progress, source=str(path))
-    model.vocab_plan = None
-    return model
+    return build(ckpt.config, dtype, mesh, ckpt.source_for, show_progress, choices)
