@@ -7,7 +7,7 @@ ranks. Meta rotates interleaved pairs (x0, x1), (x2, x3)... of each q/k head whi
 model rotate halves, so q/k rows are reordered within each head (the inverse of the `permute` in
 transformers' convert_llama_weights_to_hf.py).
 
-No merged tensor is ever built: `io.hf.build` asks `source_for(key)` for each device's slice, and
+No merged tensor is ever built: `io.loader.build` asks `source_for(key)` for each device's slice, and
 `Merged` maps that slice to the ranks and rows that hold it (whole heads for q/k, because the
 reordering is per head), so each device reads only its part of the files and replicated or
 duplicated pieces are compared as they are read.
@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from jaxvocab.config import LlamaConfig, RopeScaling, _positive_float, read_json
 from jaxvocab.errors import CheckpointError, ConfigError, UsageError, brief
 from jaxvocab.io import keys
-from jaxvocab.io.hf import build
+from jaxvocab.io.loader import Source, build
 from jaxvocab.io.pth import LazyTensor, read_pth
 from jaxvocab.io.safetensors_io import FLOATS
 from jaxvocab.model import Llama
@@ -288,7 +288,7 @@ class MetaCheckpoint:
         )
 
     def source_for(self, key: keys.Key):
-        """Reader of param-space slices for io.hf.build: (read(idx) -> np.ndarray, nbytes)."""
+        """Reader of param-space slices for io.loader.build: (read(idx) -> np.ndarray, nbytes)."""
         tensors = [self.tensors[n] for n in keys.names(key, self.config, "meta")]
         head_dim = self.config.head_dim
 
@@ -300,7 +300,7 @@ class MetaCheckpoint:
                 return read_one(tensors[0], idx)
             return np.stack([read_one(tensors[i], idx[1:]) for i in range(*idx[0].indices(len(tensors)))])
 
-        return read, sum(t.nbytes for t in tensors)
+        return Source(read, sum(t.nbytes for t in tensors))
 
 
 def meta_config(path, rope_factor: float | None = None) -> LlamaConfig:
@@ -309,11 +309,32 @@ def meta_config(path, rope_factor: float | None = None) -> LlamaConfig:
 
 
 def read_meta(
-    path, *, dtype=None, mesh: Mesh | None = None, show_progress: bool = True, rope_factor: float | None = None
+    path,
+    *,
+    dtype=None,
+    mesh: Mesh | None = None,
+    show_progress: bool = True,
+    rope_factor: float | None = None,
+    rows: int | None = None,
 ) -> Llama:
-    """Load a Meta dir onto `mesh`; its tokenizer.model rides along via `model.source_dir`."""
+    """Load a Meta dir onto `mesh`; its tokenizer.model rides along via `model.source_dir`.
+
+    Args:
+      path: the Meta dir (params.json, consolidated.*.pth, tokenizer.model).
+      dtype: params' dtype (default: the checkpoint's).
+      mesh: where the params live (default: one device).
+      show_progress: draw a byte progress bar.
+      rope_factor: the llama3 rope scaling factor, for dirs whose params.json omits it.
+      rows: vocabulary rows to allocate (default: the checkpoint's); rows past the checkpoint are zero.
+
+    Returns:
+      The `Llama`.
+
+    Example:
+      >>> model = read_meta("Meta-Llama-3.1-8B/original", dtype="bfloat16")
+    """
     ckpt = MetaCheckpoint(Path(path), rope_factor)
     dtype = np.dtype(dtype) if dtype is not None else ckpt.dtype
-    model = build(ckpt.config, dtype, mesh, ckpt.source_for, show_progress, source=str(path))
+    model = build(ckpt.config, dtype, mesh, ckpt.source_for, show_progress, source=str(path), rows=rows)
     model.vocab_plan = None
     return model
