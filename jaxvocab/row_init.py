@@ -13,6 +13,7 @@ checkpoint does not depend on the machine that expanded it.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxvocab.model import TABLE_AXES
-from jaxvocab.sharding import sharding_for
+from jaxvocab.sharding import sharding_for, single_device_mesh
 
 INITS = ("mean", "mean-noise", "covariance", "subword", "random", "zeros")
 NOISE_SCALE = 0.1  # mean-noise: mean + NOISE_SCALE * per-dim std * N(0, 1): distinct rows, still mean-like logits
@@ -30,6 +31,7 @@ RANDOM_STD = 0.02  # random: N(0, 0.02^2), HF's initializer_range; an ablation, 
 _JITTER = 1e-6  # relative diagonal jitter before the Cholesky factorisation of Sigma
 _MAX_BLOCKS = 128  # see _blocks
 _GEMM_ROWS = 2  # mask rows per block product (see masked_mean)
+_MAX_SUBTRACTED = 4096  # excluded rows a mean may subtract from the all-rows sums (see expand_table)
 REL_EPS = 1e-3  # a row is untrained when max|x| <= REL_EPS * (median row max |x|)
 
 
@@ -125,36 +127,81 @@ def new_rows(table, trained, key, sub_idx, sub_w, sub_ok, *, method: str, k: int
 
 
 @functools.lru_cache(maxsize=64)
-def _expander(method: str, k: int, old_vocab: int, new_vocab: int, out_sharding: NamedSharding):
+def _expander(method: str, k: int, old_vocab: int, new_vocab: int, out_sharding: NamedSharding, from_sums: bool):
     mesh = out_sharding.mesh
 
-    def expand(table, trained, source, key, sub_idx, sub_w, sub_ok):
-        rows = new_rows(table, trained, key, sub_idx, sub_w, sub_ok, method=method, k=k, mesh=mesh)
+    def expand(table, trained, target_ids, seed, n, sub_idx, sub_w, sub_ok, sums, excluded):
+        key = jax.random.fold_in(jax.random.key(seed), n)  # inside the jit: no separate fold_in compile
+        if from_sums:
+            total = sums.sum(axis=0) - jnp.sum(table[excluded].astype(jnp.float32), axis=0)
+            mu = total / jnp.maximum(trained.sum(), 1).astype(jnp.float32)
+            # A non-finite row (loaded with allow_nonfinite) poisons the all-rows sums: only then
+            # pay for the masked pass, which keeps such rows out.
+            mu = jax.lax.cond(jnp.all(jnp.isfinite(mu)), lambda: mu, lambda: masked_mean(table, trained, mesh))
+            rows = jnp.broadcast_to(mu, (k, table.shape[1]))
+        else:
+            rows = new_rows(table, trained, key, sub_idx, sub_w, sub_ok, method=method, k=k, mesh=mesh)
         rows = rows.astype(table.dtype)
-        d = table.shape[1]
         grown = table
         if new_vocab > old_vocab:
-            grown = jnp.concatenate([table, jnp.zeros((new_vocab - old_vocab, d), table.dtype)], axis=0)
-        # A select, not a scatter: XLA:CPU runs a bf16 scatter by converting the whole table to
-        # f32 and back (3x its memory); this gather + select fuses into one pass over the output.
-        return jnp.where((source >= 0)[:, None], rows[jnp.maximum(source, 0)], grown)
+            grown = jnp.concatenate([table, jnp.zeros((new_vocab - old_vocab, table.shape[1]), table.dtype)], axis=0)
+        # Row by row into the (grown or donated) table: XLA updates a loop-carried buffer in place,
+        # so the k rows cost k row writes. A scatter or a select over the table would be one more
+        # pass over it (XLA:CPU's bf16 scatter even converts the whole table to f32 and back).
+        return jax.lax.fori_loop(
+            0, k, lambda i, g: jax.lax.dynamic_update_slice_in_dim(g, rows[i][None], target_ids[i], axis=0), grown
+        )
 
-    # Same shape (reserved slots only, untrained fixes): the old table is donated and updated in
-    # place. A grown table cannot reuse the old buffer, so peak memory is the old table plus the
-    # new one; the caller drops the old one right after.
+    # Same shape (reserved slots only, untrained fixes, a model loaded at its final size): the old
+    # table is donated and updated in place. A grown table cannot reuse the old buffer, so peak
+    # memory is the old table plus the new one; the caller drops the old one right after.
     return jax.jit(expand, out_shardings=out_sharding, donate_argnums=0 if new_vocab == old_vocab else ())
 
 
 def expand_table(
-    table, trained: np.ndarray, target_ids: np.ndarray, key, subword, *, method: str, new_vocab: int, mesh: Mesh
+    table,
+    trained: np.ndarray,
+    target_ids: np.ndarray,
+    seed: int,
+    n: int,
+    subword,
+    *,
+    method: str,
+    new_vocab: int,
+    mesh: Mesh,
+    sums=None,
+    summed_rows: int | None = None,
 ):
-    """The table grown to `new_vocab` rows with `target_ids` (sorted) set by `method`; the input is
-    donated when the shape does not change. `subword` is (sub_idx, sub_w, sub_ok) as in `new_rows`."""
+    """The table grown to `new_vocab` rows with `target_ids` (sorted) set by `method`.
+
+    Args:
+      table: [V, D] table; donated when the shape does not change.
+      trained: [V] bool, the rows statistics are taken from.
+      target_ids: sorted ids of the rows to write.
+      seed, n: the random key is `fold_in(key(seed), n)` (n: the table's index in the model).
+      subword: (sub_idx, sub_w, sub_ok) as in `new_rows`.
+      method: one of INITS.
+      new_vocab: rows of the result (>= V).
+      mesh: the table's mesh.
+      sums, summed_rows: `TableStats.sums` of this table and the rows they cover; with "mean", the
+        mean is taken from them (no second pass over the table).
+
+    Returns:
+      The [new_vocab, D] table, sharded like the model's tables.
+
+    Example:
+      >>> embed = expand_table(embed, trained, np.arange(v, v + 8), 0, 0, no_subword(8), method="mean",
+      ...                      new_vocab=v + 128, mesh=mesh)
+    """
     out = sharding_for((new_vocab, table.shape[1]), TABLE_AXES, mesh)
-    source = np.full(new_vocab, -1, np.int32)  # output row -> index of its new row, or -1
-    source[np.asarray(target_ids, np.int64)] = np.arange(len(target_ids), dtype=np.int32)
-    fn = _expander(method, len(target_ids), table.shape[0], new_vocab, out)
-    return fn(table, jnp.asarray(trained), jnp.asarray(source), key, *subword)
+    excluded = np.nonzero(~np.asarray(trained)[: summed_rows or table.shape[0]])[0].astype(np.int32)
+    # Subtracting the excluded rows beats a second pass while they are few (Llama-3: <= 256).
+    from_sums = sums is not None and method == "mean" and len(excluded) <= _MAX_SUBTRACTED
+    if not from_sums:
+        sums, excluded = np.zeros((1, table.shape[1]), np.float32), np.zeros(0, np.int32)
+    fn = _expander(method, len(target_ids), table.shape[0], new_vocab, out, from_sums)
+    ids = np.asarray(target_ids, np.int32)
+    return fn(table, trained, ids, np.uint32(seed), np.uint32(n), *subword, sums, excluded)
 
 
 @functools.lru_cache(maxsize=64)
@@ -180,11 +227,36 @@ def row_absmax(table):
     return jnp.max(jnp.abs(table.astype(jnp.float32)), axis=1)  # cast first: XLA:CPU is 10x slower the other way
 
 
-@jax.jit
-def row_fingerprint(table, probe):
-    """[V, 2] projections: equal rows give equal fingerprints (candidates are then compared bit
-    for bit). A separate jit from row_absmax: XLA:CPU fuses the two into one slow pass."""
-    return jnp.einsum("vd,dk->vk", table, probe.astype(table.dtype), preferred_element_type=jnp.float32)
+class TableStats(NamedTuple):
+    """What one pass over a table tells: enough to find its untrained rows and take its mean."""
+
+    rowmax: np.ndarray  # [rows] f32 per-row max |x|
+    sums: jax.Array  # [blocks, D] f32 all-rows block sums (see masked_mean), replicated
+    fingerprint: np.ndarray | None  # [rows, 2] projections (the head only), for exact duplicates
+    rows: int  # rows covered: the checkpoint's, when the table was loaded at a larger final size
+
+
+@functools.lru_cache(maxsize=16)
+def _stats_fn(rows: int, fingerprint: bool, mesh: Mesh):
+    def stats(table, probe):
+        t = table[:rows]
+        rowmax = jnp.max(jnp.abs(t.astype(jnp.float32)), axis=1)
+        sums = _block_sums(t, jnp.ones(rows, bool), mesh)
+        fp = (
+            jnp.einsum("vd,dk->vk", t, probe.astype(t.dtype), preferred_element_type=jnp.float32)
+            if fingerprint
+            else None
+        )
+        return rowmax, sums, fp
+
+    return jax.jit(stats)
+
+
+def table_stats(table, rows: int, *, fingerprint: bool, mesh: Mesh, hidden: int) -> TableStats:
+    """Row max |x|, block sums and (for the head) fingerprints of the first `rows` rows, in one jit."""
+    probe = np.random.RandomState(0).standard_normal((hidden, 2)).astype(np.float32)
+    rowmax, sums, fp = _stats_fn(rows, fingerprint, mesh)(table, probe)
+    return TableStats(np.asarray(rowmax), sums, None if fp is None else np.asarray(fp), rows)
 
 
 # ------------------------------------------------------------------------------ untrained rows
@@ -205,19 +277,43 @@ def _exact_duplicates(table, small: np.ndarray, fingerprint: np.ndarray) -> np.n
     return cand[cnt[inv.ravel()] > 1]
 
 
-def untrained_mask(model, rel_eps: float = REL_EPS) -> np.ndarray:
+def model_stats(model, rows: int | None = None) -> list[TableStats]:
+    """`TableStats` of each table (embedding, then an untied head), over the first `rows` rows
+    (default: all; fewer for a model loaded at its final size, whose extra rows are zero)."""
+    rows = model.config.vocab_size if rows is None else rows
+    sharding = getattr(model.embed.get_value(), "sharding", None)
+    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else single_device_mesh()
+    return [
+        table_stats(p.get_value(), rows, fingerprint=p is model.head_table, mesh=mesh, hidden=model.config.hidden_size)
+        for p in tables(model)
+    ]
+
+
+def untrained_mask(model, rel_eps: float = REL_EPS, stats: list[TableStats] | None = None) -> np.ndarray:
     """[rows] bool over all rows: tiny or non-finite in the embedding or the head, or an exact duplicate of
     another head row (Llama-3.1 base repeats one non-zero head row over its reserved ids; the
-    embedding rows of never-seen tokens stay tiny, so only the head needs the duplicate pass)."""
-    probe = np.random.RandomState(0).standard_normal((model.config.hidden_size, 2)).astype(np.float32)
-    out = np.zeros(model.config.vocab_size, bool)
-    for p in tables(model):
-        table = p.get_value()
-        rowmax = np.asarray(row_absmax(table))
+    embedding rows of never-seen tokens stay tiny, so only the head needs the duplicate pass).
+
+    Args:
+      model: a `Llama`.
+      rel_eps: "tiny" is max |x| <= rel_eps * the median row's max |x|.
+      stats: `model_stats(model)`, when the caller has them already (one pass over each table).
+
+    Returns:
+      [model rows] bool; rows past the stats' rows (a model loaded at its final size) are True.
+
+    Example:
+      >>> ids = np.nonzero(untrained_mask(model))[0]
+    """
+    stats = model_stats(model) if stats is None else stats
+    out = np.ones(model.config.vocab_size, bool)
+    out[: stats[0].rows] = False
+    for p, st in zip(tables(model), stats, strict=True):
+        rowmax = st.rowmax
         finite = np.isfinite(rowmax)  # a NaN / Inf row is never trained (nor part of any mean)
         scale = np.median(rowmax[finite]) if finite.any() else 0.0  # 128k floats: the host sorts them in ms
         small = (rowmax <= rel_eps * scale) | ~finite
-        out |= small
-        if p is model.head_table:
-            out[_exact_duplicates(table, small, np.asarray(row_fingerprint(table, probe)))] = True
+        out[: st.rows] |= small
+        if st.fingerprint is not None:
+            out[_exact_duplicates(p.get_value(), small, st.fingerprint)] = True
     return out

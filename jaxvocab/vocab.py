@@ -20,12 +20,11 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Literal, NamedTuple
 
-import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxvocab.errors import JaxVocabError, UsageError, VocabError
-from jaxvocab.row_init import INITS, REL_EPS, expand_table, no_subword, tables, untrained_mask
+from jaxvocab.row_init import INITS, REL_EPS, TableStats, expand_table, model_stats, no_subword, tables, untrained_mask
 from jaxvocab.sharding import axis_size, round_up, single_device_mesh
 from jaxvocab.tokenizer import ROLE_KEYS
 
@@ -375,25 +374,38 @@ def _check_init(init: str) -> None:
         raise VocabError(f"init {init!r} is not one of {', '.join(INITS)}")
 
 
-def _rewrite(model, targets: np.ndarray, trained: np.ndarray, texts, tok, init: str, new_rows: int, seed: int):
-    """Write `targets` (sorted) of every table with `init`, growing to `new_rows`, in place."""
+def _rewrite(
+    model,
+    targets: np.ndarray,
+    trained: np.ndarray,
+    texts,
+    tok,
+    init: str,
+    new_rows: int,
+    seed: int,
+    stats: list[TableStats] | None = None,
+):
+    """Write `targets` (sorted) of every table with `init`, growing to `new_rows`, in place.
+    With `stats` (the pass that found the untrained rows), a mean init reads no table again."""
     if init in ("mean", "mean-noise", "covariance", "subword") and not trained.any():
         raise VocabError("the model has no trained rows to take statistics from; use --init random or zeros")
     if len(targets) == 0:
         return model
     mesh = model_mesh(model)
-    key = jax.random.key(seed)
     subword = subword_arrays(tok, texts, trained, init)
     for n, param in enumerate(tables(model)):
         new = expand_table(
             param.get_value(),
             trained,
             targets,
-            jax.random.fold_in(key, n),
+            seed,
+            n,
             subword,
             method=init,
             new_vocab=new_rows,
             mesh=mesh,
+            sums=stats[n].sums if stats else None,
+            summed_rows=stats[n].rows if stats else None,
         )
         param.set_value(new.block_until_ready())
         if new_rows != model.config.vocab_size:
@@ -423,19 +435,39 @@ class ExpansionLayout(NamedTuple):
 
 
 def expansion_layout(model, tok, plan: VocabPlan, init: str = "mean", fix_untrained: bool = False) -> ExpansionLayout:
-    """The rows an expansion of `model` by `plan` writes, and the trained rows it reads."""
+    """The rows an expansion of `model` by `plan` writes, and the trained rows it reads.
+
+    Args:
+      model: the `Llama` before the expansion.
+      tok: its tokenizer (the one `plan` was made for).
+      plan: from `plan_vocab`.
+      init: one of INITS.
+      fix_untrained: also rewrite the untrained rows the model already has.
+
+    Returns:
+      An `ExpansionLayout` (the plan with init and untrained_fixed filled in, target ids, trained mask, texts).
+
+    Example:
+      >>> layout = expansion_layout(model, tok, plan_vocab(tok, ["<x>"], model=model))
+    """
     if plan.old_rows != model.config.vocab_size:
         raise VocabError(
             f"the plan was made for {plan.old_rows} model rows but the model has "
             f"{model.config.vocab_size}; re-plan with plan_vocab(..., model=model)"
         )
+    return _layout(model, tok, plan, init, fix_untrained, model_stats(model))
+
+
+def _layout(model, tok, plan: VocabPlan, init: str, fix_untrained: bool, stats: list[TableStats]) -> ExpansionLayout:
+    """expansion_layout over the first `stats[0].rows` rows: all of them, or those a model loaded
+    at the plan's final size read from its checkpoint."""
     if plan.tokenizer_size_before != tok.n_words:
         raise VocabError(
             f"the plan was made for a tokenizer of {plan.tokenizer_size_before} ids but this one has "
             f"{tok.n_words}; re-plan with this tokenizer"
         )
     _check_init(init)
-    untrained = untrained_mask(model)
+    untrained = untrained_mask(model, stats=stats)
     limit = min(plan.old_rows, tok.n_words)
     fixed = [int(i) for i in np.nonzero(untrained[:limit])[0]] if fix_untrained else []
     plan = dataclasses.replace(plan, init=init, untrained_fixed=sorted(set(plan.untrained_fixed) | set(fixed)))
@@ -479,7 +511,10 @@ def expand_vocab(model, tok, plan: VocabPlan, init: str = "mean", *, fix_untrain
     `model.vocab_plan` records the plan with its init.
     """
     _check_size(model, plan)
-    plan, targets, trained, texts = expansion_layout(model, tok, plan, init, fix_untrained)
+    if plan.old_rows != model.config.vocab_size:
+        expansion_layout(model, tok, plan)  # raises the re-plan error
+    stats = model_stats(model)  # one pass per table: untrained rows and the mean
+    plan, targets, trained, texts = _layout(model, tok, plan, init, fix_untrained, stats)
     new_tok = tok.with_tokens(plan.renamed, plan.appended, plan.special_ids)
     vocab_axis = axis_size(model_mesh(model), "vocab")
     if plan.new_rows % vocab_axis:
@@ -488,7 +523,38 @@ def expand_vocab(model, tok, plan: VocabPlan, init: str = "mean", *, fix_untrain
             f"replicated along it. Plan with model=model or pad_to_multiple_of={vocab_axis}",
             stacklevel=2,
         )
-    _rewrite(model, targets, trained, texts, tok, init, plan.new_rows, seed)
+    _rewrite(model, targets, trained, texts, tok, init, plan.new_rows, seed, stats)
+    model.vocab_plan = plan.to_json()
+    return model, new_tok
+
+
+def expand_loaded(model, tok, plan: VocabPlan, init: str = "mean", *, fix_untrained: bool = False, seed: int = 0):
+    """`expand_vocab` for a model read straight into the plan's final-size tables
+    (`load(src, vocab_rows=plan.new_rows)`, rows past the checkpoint zero): the planned rows are
+    written in place, no table is copied to grow it. Returns (model, new tokenizer).
+
+    Args:
+      model: loaded with `vocab_rows=plan.new_rows`; its first `plan.old_rows` rows are the checkpoint's.
+      tok: the checkpoint's tokenizer, which `plan` was made for.
+      plan: from `plan_vocab(tok, tokens, model=...)` on the checkpoint's row count.
+      init, fix_untrained, seed: as in `expand_vocab`.
+
+    Returns:
+      (model, tokenizer), as `expand_vocab` returns them; rows and ids are identical to its result.
+
+    Example:
+      >>> plan = plan_vocab(tok, ["<x>"], model=abstract_model)
+      >>> model, tok = expand_loaded(load(src, vocab_rows=plan.new_rows), tok, plan)
+    """
+    if model.config.vocab_size != plan.new_rows:
+        raise VocabError(
+            f"expand_loaded needs the model loaded at the plan's {plan.new_rows} rows, not "
+            f"{model.config.vocab_size}; load it with vocab_rows=plan.new_rows or use expand_vocab"
+        )
+    stats = model_stats(model, rows=plan.old_rows)
+    plan, targets, trained, texts = _layout(model, tok, plan, init, fix_untrained, stats)
+    new_tok = tok.with_tokens(plan.renamed, plan.appended, plan.special_ids)
+    _rewrite(model, targets, trained, texts, tok, init, plan.new_rows, seed, stats)
     model.vocab_plan = plan.to_json()
     return model, new_tok
 
@@ -503,11 +569,12 @@ def fix_untrained(model, ids, init: str = "mean", *, tok=None, seed: int = 0):
         raise VocabError(f"untrained ids must lie in [0, {rows}); got {int(targets[0])}..{int(targets[-1])}")
     if targets.size == 0:
         return model
-    untrained = untrained_mask(model) if init not in ("random", "zeros") else np.zeros(rows, bool)
+    stats = model_stats(model) if init not in ("random", "zeros") else None
+    untrained = untrained_mask(model, stats=stats) if stats else np.zeros(rows, bool)
     limit = min(rows, tok.n_words) if tok is not None else rows
     trained = _trained(untrained, limit, targets)
     texts = [tok.id_to_piece(int(i)) if tok is not None and i < tok.n_words else None for i in targets]
-    _rewrite(model, targets, trained, texts, tok, init, rows, seed)
+    _rewrite(model, targets, trained, texts, tok, init, rows, seed, stats)
     if getattr(model, "vocab_plan", None):
         plan = VocabPlan.from_json(model.vocab_plan)
         plan.untrained_fixed = sorted(set(plan.untrained_fixed) | {int(i) for i in targets})
