@@ -193,25 +193,38 @@ def check_import_flags(args) -> bool:
     return True
 
 
-def expand_for_import(model, args):
-    """Apply the vocabulary flags of `import` to the loaded model; returns the plan (or None)."""
+def plan_for_import(args, mesh):
+    """The plan of `import`'s vocabulary flags, made before any weight is read (config.json and the
+    tokenizer are enough), so the loader reads the checkpoint straight into the final-size tables.
+    Returns (plan, tokenizer), or None when no flag asks for an expansion."""
     import jaxvocab
-    from jaxvocab.vocab import VocabPlan, describe_untrained
+    from jaxvocab.vocab import mesh_multiple
 
     if not check_import_flags(args):
         return None
     tokens, flags = parse_token_flags(args.add_tokens) if args.add_tokens is not None else ({}, {})
     with _warnings_as_lines():
-        tok = _tokenizer(model.source_dir, args.llama_version)
+        tok = _tokenizer(args.src, args.llama_version)
         plan = jaxvocab.plan_vocab(
             tok,
             tokens,
             reuse_reserved=args.reuse_reserved,
-            pad_to_multiple_of=args.pad_to_multiple_of,
-            model=model,
+            pad_to_multiple_of=args.pad_to_multiple_of or mesh_multiple(mesh),
+            model=_abstract_model(Path(args.src)),
             special=special_arg(args, tokens, flags),
         )
-        jaxvocab.expand_vocab(model, tok, plan, init=args.init or "mean", fix_untrained=args.fix_untrained)
+    return plan, tok
+
+
+def expand_for_import(model, args, planned):
+    """Initialise the planned rows of a model loaded at the plan's final size; returns the plan (or None)."""
+    from jaxvocab.vocab import VocabPlan, describe_untrained, expand_loaded
+
+    if planned is None:
+        return None
+    plan, tok = planned
+    with _warnings_as_lines():
+        expand_loaded(model, tok, plan, init=args.init or "mean", fix_untrained=args.fix_untrained)
     plan = VocabPlan.from_json(model.vocab_plan)
     print(plan.table())
     if plan.untrained_fixed:

@@ -40,22 +40,26 @@ def load(
     allow_nonfinite: bool = False,
     attention: str = "auto",
     remat: str = "auto",
+    vocab_rows: int | None = None,
 ) -> Llama:
     """Load any supported checkpoint dir onto `mesh` (default: one device), params in `dtype`
     (default: as stored). `rope_factor` overrides the llama3 rope factor a Meta params.json omits.
     Weights holding NaN or Inf are refused unless `allow_nonfinite`. `attention` and `remat` are
-    the model's construction choices (see Llama)."""
+    the model's construction choices (see Llama). `vocab_rows` reads an HF or Meta checkpoint
+    straight into tables of that many rows (rows past the checkpoint zero; see vocab.expand_loaded)."""
     path = Path(path)
     with finite.scan_reads() as scan:
-        model = _load(path, dtype, mesh, show_progress, rope_factor)
+        model = _load(path, dtype, mesh, show_progress, rope_factor, vocab_rows)
     if not allow_nonfinite:
         finite.check_loaded(model, path, scan)
     model.attention, model.remat = check_attention(attention), check_remat(remat)
     return model
 
 
-def _load(path: Path, dtype, mesh, show_progress: bool, rope_factor) -> Llama:
+def _load(path: Path, dtype, mesh, show_progress: bool, rope_factor, rows: int | None = None) -> Llama:
     kind = detect(path)
+    if rows is not None and kind == "jaxvocab":
+        raise UsageError(f"vocab_rows: {path} is a jaxvocab checkpoint; grow it with expand_vocab")
     if rope_factor is not None and kind != "meta":
         raise UsageError(f"--rope-factor: {path} is not a Meta checkpoint; its config.json states its own rope scaling")
     if kind == "jaxvocab":
@@ -63,8 +67,10 @@ def _load(path: Path, dtype, mesh, show_progress: bool, rope_factor) -> Llama:
     if kind == "meta":
         from jaxvocab.io import meta
 
-        return meta.read_meta(path, dtype=dtype, mesh=mesh, show_progress=show_progress, rope_factor=rope_factor)
-    model = hf.read_hf(path, dtype=dtype, mesh=mesh, show_progress=show_progress)
+        return meta.read_meta(
+            path, dtype=dtype, mesh=mesh, show_progress=show_progress, rope_factor=rope_factor, rows=rows
+        )
+    model = hf.read_hf(path, dtype=dtype, mesh=mesh, show_progress=show_progress, rows=rows)
     model.vocab_plan = None
     return model
 
