@@ -54,7 +54,7 @@ bench_extra.update(step_peak_rss=max(_peak[0], _proc.memory_info().rss), rss_bef
 
 def write_checkpoint(out: Path) -> int:
     """Random bf16 HF dir of CONFIG with the real tokenizer; reserved rows zero, as in the Llama-3 release."""
-    from jaxvocab.tokenizer import load_tokenizer
+    from jaxvocab.io.tokenizer_read import load_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(

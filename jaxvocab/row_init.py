@@ -31,6 +31,7 @@ RANDOM_STD = 0.02  # random: N(0, 0.02^2), HF's initializer_range; an ablation, 
 _JITTER = 1e-6  # relative diagonal jitter before the Cholesky factorisation of Sigma
 _MAX_BLOCKS = 128  # see _blocks
 _GEMM_ROWS = 2  # mask rows per block product (see masked_mean)
+_MAX_RUNS = 32  # runs of consecutive target ids written as slice updates (more: one select pass)
 _MAX_SUBTRACTED = 4096  # excluded rows a mean may subtract from the all-rows sums (see expand_table)
 REL_EPS = 1e-3  # a row is untrained when max|x| <= REL_EPS * (median row max |x|)
 
@@ -127,10 +128,18 @@ def new_rows(table, trained, key, sub_idx, sub_w, sub_ok, *, method: str, k: int
 
 
 @functools.lru_cache(maxsize=64)
-def _expander(method: str, k: int, old_vocab: int, new_vocab: int, out_sharding: NamedSharding, from_sums: bool):
+def _expander(
+    method: str,
+    k: int,
+    old_vocab: int,
+    new_vocab: int,
+    out_sharding: NamedSharding,
+    from_sums: bool,
+    runs: tuple | None,
+):
     mesh = out_sharding.mesh
 
-    def expand(table, trained, target_ids, seed, n, sub_idx, sub_w, sub_ok, sums, excluded):
+    def expand(table, trained, source, seed, n, sub_idx, sub_w, sub_ok, sums, excluded):
         key = jax.random.fold_in(jax.random.key(seed), n)  # inside the jit: no separate fold_in compile
         if from_sums:
             total = sums.sum(axis=0) - jnp.sum(table[excluded].astype(jnp.float32), axis=0)
@@ -145,12 +154,17 @@ def _expander(method: str, k: int, old_vocab: int, new_vocab: int, out_sharding:
         grown = table
         if new_vocab > old_vocab:
             grown = jnp.concatenate([table, jnp.zeros((new_vocab - old_vocab, table.shape[1]), table.dtype)], axis=0)
-        # Row by row into the (grown or donated) table: XLA updates a loop-carried buffer in place,
-        # so the k rows cost k row writes. A scatter or a select over the table would be one more
-        # pass over it (XLA:CPU's bf16 scatter even converts the whole table to f32 and back).
-        return jax.lax.fori_loop(
-            0, k, lambda i, g: jax.lax.dynamic_update_slice_in_dim(g, rows[i][None], target_ids[i], axis=0), grown
-        )
+        if runs is not None:
+            # A few runs of consecutive ids (reserved slots, the appended block): one in-place
+            # slice update each, so writing k rows costs k rows, not a pass over the table.
+            offset = 0
+            for start, length in runs:
+                grown = jax.lax.dynamic_update_slice_in_dim(grown, rows[offset : offset + length], start, axis=0)
+                offset += length
+            return grown
+        # Many scattered ids: a select, not a scatter (XLA:CPU runs a bf16 scatter by converting
+        # the whole table to f32 and back); the gather + select fuses into one pass.
+        return jnp.where((source >= 0)[:, None], rows[jnp.maximum(source, 0)], grown)
 
     # Same shape (reserved slots only, untrained fixes, a model loaded at its final size): the old
     # table is donated and updated in place. A grown table cannot reuse the old buffer, so peak
@@ -199,9 +213,25 @@ def expand_table(
     from_sums = sums is not None and method == "mean" and len(excluded) <= _MAX_SUBTRACTED
     if not from_sums:
         sums, excluded = np.zeros((1, table.shape[1]), np.float32), np.zeros(0, np.int32)
-    fn = _expander(method, len(target_ids), table.shape[0], new_vocab, out, from_sums)
-    ids = np.asarray(target_ids, np.int32)
-    return fn(table, trained, ids, np.uint32(seed), np.uint32(n), *subword, sums, excluded)
+    ids = np.asarray(target_ids, np.int64)
+    runs = _runs(ids)
+    source = np.full(new_vocab if runs is None else 1, -1, np.int32)  # output row -> its new row, or -1
+    if runs is None:
+        source[ids] = np.arange(len(ids), dtype=np.int32)
+    fn = _expander(method, len(ids), table.shape[0], new_vocab, out, from_sums, runs)
+    return fn(table, trained, source, np.uint32(seed), np.uint32(n), *subword, sums, excluded)
+
+
+def _runs(ids: np.ndarray) -> tuple[tuple[int, int], ...] | None:
+    """Sorted ids as (start, length) runs of consecutive ids; None when there are more than _MAX_RUNS."""
+    if ids.size == 0:
+        return ()
+    breaks = np.nonzero(np.diff(ids) != 1)[0] + 1
+    if len(breaks) >= _MAX_RUNS:
+        return None
+    starts = np.concatenate([[0], breaks])
+    lengths = np.diff(np.concatenate([starts, [ids.size]]))
+    return tuple((int(ids[s]), int(n)) for s, n in zip(starts, lengths, strict=True))
 
 
 @functools.lru_cache(maxsize=64)
