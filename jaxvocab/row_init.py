@@ -51,6 +51,17 @@ def masked_mean(values, mask, mesh: Mesh):
     which a plain reduction over rows (or a single mask row, a GEMV) does. The block sums are
     then replicated (the optimisation barrier stops XLA from turning gather-then-sum back into a
     sharded reduction) and added in one fixed order on every device.
+
+    Args:
+      values: [V, D] table (any float dtype), sharded on `mesh`.
+      mask: [V] bool, the rows to average.
+      mesh: the table's mesh.
+
+    Returns:
+      [D] f32 mean.
+
+    Example:
+      >>> mu = jax.jit(lambda t, m: masked_mean(t, m, mesh))(embed, trained)
     """
     parts = _block_sums(values, mask, mesh)
     # 0 x NaN is NaN: a non-finite row outside the mask poisons the product. Only then (the sums
@@ -104,8 +115,17 @@ def _sample_gaussian(key, mu, sigma, k):
 def new_rows(table, trained, key, sub_idx, sub_w, sub_ok, *, method: str, k: int, mesh: Mesh):
     """[k, D] rows for one table, in f32.
 
-    sub_idx/sub_w [k, L]: the rows and weights (1/len, 0 for padding) of each new token's own
-    tokenization; sub_ok [k]: whether that token has one (others take the mean).
+    Args:
+      table: [V, D] table; trained: [V] bool rows the statistics come from; key: PRNG key.
+      sub_idx, sub_w: [k, L] the rows and weights (1/len, 0 for padding) of each new token's own
+        tokenization; sub_ok: [k] whether that token has one (others take the mean).
+      method: one of INITS; k: rows to make; mesh: the table's mesh.
+
+    Returns:
+      [k, D] f32 rows.
+
+    Example:
+      >>> rows = new_rows(embed, trained, key, *no_subword(4), method="mean", k=4, mesh=mesh)
     """
     d = table.shape[1]
     if method == "zeros":
@@ -243,7 +263,16 @@ def _row_builder(method: str, k: int, mesh: Mesh):
 
 
 def init_rows(table, trained: np.ndarray, key, subword, *, method: str, k: int, mesh: Mesh):
-    """The [k, D] f32 rows `expand_table` would write, without growing anything (diagnostics, tests)."""
+    """The [k, D] f32 rows `expand_table` would write, without growing anything (diagnostics, tests).
+
+    Args: as `new_rows`, with `subword` = (sub_idx, sub_w, sub_ok).
+
+    Returns:
+      [k, D] f32 rows.
+
+    Example:
+      >>> rows = init_rows(embed, trained, jax.random.key(0), no_subword(4), method="mean", k=4, mesh=mesh)
+    """
     return _row_builder(method, k, mesh)(table, jnp.asarray(trained), key, *subword)
 
 
@@ -283,7 +312,18 @@ def _stats_fn(rows: int, fingerprint: bool, mesh: Mesh):
 
 
 def table_stats(table, rows: int, *, fingerprint: bool, mesh: Mesh, hidden: int) -> TableStats:
-    """Row max |x|, block sums and (for the head) fingerprints of the first `rows` rows, in one jit."""
+    """Row max |x|, block sums and (for the head) fingerprints of the first `rows` rows, in one jit.
+
+    Args:
+      table: [V, D] table; rows: how many leading rows to cover; fingerprint: also project each
+      row on a fixed random [D, 2] probe; mesh: the table's mesh; hidden: D.
+
+    Returns:
+      A `TableStats`.
+
+    Example:
+      >>> st = table_stats(model.embed.get_value(), 128256, fingerprint=False, mesh=mesh, hidden=4096)
+    """
     probe = np.random.RandomState(0).standard_normal((hidden, 2)).astype(np.float32)
     rowmax, sums, fp = _stats_fn(rows, fingerprint, mesh)(table, probe)
     return TableStats(np.asarray(rowmax), sums, None if fp is None else np.asarray(fp), rows)
@@ -309,7 +349,17 @@ def _exact_duplicates(table, small: np.ndarray, fingerprint: np.ndarray) -> np.n
 
 def model_stats(model, rows: int | None = None) -> list[TableStats]:
     """`TableStats` of each table (embedding, then an untied head), over the first `rows` rows
-    (default: all; fewer for a model loaded at its final size, whose extra rows are zero)."""
+    (default: all; fewer for a model loaded at its final size, whose extra rows are zero).
+
+    Args:
+      model: a `Llama`; rows: leading rows to cover.
+
+    Returns:
+      One `TableStats` per table.
+
+    Example:
+      >>> mask = untrained_mask(model, stats=model_stats(model))
+    """
     rows = model.config.vocab_size if rows is None else rows
     sharding = getattr(model.embed.get_value(), "sharding", None)
     mesh = sharding.mesh if isinstance(sharding, NamedSharding) else single_device_mesh()

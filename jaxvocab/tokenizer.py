@@ -191,6 +191,21 @@ class Tokenizer:
         return self.n_words
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, allowed_special=()) -> list[int]:
+        """Token ids of `text`, exactly as Meta's encoder cuts it (over-long runs included).
+
+        Args:
+          text: the text.
+          bos, eos: prepend <|begin_of_text|> / append the end-of-text id.
+          allowed_special: control tokens matched in `text` ("all" or texts); the rest encode as
+            plain text, so data cannot inject control tokens. Plain added tokens always match.
+
+        Returns:
+          The ids.
+
+        Example:
+          >>> tok.encode("hello", bos=True)
+          [128000, 15339]
+        """
         if not isinstance(text, str):
             raise VocabError(f"encode() takes str, got {type(text).__name__}; decode bytes first")
         enc = self.enc
@@ -221,6 +236,18 @@ class Tokenizer:
         return ids
 
     def decode(self, ids) -> str:
+        """The text of `ids` (control tokens spelled out).
+
+        Args:
+          ids: token ids, each in this tokenizer.
+
+        Returns:
+          The text.
+
+        Example:
+          >>> tok.decode(tok.encode("hello"))
+          'hello'
+        """
         ids = self._check_ids(ids)
         if self.llama3:
             return self.enc.decode(ids)
@@ -238,6 +265,15 @@ class Tokenizer:
         return t is not None and t not in self.added_plain
 
     def free_reserved(self) -> list[int]:
+        """Ids of the `<|reserved_special_token_N|>` slots still free for new tokens.
+
+        Returns:
+          Sorted ids.
+
+        Example:
+          >>> tok.free_reserved()[:2]
+          [128002, 128003]
+        """
         return sorted(i for t, i in self.special_tokens.items() if _RESERVED.fullmatch(t))
 
     def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -275,7 +311,18 @@ class Tokenizer:
         self, renamed: dict[int, str], appended: dict[int, str], special: set[int] | None = None
     ) -> Tokenizer:
         """A new tokenizer with reserved slots renamed and ids appended; `special` (default: none)
-        marks control tokens, every other new token is matched in plain text."""
+        marks control tokens, every other new token is matched in plain text. This one is unchanged.
+
+        Args:
+          renamed: reserved slot id -> new text.
+          appended: new id (>= n_words) -> text.
+          special: the new ids that are control tokens.
+
+        Returns:
+          The new `Tokenizer`.
+
+        Example:
+          >>> tok2 = tok.with_tokens({128002: "<think>"}, {128256: "</think>"}, {128002, 128256})"""
         special = set(special or ())
         st = dict(self.special_tokens)
         editable = set(self.free_reserved()) | set(self._added)

@@ -30,7 +30,18 @@ SINGLE = "model.safetensors"
 
 
 def tensor_index(path: Path) -> dict[str, TensorInfo]:
-    """name -> header entry over all shards, with the index checked against the files."""
+    """name -> header entry over all shards, with the index checked against the files.
+
+    Args:
+      path: an HF checkpoint dir.
+
+    Returns:
+      {tensor name: TensorInfo (file, dtype, shape, offsets)}.
+
+    Example:
+      >>> tensor_index(Path("Llama-3.2-1B"))["model.norm.weight"].shape
+      (2048,)
+    """
     index_file = path / INDEX
     if index_file.is_file():
         try:
@@ -79,6 +90,14 @@ def _inside(name: str) -> bool:
 
 
 def validate(config: LlamaConfig, infos: dict, path: Path) -> None:
+    """Refuse a checkpoint whose tensors do not match config.json, before any weight is read.
+
+    Args:
+      config: from config.json; infos: `tensor_index(path)`; path: the dir (for messages).
+
+    Example:
+      >>> validate(LlamaConfig.from_hf_file(path), tensor_index(path), path)
+    """
     expected = {n: (k, keys.checkpoint_shape(k, config)) for k in keys.keys_for(config) for n in keys.names(k, config)}
     missing = sorted(set(expected) - set(infos), key=keys.natural_order)
     if missing:
@@ -216,7 +235,18 @@ class ExportTensor(NamedTuple):
 def write_weights(
     model: Llama, out: Path, max_shard_size="5GB", show_progress: bool = True, rows: int | None = None
 ) -> dict:
-    """The weights as safetensors shards; `rows` keeps only the first rows of the vocab tables."""
+    """The weights as safetensors shards; `rows` keeps only the first rows of the vocab tables.
+
+    Args:
+      model: the `Llama`; out: the (temporary) output dir; max_shard_size: e.g. "5GB";
+      show_progress: draw a progress bar; rows: vocabulary rows to export (default: all).
+
+    Returns:
+      {"total_size": bytes, "shards": count}.
+
+    Example:
+      >>> write_weights(model, Path(tmp), "2GB", rows=128256)
+    """
     limit = parse_size(max_shard_size)
     config = model.config if rows is None else model.config.replace(vocab_size=rows)
     plan = [

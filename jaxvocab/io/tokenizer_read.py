@@ -172,8 +172,21 @@ def _from_hf_json(path: str) -> Tokenizer:
 
 
 def load_tokenizer(path, llama_version: str | None = None) -> Tokenizer:
-    """The tokenizer of a checkpoint dir (or one tokenizer file). `llama_version` ('3.0' / '3.1')
-    names the special tokens of a bare Meta tokenizer.model (default: from params.json beside it)."""
+    """The tokenizer of a checkpoint dir (or one tokenizer file).
+
+    Args:
+      path: a checkpoint dir (tokenizer.model and/or tokenizer.json), or one of those files.
+      llama_version: '3.0' / '3.1' names the special tokens of a bare Meta tokenizer.model
+        (default: from params.json beside it).
+
+    Returns:
+      The `Tokenizer`; a tokenizer.json that is not Llama-3's BPE loads for planning only.
+
+    Example:
+      >>> tok = load_tokenizer("Llama-3.2-1B")
+      >>> tok.n_words
+      128256
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         tm, tj = os.path.join(path, "tokenizer.model"), os.path.join(path, "tokenizer.json")
