@@ -156,20 +156,24 @@ def _expander(
     out_sharding: NamedSharding,
     from_sums: bool,
     runs: tuple | None,
+    stat_rows: int,
 ):
     mesh = out_sharding.mesh
 
     def expand(table, trained, source, seed, n, sub_idx, sub_w, sub_ok, sums, excluded):
         key = jax.random.fold_in(jax.random.key(seed), n)  # inside the jit: no separate fold_in compile
+        # Statistics over the checkpoint's rows only: a table loaded at its final size sums in
+        # the same blocks, so it gets the same bits as one grown after loading.
+        stats_table, trained = table[:stat_rows], trained[:stat_rows]
         if from_sums:
             total = sums.sum(axis=0) - jnp.sum(table[excluded].astype(jnp.float32), axis=0)
             mu = total / jnp.maximum(trained.sum(), 1).astype(jnp.float32)
             # A non-finite row (loaded with allow_nonfinite) poisons the all-rows sums: only then
             # pay for the masked pass, which keeps such rows out.
-            mu = jax.lax.cond(jnp.all(jnp.isfinite(mu)), lambda: mu, lambda: masked_mean(table, trained, mesh))
+            mu = jax.lax.cond(jnp.all(jnp.isfinite(mu)), lambda: mu, lambda: masked_mean(stats_table, trained, mesh))
             rows = jnp.broadcast_to(mu, (k, table.shape[1]))
         else:
-            rows = new_rows(table, trained, key, sub_idx, sub_w, sub_ok, method=method, k=k, mesh=mesh)
+            rows = new_rows(stats_table, trained, key, sub_idx, sub_w, sub_ok, method=method, k=k, mesh=mesh)
         rows = rows.astype(table.dtype)
         grown = table
         if new_vocab > old_vocab:
@@ -238,7 +242,7 @@ def expand_table(
     source = np.full(new_vocab if runs is None else 1, -1, np.int32)  # output row -> its new row, or -1
     if runs is None:
         source[ids] = np.arange(len(ids), dtype=np.int32)
-    fn = _expander(method, len(ids), table.shape[0], new_vocab, out, from_sums, runs)
+    fn = _expander(method, len(ids), table.shape[0], new_vocab, out, from_sums, runs, summed_rows or table.shape[0])
     return fn(table, trained, source, np.uint32(seed), np.uint32(n), *subword, sums, excluded)
 
 
