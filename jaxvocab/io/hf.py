@@ -176,6 +176,18 @@ def _hf_source(key: keys.Key, config: LlamaConfig, infos: dict) -> Source:
 
 # --------------------------------------------------------------------------------------- write
 def parse_size(text: str | int) -> int:
+    """Bytes of a --max-shard-size value.
+
+    Args:
+      text: an int, or "5GB" / "500MB" / "2GiB" (decimal and binary units).
+
+    Returns:
+      The size in bytes.
+
+    Example:
+      >>> parse_size("2GiB")
+      2147483648
+    """
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())

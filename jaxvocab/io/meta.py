@@ -304,7 +304,18 @@ class MetaCheckpoint:
 
 
 def meta_config(path, rope_factor: float | None = None) -> LlamaConfig:
-    """The LlamaConfig a Meta dir describes (reads pickles, and only enough rows to tell a tied head)."""
+    """The LlamaConfig a Meta dir describes (reads pickles, and only enough rows to tell a tied head).
+
+    Args:
+      path: the Meta dir; rope_factor: the llama3 rope factor params.json omits (default: guessed).
+
+    Returns:
+      The `LlamaConfig`.
+
+    Example:
+      >>> meta_config("Meta-Llama-3.1-8B/original").vocab_size
+      128256
+    """
     return MetaCheckpoint(Path(path), rope_factor).config
 
 
