@@ -12,6 +12,7 @@ model's spare padding rows, then new rows; the table is padded to a multiple the
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -410,9 +411,12 @@ def _rewrite(
             sums=stats[n].sums if stats else None,
             summed_rows=stats[n].rows if stats else None,
         )
-        # The old table is freed here (no reference cycle holds loader-built arrays: see
-        # io/loader.py), so peak memory stays at the model plus one new table.
         param.set_value(new.block_until_ready())
+        if new_rows != model.config.vocab_size:
+            # The old table is unreferenced now, but arrays built by make_array_from_callback (the
+            # loaders) can keep their buffers in reference cycles: collect them before the next
+            # table grows, so peak memory stays at the model plus one new table.
+            gc.collect()
     if new_rows != model.config.vocab_size:
         model.config = model.config.replace(vocab_size=new_rows)
     return model

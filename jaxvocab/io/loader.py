@@ -4,9 +4,7 @@ The model is built abstractly (`nnx.eval_shape`, no weights), then every param i
 `jax.make_array_from_callback`: each device asks its reader for its own slice, so no full tensor
 is ever assembled on the host. A reader may be asked for vocabulary tables larger than the
 checkpoint's (`rows=`): the rows past the checkpoint come back as zeros, so an import that adds
-tokens reads straight into the final-size tables and never copies a table to grow it. The
-callbacks close over their reader only (nothing refers back to the model or the arrays), so a
-table that is replaced is freed at once, without a garbage-collector pass.
+tokens reads straight into the final-size tables and never copies a table to grow it.
 """
 
 from __future__ import annotations
