@@ -159,9 +159,9 @@ def _hf_source(key: keys.Key, config: LlamaConfig, infos: dict) -> Source:
     shape = keys.param_shape(key, config)
     stacked_dtype = np.result_type(*{t.dtype for t in tensors})
 
-    def read(idx: tuple[slice, ...]):
-        if not key.layered:
-            return read_slice(tensors[0], idx)
+    def read(idx: tuple[slice, ...], out: np.ndarray | None = None):
+        if not key.layered:  # `out`: the caller's buffer (a table read into its final size)
+            return read_slice(tensors[0], idx, out=out if out is not None and out.dtype == tensors[0].dtype else None)
         # Layers land one by one in the final (aligned) buffer: no list of layers plus a stacked copy.
         out = aligned_empty(tuple(len(range(*s.indices(n))) for s, n in zip(idx, shape, strict=True)), stacked_dtype)
         for j, i in enumerate(range(*idx[0].indices(len(tensors)))):

@@ -9,6 +9,7 @@ tokens reads straight into the final-size tables and never copies a table to gro
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -115,11 +116,22 @@ def _zero_rows_past(read, stored_rows: int, dtype):
         out = aligned_empty((r.stop - r.start, *(s.stop - s.start for s in rest)), dtype)
         kept = max(0, min(r.stop, stored_rows) - r.start)
         if kept:
-            out[:kept] = read((slice(r.start, r.start + kept), *rest))
+            part = slice(r.start, r.start + kept), *rest
+            got = read(part, out=out[:kept]) if _takes_out(read) else read(part)
+            if got is not None and got.base is not out and got is not out:
+                out[:kept] = got  # a reader that cannot fill the caller's buffer (other dtype, Meta)
         out[kept:] = 0
         return out
 
     return read_grown
+
+
+def _takes_out(read) -> bool:
+    """Whether a reader fills a caller's buffer (`read(idx, out=...)`), saving a table-sized copy."""
+    try:
+        return "out" in inspect.signature(read).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _as_dtype(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
