@@ -268,13 +268,8 @@ def _row_builder(method: str, k: int, mesh: Mesh):
 
 def init_rows(table, trained: np.ndarray, key, subword, *, method: str, k: int, mesh: Mesh):
     """The [k, D] f32 rows `expand_table` would write, without growing anything (diagnostics, tests).
+    Args as `new_rows`, with `subword` = (sub_idx, sub_w, sub_ok). Example:
 
-    Args: as `new_rows`, with `subword` = (sub_idx, sub_w, sub_ok).
-
-    Returns:
-      [k, D] f32 rows.
-
-    Example:
       >>> rows = init_rows(embed, trained, jax.random.key(0), no_subword(4), method="mean", k=4, mesh=mesh)
     """
     return _row_builder(method, k, mesh)(table, jnp.asarray(trained), key, *subword)
@@ -355,12 +350,7 @@ def model_stats(model, rows: int | None = None) -> list[TableStats]:
     """`TableStats` of each table (embedding, then an untied head), over the first `rows` rows
     (default: all; fewer for a model loaded at its final size, whose extra rows are zero).
 
-    Args:
-      model: a `Llama`; rows: leading rows to cover.
-
-    Returns:
-      One `TableStats` per table.
-
+    Args: model: a `Llama`; rows: leading rows to cover. Returns: one `TableStats` per table.
     Example:
       >>> mask = untrained_mask(model, stats=model_stats(model))
     """
