@@ -2,20 +2,27 @@
 
     python bench/expand.py                       # 1-layer Llama-3-8B shapes, +1000 tokens, mean init
     python bench/expand.py --keep-dir /tmp/e8b   # keep (and on later runs reuse) the checkpoint
+    python bench/expand.py --cli-only            # only the CLI comparison (import vs import --add-tokens)
 
 A checkpoint with Llama-3-8B's real shapes but one layer (vocab 128256 x 4096 bf16, untied head) is
-written on the fly as an HF dir with the Llama-3 tokenizer, its 248 reserved rows zero as in the
-base release. Each tool then runs in its own fresh process: load (reported, not compared), then
-+1000 rows with a mean init, timed alone: jaxvocab's plan_vocab + expand_vocab (compilation
-included; the reserved slots are not reused, so both tools grow by the same 1000 rows) against
-`model.resize_token_embeddings(n + 1000, mean_resizing=True)`. transformers' mean resizing
+written on the fly as an HF dir with the Llama-3 tokenizer files, its 248 reserved rows zero as in
+the base release. Each tool then runs in its own fresh process: load (reported, not compared), then
++1000 tokens with a mean init, timed alone: jaxvocab's default path (`plan_vocab(tok, new,
+model=model)`: the 248 free reserved slots are reused, 752 rows appended; `expand_vocab`,
+compilation included) against `model.resize_token_embeddings(n + 1000, mean_resizing=True)`
+(transformers has no reserved-slot reuse: it grows by 1000 rows). transformers' mean resizing
 centres an f32 copy of each table and forms its 4096 x 4096 covariance to sample from; jaxvocab's
 mean is one f32 reduction over the trained rows. Peak RSS is sampled during the step. jaxvocab
 runs 3 times (median; seconds each), transformers once by default (minutes each).
 
+Then the CLI, as users run it: `jaxvocab-convert import SRC OUT` against the same command with
+`--add-tokens @FILE` (the same 1000 tokens), interleaved, each a fresh process, median wall time.
+With the flag the ids are planned before any weight is read and the loader reads the checkpoint
+straight into the final-size tables, so the expansion only writes the planned rows in place.
+
 Targets: >= 100x faster; jaxvocab's peak RSS <= its import baseline + 1.1 x (the weights + one new
 table): the model, one table being built, and the same 10% slack bench/import.py allows (XLA's
-compiler and executables take ~0.1-0.2 GB here).
+compiler and executables take ~0.1-0.2 GB here); `import --add-tokens` <= 1.1 x plain `import`.
 """
 
 from __future__ import annotations
@@ -23,15 +30,18 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import INDEX, RSS_SAMPLER, fmt_bytes, machine, measure, save, summarize, table, write_random_checkpoint  # noqa: E402
 
-from examples.llama3_tokenizer import package_tokenizer_dir  # noqa: E402
+from examples.llama3_tokenizer import write_text_tokenizer  # noqa: E402
 from jaxvocab.config import LLAMA_3_8B  # noqa: E402
 
 NEW_TOKENS = 1000
@@ -53,13 +63,12 @@ bench_extra.update(step_peak_rss=max(_peak[0], _proc.memory_info().rss), rss_bef
 
 
 def write_checkpoint(out: Path) -> int:
-    """Random bf16 HF dir of CONFIG with the real tokenizer; reserved rows zero, as in the Llama-3 release."""
-    from jaxvocab.tokenizer import load_tokenizer
+    """Random bf16 HF dir of CONFIG with the real tokenizer files (the 3.1 text set, 128256 ids);
+    reserved rows zero, as in the Llama-3 release."""
+    from jaxvocab.io.tokenizer_read import load_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(
-        package_tokenizer_dir() / "tokenizer.model", out / "tokenizer.model"
-    )  # alone: the 3.1 text set, 128256 ids
+    write_text_tokenizer(out)
     return write_random_checkpoint(CONFIG, out, zero_rows=load_tokenizer(out).free_reserved())
 
 
@@ -86,7 +95,7 @@ def run(path: Path, repeats: int, transformers_repeats: int) -> dict:
     )
     jax_body = (
         textwrap.dedent("""
-        plan = jaxvocab.plan_vocab(tok, new, reuse_reserved=False, model=model)
+        plan = jaxvocab.plan_vocab(tok, new, model=model)
         model, tok, plan = jaxvocab.expand_vocab(model, tok, plan, init="mean")
         jax.block_until_ready([model.embed[...], model.lm_head[...]])
         bench_extra = {"rows": model.config.vocab_size}
@@ -145,7 +154,7 @@ def report(path: Path, r: dict, ckpt_bytes: int) -> str:
             str(x["rows"]),
         ]
         for name, x in (
-            ("jaxvocab plan_vocab + expand_vocab (mean)", jv),
+            ("jaxvocab plan_vocab + expand_vocab (mean, reserved slots reused)", jv),
             ("transformers resize_token_embeddings(mean_resizing=True)", tf),
         )
     ]
@@ -173,6 +182,54 @@ def report(path: Path, r: dict, ckpt_bytes: int) -> str:
     )
 
 
+def run_cli(path: Path, repeats: int) -> dict:
+    """`jaxvocab-convert import` with and without --add-tokens, interleaved; wall seconds each."""
+    work = Path(tempfile.mkdtemp(prefix="jaxvocab-bench-cli-"))
+    tokens = work / "tokens.txt"
+    tokens.write_text("".join(f"<|new_{i}|>\n" for i in range(NEW_TOKENS)))
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    cases = {"import": [], "import --add-tokens": [str(f"--add-tokens=@{tokens}")]}
+    out = {name: [] for name in cases}
+    try:
+        for _ in range(repeats):
+            for name, extra in cases.items():
+                dst = work / "out"
+                shutil.rmtree(dst, ignore_errors=True)
+                t = time.perf_counter()
+                subprocess.run(
+                    [sys.executable, "-m", "convert", "import", str(path), str(dst), *extra],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                )
+                out[name].append(time.perf_counter() - t)
+                print(f"  {name}: {out[name][-1]:.1f} s", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def report_cli(r: dict) -> str:
+    plain, add = statistics.median(r["import"]), statistics.median(r["import --add-tokens"])
+    rows = [
+        [f"`jaxvocab-convert {name}`", f"**{statistics.median(ts):.1f}**", " / ".join(f"{t:.1f}" for t in ts)]
+        for name, ts in r.items()
+    ]
+    return "\n".join(
+        [
+            f"## CLI: import vs import --add-tokens (+{NEW_TOKENS} tokens), same checkpoint",
+            "",
+            f"{machine()}; default flags; each run a fresh process, the two commands interleaved; median wall time.",
+            "",
+            table(["", "median (s)", "runs (s)"], rows),
+            "",
+            f"- adding tokens costs {100 * (add / plain - 1):+.0f}% over a plain import "
+            f"({'PASS' if add <= 1.1 * plain else 'MISS'}; target <= +10%)",
+        ]
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep-dir", type=Path, help="write the checkpoint here and keep it (reused if already there)")
@@ -183,16 +240,19 @@ def main(argv=None) -> int:
         default=1,
         help="fresh-process runs of transformers (default 1: each takes minutes on a CPU)",
     )
+    ap.add_argument("--cli-repeats", type=int, default=3, help="interleaved runs of each import command")
+    ap.add_argument("--cli-only", action="store_true", help="only the CLI comparison")
     args = ap.parse_args(argv)
     path = args.keep_dir or Path(tempfile.mkdtemp(prefix="jaxvocab-bench-expand-"))
     try:
-        if (path / INDEX).is_file() and (path / "tokenizer.model").is_file():
+        if (path / INDEX).is_file() and (path / "tokenizer.json").is_file():
             print(f"reusing {path}", file=sys.stderr)
         else:
             print(f"writing a random 1-layer Llama-3-8B-shaped checkpoint to {path}", file=sys.stderr)
             write_checkpoint(path)
         ckpt_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        text = report(path, run(path, args.repeats, args.transformers_repeats), ckpt_bytes)
+        parts = [] if args.cli_only else [report(path, run(path, args.repeats, args.transformers_repeats), ckpt_bytes)]
+        text = "\n\n".join([*parts, report_cli(run_cli(path, args.cli_repeats))])
     finally:
         if args.keep_dir is None:
             shutil.rmtree(path, ignore_errors=True)

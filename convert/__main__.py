@@ -138,16 +138,20 @@ def cmd_import(args) -> None:
                 f"--llama-version: {args.src} is not a Meta dir with a bare tokenizer.model; "
                 "its tokenizer files already name the special tokens"
             )
-    vocab_cli.check_import_flags(args)  # bad flags fail now, not after minutes of loading
+    mesh = _mesh(args.mesh)
+    # Bad flags fail now, not after minutes of loading; with vocabulary flags the ids are planned
+    # first, so the loader reads the checkpoint straight into the final-size tables.
+    planned = vocab_cli.plan_for_import(args, mesh)
     model = jaxvocab.load(
         args.src,
         dtype=args.dtype,
-        mesh=_mesh(args.mesh),
+        mesh=mesh,
         rope_factor=args.rope_factor,
         allow_nonfinite=args.allow_nonfinite,
+        vocab_rows=planned[0].new_rows if planned else None,
     )
     fault_point("import:loaded")
-    model, tok, plan = vocab_cli.expand_for_import(model, args)
+    model, tok, plan = vocab_cli.expand_for_import(model, args, planned)
     jaxvocab.save_checkpoint(
         model, args.out, tokenizer=tok, plan=plan, overwrite=args.overwrite, llama_version=args.llama_version
     )

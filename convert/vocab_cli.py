@@ -193,16 +193,15 @@ def check_import_flags(args) -> bool:
     return True
 
 
-def expand_for_import(model, args):
-    """Apply the vocabulary flags of `import` to the loaded model: (model, tokenizer files, plan or None).
-
-    Without vocabulary flags the model is returned as loaded, with the source's files to carry."""
+def plan_for_import(args, mesh):
+    """The plan of `import`'s vocabulary flags, made before any weight is read (config.json and the
+    tokenizer are enough), so the loader reads the checkpoint straight into the final-size tables.
+    Returns (plan, tokenizer), or None when no flag asks for an expansion."""
     import jaxvocab
-    from jaxvocab.io.carried import CarriedFiles
-    from jaxvocab.vocab import describe_untrained
+    from jaxvocab.vocab import mesh_multiple
 
     if not check_import_flags(args):
-        return model, CarriedFiles.of(args.src), None
+        return None
     tokens, flags = parse_token_flags(args.add_tokens) if args.add_tokens is not None else ({}, {})
     with _warnings_as_lines():
         tok = _tokenizer(args.src, args.llama_version)
@@ -210,13 +209,25 @@ def expand_for_import(model, args):
             tok,
             tokens,
             reuse_reserved=args.reuse_reserved,
-            pad_to_multiple_of=args.pad_to_multiple_of,
-            model=model,
+            pad_to_multiple_of=args.pad_to_multiple_of or mesh_multiple(mesh),
+            model=_abstract_model(Path(args.src)),
             special=special_arg(args, tokens, flags),
         )
-        model, tok, plan = jaxvocab.expand_vocab(
-            model, tok, plan, init=args.init or "mean", fix_untrained=args.fix_untrained
-        )
+    return plan, tok
+
+
+def expand_for_import(model, args, planned):
+    """Initialise the planned rows of a model loaded at the plan's final size: (model, tokenizer or
+    files to carry, plan or None). Without vocabulary flags the model is returned as loaded, with the
+    source's files to carry."""
+    from jaxvocab.io.carried import CarriedFiles
+    from jaxvocab.vocab import describe_untrained, expand_loaded
+
+    if planned is None:
+        return model, CarriedFiles.of(args.src), None
+    plan, tok = planned
+    with _warnings_as_lines():
+        model, tok, plan = expand_loaded(model, tok, plan, init=args.init or "mean", fix_untrained=args.fix_untrained)
     print(plan.table())
     if plan.untrained_fixed:
         shown = describe_untrained(plan.untrained_fixed, tok, limit=5)

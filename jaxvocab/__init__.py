@@ -19,7 +19,7 @@ from jaxvocab.model import KVCache, Llama
 from jaxvocab.sharding import parse_mesh
 
 _LAZY = {
-    "load_tokenizer": "jaxvocab.tokenizer",
+    "load_tokenizer": "jaxvocab.io.tokenizer_read",
     "Tokenizer": "jaxvocab.tokenizer",
     "plan_vocab": "jaxvocab.vocab",
     "VocabPlan": "jaxvocab.vocab",

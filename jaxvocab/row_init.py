@@ -13,6 +13,7 @@ checkpoint does not depend on the machine that expanded it.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxvocab.model import TABLE_AXES
-from jaxvocab.sharding import sharding_for
+from jaxvocab.sharding import sharding_for, single_device_mesh
 
 INITS = ("mean", "mean-noise", "covariance", "subword", "random", "zeros")
 NOISE_SCALE = 0.1  # mean-noise: mean + NOISE_SCALE * per-dim std * N(0, 1): distinct rows, still mean-like logits
@@ -30,6 +31,8 @@ RANDOM_STD = 0.02  # random: N(0, 0.02^2), HF's initializer_range; an ablation, 
 _JITTER = 1e-6  # relative diagonal jitter before the Cholesky factorisation of Sigma
 _MAX_BLOCKS = 128  # see _blocks
 _GEMM_ROWS = 2  # mask rows per block product (see masked_mean)
+_MAX_RUNS = 32  # runs of consecutive target ids written as slice updates (more: one select pass)
+_MAX_SUBTRACTED = 4096  # excluded rows a mean may subtract from the all-rows sums (see expand_table)
 REL_EPS = 1e-3  # a row is untrained when max|x| <= REL_EPS * (median row max |x|)
 
 
@@ -48,6 +51,17 @@ def masked_mean(values, mask, mesh: Mesh):
     which a plain reduction over rows (or a single mask row, a GEMV) does. The block sums are
     then replicated (the optimisation barrier stops XLA from turning gather-then-sum back into a
     sharded reduction) and added in one fixed order on every device.
+
+    Args:
+      values: [V, D] table (any float dtype), sharded on `mesh`.
+      mask: [V] bool, the rows to average.
+      mesh: the table's mesh.
+
+    Returns:
+      [D] f32 mean.
+
+    Example:
+      >>> mu = jax.jit(lambda t, m: masked_mean(t, m, mesh))(embed, trained)
     """
     parts = _block_sums(values, mask, mesh)
     # 0 x NaN is NaN: a non-finite row outside the mask poisons the product. Only then (the sums
@@ -101,8 +115,17 @@ def _sample_gaussian(key, mu, sigma, k):
 def new_rows(table, trained, key, sub_idx, sub_w, sub_ok, *, method: str, k: int, mesh: Mesh):
     """[k, D] rows for one table, in f32.
 
-    sub_idx/sub_w [k, L]: the rows and weights (1/len, 0 for padding) of each new token's own
-    tokenization; sub_ok [k]: whether that token has one (others take the mean).
+    Args:
+      table: [V, D] table; trained: [V] bool rows the statistics come from; key: PRNG key.
+      sub_idx, sub_w: [k, L] the rows and weights (1/len, 0 for padding) of each new token's own
+        tokenization; sub_ok: [k] whether that token has one (others take the mean).
+      method: one of INITS; k: rows to make; mesh: the table's mesh.
+
+    Returns:
+      [k, D] f32 rows.
+
+    Example:
+      >>> rows = new_rows(embed, trained, key, *no_subword(4), method="mean", k=4, mesh=mesh)
     """
     d = table.shape[1]
     if method == "zeros":
@@ -125,23 +148,52 @@ def new_rows(table, trained, key, sub_idx, sub_w, sub_ok, *, method: str, k: int
 
 
 @functools.lru_cache(maxsize=64)
-def _expander(method: str, k: int, old_vocab: int, new_vocab: int, out_sharding: NamedSharding, donate: bool = True):
+def _expander(
+    method: str,
+    k: int,
+    old_vocab: int,
+    new_vocab: int,
+    out_sharding: NamedSharding,
+    from_sums: bool,
+    runs: tuple | None,
+    stat_rows: int,
+    donate: bool = True,
+):
     mesh = out_sharding.mesh
 
-    def expand(table, trained, source, key, sub_idx, sub_w, sub_ok):
-        rows = new_rows(table, trained, key, sub_idx, sub_w, sub_ok, method=method, k=k, mesh=mesh)
+    def expand(table, trained, source, seed, n, sub_idx, sub_w, sub_ok, sums, excluded):
+        key = jax.random.fold_in(jax.random.key(seed), n)  # inside the jit: no separate fold_in compile
+        # Statistics over the checkpoint's rows only: a table loaded at its final size sums in
+        # the same blocks, so it gets the same bits as one grown after loading.
+        stats_table, trained = table[:stat_rows], trained[:stat_rows]
+        if from_sums:
+            total = sums.sum(axis=0) - jnp.sum(table[excluded].astype(jnp.float32), axis=0)
+            mu = total / jnp.maximum(trained.sum(), 1).astype(jnp.float32)
+            # A non-finite row (loaded with allow_nonfinite) poisons the all-rows sums: only then
+            # pay for the masked pass, which keeps such rows out.
+            mu = jax.lax.cond(jnp.all(jnp.isfinite(mu)), lambda: mu, lambda: masked_mean(stats_table, trained, mesh))
+            rows = jnp.broadcast_to(mu, (k, table.shape[1]))
+        else:
+            rows = new_rows(stats_table, trained, key, sub_idx, sub_w, sub_ok, method=method, k=k, mesh=mesh)
         rows = rows.astype(table.dtype)
-        d = table.shape[1]
         grown = table
         if new_vocab > old_vocab:
-            grown = jnp.concatenate([table, jnp.zeros((new_vocab - old_vocab, d), table.dtype)], axis=0)
-        # A select, not a scatter: XLA:CPU runs a bf16 scatter by converting the whole table to
-        # f32 and back (3x its memory); this gather + select fuses into one pass over the output.
+            grown = jnp.concatenate([table, jnp.zeros((new_vocab - old_vocab, table.shape[1]), table.dtype)], axis=0)
+        if runs is not None:
+            # A few runs of consecutive ids (reserved slots, the appended block): one in-place
+            # slice update each, so writing k rows costs k rows, not a pass over the table.
+            offset = 0
+            for start, length in runs:
+                grown = jax.lax.dynamic_update_slice_in_dim(grown, rows[offset : offset + length], start, axis=0)
+                offset += length
+            return grown
+        # Many scattered ids: a select, not a scatter (XLA:CPU runs a bf16 scatter by converting
+        # the whole table to f32 and back); the gather + select fuses into one pass.
         return jnp.where((source >= 0)[:, None], rows[jnp.maximum(source, 0)], grown)
 
-    # Same shape (reserved slots only, untrained fixes): the old table is donated and updated in
-    # place. A grown table cannot reuse the old buffer, so peak memory is the old table plus the
-    # new one; the caller deletes the old one right after.
+    # Same shape (reserved slots only, untrained fixes, a model loaded at its final size): with `donate`
+    # the old table is donated and updated in place. A grown table cannot reuse the old buffer, so peak
+    # memory is the old table plus the new one; the caller deletes the old one right after.
     return jax.jit(expand, out_shardings=out_sharding, donate_argnums=0 if donate and new_vocab == old_vocab else ())
 
 
@@ -149,22 +201,66 @@ def expand_table(
     table,
     trained: np.ndarray,
     target_ids: np.ndarray,
-    key,
+    seed: int,
+    n: int,
     subword,
     *,
     method: str,
     new_vocab: int,
     mesh: Mesh,
+    sums=None,
+    summed_rows: int | None = None,
     donate: bool = True,
 ):
-    """The table grown to `new_vocab` rows with `target_ids` (sorted) set by `method`; with `donate`
-    the input is donated when the shape does not change. `subword` is (sub_idx, sub_w, sub_ok) as in
-    `new_rows`."""
+    """The table grown to `new_vocab` rows with `target_ids` (sorted) set by `method`.
+
+    Args:
+      table: [V, D] table; with `donate`, donated when the shape does not change.
+      trained: [V] bool, the rows statistics are taken from.
+      target_ids: sorted ids of the rows to write.
+      seed, n: the random key is `fold_in(key(seed), n)` (n: the table's index in the model).
+      subword: (sub_idx, sub_w, sub_ok) as in `new_rows`.
+      method: one of INITS.
+      new_vocab: rows of the result (>= V).
+      mesh: the table's mesh.
+      sums, summed_rows: `TableStats.sums` of this table and the rows they cover; with "mean", the
+        mean is taken from them (no second pass over the table).
+      donate: consume `table` when the shape does not change (False keeps it intact).
+
+    Returns:
+      The [new_vocab, D] table, sharded like the model's tables.
+
+    Example:
+      >>> embed = expand_table(embed, trained, np.arange(v, v + 8), 0, 0, no_subword(8), method="mean",
+      ...                      new_vocab=v + 128, mesh=mesh)
+    """
     out = sharding_for((new_vocab, table.shape[1]), TABLE_AXES, mesh)
-    source = np.full(new_vocab, -1, np.int32)  # output row -> index of its new row, or -1
-    source[np.asarray(target_ids, np.int64)] = np.arange(len(target_ids), dtype=np.int32)
-    fn = _expander(method, len(target_ids), table.shape[0], new_vocab, out, donate)
-    return fn(table, jnp.asarray(trained), jnp.asarray(source), key, *subword)
+    excluded = np.nonzero(~np.asarray(trained)[: summed_rows or table.shape[0]])[0].astype(np.int32)
+    # Subtracting the excluded rows beats a second pass while they are few (Llama-3: <= 256).
+    from_sums = sums is not None and method == "mean" and len(excluded) <= _MAX_SUBTRACTED
+    if not from_sums:
+        sums, excluded = np.zeros((1, table.shape[1]), np.float32), np.zeros(0, np.int32)
+    ids = np.asarray(target_ids, np.int64)
+    runs = _runs(ids)
+    source = np.full(new_vocab if runs is None else 1, -1, np.int32)  # output row -> its new row, or -1
+    if runs is None:
+        source[ids] = np.arange(len(ids), dtype=np.int32)
+    fn = _expander(
+        method, len(ids), table.shape[0], new_vocab, out, from_sums, runs, summed_rows or table.shape[0], donate
+    )
+    return fn(table, trained, source, np.uint32(seed), np.uint32(n), *subword, sums, excluded)
+
+
+def _runs(ids: np.ndarray) -> tuple[tuple[int, int], ...] | None:
+    """Sorted ids as (start, length) runs of consecutive ids; None when there are more than _MAX_RUNS."""
+    if ids.size == 0:
+        return ()
+    breaks = np.nonzero(np.diff(ids) != 1)[0] + 1
+    if len(breaks) >= _MAX_RUNS:
+        return None
+    starts = np.concatenate([[0], breaks])
+    lengths = np.diff(np.concatenate([starts, [ids.size]]))
+    return tuple((int(ids[s]), int(n)) for s, n in zip(starts, lengths, strict=True))
 
 
 @functools.lru_cache(maxsize=64)
@@ -176,7 +272,11 @@ def _row_builder(method: str, k: int, mesh: Mesh):
 
 
 def init_rows(table, trained: np.ndarray, key, subword, *, method: str, k: int, mesh: Mesh):
-    """The [k, D] f32 rows `expand_table` would write, without growing anything (diagnostics, tests)."""
+    """The [k, D] f32 rows `expand_table` would write, without growing anything (diagnostics, tests).
+    Args as `new_rows`, with `subword` = (sub_idx, sub_w, sub_ok). Example:
+
+      >>> rows = init_rows(embed, trained, jax.random.key(0), no_subword(4), method="mean", k=4, mesh=mesh)
+    """
     return _row_builder(method, k, mesh)(table, jnp.asarray(trained), key, *subword)
 
 
@@ -190,11 +290,47 @@ def row_absmax(table):
     return jnp.max(jnp.abs(table.astype(jnp.float32)), axis=1)  # cast first: XLA:CPU is 10x slower the other way
 
 
-@jax.jit
-def row_fingerprint(table, probe):
-    """[V, 2] projections: equal rows give equal fingerprints (candidates are then compared bit
-    for bit). A separate jit from row_absmax: XLA:CPU fuses the two into one slow pass."""
-    return jnp.einsum("vd,dk->vk", table, probe.astype(table.dtype), preferred_element_type=jnp.float32)
+class TableStats(NamedTuple):
+    """What one pass over a table tells: enough to find its untrained rows and take its mean."""
+
+    rowmax: np.ndarray  # [rows] f32 per-row max |x|
+    sums: jax.Array  # [blocks, D] f32 all-rows block sums (see masked_mean), replicated
+    fingerprint: np.ndarray | None  # [rows, 2] projections (the head only), for exact duplicates
+    rows: int  # rows covered: the checkpoint's, when the table was loaded at a larger final size
+
+
+@functools.lru_cache(maxsize=16)
+def _stats_fn(rows: int, fingerprint: bool, mesh: Mesh):
+    def stats(table, probe):
+        t = table[:rows]
+        rowmax = jnp.max(jnp.abs(t.astype(jnp.float32)), axis=1)
+        sums = _block_sums(t, jnp.ones(rows, bool), mesh)
+        fp = (
+            jnp.einsum("vd,dk->vk", t, probe.astype(t.dtype), preferred_element_type=jnp.float32)
+            if fingerprint
+            else None
+        )
+        return rowmax, sums, fp
+
+    return jax.jit(stats)
+
+
+def table_stats(table, rows: int, *, fingerprint: bool, mesh: Mesh, hidden: int) -> TableStats:
+    """Row max |x|, block sums and (for the head) fingerprints of the first `rows` rows, in one jit.
+
+    Args:
+      table: [V, D] table; rows: how many leading rows to cover; fingerprint: also project each
+      row on a fixed random [D, 2] probe; mesh: the table's mesh; hidden: D.
+
+    Returns:
+      A `TableStats`.
+
+    Example:
+      >>> st = table_stats(model.embed.get_value(), 128256, fingerprint=False, mesh=mesh, hidden=4096)
+    """
+    probe = np.random.RandomState(0).standard_normal((hidden, 2)).astype(np.float32)
+    rowmax, sums, fp = _stats_fn(rows, fingerprint, mesh)(table, probe)
+    return TableStats(np.asarray(rowmax), sums, None if fp is None else np.asarray(fp), rows)
 
 
 # ------------------------------------------------------------------------------ untrained rows
@@ -215,19 +351,48 @@ def _exact_duplicates(table, small: np.ndarray, fingerprint: np.ndarray) -> np.n
     return cand[cnt[inv.ravel()] > 1]
 
 
-def untrained_mask(model, rel_eps: float = REL_EPS) -> np.ndarray:
+def model_stats(model, rows: int | None = None) -> list[TableStats]:
+    """`TableStats` of each table (embedding, then an untied head), over the first `rows` rows
+    (default: all; fewer for a model loaded at its final size, whose extra rows are zero).
+
+    Args: model: a `Llama`; rows: leading rows to cover. Returns: one `TableStats` per table.
+    Example:
+      >>> mask = untrained_mask(model, stats=model_stats(model))
+    """
+    rows = model.config.vocab_size if rows is None else rows
+    sharding = getattr(model.embed.get_value(), "sharding", None)
+    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else single_device_mesh()
+    return [
+        table_stats(p.get_value(), rows, fingerprint=p is model.head_table, mesh=mesh, hidden=model.config.hidden_size)
+        for p in tables(model)
+    ]
+
+
+def untrained_mask(model, rel_eps: float = REL_EPS, stats: list[TableStats] | None = None) -> np.ndarray:
     """[rows] bool over all rows: tiny or non-finite in the embedding or the head, or an exact duplicate of
     another head row (Llama-3.1 base repeats one non-zero head row over its reserved ids; the
-    embedding rows of never-seen tokens stay tiny, so only the head needs the duplicate pass)."""
-    probe = np.random.RandomState(0).standard_normal((model.config.hidden_size, 2)).astype(np.float32)
-    out = np.zeros(model.config.vocab_size, bool)
-    for p in tables(model):
-        table = p.get_value()
-        rowmax = np.asarray(row_absmax(table))
+    embedding rows of never-seen tokens stay tiny, so only the head needs the duplicate pass).
+
+    Args:
+      model: a `Llama`.
+      rel_eps: "tiny" is max |x| <= rel_eps * the median row's max |x|.
+      stats: `model_stats(model)`, when the caller has them already (one pass over each table).
+
+    Returns:
+      [model rows] bool; rows past the stats' rows (a model loaded at its final size) are True.
+
+    Example:
+      >>> ids = np.nonzero(untrained_mask(model))[0]
+    """
+    stats = model_stats(model) if stats is None else stats
+    out = np.ones(model.config.vocab_size, bool)
+    out[: stats[0].rows] = False
+    for p, st in zip(tables(model), stats, strict=True):
+        rowmax = st.rowmax
         finite = np.isfinite(rowmax)  # a NaN / Inf row is never trained (nor part of any mean)
         scale = np.median(rowmax[finite]) if finite.any() else 0.0  # 128k floats: the host sorts them in ms
         small = (rowmax <= rel_eps * scale) | ~finite
-        out |= small
-        if p is model.head_table:
-            out[_exact_duplicates(table, small, np.asarray(row_fingerprint(table, probe)))] = True
+        out[: st.rows] |= small
+        if st.fingerprint is not None:
+            out[_exact_duplicates(p.get_value(), small, st.fingerprint)] = True
     return out

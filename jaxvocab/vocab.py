@@ -12,12 +12,11 @@ import dataclasses
 import warnings
 from typing import NamedTuple
 
-import jax
 import numpy as np
 
 from jaxvocab.errors import UsageError, VocabError
 from jaxvocab.model import check_live
-from jaxvocab.row_init import INITS, REL_EPS, expand_table, no_subword, tables, untrained_mask
+from jaxvocab.row_init import INITS, REL_EPS, TableStats, expand_table, model_stats, no_subword, tables, untrained_mask
 from jaxvocab.sharding import axis_size
 from jaxvocab.vocab_plan import (  # noqa: F401  (re-exported: the vocabulary API in one import)
     ACTIONS,
@@ -28,6 +27,7 @@ from jaxvocab.vocab_plan import (  # noqa: F401  (re-exported: the vocabulary AP
     existing_id,
     fit_rows,
     looks_special,
+    mesh_multiple,
     model_mesh,
     plan_vocab,
 )
@@ -91,17 +91,28 @@ def _check_init(init: str) -> None:
         raise VocabError(f"init {init!r} is not one of {', '.join(INITS)}")
 
 
-def _rewrite(model, targets: np.ndarray, trained: np.ndarray, texts, tok, init: str, new_rows: int, seed: int, donate):
+def _rewrite(
+    model,
+    targets: np.ndarray,
+    trained: np.ndarray,
+    texts,
+    tok,
+    init: str,
+    new_rows: int,
+    seed: int,
+    donate: bool,
+    stats: list[TableStats] | None = None,
+):
     """A new model: `targets` (sorted) of every table written with `init`, the tables grown to
     `new_rows`, every other parameter shared with `model`. With `donate`, each old table is
     consumed as its successor is made (donated to the jitted expansion, or deleted right after
-    it), so peak memory is the model plus one new table and `model` fails loudly if used again."""
+    it), so peak memory is the model plus one new table and `model` fails loudly if used again.
+    With `stats` (the pass that found the untrained rows), a mean init reads no table again."""
     if init in ("mean", "mean-noise", "covariance", "subword") and not trained.any():
         raise VocabError("the model has no trained rows to take statistics from; use --init random or zeros")
     if len(targets) == 0:
         return _with_tables(model, [p.get_value() for p in tables(model)], new_rows)
     mesh = model_mesh(model)
-    key = jax.random.key(seed)
     subword = subword_arrays(tok, texts, trained, init)
     new_tables = []
     for n, param in enumerate(tables(model)):
@@ -110,11 +121,14 @@ def _rewrite(model, targets: np.ndarray, trained: np.ndarray, texts, tok, init: 
             old,
             trained,
             targets,
-            jax.random.fold_in(key, n),
+            seed,
+            n,
             subword,
             method=init,
             new_vocab=new_rows,
             mesh=mesh,
+            sums=stats[n].sums if stats else None,
+            summed_rows=stats[n].rows if stats else None,
             donate=donate,
         )
         new_tables.append(new.block_until_ready())
@@ -167,8 +181,27 @@ def fitted(plan: VocabPlan, model, tok) -> VocabPlan:
 
 
 def expansion_layout(model, tok, plan: VocabPlan, init: str = "mean", fix_untrained: bool = False) -> ExpansionLayout:
-    """The rows an expansion of `model` by `plan` writes, and the trained rows it reads."""
+    """The rows an expansion of `model` by `plan` writes, and the trained rows it reads.
+
+    Args:
+      model: the `Llama` before the expansion.
+      tok: its tokenizer (the one `plan` was made for).
+      plan: from `plan_vocab` (one made without `model=` is re-fitted to the model's rows).
+      init: one of INITS.
+      fix_untrained: also rewrite the untrained rows the model already has.
+
+    Returns:
+      An `ExpansionLayout` (the plan with init and untrained_fixed filled in, target ids, trained mask, texts).
+
+    Example:
+      >>> layout = expansion_layout(model, tok, plan_vocab(tok, ["<x>"], model=model))
+    """
     plan = fitted(plan, model, tok)
+    _check_plan(model, tok, plan)
+    return _layout(model, tok, plan, init, fix_untrained, model_stats(model))
+
+
+def _check_plan(model, tok, plan: VocabPlan) -> None:
     if plan.old_rows != model.config.vocab_size:
         raise VocabError(
             f"the plan was made for {plan.old_rows} model rows but the model has "
@@ -179,8 +212,13 @@ def expansion_layout(model, tok, plan: VocabPlan, init: str = "mean", fix_untrai
             f"the plan was made for a tokenizer of {plan.tokenizer_size_before} ids but this one has "
             f"{tok.n_words}; re-plan with this tokenizer"
         )
+
+
+def _layout(model, tok, plan: VocabPlan, init: str, fix_untrained: bool, stats: list[TableStats]) -> ExpansionLayout:
+    """expansion_layout over the first `stats[0].rows` rows: all of them, or those a model loaded
+    at the plan's final size read from its checkpoint."""
     _check_init(init)
-    untrained = untrained_mask(model)
+    untrained = untrained_mask(model, stats=stats)
     limit = min(plan.old_rows, tok.n_words)
     fixed = [int(i) for i in np.nonzero(untrained[:limit])[0]] if fix_untrained else []
     plan = dataclasses.replace(plan, init=init, untrained_fixed=sorted(set(plan.untrained_fixed) | set(fixed)))
@@ -253,8 +291,11 @@ def expand_vocab(
       >>> model, tok, plan = expand_vocab(model, tok, plan_vocab(tok, ["<think>"], model=model))
     """
     check_live(model)
-    _check_size(model, fitted(plan, model, tok))
-    plan, targets, trained, texts = expansion_layout(model, tok, plan, init, fix_untrained)
+    plan = fitted(plan, model, tok)
+    _check_size(model, plan)
+    _check_plan(model, tok, plan)
+    stats = model_stats(model)  # one pass per table: untrained rows and the mean
+    plan, targets, trained, texts = _layout(model, tok, plan, init, fix_untrained, stats)
     new_tok = tok.with_tokens(plan.renamed, plan.appended, plan.special_ids)
     vocab_axis = axis_size(model_mesh(model), "vocab")
     if plan.new_rows % vocab_axis:
@@ -263,7 +304,40 @@ def expand_vocab(
             f"replicated along it. Plan with model=model or pad_to_multiple_of={vocab_axis}",
             stacklevel=2,
         )
-    new_model = _rewrite(model, targets, trained, texts, tok, init, plan.new_rows, seed, donate)
+    new_model = _rewrite(model, targets, trained, texts, tok, init, plan.new_rows, seed, donate, stats)
+    return Expansion(new_model, new_tok, plan)
+
+
+def expand_loaded(
+    model, tok, plan: VocabPlan, init: str = "mean", *, fix_untrained: bool = False, seed: int = 0, donate: bool = True
+) -> Expansion:
+    """`expand_vocab` for a model read straight into the plan's final-size tables
+    (`load(src, vocab_rows=plan.new_rows)`, rows past the checkpoint zero): the planned rows are
+    written into the same-size tables, so no table is copied to grow it.
+
+    Args:
+      model: loaded with `vocab_rows=plan.new_rows`; its first `plan.old_rows` rows are the checkpoint's.
+      tok: the checkpoint's tokenizer, which `plan` was made for.
+      plan: from `plan_vocab(tok, tokens, model=...)` on the checkpoint's row count.
+      init, fix_untrained, seed, donate: as in `expand_vocab`.
+
+    Returns:
+      Expansion(model, tokenizer, plan), with rows and ids identical to `expand_vocab`'s result.
+
+    Example:
+      >>> plan = plan_vocab(tok, ["<x>"], model=abstract_model)
+      >>> model, tok, plan = expand_loaded(load(src, vocab_rows=plan.new_rows), tok, plan)
+    """
+    check_live(model)
+    if model.config.vocab_size != plan.new_rows:
+        raise VocabError(
+            f"expand_loaded needs the model loaded at the plan's {plan.new_rows} rows, not "
+            f"{model.config.vocab_size}; load it with vocab_rows=plan.new_rows or use expand_vocab"
+        )
+    stats = model_stats(model, rows=plan.old_rows)
+    plan, targets, trained, texts = _layout(model, tok, plan, init, fix_untrained, stats)
+    new_tok = tok.with_tokens(plan.renamed, plan.appended, plan.special_ids)
+    new_model = _rewrite(model, targets, trained, texts, tok, init, plan.new_rows, seed, donate, stats)
     return Expansion(new_model, new_tok, plan)
 
 
@@ -287,8 +361,9 @@ def fix_untrained(model, ids, init: str = "mean", *, tok=None, seed: int = 0, do
     rows = model.config.vocab_size
     if targets.size and (targets[0] < 0 or targets[-1] >= rows):
         raise VocabError(f"untrained ids must lie in [0, {rows}); got {int(targets[0])}..{int(targets[-1])}")
-    untrained = untrained_mask(model) if init not in ("random", "zeros") and targets.size else np.zeros(rows, bool)
+    stats = model_stats(model) if init not in ("random", "zeros") and targets.size else None
+    untrained = untrained_mask(model, stats=stats) if stats else np.zeros(rows, bool)
     limit = min(rows, tok.n_words) if tok is not None else rows
     trained = _trained(untrained, limit, targets)
     texts = [tok.id_to_piece(int(i)) if tok is not None and i < tok.n_words else None for i in targets]
-    return _rewrite(model, targets, trained, texts, tok, init, rows, seed, donate)
+    return _rewrite(model, targets, trained, texts, tok, init, rows, seed, donate, stats)

@@ -182,7 +182,11 @@ def default_multiple(model) -> int:
     """What the model's mesh needs: its vocab axis size, and at least 128 on a multi-device mesh."""
     if model is None:
         return 1
-    mesh = model_mesh(model)
+    return mesh_multiple(model_mesh(model))
+
+
+def mesh_multiple(mesh: Mesh) -> int:
+    """The row multiple a table on `mesh` is padded to (see default_multiple), known before loading."""
     need = axis_size(mesh, "vocab")
     return math.lcm(need, MIN_SHARDED_MULTIPLE) if mesh.size > 1 else need
 

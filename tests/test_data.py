@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from jaxvocab.errors import DataError
+from jaxvocab.io.tokenizer_read import load_tokenizer
 from jaxvocab.model import default_positions
-from jaxvocab.tokenizer import load_tokenizer
 from train.data import Doc, Packer, eval_batches, pieces, read_jsonl
 
 

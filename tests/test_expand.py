@@ -365,3 +365,28 @@ def test_cli_vocab_flag_errors(gpt2_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("error: ") == 5
     assert not any((tmp_path / d).exists() for d in "abcdef")
+
+
+@pytest.mark.parametrize("init", ["mean", "subword"])
+def test_expand_loaded_equals_load_then_expand(text_tok_dir, tmp_path, mesh24, init):
+    """`load(vocab_rows=plan.new_rows)` + expand_loaded (what `import --add-tokens` runs) gives the
+    tables, plan and tokenizer of load + expand_vocab, bit for bit: reserved slots reused, rows
+    appended and padded on a sharded mesh, untrained rows fixed."""
+    for f in text_tok_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    tok = jaxvocab.load_tokenizer(tmp_path)
+    dead = tok.free_reserved()[5:] + [tok.eot_id]
+    make_hf_checkpoint(tmp_path, vocab=tok.n_words, hidden=16, intermediate=32, layers=1, zero_rows=dead)
+    new = {"<think>": None, "</think>": "end of thinking", **{f"<|t{i}|>": None for i in range(8)}}
+    grown = jaxvocab.load(tmp_path, mesh=mesh24, show_progress=False)
+    plan = plan_vocab(tok, new, model=grown, reuse_reserved="special")
+    assert plan.appended and plan.renamed and plan.padding_ids  # all three kinds of rows
+    grown, tok_a, plan_a = jaxvocab.expand_vocab(grown, tok, plan, init=init, fix_untrained=True)
+    loaded = jaxvocab.load(tmp_path, mesh=mesh24, show_progress=False, vocab_rows=plan.new_rows)
+    assert loaded.config.vocab_size == plan.new_rows
+    assert not np.asarray(loaded.embed.get_value())[plan.old_rows :].any()  # rows past the checkpoint: zero
+    loaded, tok_b, plan_b = jaxvocab.vocab.expand_loaded(loaded, tok, plan, init=init, fix_untrained=True)
+    assert plan_b == plan_a and tok_b.special_tokens == tok_a.special_tokens
+    for a, b, p in zip(_host(grown), _host(loaded), (loaded.embed, loaded.lm_head), strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert p.get_value().sharding.spec == sharding_for(a.shape, TABLE_AXES, mesh24).spec

@@ -12,7 +12,7 @@ import jaxvocab
 from jaxvocab import rows as row_split
 from jaxvocab.errors import UsageError
 from jaxvocab.generation import default_suppressed, prompt_ids
-from jaxvocab.tokenizer import load_tokenizer
+from jaxvocab.io.tokenizer_read import load_tokenizer
 from tests.builders import make_hf_checkpoint, random_llama
 
 ZERO = tuple(range(100, 164))  # untrained rows, like Llama-3's reserved ones

@@ -9,7 +9,8 @@ import pytest
 from examples.llama3_tokenizer import package_tokenizer_dir
 from jaxvocab.errors import CheckpointError, VocabError
 from jaxvocab.io.tokenizer_files import write_tokenizer_files
-from jaxvocab.tokenizer import LLAMA3_SPECIALS, LLAMA31_SPECIALS, LLAMA32_VISION_SPECIALS, load_tokenizer
+from jaxvocab.io.tokenizer_read import load_tokenizer
+from jaxvocab.tokenizer import LLAMA3_SPECIALS, LLAMA31_SPECIALS, LLAMA32_VISION_SPECIALS
 
 try:
     from tests._tok_util import (

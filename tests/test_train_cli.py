@@ -184,7 +184,7 @@ def test_existing_out_and_flag_conflicts(setup, tmp_path, capsys):
 
 def test_trainable_specs(tmp_path, llama3_tokenizer_dir):
     from jaxvocab.errors import UsageError
-    from jaxvocab.tokenizer import load_tokenizer
+    from jaxvocab.io.tokenizer_read import load_tokenizer
     from jaxvocab.vocab import PlannedToken, VocabPlan
     from train.__main__ import resolve_trainable
 
@@ -300,7 +300,7 @@ def test_kill_9_and_resume_is_bit_identical(setup, tmp_path, lora):
 @pytest.mark.slow
 def test_mission_plan_expand_train_new_rows(tmp_path, capsys, llama3_tokenizer_dir):
     """Real Llama-3 tokenizer: plan two tokens, expand, train --trainable new on chat data, generate."""
-    from jaxvocab.tokenizer import load_tokenizer
+    from jaxvocab.io.tokenizer_read import load_tokenizer
 
     tok = load_tokenizer(llama3_tokenizer_dir)
     cfg = jaxvocab.LlamaConfig(
@@ -372,7 +372,7 @@ def test_training_text_matches_the_plans_new_special_tokens(tmp_path, llama3_tok
     """New control tokens are what a run teaches, so text lines must encode them as their ids;
     the model's older specials stay literal text."""
     from jaxvocab.io.tokenizer_files import write_tokenizer_files
-    from jaxvocab.tokenizer import load_tokenizer
+    from jaxvocab.io.tokenizer_read import load_tokenizer
     from train.__main__ import tokenizer_of
 
     tok = load_tokenizer(llama3_tokenizer_dir)

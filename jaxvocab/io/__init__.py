@@ -42,6 +42,7 @@ def load(
     attention: str = "auto",
     remat: str = "auto",
     compute_dtype=None,
+    vocab_rows: int | None = None,
 ) -> Llama:
     """Load any supported checkpoint dir (HF, hub-cache snapshot, Meta, jaxvocab) onto a mesh.
 
@@ -51,6 +52,8 @@ def load(
       rope_factor: overrides the llama3 rope factor a Meta params.json omits.
       allow_nonfinite: accept weights holding NaN or Inf (refused by default).
       attention, remat, compute_dtype: the model's construction choices (see `Llama`).
+      vocab_rows: read an HF or Meta checkpoint straight into tables of that many rows (rows past the
+        checkpoint are zero; see `vocab.expand_loaded`).
     Returns:
       The Llama. Its tokenizer and vocab plan are separate objects: `load_tokenizer(path)`,
       `load_plan(path)`.
@@ -60,14 +63,16 @@ def load(
     path = Path(path)
     choices = {"attention": check_attention(attention), "remat": check_remat(remat), "compute_dtype": compute_dtype}
     with finite.scan_reads() as scan:
-        model = _load(path, dtype, mesh, show_progress, rope_factor, choices)
+        model = _load(path, dtype, mesh, show_progress, rope_factor, choices, vocab_rows)
     if not allow_nonfinite:
         finite.check_loaded(model, path, scan)
     return model
 
 
-def _load(path: Path, dtype, mesh, show_progress: bool, rope_factor, choices: dict) -> Llama:
+def _load(path: Path, dtype, mesh, show_progress: bool, rope_factor, choices: dict, rows: int | None = None) -> Llama:
     kind = detect(path)
+    if rows is not None and kind == "jaxvocab":
+        raise UsageError(f"vocab_rows: {path} is a jaxvocab checkpoint; grow it with expand_vocab")
     if rope_factor is not None and kind != "meta":
         raise UsageError(f"--rope-factor: {path} is not a Meta checkpoint; its config.json states its own rope scaling")
     if kind == "jaxvocab":
@@ -76,9 +81,15 @@ def _load(path: Path, dtype, mesh, show_progress: bool, rope_factor, choices: di
         from jaxvocab.io import meta
 
         return meta.read_meta(
-            path, dtype=dtype, mesh=mesh, show_progress=show_progress, rope_factor=rope_factor, choices=choices
+            path,
+            dtype=dtype,
+            mesh=mesh,
+            show_progress=show_progress,
+            rope_factor=rope_factor,
+            choices=choices,
+            rows=rows,
         )
-    return hf.read_hf(path, dtype=dtype, mesh=mesh, show_progress=show_progress, choices=choices)
+    return hf.read_hf(path, dtype=dtype, mesh=mesh, show_progress=show_progress, choices=choices, rows=rows)
 
 
 def load_plan(path):

@@ -164,7 +164,7 @@ def _jinja(path: Path) -> str:
 def _tiktoken(path: Path) -> str:
     import base64
 
-    from jaxvocab.tokenizer import _load_tiktoken_model
+    from jaxvocab.io.tokenizer_read import _load_tiktoken_model
 
     ranks = _load_tiktoken_model(str(path))
     return "".join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in sorted(ranks.items(), key=lambda kv: kv[1]))

@@ -1,8 +1,7 @@
 """Hugging Face checkpoint dirs: streamed, sharded read; streamed, sharded write.
 
-Read: build the model abstractly, validate every file against config.json before touching any
-weight, then create each parameter with `jax.make_array_from_callback`, so every device reads only
-its own slice straight from disk. Write: one safetensors shard at a time, one layer slice at a time
+Read: validate every file against config.json before touching any weight, then hand a reader
+per param to `io.loader.build`, so every device reads only its own slice straight from disk. Write: one safetensors shard at a time, one layer slice at a time
 pulled from the devices, into a temporary sibling dir renamed into place at the end.
 """
 
@@ -14,27 +13,35 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
 from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import CheckpointError, UsageError
-from jaxvocab.io import finite, keys
+from jaxvocab.io import keys
+from jaxvocab.io.loader import TABLES, Source, build
 from jaxvocab.io.multihost import gather_only, is_main, to_host
 from jaxvocab.io.safetensors_io import FLOATS, TensorInfo, aligned_empty, read_header, read_slice, write_file
 from jaxvocab.model import Llama
 from jaxvocab.progress import progress
-from jaxvocab.sharding import sharding_for, single_device_mesh
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
 def tensor_index(path: Path) -> dict[str, TensorInfo]:
-    """name -> header entry over all shards, with the index checked against the files."""
+    """name -> header entry over all shards, with the index checked against the files.
+
+    Args:
+      path: an HF checkpoint dir.
+
+    Returns:
+      {tensor name: TensorInfo (file, dtype, shape, offsets)}.
+
+    Example:
+      >>> tensor_index(Path("Llama-3.2-1B"))["model.norm.weight"].shape
+      (2048,)
+    """
     index_file = path / INDEX
     if index_file.is_file():
         try:
@@ -83,6 +90,14 @@ def _inside(name: str) -> bool:
 
 
 def validate(config: LlamaConfig, infos: dict, path: Path) -> None:
+    """Refuse a checkpoint whose tensors do not match config.json, before any weight is read.
+
+    Args:
+      config: from config.json; infos: `tensor_index(path)`; path: the dir (for messages).
+
+    Example:
+      >>> validate(LlamaConfig.from_hf_file(path), tensor_index(path), path)
+    """
     expected = {n: (k, keys.checkpoint_shape(k, config)) for k in keys.keys_for(config) for n in keys.names(k, config)}
     missing = sorted(set(expected) - set(infos), key=keys.natural_order)
     if missing:
@@ -110,26 +125,48 @@ def validate(config: LlamaConfig, infos: dict, path: Path) -> None:
 
 
 def read_hf(
-    path, *, dtype=None, mesh: Mesh | None = None, show_progress: bool = True, choices: dict | None = None
+    path,
+    *,
+    dtype=None,
+    mesh: Mesh | None = None,
+    show_progress: bool = True,
+    choices: dict | None = None,
+    rows: int | None = None,
 ) -> Llama:
+    """Load an HF checkpoint dir onto `mesh`, each device reading only its slices.
+
+    Args:
+      path: the dir (config.json + safetensors shards, or a hub-cache snapshot).
+      dtype: params' dtype (default: the checkpoint's).
+      mesh: where the params live (default: one device).
+      show_progress: draw a byte progress bar.
+      choices: the model's construction choices (compute_dtype, attention, remat).
+      rows: vocabulary rows to allocate (default: the checkpoint's); rows past the checkpoint are zero.
+
+    Returns:
+      The `Llama`.
+
+    Example:
+      >>> model = read_hf("Llama-3.2-1B", dtype="bfloat16")
+    """
     path = Path(path)
     config = LlamaConfig.from_hf_file(path)
     infos = tensor_index(path)
     validate(config, infos, path)
     stored = infos[keys.names(keys.KEYS[0], config)[0]].dtype
     dtype = np.dtype(dtype) if dtype is not None else stored
-    return build(config, dtype, mesh, lambda key: _hf_source(key, config, infos), show_progress, choices)
+    return build(config, dtype, mesh, lambda key: _hf_source(key, config, infos), show_progress, choices, rows=rows)
 
 
-def _hf_source(key: keys.Key, config: LlamaConfig, infos: dict):
+def _hf_source(key: keys.Key, config: LlamaConfig, infos: dict) -> Source:
     """Reader of param-space slices for one key: index over the (stacked) param -> np.ndarray."""
     tensors = [infos[n] for n in keys.names(key, config)]
     shape = keys.param_shape(key, config)
     stacked_dtype = np.result_type(*{t.dtype for t in tensors})
 
-    def read(idx: tuple[slice, ...]):
-        if not key.layered:
-            return read_slice(tensors[0], idx)
+    def read(idx: tuple[slice, ...], out: np.ndarray | None = None):
+        if not key.layered:  # `out`: the caller's buffer (a table read into its final size)
+            return read_slice(tensors[0], idx, out=out if out is not None and out.dtype == tensors[0].dtype else None)
         # Layers land one by one in the final (aligned) buffer: no list of layers plus a stacked copy.
         out = aligned_empty(tuple(len(range(*s.indices(n))) for s, n in zip(idx, shape, strict=True)), stacked_dtype)
         for j, i in enumerate(range(*idx[0].indices(len(tensors)))):
@@ -139,53 +176,23 @@ def _hf_source(key: keys.Key, config: LlamaConfig, infos: dict):
                 out[j] = read_slice(tensors[i], idx[1:])
         return out
 
-    return read, sum(t.nbytes for t in tensors)
-
-
-def _as_dtype(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Cast into an aligned buffer, so the cast copy is also the device array's memory on CPU."""
-    if a.dtype == dtype:
-        return a
-    out = aligned_empty(a.shape, dtype)
-    out[...] = a
-    return out
-
-
-def build(
-    config: LlamaConfig, dtype, mesh: Mesh | None, source_for, show_progress: bool, choices: dict | None = None
-) -> Llama:
-    """Abstract model (built with the caller's construction `choices`: compute_dtype, attention,
-    remat), then every param filled slice by slice by `source_for(key)`."""
-    mesh = mesh or single_device_mesh()
-    dtype = np.dtype(dtype)
-    model = nnx.eval_shape(
-        lambda: Llama(config.replace(dtype=dtype.name), param_dtype=jnp.dtype(dtype), **(choices or {}))
-    )
-    param_keys = keys.keys_for(config)
-    sources = {k: source_for(k) for k in param_keys}
-    bar = progress(
-        total=sum(s[1] for s in sources.values()), desc="loading", unit="B", unit_scale=True, disable=not show_progress
-    )
-    with bar:
-        for key in param_keys:
-            read, nbytes = sources[key]
-            shape = keys.param_shape(key, config)
-            sharding = sharding_for(shape, keys.logical_axes(key), mesh)
-            arr = jax.make_array_from_callback(
-                shape, sharding, lambda idx, r=read, s=shape: finite.observe(_as_dtype(r(_full(idx, s)), dtype))
-            )
-            keys.get_param(model, key).set_value(arr)
-            bar.update(nbytes)
-    return model
-
-
-def _full(idx, shape) -> tuple[slice, ...]:
-    idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
-    return tuple(slice(*s.indices(n)) for s, n in zip(idx, shape, strict=True))
+    return Source(read, sum(t.nbytes for t in tensors))
 
 
 # --------------------------------------------------------------------------------------- write
 def parse_size(text: str | int) -> int:
+    """Bytes of a --max-shard-size value.
+
+    Args:
+      text: an int, or "5GB" / "500MB" / "2GiB" (decimal and binary units).
+
+    Returns:
+      The size in bytes.
+
+    Example:
+      >>> parse_size("2GiB")
+      2147483648
+    """
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
@@ -217,9 +224,6 @@ def tensors_of(model: Llama) -> list[tuple[str, keys.Key, int | None]]:
     return out
 
 
-_TABLES = (("embed",), ("lm_head",))
-
-
 def host_tensor(model: Llama, key: keys.Key, layer: int | None, rows: int | None = None) -> np.ndarray:
     """One checkpoint tensor gathered to host (for stacked params, only that layer's slice; for the
     vocab tables, only the first `rows` rows)."""
@@ -248,7 +252,18 @@ class ExportTensor(NamedTuple):
 def write_weights(
     model: Llama, out: Path, max_shard_size="5GB", show_progress: bool = True, rows: int | None = None
 ) -> dict:
-    """The weights as safetensors shards; `rows` keeps only the first rows of the vocab tables."""
+    """The weights as safetensors shards; `rows` keeps only the first rows of the vocab tables.
+
+    Args:
+      model: the `Llama`; out: the (temporary) output dir; max_shard_size: e.g. "5GB";
+      show_progress: draw a progress bar; rows: vocabulary rows to export (default: all).
+
+    Returns:
+      {"total_size": bytes, "shards": count}.
+
+    Example:
+      >>> write_weights(model, Path(tmp), "2GB", rows=128256)
+    """
     limit = parse_size(max_shard_size)
     config = model.config if rows is None else model.config.replace(vocab_size=rows)
     plan = [
@@ -277,7 +292,7 @@ def write_weights(
             def produce(name):
                 e = by_name[name]
                 bar.update(1)
-                return host_tensor(model, e.key, e.layer, rows=e.shape[0] if e.key.path in _TABLES else None)
+                return host_tensor(model, e.key, e.layer, rows=e.shape[0] if e.key.path in TABLES else None)
 
             write = write_file if is_main() else gather_only  # a gather is collective: all take part
             total += write(out / fname, [(e.name, e.dtype, e.shape) for e in shard], produce)

@@ -7,7 +7,7 @@ ranks. Meta rotates interleaved pairs (x0, x1), (x2, x3)... of each q/k head whi
 model rotate halves, so q/k rows are reordered within each head (the inverse of the `permute` in
 transformers' convert_llama_weights_to_hf.py).
 
-No merged tensor is ever built: `io.hf.build` asks `source_for(key)` for each device's slice, and
+No merged tensor is ever built: `io.loader.build` asks `source_for(key)` for each device's slice, and
 `Merged` maps that slice to the ranks and rows that hold it (whole heads for q/k, because the
 reordering is per head), so each device reads only its part of the files and replicated or
 duplicated pieces are compared as they are read.
@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from jaxvocab.config import LlamaConfig, RopeScaling, _positive_float, read_json
 from jaxvocab.errors import CheckpointError, ConfigError, UsageError, brief
 from jaxvocab.io import keys
-from jaxvocab.io.hf import build
+from jaxvocab.io.loader import Source, build
 from jaxvocab.io.pth import LazyTensor, read_pth
 from jaxvocab.io.safetensors_io import FLOATS
 from jaxvocab.model import Llama
@@ -288,7 +288,7 @@ class MetaCheckpoint:
         )
 
     def source_for(self, key: keys.Key):
-        """Reader of param-space slices for io.hf.build: (read(idx) -> np.ndarray, nbytes)."""
+        """Reader of param-space slices for io.loader.build: (read(idx) -> np.ndarray, nbytes)."""
         tensors = [self.tensors[n] for n in keys.names(key, self.config, "meta")]
         head_dim = self.config.head_dim
 
@@ -300,11 +300,22 @@ class MetaCheckpoint:
                 return read_one(tensors[0], idx)
             return np.stack([read_one(tensors[i], idx[1:]) for i in range(*idx[0].indices(len(tensors)))])
 
-        return read, sum(t.nbytes for t in tensors)
+        return Source(read, sum(t.nbytes for t in tensors))
 
 
 def meta_config(path, rope_factor: float | None = None) -> LlamaConfig:
-    """The LlamaConfig a Meta dir describes (reads pickles, and only enough rows to tell a tied head)."""
+    """The LlamaConfig a Meta dir describes (reads pickles, and only enough rows to tell a tied head).
+
+    Args:
+      path: the Meta dir; rope_factor: the llama3 rope factor params.json omits (default: guessed).
+
+    Returns:
+      The `LlamaConfig`.
+
+    Example:
+      >>> meta_config("Meta-Llama-3.1-8B/original").vocab_size
+      128256
+    """
     return MetaCheckpoint(Path(path), rope_factor).config
 
 
@@ -316,8 +327,25 @@ def read_meta(
     show_progress: bool = True,
     rope_factor: float | None = None,
     choices: dict | None = None,
+    rows: int | None = None,
 ) -> Llama:
-    """Load a Meta dir onto `mesh` (its tokenizer.model travels through `load_tokenizer(path).files`)."""
+    """Load a Meta dir onto `mesh` (its tokenizer.model travels through `load_tokenizer(path).files`).
+
+    Args:
+      path: the Meta dir (params.json, consolidated.*.pth, tokenizer.model).
+      dtype: params' dtype (default: the checkpoint's).
+      mesh: where the params live (default: one device).
+      show_progress: draw a byte progress bar.
+      rope_factor: the llama3 rope scaling factor, for dirs whose params.json omits it.
+      choices: the model's construction choices (compute_dtype, attention, remat).
+      rows: vocabulary rows to allocate (default: the checkpoint's); rows past the checkpoint are zero.
+
+    Returns:
+      The `Llama`.
+
+    Example:
+      >>> model = read_meta("Meta-Llama-3.1-8B/original", dtype="bfloat16")
+    """
     ckpt = MetaCheckpoint(Path(path), rope_factor)
     dtype = np.dtype(dtype) if dtype is not None else ckpt.dtype
-    return build(ckpt.config, dtype, mesh, ckpt.source_for, show_progress, choices)
+    return build(ckpt.config, dtype, mesh, ckpt.source_for, show_progress, choices, rows=rows)

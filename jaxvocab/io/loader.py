@@ -1,0 +1,147 @@
+"""Place a checkpoint's params on a mesh, slice by slice, shared by the HF and Meta readers.
+
+The model is built abstractly (`nnx.eval_shape`, no weights), then every param is created with
+`jax.make_array_from_callback`: each device asks its reader for its own slice, so no full tensor
+is ever assembled on the host. A reader may be asked for vocabulary tables larger than the
+checkpoint's (`rows=`): the rows past the checkpoint come back as zeros, so an import that adds
+tokens reads straight into the final-size tables and never copies a table to grow it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxvocab.config import LlamaConfig
+from jaxvocab.errors import UsageError
+from jaxvocab.io import finite, keys
+from jaxvocab.io.safetensors_io import aligned_empty
+from jaxvocab.model import Llama
+from jaxvocab.progress import progress
+from jaxvocab.sharding import sharding_for, single_device_mesh
+
+
+class Source(NamedTuple):
+    """How one param is read: `read(idx)` returns the checkpoint slice `idx` (a tuple of slices in
+    param space) as a host array; `nbytes` is what reading all of it costs (for the progress bar)."""
+
+    read: Callable[[tuple[slice, ...]], np.ndarray]
+    nbytes: int
+
+
+def build(
+    config: LlamaConfig,
+    dtype,
+    mesh: Mesh | None,
+    source_for: Callable[[keys.Key], Source],
+    show_progress: bool,
+    choices: dict | None = None,
+    rows: int | None = None,
+) -> Llama:
+    """An abstract model with every param filled slice by slice from `source_for(key)`.
+
+    Args:
+      config: the checkpoint's config (its vocab_size is the checkpoint's row count).
+      dtype: the params' dtype; slices are cast on the host as they arrive.
+      mesh: where the params live (default: one device).
+      source_for: key -> `Source` (or a (read, nbytes) pair) for that param.
+      show_progress: draw a byte progress bar.
+      choices: the model's construction choices (compute_dtype, attention, remat).
+      rows: allocate the vocabulary tables with this many rows (>= config.vocab_size); rows past
+        the checkpoint are zero, for the expansion to initialise in place.
+
+    Returns:
+      The `Llama`, with `config.vocab_size == rows or config.vocab_size`.
+
+    Example:
+      >>> model = build(config, np.float32, mesh, lambda key: Source(reader(key), nbytes(key)), False)
+    """
+    mesh = mesh or single_device_mesh()
+    dtype = np.dtype(dtype)
+    stored_rows = config.vocab_size
+    rows = stored_rows if rows is None else rows
+    if rows < stored_rows:
+        raise UsageError(f"rows={rows}: the checkpoint has {stored_rows} vocabulary rows; give at least that many")
+    final = config.replace(vocab_size=rows, dtype=dtype.name)
+    model = nnx.eval_shape(lambda: Llama(final, param_dtype=jnp.dtype(dtype), **(choices or {})))
+    param_keys = keys.keys_for(config)
+    sources = {k: Source(*source_for(k)) for k in param_keys}
+    bar = progress(
+        total=sum(s.nbytes for s in sources.values()),
+        desc="loading",
+        unit="B",
+        unit_scale=True,
+        disable=not show_progress,
+    )
+    with bar:
+        for key in param_keys:
+            read = sources[key].read
+            if rows != stored_rows and key.path in TABLES:
+                read = _zero_rows_past(read, stored_rows, dtype)
+            shape = keys.param_shape(key, final)
+            sharding = sharding_for(shape, keys.logical_axes(key), mesh)
+            arr = jax.make_array_from_callback(shape, sharding, _device_slice(read, shape, dtype))
+            keys.get_param(model, key).set_value(arr)
+            bar.update(sources[key].nbytes)
+    return model
+
+
+TABLES = (("embed",), ("lm_head",))
+
+
+def _device_slice(read, shape, dtype):
+    """The callback of one param: full slices in, a finite-checked host array of `dtype` out."""
+
+    def callback(idx):
+        return finite.observe(_as_dtype(read(_full(idx, shape)), dtype))
+
+    return callback
+
+
+def _zero_rows_past(read, stored_rows: int, dtype):
+    """A table reader over more rows than the checkpoint holds: rows >= stored_rows are zeros."""
+
+    def read_grown(idx: tuple[slice, ...]) -> np.ndarray:
+        r, rest = idx[0], idx[1:]
+        if r.stop <= stored_rows:
+            return read(idx)
+        out = aligned_empty((r.stop - r.start, *(s.stop - s.start for s in rest)), dtype)
+        kept = max(0, min(r.stop, stored_rows) - r.start)
+        if kept:
+            part = slice(r.start, r.start + kept), *rest
+            got = read(part, out=out[:kept]) if _takes_out(read) else read(part)
+            if got is not None and got.base is not out and got is not out:
+                out[:kept] = got  # a reader that cannot fill the caller's buffer (other dtype, Meta)
+        out[kept:] = 0
+        return out
+
+    return read_grown
+
+
+def _takes_out(read) -> bool:
+    """Whether a reader fills a caller's buffer (`read(idx, out=...)`), saving a table-sized copy."""
+    try:
+        return "out" in inspect.signature(read).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _as_dtype(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast into an aligned buffer, so the cast copy is also the device array's memory on CPU."""
+    if a.dtype == dtype:
+        return a
+    out = aligned_empty(a.shape, dtype)
+    out[...] = a
+    return out
+
+
+def _full(idx, shape) -> tuple[slice, ...]:
+    idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
+    return tuple(slice(*s.indices(n)) for s, n in zip(idx, shape, strict=True))
