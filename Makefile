@@ -20,7 +20,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-# Lint only for now: `ruff format --check` joins once the tree has been formatted in one pass.
+# ruff lint and formatting; .ci/run runs this before the tests.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
