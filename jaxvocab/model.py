@@ -22,7 +22,7 @@ from flax import nnx
 from jaxvocab.attention import IMPLEMENTATIONS, attend, choose, make_mask
 from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import UsageError
-from jaxvocab.remat import REMATS, use_remat
+from jaxvocab.remat import REMATS, remat_layer
 from jaxvocab.rope import apply_rope, inverse_frequencies
 
 LAYER_AXES: dict[str, tuple[str, ...]] = {
@@ -95,7 +95,7 @@ class Llama(nnx.Module):
     Build it abstractly with `nnx.eval_shape(lambda: Llama(cfg))` and fill it from a checkpoint;
     pass `rngs` only when you really want a random model (tests, benchmarks).
     `attention`: auto | xla | chunked | cudnn | splash (jaxvocab/attention.py); `remat`: auto | full |
-    none, per-layer recompute in the backward pass, auto deciding from the traced shapes (remat.py).
+    dots | none, per-layer recompute in the backward pass, auto deciding from the traced shapes (remat.py).
     """
 
     def __init__(
@@ -216,7 +216,7 @@ def decode(
         h, kv = _layer(w, h, kv, config, dtype, positions, inv_freq, mask, cache, impl)
         return h, kv
 
-    body = jax.checkpoint(layer) if use_remat(remat, config, B, T, S, dtype, impl) else layer
+    body = remat_layer(layer, remat, config, B, T, S, dtype, impl)
     kv_in = None if cache is None else (cache.k, cache.v)
     h, kv_out = jax.lax.scan(body, x, (layers, kv_in))
     if cache is not None:
