@@ -5,9 +5,12 @@
 
 The CLI's per-step time is the wall-clock difference of a 10-step and a 2-step run divided by 8,
 so loading, compiling and writing the final checkpoint cancel. PEFT's is bench/train.py's timed
-loop (steady-state steps after two warm-ups). Peak RSS: the CLI process sampled every 20 ms; PEFT
-its VmHWM. Same random SmolLM-135M-shaped f32 checkpoint (bench/train.py writes it), same kind of
-batches: random ids, 16 new rows at 5% of positions, pre-tokenized rows of exactly T+1 tokens.
+loop (steady-state steps after two warm-ups). Peak RSS: both processes' VmHWM (the kernel's
+high-water mark, polled until the CLI exits: sampling RSS misses short peaks). Same random
+SmolLM-135M-shaped f32 checkpoint (bench/train.py writes it), same kind of batches: random ids, 16
+new rows at 5% of positions, pre-tokenized documents of exactly T tokens (one packed row each: T
+inputs, T - 1 targets, as PEFT's labels=input_ids; T + 1 would spill a 2-token piece into every
+other row). On a shared machine compare the ratio of interleaved rounds, not absolute figures.
 """
 
 from __future__ import annotations
@@ -41,16 +44,14 @@ def write_data(path: Path, rows: int = 200) -> None:
     rs = np.random.RandomState(0)
     with path.open("w") as f:
         for _ in range(rows):
-            x = rs.randint(0, NEW[0], SEQ + 1)
-            hit = rs.rand(SEQ + 1) < 0.05
+            x = rs.randint(0, NEW[0], SEQ)
+            hit = rs.rand(SEQ) < 0.05
             x[hit] = rs.choice(NEW, hit.sum())
             f.write(json.dumps({"input_ids": x.tolist()}) + "\n")
 
 
 def run_cli(model: Path, data: Path, steps: int, extra: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS sampled) of one jaxvocab-train run."""
-    import psutil
-
+    """(wall seconds, peak RSS as VmHWM) of one jaxvocab-train run."""
     out = Path(tempfile.mkdtemp(prefix="jaxvocab-cli-"))
     argv = [
         sys.executable,
@@ -82,11 +83,12 @@ def run_cli(model: Path, data: Path, steps: int, extra: list[str]) -> tuple[floa
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     t = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ps, peak = psutil.Process(proc.pid), 0
+    peak = 0
     while proc.poll() is None:
         try:
-            peak = max(peak, ps.memory_info().rss)
-        except psutil.Error:
+            with open(f"/proc/{proc.pid}/status") as f:
+                peak = max([peak] + [int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:")])
+        except OSError:
             pass
         time.sleep(0.02)
     wall = time.perf_counter() - t

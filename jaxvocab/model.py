@@ -24,7 +24,7 @@ from jaxvocab.attention import IMPLEMENTATIONS, attend, choose, make_mask
 from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import UsageError
 from jaxvocab.mlp import sequence_chunked
-from jaxvocab.remat import REMATS, use_remat
+from jaxvocab.remat import REMATS, remat_layer
 from jaxvocab.rope import apply_rope, inverse_frequencies
 
 LAYER_AXES: dict[str, tuple[str, ...]] = {
@@ -159,8 +159,8 @@ class Llama(Decoder):
       param_dtype: the parameters' dtype (`dtype` is the older spelling); default f32.
       compute_dtype: activations' dtype (default: param_dtype); logits and norms are f32 regardless.
       attention: auto | xla | chunked | cudnn | splash (jaxvocab/attention.py).
-      remat: auto | full | none: per-layer recompute in the backward pass, auto deciding from the
-        traced shapes (remat.py).
+      remat: auto | full | dots | none: per-layer recompute in the backward pass (dots keeps only the
+        matmul outputs), auto deciding from the traced shapes (remat.py).
     Example:
       >>> model = Llama(PRESETS["llama-3.2-1b"], param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     """
@@ -307,7 +307,7 @@ def run_layers(
         w, kv = xs
         return _layer(w, h, kv, ctx)
 
-    body = jax.checkpoint(layer) if use_remat(stack.remat, config, B, T, S, dtype, impl) else layer
+    body = remat_layer(layer, stack.remat, config, B, T, S, dtype, impl)
     kv_in = None if cache is None else (cache.k, cache.v)
     h, kv_out = jax.lax.scan(body, x, (layers, kv_in))
     if cache is not None:

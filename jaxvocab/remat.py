@@ -1,9 +1,16 @@
 """Per-layer rematerialisation, chosen from the traced shapes when asked for `auto`.
 
-Recomputing each layer in the backward pass costs one more forward (for a rows step, whose frozen
-weights need no gradient, that is ~1.5x the step), so `auto` keeps activations whenever the
-estimate of what the backward pass holds fits in REMAT_MEMORY_FRACTION of the device's memory
-(CPU: the host's available RAM), and rematerialises only when it would not.
+- `none`: autodiff keeps every residual of every layer (scores, probabilities, norms, ...).
+- `dots`: keep only the outputs of the weight matmuls (q, k, v, o, gate, up, down: JAX's
+  `dots_with_no_batch_dims_saveable`) and recompute the cheap rest (norms, rope, attention scores and
+  softmax, silu) in the backward pass. A rows step freezes its weights, so the backward pass needs no
+  matmul input and recomputes no matmul: about a third of `none`'s memory for ~the same FLOPs.
+- `full`: keep only each layer's input and recompute the whole layer (one more forward: ~1.4x a
+  rows step) -- activations shrink to one [B, T, D] per layer.
+- `auto`: `dots` when its estimate fits in REMAT_MEMORY_FRACTION of the device's memory (CPU: the
+  host's available RAM), `full` when it does not. Measured on CPU (135M Llama, B=4, T=256, f32,
+  one core): `dots` takes the CPU time of `none` (fewer page faults pay for the recomputed softmax)
+  with 811 MB of compiled temp memory instead of 1949 MB (`full`: 245 MB).
 """
 
 from __future__ import annotations
@@ -13,29 +20,49 @@ import os
 import jax
 import jax.numpy as jnp
 
-REMATS = ("auto", "full", "none")
+REMATS = ("auto", "full", "dots", "none")
 REMAT_MEMORY_FRACTION = 0.5
 
 
-def use_remat(remat, config, B: int, T: int, S: int, dtype, attention: str) -> bool:
-    """Whether to wrap each layer in jax.checkpoint (decided at trace time)."""
+def remat_layer(layer, remat, config, B: int, T: int, S: int, dtype, attention: str):
+    """`layer` wrapped in jax.checkpoint as `remat` (resolved from the traced shapes) asks.
+
+    Args:
+      layer: the scan body (h, xs) -> (h, ys) of one decoder layer.
+      remat: 'auto' | 'full' | 'dots' | 'none' (True / False: 'full' / 'none').
+      config, B, T, S, dtype, attention: the traced shapes `auto` estimates memory from.
+
+    Returns:
+      The body to scan.
+
+    Example:
+      body = remat_layer(layer, "auto", config, B, T, T, jnp.float32, "xla")
+    """
+    mode = choose_remat(remat, config, B, T, S, dtype, attention)
+    if mode == "none":
+        return layer
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if mode == "dots" else None
+    return jax.checkpoint(layer, policy=policy)
+
+
+def choose_remat(remat, config, B: int, T: int, S: int, dtype, attention: str) -> str:
+    """'full' | 'dots' | 'none': what `remat` means for these traced shapes."""
     if remat in (True, "full"):
-        return True
+        return "full"
     if remat in (False, "none"):
-        return False
-    return activation_bytes(config, B, T, S, dtype, attention) > REMAT_MEMORY_FRACTION * memory_bytes()
+        return "none"
+    if remat == "dots":
+        return "dots"
+    return "dots" if dots_bytes(config, B, T, dtype) <= REMAT_MEMORY_FRACTION * memory_bytes() else "full"
 
 
-def activation_bytes(config, B: int, T: int, S: int, dtype, attention: str) -> int:
-    """What autodiff keeps for the backward pass of all layers without remat: per layer about six
-    [B, T, D]-sized and four [B, T, F]-sized residuals in the compute dtype, q/k/v and the attention
-    output, plus, for the dense `xla` attention, f32 scores and compute-dtype probabilities [B, H, T, S]."""
+def dots_bytes(config, B: int, T: int, dtype=jnp.float32) -> int:
+    """What `dots` keeps for the backward pass of all layers: per token and layer the layer input,
+    q, k, v, the o projection, gate and up, in the compute dtype."""
     c = config
-    e = jnp.dtype(dtype).itemsize
-    H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    per_token = 6 * c.hidden_size + 4 * c.intermediate_size + 2 * H * hd + 2 * KV * hd
-    attn = B * H * T * S * (4 + e) if attention == "xla" else B * T * H * 4  # chunked/fused keep an f32 lse
-    return c.num_hidden_layers * (B * T * per_token * e + attn)
+    per_token = 2 * c.hidden_size + c.num_attention_heads * c.head_dim + 2 * c.num_key_value_heads * c.head_dim
+    per_token += 2 * c.intermediate_size
+    return c.num_hidden_layers * B * T * per_token * jnp.dtype(dtype).itemsize
 
 
 def memory_bytes() -> int:

@@ -217,17 +217,19 @@ def test_model_uses_the_chosen_implementation():
 
 
 def test_remat_auto_decides_from_traced_shapes(monkeypatch):
-    """Remat shows as the forward's matmuls recomputed inside the backward scan."""
+    """Remat shows as the forward's matmuls recomputed inside the backward scan: `full` recomputes the
+    weight matmuls too, `dots` only the attention einsums, `none` nothing; `auto` is `dots` while its
+    estimate fits in half the memory, `full` when it does not."""
     from jaxvocab import remat
 
     dots = lambda model, T: _grad_jaxpr(model, T).count("dot_general[")  # noqa: E731
-    full, none = dots(_tiny(remat="full"), 64), dots(_tiny(remat="none"), 64)
-    assert full > none
+    full, saved, none = (dots(_tiny(remat=r), 64) for r in ("full", "dots", "none"))
+    assert full > saved > none
     model = _tiny()
-    need = remat.activation_bytes(model.config, 1, 64, 64, jnp.float32, "xla")
-    monkeypatch.setattr(remat, "memory_bytes", lambda: 4 * need)  # fits in half: keep activations
-    assert dots(model, 64) == none
-    monkeypatch.setattr(remat, "memory_bytes", lambda: need)  # does not: recompute
+    need = remat.dots_bytes(model.config, 1, 64, jnp.float32)
+    monkeypatch.setattr(remat, "memory_bytes", lambda: 4 * need)  # fits in half: keep the matmul outputs
+    assert dots(model, 64) == saved
+    monkeypatch.setattr(remat, "memory_bytes", lambda: need)  # does not: recompute whole layers
     assert dots(model, 64) == full
     assert dots(model, 16) < full  # shorter: fits again
     assert _tiny(remat=True).remat == "full" and _tiny(remat=False).remat == "none"

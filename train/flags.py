@@ -64,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--remat",
         default="auto",
-        choices=["auto", "full", "none"],
-        help="recompute each layer in the backward pass: full, none, or auto (default): keep "
-        "activations when the estimate fits in half the device memory (CPU: available RAM)",
+        choices=["auto", "full", "dots", "none"],
+        help="recompute in the backward pass: full (each layer), dots (all but the matmul outputs), none, "
+        "or auto (default): dots when its estimate fits in half the device memory (CPU: available RAM), else full",
     )
     p.add_argument("--no-remat", dest="remat", action="store_const", const="none", help="same as --remat none")
     p.add_argument(

@@ -55,7 +55,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     remat: str | None = None  # None: the model's own choice (Llama(..., remat=)); full: recompute each
     # layer in the backward pass (activations shrink to one [B, T, D] per layer for one more forward);
-    # none; auto: full only when the activations would not fit (jaxvocab/remat.py)
+    # dots: keep only the matmul outputs; none; auto: dots when they fit, else full (jaxvocab/remat.py)
     skip_nonfinite: bool = False  # a step with a non-finite loss / gradient: skip it (logged) instead of stopping
 
 
