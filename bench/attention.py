@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt_bytes, machine, measure, save, table
+from common import fmt_bytes, machine, markdown_table, measure, save
 
 LLAMA_1B = {
     "vocab_size": 1024,
@@ -167,7 +167,7 @@ def main() -> None:
     lines = [
         (f"Compiled temp memory, Llama-3.2-1B shapes, 2 layers, vocab 1024, bf16, remat full, B=1 ({machine()})"),
         "",
-        table(["T", *cols], [[r[0]] + [fmt_bytes(x) if x else "-" for x in r[1:]] for r in mem]),
+        markdown_table(["T", *cols], [[r[0]] + [fmt_bytes(x) if x else "-" for x in r[1:]] for r in mem]),
     ]
     chunked_col = 1 + cols.index("chunked grad")
     by_t = {int(r[0][:-1]) * 1024: r for r in mem}
@@ -192,7 +192,9 @@ def main() -> None:
             rows.append(
                 [T, f"{times['xla']:.2f}", f"{times['chunked']:.2f}", f"{times['chunked'] / times['xla']:.2f}x"]
             )
-        lines.append(table(["T", "xla s/step", "chunked s/step", "chunked / xla (target <= 1.5x at 2k)"], rows))
+        lines.append(
+            markdown_table(["T", "xla s/step", "chunked s/step", "chunked / xla (target <= 1.5x at 2k)"], rows)
+        )
     text = "\n".join(lines)
     print(text)
     save("attention", text)

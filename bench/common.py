@@ -152,7 +152,7 @@ def fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def table(headers: list[str], rows: list[list]) -> str:
+def markdown_table(headers: list[str], rows: list[list]) -> str:
     """A GitHub markdown table (cells str()'d, columns padded for reading in a terminal too)."""
     cells = [[str(c) for c in r] for r in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from common import fmt_bytes, machine, measure, save, table  # noqa: E402
+from common import fmt_bytes, machine, markdown_table, measure, save  # noqa: E402
 
 from examples.llama3_tokenizer import tokenizing_checkpoint  # noqa: E402
 
@@ -213,9 +213,9 @@ def main() -> None:
     text = "\n\n".join(
         [
             f"{machine()}; corpus {args.corpus_mb:.0f} MB of JSONL text records, real Llama-3 tokenizer",
-            table(["tokenize", "wall (s)", "MB/s", "tokens"], tok_rows),
+            markdown_table(["tokenize", "wall (s)", "MB/s", "tokens"], tok_rows),
             f"{args.steps}-step jaxvocab-train run (tiny model, batch 8 x 256, one CPU device) per store:",
-            table(["store size", "documents", "peak RSS", "store bytes read", "wall (s)"], rss_rows),
+            markdown_table(["store size", "documents", "peak RSS", "store bytes read", "wall (s)"], rss_rows),
             f"peak RSS, big store / small store: {big / small:.3f}",
         ]
     )

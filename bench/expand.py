@@ -39,7 +39,17 @@ import time
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from common import INDEX, RSS_SAMPLER, fmt_bytes, machine, measure, save, summarize, table, write_random_checkpoint  # noqa: E402
+from common import (  # noqa: E402
+    INDEX,
+    RSS_SAMPLER,
+    fmt_bytes,
+    machine,
+    markdown_table,
+    measure,
+    save,
+    summarize,
+    write_random_checkpoint,
+)
 
 from examples.llama3_tokenizer import write_text_tokenizer  # noqa: E402
 from jaxvocab.config import LLAMA_3_8B  # noqa: E402
@@ -169,7 +179,7 @@ def report(path: Path, r: dict, ckpt_bytes: int) -> str:
             f"{jv['runs']} s, transformers {tf['runs']} s), worst peak RSS; the step is timed alone (jaxvocab: "
             "compilation included); RSS sampled every 2 ms during the step.",
             "",
-            table(
+            markdown_table(
                 ["", "load (s)", "step (s)", "RSS before step", "peak RSS in step", "step growth", "rows after"], rows
             ),
             "",
@@ -222,7 +232,7 @@ def report_cli(r: dict) -> str:
             "",
             f"{machine()}; default flags; each run a fresh process, the two commands interleaved; median wall time.",
             "",
-            table(["", "median (s)", "runs (s)"], rows),
+            markdown_table(["", "median (s)", "runs (s)"], rows),
             "",
             f"- adding tokens costs {100 * (add / plain - 1):+.0f}% over a plain import "
             f"({'PASS' if add <= 1.1 * plain else 'MISS'}; target <= +10%)",

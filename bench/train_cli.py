@@ -32,7 +32,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from common import fmt_bytes, machine, measure, save, table  # noqa: E402
+from common import fmt_bytes, machine, markdown_table, measure, save  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_train", BENCH / "train.py")
 bench_train = importlib.util.module_from_spec(_spec)
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
             ]
         )
     text = f"CLI vs PEFT, 135M shapes, f32, B={BATCH} x T={SEQ} ({machine()}, {args.repeats} interleaved rounds)\n\n"
-    text += table(["", "tokens/s (median)", "per round", "peak RSS"], rows)
+    text += markdown_table(["", "tokens/s (median)", "per round", "peak RSS"], rows)
     if peft:
         ratio = statistics.median(s for s, _ in peft) / statistics.median(s for s, _ in cli)
         text += (

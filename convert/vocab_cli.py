@@ -228,7 +228,7 @@ def expand_for_import(model, args, planned):
     plan, tok = planned
     with _warnings_as_lines():
         model, tok, plan = expand_loaded(model, tok, plan, init=args.init or "mean", fix_untrained=args.fix_untrained)
-    print(plan.table())
+    print(plan.summary())
     if plan.untrained_fixed:
         shown = describe_untrained(plan.untrained_fixed, tok, limit=5)
         print(f"fixed untrained rows: {', '.join(shown)}{' ...' if len(plan.untrained_fixed) > 5 else ''}")
@@ -304,13 +304,13 @@ def inspect_report(args) -> str | None:
         if tokens is None:
             return "\n".join(lines)
         plan = jaxvocab.plan_vocab(tok, tokens, model=model, special=flags or "auto")
-        lines += ["", plan.table()]
+        lines += ["", plan.summary()]
         if args.probe:
             ids = diagnostics.probe_ids(tok, probe_text, PROBE_TOKENS)
             reports = [diagnostics.expansion_kl(model, ids, plan, tok, init=i) for i in ("mean", "random")]
             lines += [
                 "",
                 f"expansion on {ids.size} probe tokens from {args.probe} (bound holds for mean only):",
-                diagnostics.table(reports),
+                diagnostics.summary(reports),
             ]
     return "\n".join(lines)

@@ -66,11 +66,11 @@ def run_demo(out: Path, overwrite: bool = False, attention: str = "auto") -> Non
         plan = jaxvocab.plan_vocab(
             tok, NEW_SPECIAL + NEW_PLAIN, model=model, special=NEW_SPECIAL, reuse_reserved="special"
         )
-        print(_indent(plan.table()))
+        print(_indent(plan.summary()))
 
         stage("KL diagnostic: how much would each init disturb the model?")
         reports = [diagnostics.expansion_kl(model, probe, plan, tok, init=i) for i in ("mean", "random")]
-        print(_indent(diagnostics.table(reports)))
+        print(_indent(diagnostics.summary(reports)))
 
         stage("expanding the vocabulary (mean init) and saving a jaxvocab checkpoint")
         model, tok, plan = jaxvocab.expand_vocab(model, tok, plan, init="mean")

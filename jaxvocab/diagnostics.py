@@ -55,7 +55,7 @@ class KLReport:
         return math.log1p(self.k / self.n) if self.n else math.inf
 
 
-def table(reports: list[KLReport]) -> str:
+def summary(reports: list[KLReport]) -> str:
     head = ("init", "max KL", "mean KL", "new-row mass", "bound log(1+k/n)", "k", "n")
     rows = [head] + [
         (r.init, f"{r.max_kl:.3g}", f"{r.mean_kl:.3g}", f"{r.new_mass_mean:.3g}", f"{r.bound:.3g}", str(r.k), str(r.n))

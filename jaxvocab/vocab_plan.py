@@ -1,7 +1,7 @@
 """Vocabulary plans: every id decision of one edit, made on the host before any weight moves.
 
     plan = plan_vocab(tok, ["<|lang_xx|>", "<think>"], model=model)
-    print(plan.table())
+    print(plan.summary())
 
 Planning is cheap; the plan can be printed, reviewed and written beside the checkpoint
 (vocab_plan.json; `jaxvocab.load_plan` reads it back) to travel through training and export. New
@@ -106,7 +106,7 @@ class VocabPlan:
             return False
         return all(have.get(t) == i for i, t in new.items())
 
-    def table(self) -> str:
+    def summary(self) -> str:
         """The plan as the CLI prints it."""
         rows = [("token", "id", "action", "note")]
         for t in self.tokens:
@@ -252,7 +252,7 @@ def plan_vocab(
         transformers drop them from decoded output by default): "auto" (default: `<|...|>` tokens),
         True / False (all / none), the texts to flag, or {text: bool} overriding "auto" per token.
     Returns:
-      The VocabPlan (print `plan.table()`; it travels as vocab_plan.json).
+      The VocabPlan (print `plan.summary()`; it travels as vocab_plan.json).
     Example:
       >>> plan = plan_vocab(tok, ["<|lang_xx|>", "<think>"], model=model)
     """

@@ -112,7 +112,7 @@ def test_expanded_model_path_matches_plan_path_and_numpy(mesh24, probe, init):
 
 def test_report_table():
     r = diagnostics.KLReport("mean", 10, 0.01, 0.005, 0.004, 0.009, k=3, n=100)
-    text = diagnostics.table([r])
+    text = diagnostics.summary([r])
     assert "bound log(1+k/n)" in text and f"{math.log1p(0.03):.3g}" in text
 
 

@@ -236,7 +236,7 @@ def test_plan_json_round_trip(tok31):
     assert again == plan
     assert again.renamed == {128002: "<a>", 128003: "<b>"} and again.special_ids == {128003}
     assert again.tokens[0].description == "a letter"
-    text = plan.table()
+    text = plan.summary()
     assert "<|reserved_special_token_0|>" in text and "existing" in text and "128256 -> 128256" in text
     with pytest.raises(VocabError, match="vocab_plan.json"):
         VocabPlan.from_json('{"tokens": [], "old_rows": 1}')
