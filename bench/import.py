@@ -26,7 +26,7 @@ import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import INDEX, fmt_bytes, machine, measure, repeat, save, summarize, table, write_random_checkpoint  # noqa: E402
+from common import INDEX, fmt_bytes, machine, markdown_table, measure, repeat, save, summarize, write_random_checkpoint  # noqa: E402
 
 from jaxvocab.config import PRESETS, LlamaConfig  # noqa: E402
 
@@ -126,7 +126,7 @@ def report(preset: str, path: Path, r: dict, repeats: int) -> str:
         f"of {repeats} fresh-process loads per tool, interleaved (runs in s: {runs}); peak RSS = VmHWM of the "
         "loading process (worst run); checkpoint files warm in the page cache for every tool.",
         "",
-        table(["", "load wall (s)", "peak RSS", "over its import baseline", "params", "dtype"], rows),
+        markdown_table(["", "load wall (s)", "peak RSS", "over its import baseline", "params", "dtype"], rows),
         "",
         f"- speed vs transformers with its weights read: jaxvocab {jv['wall_s']:.2f} s vs {tfp['wall_s']:.2f} s -> "
         f"{verdict(jv['wall_s'] <= tfp['wall_s'])} (target: no slower)",

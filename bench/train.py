@@ -33,7 +33,7 @@ import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RSS_SAMPLER, fmt_bytes, machine, measure, save, table  # noqa: E402
+from common import RSS_SAMPLER, fmt_bytes, machine, markdown_table, measure, save  # noqa: E402
 
 SHAPE = dict(
     vocab_size=49152,
@@ -195,7 +195,7 @@ def report(r: dict, steps: int, repeats: int) -> str:
         f"shown; same weights and batches; {steps} timed steps after 2 warm-up steps, each synchronised on "
         "its loss; CPU s/step counts all threads.",
         "",
-        table(
+        markdown_table(
             [
                 "",
                 "tokens/s (median)",
@@ -399,7 +399,15 @@ def _lora_rounds(path: Path, work: Path, steps: int, repeats: int, env: dict) ->
         f"peak RSS {mem:.2f}x PEFT's ({'PASS' if mem <= 0.6 else 'MISS'}; target <= 0.6x)"
     )
     return "\n".join(
-        [head, "", how, "", table(["", "tokens/s (median)", "per run", "peak RSS", "wall (s)"], rows), "", verdict]
+        [
+            head,
+            "",
+            how,
+            "",
+            markdown_table(["", "tokens/s (median)", "per run", "peak RSS", "wall (s)"], rows),
+            "",
+            verdict,
+        ]
     )
 
 
