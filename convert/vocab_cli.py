@@ -197,12 +197,15 @@ def plan_for_import(args, mesh):
     """The plan of `import`'s vocabulary flags, made before any weight is read (config.json and the
     tokenizer are enough), so the loader reads the checkpoint straight into the final-size tables.
     Returns (plan, tokenizer), or None when no flag asks for an expansion."""
+    import numpy as np
+
     import jaxvocab
-    from jaxvocab.vocab import mesh_multiple
+    from jaxvocab.vocab import check_growth, mesh_multiple
 
     if not check_import_flags(args):
         return None
     tokens, flags = parse_token_flags(args.add_tokens) if args.add_tokens is not None else ({}, {})
+    abstract = _abstract_model(Path(args.src))
     with _warnings_as_lines():
         tok = _tokenizer(args.src, args.llama_version)
         plan = jaxvocab.plan_vocab(
@@ -210,9 +213,10 @@ def plan_for_import(args, mesh):
             tokens,
             reuse_reserved=args.reuse_reserved,
             pad_to_multiple_of=args.pad_to_multiple_of or mesh_multiple(mesh),
-            model=_abstract_model(Path(args.src)),
+            model=abstract,
             special=special_arg(args, tokens, flags),
         )
+    check_growth(plan, abstract.config, np.dtype(args.dtype or abstract.config.dtype).itemsize, mesh)
     return plan, tok
 
 

@@ -230,7 +230,20 @@ def _layout(model, tok, plan: VocabPlan, init: str, fix_untrained: bool, stats: 
 
 
 def _check_size(model, plan: VocabPlan) -> None:
-    """Refuse a plan whose tables cannot exist (ids past int32) or fit (checked before allocating)."""
+    check_growth(plan, model.config, tables(model)[0].get_value().dtype.itemsize, model_mesh(model))
+
+
+def check_growth(plan: VocabPlan, config, itemsize: int, mesh) -> None:
+    """Refuse a plan whose tables cannot exist (ids past int32) or fit, before anything is allocated.
+
+    Args:
+      plan: from `plan_vocab`; config: the model's config before the expansion.
+      itemsize: bytes per table element; mesh: where the tables live (its devices' memory is checked).
+    Returns:
+      None; raises a one-line UsageError naming `--pad-to-multiple-of` when the plan cannot fit.
+    Example:
+      >>> check_growth(plan, LlamaConfig.from_hf_file(src), 2, mesh)   # before load(vocab_rows=...)
+    """
     if plan.new_rows >= 2**31:
         raise UsageError(
             f"the plan grows the vocabulary to {plan.new_rows} rows, past the int32 token ids; "
@@ -238,15 +251,15 @@ def _check_size(model, plan: VocabPlan) -> None:
         )
     from jaxvocab.memory import check_fits
 
-    grow = plan.new_rows - model.config.vocab_size
+    grow = plan.new_rows - config.vocab_size
     if grow <= 0:
         return
-    ts = tables(model)
-    row = model.config.hidden_size * ts[0].get_value().dtype.itemsize
+    row = config.hidden_size * itemsize
+    n_tables = 1 if config.tie_word_embeddings else 2
     # Peak: the model plus one new table being written, then every table larger by `grow` rows.
     check_fits(
-        plan.new_rows * row + grow * row * (len(ts) - 1),
-        model_mesh(model),
+        plan.new_rows * row + grow * row * (n_tables - 1),
+        mesh,
         f"growing the vocabulary to {plan.new_rows} rows",
         "use a smaller --pad-to-multiple-of or fewer tokens",
     )
