@@ -29,7 +29,25 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _import_parser(sub)
+    _export_parser(sub)
+    ins = sub.add_parser(
+        "inspect", help="describe a checkpoint from its headers (fast; loads weights only with --probe)"
+    )
+    ins.add_argument("src", type=Path, metavar="SRC")
+    vocab_cli.add_inspect_args(ins)
+    _attention_arg(ins, "the forward pass of --probe")
+    ins.set_defaults(run=cmd_inspect)
 
+    demo = sub.add_parser("demo", help="run the whole mission on a tiny deterministic Llama-3 model")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output dir (default ./demo-out)")
+    demo.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _attention_arg(demo, "every forward and training pass")
+    demo.set_defaults(run=cmd_demo)
+    return p
+
+
+def _import_parser(sub) -> None:
     imp = sub.add_parser(
         "import",
         help="HF or Meta checkpoint dir -> jaxvocab checkpoint dir",
@@ -62,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     distributed.add_args(imp)
     imp.set_defaults(run=cmd_import)
 
+
+def _export_parser(sub) -> None:
     exp = sub.add_parser(
         "export",
         help="jaxvocab checkpoint dir -> HF dir (transformers, vLLM, llama.cpp)",
@@ -86,21 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--allow-nonfinite", action="store_true", help="export weights holding NaN or Inf")
     exp.set_defaults(run=cmd_export)
-
-    ins = sub.add_parser(
-        "inspect", help="describe a checkpoint from its headers (fast; loads weights only with --probe)"
-    )
-    ins.add_argument("src", type=Path, metavar="SRC")
-    vocab_cli.add_inspect_args(ins)
-    _attention_arg(ins, "the forward pass of --probe")
-    ins.set_defaults(run=cmd_inspect)
-
-    demo = sub.add_parser("demo", help="run the whole mission on a tiny deterministic Llama-3 model")
-    demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output dir (default ./demo-out)")
-    demo.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    _attention_arg(demo, "every forward and training pass")
-    demo.set_defaults(run=cmd_demo)
-    return p
 
 
 def _attention_arg(p: argparse.ArgumentParser, used_by: str) -> None:

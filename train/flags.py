@@ -33,6 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _io_args(p)
+    _optimizer_args(p)
+    _execution_args(p)
+    _lora_args(p)
+    p.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip (and log) a step whose loss or gradient is NaN/Inf instead of stopping the run there",
+    )
+    p.add_argument("--allow-nonfinite", action="store_true", help="load a --model whose weights hold NaN or Inf")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    distributed.add_args(p)
+    return p
+
+
+def _io_args(p: argparse.ArgumentParser) -> None:
+    """What is read and written: model, data, run dir, checkpoints, exports."""
     p.add_argument("--model", type=Path, required=True, help="checkpoint dir (jaxvocab, HF or Meta)")
     p.add_argument(
         "--data",
@@ -51,6 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["both", "embed", "head"],
         help="untied models: train embedding rows, head rows or both (default both)",
     )
+    p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: final only)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (always at the end)")
+    p.add_argument("--export-hf", type=Path, help="also write the final model as an HF dir here (adapters merged)")
+    p.add_argument(
+        "--export-dtype",
+        choices=["float32"],
+        help="--export-hf / final/ dtype (default: the checkpoint's; float32 keeps the f32 merge)",
+    )
+
+
+def _optimizer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
     p.add_argument("--seq-len", type=int, help="tokens per packed row (default: 1024, capped by the model)")
@@ -60,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay (applies to the rows only)")
     p.add_argument("--clip", type=float, default=1.0, help="global-norm gradient clipping (0: off)")
+
+
+def _execution_args(p: argparse.ArgumentParser) -> None:
+    """How each step runs: dtype, recompute, attention kernel, mesh."""
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
     p.add_argument(
         "--remat",
@@ -77,13 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         "short sequences and memory-linear chunked for long ones)",
     )
     p.add_argument("--mesh", help="e.g. data=1,fsdp=2,tensor=4 (default: fsdp over all devices)")
-    p.add_argument("--seed", type=int, default=0, help="data order seed")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: final only)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (always at the end)")
-    p.add_argument("--export-hf", type=Path, help="also write the final model as an HF dir here (adapters merged)")
+
+
+def _lora_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA (adapters on the frozen projections, trained beside the rows)")
     g.add_argument("--lora-rank", type=int, help="adapter rank r (enables LoRA)")
     g.add_argument("--lora-alpha", type=float, help="scale is alpha/r (default: 2 x rank)")
@@ -94,20 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-lr", type=float, help="adapters' peak learning rate (default: --lr)")
     g.add_argument("--lora-init", type=Path, help="start the adapters from a PEFT LoRA dir (same r, alpha, targets)")
     g.add_argument("--export-peft", type=Path, help="also write the adapters + rows as a PEFT adapter dir here")
-    p.add_argument(
-        "--export-dtype",
-        choices=["float32"],
-        help="--export-hf / final/ dtype (default: the checkpoint's; float32 keeps the f32 merge)",
-    )
-    p.add_argument(
-        "--skip-nonfinite",
-        action="store_true",
-        help="skip (and log) a step whose loss or gradient is NaN/Inf instead of stopping the run there",
-    )
-    p.add_argument("--allow-nonfinite", action="store_true", help="load a --model whose weights hold NaN or Inf")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    distributed.add_args(p)
-    return p
 
 
 def build_tokenize_parser() -> argparse.ArgumentParser:
