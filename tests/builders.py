@@ -153,6 +153,26 @@ def random_ids(vocab: int, batch: int = 2, length: int = 520, seed: int = 0) -> 
     return np.random.RandomState(seed).randint(0, vocab, (batch, length)).astype(np.int32)
 
 
+def tiny_llama(**kw):
+    """A random 2-layer GQA Llama (64 ids, width 32, head_dim 8) built in jaxvocab, for tests of the
+    model's own machinery (attention choice, remat, MLP chunking); `kw` are Llama's choices."""
+    from flax import nnx
+
+    from jaxvocab import Llama, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=4096,
+    )
+    return Llama(cfg, rngs=nnx.Rngs(0), **kw)
+
+
 def random_llama(config, seed: int = 0, std: float = 0.1):
     """A jaxvocab Llama filled from numpy (norms near 1): much faster than eager random init at a
     128k vocabulary, and far from uniform logits like `randomize`."""

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvocab import attention as A
+from jaxvocab import attention as attn
 from jaxvocab.errors import UsageError
+from tests.builders import tiny_llama
 
 TOL = 2e-6
 MAXIMA: dict[str, float] = {}
@@ -45,7 +46,7 @@ def _mask(kinds, T):
             cuts = np.cumsum([150 - 31 * b, 95, T])
             seg[b] = np.searchsorted(cuts, np.arange(T), side="right") + 1
             seg[b, T - 20 :] = 0
-    return A.make_mask(len(kinds), T, attention_mask=jnp.asarray(am), segment_ids=jnp.asarray(seg))
+    return attn.make_mask(len(kinds), T, attention_mask=jnp.asarray(am), segment_ids=jnp.asarray(seg))
 
 
 def _grads(fn, q, k, v, ct):
@@ -93,7 +94,9 @@ def _print_maxima():
 @jax.jit
 def _pair(q, k, v, ct, mask):
     """(xla, chunked) outputs and q/k/v grads: one compile per shape, shared by every mask mix."""
-    return _grads(partial(A.xla, mask=mask), q, k, v, ct), _grads(partial(A.chunked, mask=mask, block=128), q, k, v, ct)
+    return _grads(partial(attn.xla, mask=mask), q, k, v, ct), _grads(
+        partial(attn.chunked, mask=mask, block=128), q, k, v, ct
+    )
 
 
 # Every (kv heads, head_dim) pair of GQA 1/2/4 x 64/128 once, with two batch rows of mixed kinds:
@@ -125,13 +128,13 @@ def test_chunked_matches_xla(kv, hd, kinds):
 
 def test_chunked_skips_blocks_no_query_can_see():
     """Causal: a 4 x 4 block grid has 10 live blocks; two documents split at a block edge: 8."""
-    m = A.make_mask(1, 512)
-    blk = lambda x: A._blocks(x, 128)  # noqa: E731
-    live = A._live(blk(m.q_seg), blk(m.q_pos), blk(m.kv_seg), blk(m.kv_pos))
+    m = attn.make_mask(1, 512)
+    blk = lambda x: attn._blocks(x, 128)  # noqa: E731
+    live = attn._live(blk(m.q_seg), blk(m.q_pos), blk(m.kv_seg), blk(m.kv_pos))
     assert int(live.sum()) == 10 and not bool(live[0, 1])
     seg = jnp.asarray(np.repeat([1, 2], 256)[None], jnp.int32)
-    m = A.make_mask(1, 512, segment_ids=seg)
-    live = A._live(blk(m.q_seg), blk(m.q_pos), blk(m.kv_seg), blk(m.kv_pos))
+    m = attn.make_mask(1, 512, segment_ids=seg)
+    live = attn._live(blk(m.q_seg), blk(m.q_pos), blk(m.kv_seg), blk(m.kv_pos))
     assert int(live.sum()) == 6 and not bool(live[2, 1])
 
 
@@ -143,7 +146,7 @@ def test_cache_decode_matches_xla(T):
     valid = np.zeros((B, S), bool)
     valid[:, : 203 + T] = True
     valid[1, :40] = False
-    mask = A.make_mask(B, T, cache_valid=jnp.asarray(valid), cache_index=jnp.int32(203))
+    mask = attn.make_mask(B, T, cache_valid=jnp.asarray(valid), cache_index=jnp.int32(203))
     want, got = _pair(q, k, v, ct, mask)
     _check(f"chunked cache T={T}", got, want, _exact(q, k, v, ct, mask))
 
@@ -157,7 +160,7 @@ def test_splash_interpret_matches_xla(kind):
     q, k, v, ct = _inputs(B, T, T, H, KV, hd, seed=3)
     mask = _mask((kind,), T)
     ct = jnp.where(mask.dense()[:, 0, 0].any(-1)[..., None, None], ct, 0.0)
-    want = _grads(partial(A.xla, mask=mask), q, k, v, ct)
+    want = _grads(partial(attn.xla, mask=mask), q, k, v, ct)
     got = _grads(partial(splash, mask=mask, interpret=True), q, k, v, ct)
     seen = mask.dense()[:, 0, 0].any(-1)[..., None, None]
     got = (jnp.where(seen, got[0], 0.0), *got[1:])
@@ -167,39 +170,21 @@ def test_splash_interpret_matches_xla(kind):
 def test_refusals_are_one_line():
     q, k, _, _ = _inputs(1, 8, 8, 4, 2, 64)
     with pytest.raises(UsageError, match="--attention cudnn: it needs an NVIDIA GPU"):
-        A.cudnn(q, k, k, A.make_mask(1, 8))
+        attn.cudnn(q, k, k, attn.make_mask(1, 8))
     with pytest.raises(UsageError, match="--attention splash: it is a TPU kernel"):
-        A.attend(q, k, k, A.make_mask(1, 8), "splash")
+        attn.attend(q, k, k, attn.make_mask(1, 8), "splash")
     with pytest.raises(UsageError, match="--attention 'flash': choose one of"):
-        A.attend(q, k, k, A.make_mask(1, 8), "flash")
+        attn.attend(q, k, k, attn.make_mask(1, 8), "flash")
 
 
 def test_auto_picks_xla_short_chunked_long():
-    n = A.AUTO_CHUNKED_FROM - 1
-    short, long = (jax.ShapeDtypeStruct((1, T, 4, 64), jnp.float32) for T in (n, A.AUTO_CHUNKED_FROM))
-    assert A.choose("auto", short, short, A.make_mask(1, n)) == "xla"
-    assert A.choose("auto", long, long, A.make_mask(1, A.AUTO_CHUNKED_FROM)) == "chunked"
+    n = attn.AUTO_CHUNKED_FROM - 1
+    short, long = (jax.ShapeDtypeStruct((1, T, 4, 64), jnp.float32) for T in (n, attn.AUTO_CHUNKED_FROM))
+    assert attn.choose("auto", short, short, attn.make_mask(1, n)) == "xla"
+    assert attn.choose("auto", long, long, attn.make_mask(1, attn.AUTO_CHUNKED_FROM)) == "chunked"
 
 
 # ------------------------------------------------------------------------------ model-level choices
-def _tiny(**kw):
-    from flax import nnx
-
-    from jaxvocab import Llama, LlamaConfig
-
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=4096,
-    )
-    return Llama(cfg, rngs=nnx.Rngs(0), **kw)
-
-
 def _grad_jaxpr(model, T: int) -> str:
     from flax import nnx
 
@@ -209,11 +194,11 @@ def _grad_jaxpr(model, T: int) -> str:
 
 
 def test_model_uses_the_chosen_implementation():
-    assert " cond[" in _grad_jaxpr(_tiny(attention="chunked"), 16)
-    assert " cond[" not in _grad_jaxpr(_tiny(attention="xla"), 16)
-    assert " cond[" in _grad_jaxpr(_tiny(), A.AUTO_CHUNKED_FROM)  # auto, long: chunked
+    assert " cond[" in _grad_jaxpr(tiny_llama(attention="chunked"), 16)
+    assert " cond[" not in _grad_jaxpr(tiny_llama(attention="xla"), 16)
+    assert " cond[" in _grad_jaxpr(tiny_llama(), attn.AUTO_CHUNKED_FROM)  # auto, long: chunked
     with pytest.raises(UsageError, match="--attention 'flash'"):
-        _tiny(attention="flash")
+        tiny_llama(attention="flash")
 
 
 def test_remat_auto_decides_from_traced_shapes(monkeypatch):
@@ -223,15 +208,15 @@ def test_remat_auto_decides_from_traced_shapes(monkeypatch):
     from jaxvocab import remat
 
     dots = lambda model, T: _grad_jaxpr(model, T).count("dot_general[")  # noqa: E731
-    full, saved, none = (dots(_tiny(remat=r), 64) for r in ("full", "dots", "none"))
+    full, saved, none = (dots(tiny_llama(remat=r), 64) for r in ("full", "dots", "none"))
     assert full > saved > none
-    model = _tiny()
+    model = tiny_llama()
     need = remat.dots_bytes(model.config, 1, 64, jnp.float32)
     monkeypatch.setattr(remat, "memory_bytes", lambda: 4 * need)  # fits in half: keep the matmul outputs
     assert dots(model, 64) == saved
     monkeypatch.setattr(remat, "memory_bytes", lambda: need)  # does not: recompute whole layers
     assert dots(model, 64) == full
     assert dots(model, 16) < full  # shorter: fits again
-    assert _tiny(remat=True).remat == "full" and _tiny(remat=False).remat == "none"
+    assert tiny_llama(remat=True).remat == "full" and tiny_llama(remat=False).remat == "none"
     with pytest.raises(UsageError, match="--remat 'some'"):
-        _tiny(remat="some")
+        tiny_llama(remat="some")

@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxvocab import mlp as M
+from jaxvocab import mlp as chunked_mlp
+from tests.builders import tiny_llama
 
 
 def _weights(D=32, F=96, seed=0):
@@ -24,9 +25,9 @@ def _block(w, x):
 
 
 def test_chunk_count():
-    assert M.chunks(1, 1024, 8192) == 1  # Llama-3.2-1B up to 1k: one chunk, nothing changes
-    assert M.chunks(1, 16384, 8192) == 16 and M.chunks(2, 16384, 8192) == 32
-    assert M.chunks(1, 3, 1 << 30) == 3  # never more chunks than tokens
+    assert chunked_mlp.chunks(1, 1024, 8192) == 1  # Llama-3.2-1B up to 1k: one chunk, nothing changes
+    assert chunked_mlp.chunks(1, 16384, 8192) == 16 and chunked_mlp.chunks(2, 16384, 8192) == 32
+    assert chunked_mlp.chunks(1, 3, 1 << 30) == 3  # never more chunks than tokens
 
 
 @pytest.mark.parametrize("n", [1, 3, 37])
@@ -36,16 +37,16 @@ def test_chunked_mlp_matches_unchunked(monkeypatch, n):
     w = _weights()
     x = w.pop("x")
     B, T, _ = x.shape
-    monkeypatch.setattr(M, "CHUNK_ELEMENTS", -(-B * T * 96 // n))
-    assert M.chunks(B, T, 96) == n
+    monkeypatch.setattr(chunked_mlp, "CHUNK_ELEMENTS", -(-B * T * 96 // n))
+    assert chunked_mlp.chunks(B, T, 96) == n
     ct = jax.random.normal(jax.random.PRNGKey(1), x.shape)
 
     def run(chunked):
-        f = (lambda w, x: M.sequence_chunked(lambda t: _block(w, t), x, 96)) if chunked else _block
+        f = (lambda w, x: chunked_mlp.sequence_chunked(lambda t: _block(w, t), x, 96)) if chunked else _block
         out, vjp = jax.vjp(f, w, x)
         return out, *vjp(ct)
 
-    jaxpr = str(jax.make_jaxpr(lambda w, x: M.sequence_chunked(lambda t: _block(w, t), x, 96))(w, x))
+    jaxpr = str(jax.make_jaxpr(lambda w, x: chunked_mlp.sequence_chunked(lambda t: _block(w, t), x, 96))(w, x))
     assert (f"length={n}" in jaxpr) == (n > 1)  # the chunks really are a loop
     got, want = jax.jit(lambda: run(True))(), jax.jit(lambda: run(False))()
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
@@ -57,23 +58,11 @@ def test_model_runs_the_mlp_in_chunks(monkeypatch):
     """Llama's logits and gradients do not change when its MLP runs in 4 sequence chunks."""
     from flax import nnx
 
-    from jaxvocab import Llama, LlamaConfig
-
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-    )
-    graph, state = nnx.split(Llama(cfg, rngs=nnx.Rngs(0), attention="xla", remat="full"))
+    graph, state = nnx.split(tiny_llama(attention="xla", remat="full"))
     ids = jax.random.randint(jax.random.PRNGKey(2), (2, 50), 0, 64)
     f = lambda s: (nnx.merge(graph, s)(ids) ** 2).mean()  # noqa: E731
     want = jax.jit(jax.value_and_grad(f))(state)
-    monkeypatch.setattr(M, "CHUNK_ELEMENTS", 2 * 50 * 64 // 4)
+    monkeypatch.setattr(chunked_mlp, "CHUNK_ELEMENTS", 2 * 50 * 64 // 4)
     assert "length=4" in str(jax.make_jaxpr(f)(state))
     got = jax.jit(jax.value_and_grad(f))(state)
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
