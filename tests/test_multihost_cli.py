@@ -309,8 +309,11 @@ def test_two_processes_with_lora_match_one_process(job_inputs, tmp_path):
     ):
         assert set(a) == set(b)
         for name in a:
-            scale = max(np.abs(b[name]).max(), 1e-6)  # Adam turns reduction-order noise into ~lr-sized steps
-            assert np.abs(a[name] - b[name]).max() / scale <= 1e-4, name
+            # Adam turns reduction-order noise into lr-sized steps where a gradient is ~0 (a fresh lora_A
+            # sees dA ~ 0 while B is still ~0): allow 1e-4 of the tensor's scale, or 1% of the most any
+            # element can move in 3 steps at the default lr 1e-3.
+            tol = max(1e-4 * np.abs(b[name]).max(), 0.01 * 3 * 1e-3)
+            assert np.abs(a[name] - b[name]).max() <= tol, name
     merged = _tensors(Path(str(two) + "-hf"))
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
         assert not np.array_equal(merged[name], base[name]), name  # the adapters trained and were merged
