@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,6 +49,20 @@ def peak_rss() -> int:
         pass
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def wait_peak_rss(proc: subprocess.Popen, interval: float = 0.02) -> int:
+    """Wait for `proc` to exit, polling its VmHWM (the kernel's high-water mark: sampling RSS
+    misses short peaks); returns the peak in bytes."""
+    peak = 0
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                peak = max([peak] + [int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:")])
+        except OSError:
+            pass
+        time.sleep(interval)
+    return peak
 
 
 def measure(setup: str, body: str, env: dict | None = None, timeout: float = 3600) -> dict:

@@ -33,7 +33,7 @@ import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RSS_SAMPLER, fmt_bytes, machine, markdown_table, measure, save  # noqa: E402
+from common import RSS_SAMPLER, fmt_bytes, machine, markdown_table, measure, save, wait_peak_rss  # noqa: E402
 
 SHAPE = dict(
     vocab_size=49152,
@@ -290,14 +290,7 @@ def run_cli(cmd: list[str], metrics: Path, env: dict) -> dict:
     proc = subprocess.Popen(
         cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    peak = 0
-    while proc.poll() is None:
-        try:
-            with open(f"/proc/{proc.pid}/status") as f:
-                peak = max([peak] + [int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:")])
-        except OSError:
-            pass
-        time.sleep(0.05)
+    peak = wait_peak_rss(proc, interval=0.05)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
     recs = [json.loads(x) for x in metrics.read_text().splitlines()][2:]

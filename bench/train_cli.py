@@ -32,7 +32,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from common import fmt_bytes, machine, markdown_table, measure, save  # noqa: E402
+from common import fmt_bytes, machine, markdown_table, measure, save, wait_peak_rss  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_train", BENCH / "train.py")
 bench_train = importlib.util.module_from_spec(_spec)
@@ -83,14 +83,7 @@ def run_cli(model: Path, data: Path, steps: int, extra: list[str]) -> tuple[floa
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     t = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            with open(f"/proc/{proc.pid}/status") as f:
-                peak = max([peak] + [int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:")])
-        except OSError:
-            pass
-        time.sleep(0.02)
+    peak = wait_peak_rss(proc)
     wall = time.perf_counter() - t
     err = proc.stderr.read().decode()
     shutil.rmtree(out, ignore_errors=True)
