@@ -285,11 +285,6 @@ def no_subword(k: int):
 
 
 @jax.jit
-def row_absmax(table):
-    """Per-row max |x|: exact under any sharding (a max does not depend on the order)."""
-    return jnp.max(jnp.abs(table.astype(jnp.float32)), axis=1)  # cast first: XLA:CPU is 10x slower the other way
-
-
 class TableStats(NamedTuple):
     """What one pass over a table tells: enough to find its untrained rows and take its mean."""
 
