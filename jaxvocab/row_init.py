@@ -284,7 +284,6 @@ def no_subword(k: int):
     return (np.zeros((k, 1), np.int32), np.zeros((k, 1), np.float32), np.zeros((k,), bool))
 
 
-@jax.jit
 class TableStats(NamedTuple):
     """What one pass over a table tells: enough to find its untrained rows and take its mean."""
 
