@@ -164,17 +164,22 @@ def _expander(
     def expand(table, trained, source, seed, n, sub_idx, sub_w, sub_ok, sums, excluded):
         key = jax.random.fold_in(jax.random.key(seed), n)  # inside the jit: no separate fold_in compile
         # Statistics over the checkpoint's rows only: a table loaded at its final size sums in
-        # the same blocks, so it gets the same bits as one grown after loading.
-        stats_table, trained = table[:stat_rows], trained[:stat_rows]
+        # the same blocks, so it gets the same bits as one grown after loading. The slice is taken
+        # only where a pass needs it (inside the fallback branch): cutting a table copies it.
+        trained = trained[:stat_rows]
+
+        def stats_table():
+            return table if stat_rows == table.shape[0] else table[:stat_rows]
+
         if from_sums:
             total = sums.sum(axis=0) - jnp.sum(table[excluded].astype(jnp.float32), axis=0)
             mu = total / jnp.maximum(trained.sum(), 1).astype(jnp.float32)
             # A non-finite row (loaded with allow_nonfinite) poisons the all-rows sums: only then
             # pay for the masked pass, which keeps such rows out.
-            mu = jax.lax.cond(jnp.all(jnp.isfinite(mu)), lambda: mu, lambda: masked_mean(stats_table, trained, mesh))
+            mu = jax.lax.cond(jnp.all(jnp.isfinite(mu)), lambda: mu, lambda: masked_mean(stats_table(), trained, mesh))
             rows = jnp.broadcast_to(mu, (k, table.shape[1]))
         else:
-            rows = new_rows(stats_table, trained, key, sub_idx, sub_w, sub_ok, method=method, k=k, mesh=mesh)
+            rows = new_rows(stats_table(), trained, key, sub_idx, sub_w, sub_ok, method=method, k=k, mesh=mesh)
         rows = rows.astype(table.dtype)
         grown = table
         if new_vocab > old_vocab:
@@ -294,37 +299,50 @@ class TableStats(NamedTuple):
 
 
 @functools.lru_cache(maxsize=16)
-def _stats_fn(rows: int, fingerprint: bool, mesh: Mesh):
-    def stats(table, probe):
-        t = table[:rows]
-        rowmax = jnp.max(jnp.abs(t.astype(jnp.float32)), axis=1)
-        sums = _block_sums(t, jnp.ones(rows, bool), mesh)
-        fp = (
-            jnp.einsum("vd,dk->vk", t, probe.astype(t.dtype), preferred_element_type=jnp.float32)
-            if fingerprint
-            else None
-        )
-        return rowmax, sums, fp
+def _stats_fn(rows: int, fingerprints: tuple[bool, ...], mesh: Mesh):
+    """One jit over every table: one compilation, and XLA may run the tables' passes side by side."""
+
+    def stats(tables, probe):
+        out = []
+        for table, fingerprint in zip(tables, fingerprints, strict=True):
+            whole, cut = table, table
+            if rows < table.shape[0]:
+                # Loaded at its final size: the sums' blocks cover only the checkpoint's rows, so they
+                # need the cut; per-row results are taken over the whole table and cut after, behind a
+                # barrier, since XLA would otherwise push the cut into their passes (several times slower).
+                whole, cut = jax.lax.optimization_barrier(table), table[:rows]
+            rowmax = jnp.max(jnp.abs(whole.astype(jnp.float32)), axis=1)[:rows]
+            sums = _block_sums(cut, jnp.ones(rows, bool), mesh)
+            fp = None
+            if fingerprint:
+                fp = jnp.einsum("vd,dk->vk", whole, probe.astype(table.dtype), preferred_element_type=jnp.float32)
+                fp = fp[:rows]
+            out.append((rowmax, sums, fp))
+        return out
 
     return jax.jit(stats)
 
 
-def table_stats(table, rows: int, *, fingerprint: bool, mesh: Mesh, hidden: int) -> TableStats:
-    """Row max |x|, block sums and (for the head) fingerprints of the first `rows` rows, in one jit.
+def tables_stats(tables_, rows: int, *, fingerprints: tuple[bool, ...], mesh: Mesh, hidden: int) -> list[TableStats]:
+    """Row max |x|, block sums and (where asked: the head) fingerprints of each table's first `rows` rows, in one jit.
 
     Args:
-      table: [V, D] table; rows: how many leading rows to cover; fingerprint: also project each
-      row on a fixed random [D, 2] probe; mesh: the table's mesh; hidden: D.
+      tables_: [V, D] tables (the embedding, then an untied head); rows: how many leading rows to cover;
+      fingerprints: per table, whether to also project each row on a fixed random [D, 2] probe;
+      mesh: the tables' mesh; hidden: D.
 
     Returns:
-      A `TableStats`.
+      One `TableStats` per table.
 
     Example:
-      >>> st = table_stats(model.embed.get_value(), 128256, fingerprint=False, mesh=mesh, hidden=4096)
+      >>> [st] = tables_stats([model.embed.get_value()], 128256, fingerprints=(False,), mesh=mesh, hidden=4096)
     """
     probe = np.random.RandomState(0).standard_normal((hidden, 2)).astype(np.float32)
-    rowmax, sums, fp = _stats_fn(rows, fingerprint, mesh)(table, probe)
-    return TableStats(np.asarray(rowmax), sums, None if fp is None else np.asarray(fp), rows)
+    results = _stats_fn(rows, tuple(fingerprints), mesh)(list(tables_), probe)
+    return [
+        TableStats(np.asarray(rowmax), sums, None if fp is None else np.asarray(fp), rows)
+        for rowmax, sums, fp in results
+    ]
 
 
 # ------------------------------------------------------------------------------ untrained rows
@@ -356,10 +374,14 @@ def model_stats(model, rows: int | None = None) -> list[TableStats]:
     rows = model.config.vocab_size if rows is None else rows
     sharding = getattr(model.embed.get_value(), "sharding", None)
     mesh = sharding.mesh if isinstance(sharding, NamedSharding) else single_device_mesh()
-    return [
-        table_stats(p.get_value(), rows, fingerprint=p is model.head_table, mesh=mesh, hidden=model.config.hidden_size)
-        for p in tables(model)
-    ]
+    params = tables(model)
+    return tables_stats(
+        [p.get_value() for p in params],
+        rows,
+        fingerprints=tuple(p is model.head_table for p in params),
+        mesh=mesh,
+        hidden=model.config.hidden_size,
+    )
 
 
 def untrained_mask(model, rel_eps: float = REL_EPS, stats: list[TableStats] | None = None) -> np.ndarray:
