@@ -33,26 +33,9 @@ import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RSS_SAMPLER, fmt_bytes, machine, markdown_table, measure, save, wait_peak_rss  # noqa: E402
-
-SHAPE = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    tie_word_embeddings=True,
-    max_position_embeddings=2048,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    bos_token_id=0,
-    eos_token_id=0,
-)
-NEW = list(range(49152 - 16, 49152))
-BATCH, SEQ, LR = 4, 256, 1e-3
-
+from common import RSS_SAMPLER, fmt_bytes, machine, markdown_table, measure, save  # noqa: E402
+from train_lora import lora_bench  # noqa: E402
+from train_shape import BATCH, LR, NEW, SEQ, SHAPE, write_checkpoint  # noqa: E402
 
 # Both children draw the same batches: random ids with the new ids at 5% of the positions.
 _BATCHES = f"""
@@ -84,15 +67,6 @@ bench_extra = dict(first_step_s=_first_s, warm_step_s=_warm_s, timed_s=_timed_s,
                    last_loss=loss, rss_before=_rss_before, step_peak_rss=max(_peak[0], _proc.memory_info().rss),
                    load_s=_load_s)
 """
-
-
-def write_checkpoint(out: Path) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SHAPE, initializer_range=0.02)).eval()
-    model.save_pretrained(out)
 
 
 def jax_child(path: Path, steps: int, remat: bool = True) -> tuple[str, str]:
@@ -166,28 +140,27 @@ def summarize_steps(runs: list[dict]) -> dict:
     return out
 
 
+_NAMES = {
+    "jaxvocab": "jaxvocab rows step (default: remat)",
+    "jaxvocab-no-remat": "jaxvocab rows step, --no-remat",
+    "peft": "PEFT TrainableTokens + torch AdamW",
+}
+_COLUMNS = [
+    "",
+    "tokens/s (median)",
+    "tokens/s per run",
+    "s/step",
+    "CPU s/step",
+    "first step (s)",
+    "peak RSS in timed steps",
+    "process peak RSS",
+    "loss step 1",
+]
+
+
 def report(r: dict, steps: int, repeats: int) -> str:
+    """The markdown README quotes: how it was measured, the table, then one verdict line per jaxvocab run."""
     pf = r["peft"]
-    names = {
-        "jaxvocab": "jaxvocab rows step (default: remat)",
-        "jaxvocab-no-remat": "jaxvocab rows step, --no-remat",
-        "peft": "PEFT TrainableTokens + torch AdamW",
-    }
-    rows = [
-        [
-            names[k],
-            f"**{x['tokens_per_s']:.0f}**",
-            " / ".join(map(str, x["all_tokens_per_s"])),
-            f"{x['timed_s'] / x['steps']:.2f}",
-            f"{x['cpu_per_step']:.2f}",
-            f"{x['first_step_s']:.2f}",
-            fmt_bytes(x["step_peak_rss"]),
-            fmt_bytes(x["peak_rss"]),
-            f"{x['first_loss']:.5f}",
-            f"{x['last_loss']:.5f}",
-        ]
-        for k, x in r.items()
-    ]
     lines = [
         f"## Training 16 new rows: ~135M Llama (SmolLM-135M shapes, tied), f32, batch {BATCH} x {SEQ}",
         "",
@@ -195,33 +168,10 @@ def report(r: dict, steps: int, repeats: int) -> str:
         f"shown; same weights and batches; {steps} timed steps after 2 warm-up steps, each synchronised on "
         "its loss; CPU s/step counts all threads.",
         "",
-        markdown_table(
-            [
-                "",
-                "tokens/s (median)",
-                "tokens/s per run",
-                "s/step",
-                "CPU s/step",
-                "first step (s)",
-                "peak RSS in timed steps",
-                "process peak RSS",
-                "loss step 1",
-                f"loss step {steps + 2}",
-            ],
-            rows,
-        ),
+        markdown_table([*_COLUMNS, f"loss step {steps + 2}"], [_report_row(k, x) for k, x in r.items()]),
         "",
     ]
-    for k in ("jaxvocab", "jaxvocab-no-remat"):
-        if k in r:
-            x = r[k]
-            speed = x["tokens_per_s"] / pf["tokens_per_s"]
-            lines.append(
-                f"- {names[k]}: {speed:.2f}x PEFT's tokens/s ({'PASS' if speed >= 2 else 'MISS'}; "
-                f"target >= 2x); PEFT needs {pf['cpu_per_step'] / x['cpu_per_step']:.2f}x its CPU time per step; "
-                f"peak RSS {fmt_bytes(x['step_peak_rss'])} vs {fmt_bytes(pf['step_peak_rss'])} "
-                f"({'PASS' if x['step_peak_rss'] < pf['step_peak_rss'] else 'MISS'}; target lower)"
-            )
+    lines += [_verdict(k, r[k], pf) for k in ("jaxvocab", "jaxvocab-no-remat") if k in r]
     lines.append(
         f"- first-step loss {r['jaxvocab']['first_loss']:.5f} (jaxvocab) vs {pf['first_loss']:.5f} (PEFT): "
         "both compute the same thing; jaxvocab's first step includes compilation"
@@ -229,178 +179,30 @@ def report(r: dict, steps: int, repeats: int) -> str:
     return "\n".join(lines)
 
 
-# --- LoRA r=16 on all seven projections + the 16 rows, through the CLIs -------------------------------
-
-LORA_R = 16
-_PEFT_CLI = """
-import json, sys, time
-import numpy as np, torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaForCausalLM
-ckpt, data, metrics, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-new = {new}
-model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-cfg = LoraConfig(r={r}, lora_alpha={alpha}, lora_dropout=0.0, trainable_token_indices=new,
-                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-model = get_peft_model(model, cfg)
-model.train()
-params = [p for p in model.parameters() if p.requires_grad]
-opt = torch.optim.AdamW(params, lr={lr}, weight_decay=0.0)
-docs = [json.loads(line)["input_ids"] for line in open(data)]
-with open(metrics, "w") as f:
-    for step in range(steps):
-        x = torch.tensor(docs[step * {b}:(step + 1) * {b}], dtype=torch.long)
-        t0 = time.perf_counter()
-        out = model(input_ids=x, labels=x)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss = float(out.loss)
-        dt = time.perf_counter() - t0
-        f.write(json.dumps({{"step": step + 1, "loss": loss, "tokens": int(x.numel()), "tokens_per_s": x.numel() / dt}}) + "\\n")
-        f.flush()
-"""
-
-
-def write_lora_data(path: Path, n_docs: int) -> None:
-    """Docs of SEQ ids (one packed row each: SEQ inputs, SEQ - 1 targets), the new ids at 5% of the positions."""
-    import json
-
-    import numpy as np
-
-    rs = np.random.RandomState(0)
-    with path.open("w") as f:
-        for _ in range(n_docs):
-            x = rs.randint(0, NEW[0], SEQ)
-            hit = rs.rand(SEQ) < 0.05
-            x[hit] = rs.choice(NEW, hit.sum())
-            f.write(json.dumps({"input_ids": x.tolist()}) + "\n")
-
-
-def run_cli(cmd: list[str], metrics: Path, env: dict) -> dict:
-    """One CLI process: wall time, its peak RSS (VmHWM, polled until it exits) and the per-step
-    tokens/s of metrics.jsonl after the first two steps (the first one compiles)."""
-    import json
-    import os
-    import subprocess
-    import time
-
-    t = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    peak = wait_peak_rss(proc, interval=0.05)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
-    recs = [json.loads(x) for x in metrics.read_text().splitlines()][2:]
-    secs = sum(r["tokens"] / r["tokens_per_s"] for r in recs)
-    return {
-        "tokens_per_s": sum(r["tokens"] for r in recs) / secs,
-        "peak_rss": peak,
-        "wall_s": time.perf_counter() - t,
-        "steps": len(recs),
-        "last_loss": recs[-1]["loss"],
-    }
-
-
-def lora_bench(path: Path, steps: int, repeats: int, env: dict) -> str:
-    work = Path(tempfile.mkdtemp(prefix="jaxvocab-bench-lora-"))  # the CLI refuses an --out inside --model
-    try:
-        return _lora_rounds(path, work, steps, repeats, env)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _lora_rounds(path: Path, work: Path, steps: int, repeats: int, env: dict) -> str:
-    data = work / "lora_data.jsonl"
-    write_lora_data(data, BATCH * (steps + 2))
-    runs = {"jaxvocab": [], "peft": []}
-    for i in range(repeats):
-        out = work / f"run{i}"
-        jax_cmd = [
-            sys.executable,
-            "-m",
-            "train",
-            "--model",
-            str(path),
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--overwrite",
-            "--trainable",
-            "ids:" + ",".join(map(str, NEW)),
-            "--lora-rank",
-            str(LORA_R),
-            "--steps",
-            str(steps + 2),
-            "--batch-size",
-            str(BATCH),
-            "--seq-len",
-            str(SEQ),
-            "--lr",
-            str(LR),
-            "--dtype",
-            "float32",
-            "--save-every",
-            "0",
-            "--quiet",
-        ]
-        runs["jaxvocab"].append(run_cli(jax_cmd, out / "metrics.jsonl", env))
-        code = _PEFT_CLI.format(new=NEW, r=LORA_R, alpha=2 * LORA_R, lr=LR, b=BATCH)
-        peft_metrics = work / f"peft{i}.jsonl"
-        runs["peft"].append(
-            run_cli(
-                [sys.executable, "-c", code, str(path), str(data), str(peft_metrics), str(steps + 2)], peft_metrics, env
-            )
-        )
-        for name, rs in runs.items():
-            print(
-                f"  {name}: {rs[-1]['tokens_per_s']:.0f} tokens/s, peak {fmt_bytes(rs[-1]['peak_rss'])}",
-                file=sys.stderr,
-            )
-    med = {
-        k: {m: statistics.median(r[m] for r in rs) for m in ("tokens_per_s", "peak_rss", "wall_s")}
-        for k, rs in runs.items()
-    }
-    j, p = med["jaxvocab"], med["peft"]
-    rows = [
-        [
-            "jaxvocab-train --lora-rank 16 (CLI, default remat)",
-            f"{j['tokens_per_s']:.0f}",
-            " / ".join(f"{r['tokens_per_s']:.0f}" for r in runs["jaxvocab"]),
-            fmt_bytes(j["peak_rss"]),
-            f"{j['wall_s']:.0f}",
-        ],
-        [
-            "PEFT LoRA + trainable_token_indices, torch AdamW",
-            f"{p['tokens_per_s']:.0f}",
-            " / ".join(f"{r['tokens_per_s']:.0f}" for r in runs["peft"]),
-            fmt_bytes(p["peak_rss"]),
-            f"{p['wall_s']:.0f}",
-        ],
+def _report_row(name: str, x: dict) -> list[str]:
+    """Each round's tokens/s beside the median, so a noisy round is visible rather than averaged away."""
+    return [
+        _NAMES[name],
+        f"**{x['tokens_per_s']:.0f}**",
+        " / ".join(map(str, x["all_tokens_per_s"])),
+        f"{x['timed_s'] / x['steps']:.2f}",
+        f"{x['cpu_per_step']:.2f}",
+        f"{x['first_step_s']:.2f}",
+        fmt_bytes(x["step_peak_rss"]),
+        fmt_bytes(x["peak_rss"]),
+        f"{x['first_loss']:.5f}",
+        f"{x['last_loss']:.5f}",
     ]
-    speed, mem = j["tokens_per_s"] / p["tokens_per_s"], j["peak_rss"] / p["peak_rss"]
-    head = f"## LoRA r={LORA_R} on q,k,v,o,gate,up,down + 16 new rows: ~135M Llama, f32, batch {BATCH} x {SEQ}"
-    how = (
-        f"{machine()}; each tool a fresh process on the same weights and data, {steps} timed steps after 2 "
-        f"warm-up steps, {repeats} interleaved round(s), medians; peak RSS is the process VmHWM (whole run)."
-    )
-    verdict = (
-        f"- jaxvocab {speed:.2f}x PEFT's tokens/s ({'PASS' if speed >= 1 else 'MISS'}; target >= 1.0x); "
-        f"peak RSS {mem:.2f}x PEFT's ({'PASS' if mem <= 0.6 else 'MISS'}; target <= 0.6x)"
-    )
-    return "\n".join(
-        [
-            head,
-            "",
-            how,
-            "",
-            markdown_table(["", "tokens/s (median)", "per run", "peak RSS", "wall (s)"], rows),
-            "",
-            verdict,
-        ]
+
+
+def _verdict(name: str, x: dict, pf: dict) -> str:
+    """Targets: >= 2x PEFT's tokens/s and a lower peak RSS during the timed steps."""
+    speed = x["tokens_per_s"] / pf["tokens_per_s"]
+    return (
+        f"- {_NAMES[name]}: {speed:.2f}x PEFT's tokens/s ({'PASS' if speed >= 2 else 'MISS'}; "
+        f"target >= 2x); PEFT needs {pf['cpu_per_step'] / x['cpu_per_step']:.2f}x its CPU time per step; "
+        f"peak RSS {fmt_bytes(x['step_peak_rss'])} vs {fmt_bytes(pf['step_peak_rss'])} "
+        f"({'PASS' if x['step_peak_rss'] < pf['step_peak_rss'] else 'MISS'}; target lower)"
     )
 
 

@@ -32,101 +32,122 @@ class Stage:
 
 
 def run_demo(out: Path, overwrite: bool = False, attention: str = "auto") -> None:
-    import jaxvocab
-    from examples.demo_model import build_demo_checkpoint
-    from jaxvocab import diagnostics
+    """Each phase hands the next only what a user would carry between the calls: files and objects."""
     from jaxvocab.io.atomic import atomic_dir
-    from jaxvocab.vocab import describe_untrained
 
     stage = Stage()
     with atomic_dir(out, overwrite) as tmp:
-        stage("building a tiny Llama-3 HF checkpoint (real tokenizer, base-model-like untrained rows)")
-        base = build_demo_checkpoint(tmp / "base")
-        print(f"  {base.relative_to(tmp)}: {jaxvocab.LlamaConfig.from_hf_file(base).num_params() / 1e6:.1f}M params")
-
-        stage("importing it onto a device mesh")
-        mesh = jaxvocab.parse_mesh(None)
-        model = jaxvocab.load(base, mesh=mesh, attention=attention)
-        tok = jaxvocab.load_tokenizer(base)
-        print(f"  mesh {dict(mesh.shape)}; embed sharded as {model.embed[...].sharding.spec}")
-
-        stage("finding untrained rows")
-        untrained = jaxvocab.find_untrained(model, tok)
-        names = describe_untrained(untrained, tok, limit=6)
-        print(f"  {len(untrained)} untrained rows, e.g. {', '.join(names)}")
-        probe = diagnostics.probe_ids(tok, PROBE)
-        before = _mass(model, probe, untrained)
-        model = jaxvocab.fix_untrained(model, untrained, tok=tok)
-        print(
-            f"  probability mass on them before the fix: {before:.4f}; after (mean init): "
-            f"{_mass(model, probe, untrained):.2e}"
-        )
-
-        stage("planning the new tokens")
-        plan = jaxvocab.plan_vocab(
-            tok, NEW_SPECIAL + NEW_PLAIN, model=model, special=NEW_SPECIAL, reuse_reserved="special"
-        )
-        print(_indent(plan.summary()))
-
-        stage("KL diagnostic: how much would each init disturb the model?")
-        reports = [diagnostics.expansion_kl(model, probe, plan, tok, init=i) for i in ("mean", "random")]
-        print(_indent(diagnostics.summary(reports)))
-
-        stage("expanding the vocabulary (mean init) and saving a jaxvocab checkpoint")
-        model, tok, plan = jaxvocab.expand_vocab(model, tok, plan, init="mean")
-        ckpt = jaxvocab.save_checkpoint(model, tmp / "ckpt", tokenizer=tok, plan=plan)
-        print(f"  {model.config.vocab_size} rows; wrote {ckpt.relative_to(tmp)}")
-
-        stage("fine-tuning only the new rows (jaxvocab-train)")
-        data = tmp / "data"
-        data.mkdir()
-        write_jsonl(data / "train.jsonl", TRAIN)
-        write_jsonl(data / "eval.jsonl", EVAL)
-        run = tmp / "run"
-        _train(ckpt, data, run, attention=attention)
-        _summarise(run / "metrics.jsonl")
-        print(f"  loss and new-token accuracy plotted in {(run / 'loss.png').relative_to(tmp)}")
-
-        stage("fine-tuning LoRA adapters (all 7 projections) + the new rows, merged export reloaded in transformers")
-        lora_run, lora_hf = tmp / "run-lora", tmp / "hf-lora"
-        _train(
-            ckpt,
-            data,
-            lora_run,
-            [
-                "--lora-rank",
-                "8",
-                "--lora-lr",
-                "5e-3",
-                "--steps",
-                "60",
-                "--eval-every",
-                "20",
-                "--export-hf",
-                str(lora_hf),
-                "--export-peft",
-                str(tmp / "peft-adapter"),
-            ],
-            attention=attention,
-        )
-        _summarise(lora_run / "metrics.jsonl")
-        _compare_transformers(jaxvocab.load(lora_run / "final"), lora_hf, tok, plan)
-
-        stage("exporting to Hugging Face and reloading in transformers")
-        final = jaxvocab.load(run / "final", attention=attention)
-        final_tok, final_plan = jaxvocab.load_tokenizer(run / "final"), jaxvocab.load_plan(run / "final")
-        hf = jaxvocab.save_hf(final, tmp / "hf", max_shard_size="20MB", tokenizer=final_tok, plan=final_plan)
-        print(f"  wrote {hf.relative_to(tmp)}: {', '.join(sorted(p.name for p in hf.iterdir()))}")
-        _compare_transformers(final, hf, tok, plan)
-
-        stage("generating with the fine-tuned rows")
-        for prompt in ("Q: What is the weather in Lyon?", "Let me reason step by step:"):
-            text = jaxvocab.generate(final, tok, prompt, max_new_tokens=12, plan=plan)
-            print(f"  {prompt!r} -> {text!r}")
+        model, tok = _import_base(stage, tmp, attention)
+        model, probe = _fix_untrained(stage, model, tok)
+        ckpt, tok, plan = _expand(stage, model, tok, probe, tmp)
+        data, run = _finetune_rows(stage, ckpt, tmp, attention)
+        _finetune_lora(stage, ckpt, data, tmp, tok, plan, attention)
+        _export_and_generate(stage, run, tmp, tok, plan, attention)
     print(
         f"\ndone in {time.perf_counter() - stage.t0:.0f}s; everything is in {out}/ "
         "(base, ckpt, run/metrics.jsonl, run/final, hf, run-lora, hf-lora, peft-adapter)"
     )
+
+
+def _import_base(stage: Stage, tmp: Path, attention: str):
+    """A base-model-like checkpoint: untrained rows included, so the demo has something to find and fix."""
+    import jaxvocab
+    from examples.demo_model import build_demo_checkpoint
+
+    stage("building a tiny Llama-3 HF checkpoint (real tokenizer, base-model-like untrained rows)")
+    base = build_demo_checkpoint(tmp / "base")
+    print(f"  {base.relative_to(tmp)}: {jaxvocab.LlamaConfig.from_hf_file(base).num_params() / 1e6:.1f}M params")
+
+    stage("importing it onto a device mesh")
+    mesh = jaxvocab.parse_mesh(None)
+    model = jaxvocab.load(base, mesh=mesh, attention=attention)
+    tok = jaxvocab.load_tokenizer(base)
+    print(f"  mesh {dict(mesh.shape)}; embed sharded as {model.embed[...].sharding.spec}")
+    return model, tok
+
+
+def _fix_untrained(stage: Stage, model, tok):
+    """Shows the probability mass the untrained rows steal before and after the fix, the reason to fix them."""
+    import jaxvocab
+    from jaxvocab import diagnostics
+    from jaxvocab.vocab import describe_untrained
+
+    stage("finding untrained rows")
+    untrained = jaxvocab.find_untrained(model, tok)
+    names = describe_untrained(untrained, tok, limit=6)
+    print(f"  {len(untrained)} untrained rows, e.g. {', '.join(names)}")
+    probe = diagnostics.probe_ids(tok, PROBE)
+    before = _mass(model, probe, untrained)
+    model = jaxvocab.fix_untrained(model, untrained, tok=tok)
+    print(
+        f"  probability mass on them before the fix: {before:.4f}; after (mean init): "
+        f"{_mass(model, probe, untrained):.2e}"
+    )
+    return model, probe
+
+
+def _expand(stage: Stage, model, tok, probe, tmp: Path):
+    """Plan, score the candidate inits with the KL diagnostic, then expand with the one it favours."""
+    import jaxvocab
+    from jaxvocab import diagnostics
+
+    stage("planning the new tokens")
+    plan = jaxvocab.plan_vocab(tok, NEW_SPECIAL + NEW_PLAIN, model=model, special=NEW_SPECIAL, reuse_reserved="special")
+    print(_indent(plan.summary()))
+
+    stage("KL diagnostic: how much would each init disturb the model?")
+    reports = [diagnostics.expansion_kl(model, probe, plan, tok, init=i) for i in ("mean", "random")]
+    print(_indent(diagnostics.summary(reports)))
+
+    stage("expanding the vocabulary (mean init) and saving a jaxvocab checkpoint")
+    model, tok, plan = jaxvocab.expand_vocab(model, tok, plan, init="mean")
+    ckpt = jaxvocab.save_checkpoint(model, tmp / "ckpt", tokenizer=tok, plan=plan)
+    print(f"  {model.config.vocab_size} rows; wrote {ckpt.relative_to(tmp)}")
+    return ckpt, tok, plan
+
+
+def _finetune_rows(stage: Stage, ckpt: Path, tmp: Path, attention: str) -> tuple[Path, Path]:
+    """Through jaxvocab-train's own entry point, so the demo exercises the CLI users run."""
+    stage("fine-tuning only the new rows (jaxvocab-train)")
+    data = tmp / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", TRAIN)
+    write_jsonl(data / "eval.jsonl", EVAL)
+    run = tmp / "run"
+    _train(ckpt, data, run, attention=attention)
+    _summarise(run / "metrics.jsonl")
+    print(f"  loss and new-token accuracy plotted in {(run / 'loss.png').relative_to(tmp)}")
+    return data, run
+
+
+def _finetune_lora(stage: Stage, ckpt: Path, data: Path, tmp: Path, tok, plan, attention: str) -> None:
+    """The merged HF export is reloaded in transformers: the check that the adapters really were merged."""
+    import jaxvocab
+
+    stage("fine-tuning LoRA adapters (all 7 projections) + the new rows, merged export reloaded in transformers")
+    lora_run, lora_hf = tmp / "run-lora", tmp / "hf-lora"
+    lora_flags = ["--lora-rank", "8", "--lora-lr", "5e-3", "--steps", "60", "--eval-every", "20"]
+    exports = ["--export-hf", str(lora_hf), "--export-peft", str(tmp / "peft-adapter")]
+    _train(ckpt, data, lora_run, [*lora_flags, *exports], attention=attention)
+    _summarise(lora_run / "metrics.jsonl")
+    _compare_transformers(jaxvocab.load(lora_run / "final"), lora_hf, tok, plan)
+
+
+def _export_and_generate(stage: Stage, run: Path, tmp: Path, tok, plan, attention: str) -> None:
+    """The trained checkpoint's own tokenizer and plan travel into the export, as a user's would."""
+    import jaxvocab
+
+    stage("exporting to Hugging Face and reloading in transformers")
+    final = jaxvocab.load(run / "final", attention=attention)
+    final_tok, final_plan = jaxvocab.load_tokenizer(run / "final"), jaxvocab.load_plan(run / "final")
+    hf = jaxvocab.save_hf(final, tmp / "hf", max_shard_size="20MB", tokenizer=final_tok, plan=final_plan)
+    print(f"  wrote {hf.relative_to(tmp)}: {', '.join(sorted(p.name for p in hf.iterdir()))}")
+    _compare_transformers(final, hf, tok, plan)
+
+    stage("generating with the fine-tuned rows")
+    for prompt in ("Q: What is the weather in Lyon?", "Let me reason step by step:"):
+        text = jaxvocab.generate(final, tok, prompt, max_new_tokens=12, plan=plan)
+        print(f"  {prompt!r} -> {text!r}")
 
 
 def _indent(text: str) -> str:

@@ -137,21 +137,11 @@ def expansion_kl(
     if expanded is not None:
         if expanded.config.vocab_size != new_rows:
             raise VocabError(f"the expanded model has {expanded.config.vocab_size} rows but the plan makes {new_rows}")
-        h_new = final_hidden(expanded, probe_ids)
+        new_logits = _expanded_logits(expanded, final_hidden(expanded, probe_ids))
     else:
         rows = _planned_rows(model, tok, trained, texts, init, len(targets), seed)
-    kls, masses = [], []
-    for s in range(0, h.shape[0], CHUNK):
-        hc = h[s : s + CHUNK]
-        old = model.logits(hc)
-        if expanded is not None:
-            new = expanded.logits(h_new[s : s + CHUNK])
-        else:
-            new = jnp.pad(old, ((0, 0), (0, new_rows - plan.old_rows))).at[:, targets].set(project(hc, rows, hc.dtype))
-        kl, mass = _kl(old, new, jnp.asarray(kept), jnp.asarray(written))
-        kls.append(np.asarray(kl))
-        masses.append(np.asarray(mass))
-    kl, mass = np.concatenate(kls), np.concatenate(masses)
+        new_logits = _projected_logits(rows, targets, new_rows - plan.old_rows)
+    kl, mass = _chunked_kl(model, h, new_logits, jnp.asarray(kept), jnp.asarray(written))
     return KLReport(
         init=init,
         positions=int(kl.size),
@@ -162,6 +152,28 @@ def expansion_kl(
         k=int(written.sum()),
         n=int(trained.sum()),
     )
+
+
+def _expanded_logits(expanded, h_new):
+    """New logits from the expanded model itself, so the score covers what expand_vocab really wrote."""
+    return lambda s, old, hc: expanded.logits(h_new[s : s + CHUNK])
+
+
+def _projected_logits(rows, targets, extra: int):
+    """New logits without building the expanded model: old logits, padded, with the planned rows' scores set."""
+    return lambda s, old, hc: jnp.pad(old, ((0, 0), (0, extra))).at[:, targets].set(project(hc, rows, hc.dtype))
+
+
+def _chunked_kl(model, h, new_logits, kept, written):
+    """Per-position KL and new-row mass, CHUNK positions at a time so [P, V] logits never exist at once."""
+    kls, masses = [], []
+    for s in range(0, h.shape[0], CHUNK):
+        hc = h[s : s + CHUNK]
+        old = model.logits(hc)
+        kl, mass = _kl(old, new_logits(s, old, hc), kept, written)
+        kls.append(np.asarray(kl))
+        masses.append(np.asarray(mass))
+    return np.concatenate(kls), np.concatenate(masses)
 
 
 def _planned_rows(model, tok, trained, texts, init: str, k: int, seed: int):

@@ -62,21 +62,40 @@ def generate(
     if isinstance(model, RowsModel):
         model = merge(model)
     ids = prompt_ids(tok, prompt)
-    V = model.config.vocab_size
+    _check_request(model, len(ids), max_new_tokens, temperature, top_p)
+    stops = set(stop) if stop is not None else set(getattr(tok, "stop_ids", None) or []) | set(model.config.eos_ids)
+    banned = _banned_mask(model, default_suppressed(model, tok, plan) if suppress is None else suppress, stops)
+    sampling = (jnp.asarray(banned), jnp.float32(temperature), jnp.float32(top_p))
+    out = _decode(model, ids, max_new_tokens, stops, sampling, seed, greedy=temperature == 0.0)
+    text = tok.decode(out) if tok is not None else ""
+    return (text, out) if return_ids else text
+
+
+def _check_request(model, n_prompt: int, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Refuse a request up front, before anything compiles, with the flag to change."""
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens={max_new_tokens}: must be at least 1")
-    if len(ids) + max_new_tokens > model.config.max_position_embeddings:
+    if n_prompt + max_new_tokens > model.config.max_position_embeddings:
         raise UsageError(
-            f"prompt ({len(ids)} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"prompt ({n_prompt} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
             f"max_position_embeddings ({model.config.max_position_embeddings}); shorten one of them"
         )
     if not 0.0 < top_p <= 1.0 or temperature < 0.0:
         raise UsageError(f"temperature={temperature}, top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1")
-    stops = set(stop) if stop is not None else set(getattr(tok, "stop_ids", None) or []) | set(model.config.eos_ids)
+
+
+def _banned_mask(model, suppressed, stops) -> np.ndarray:
+    """A [V] mask; stop ids are never banned, so suppression cannot keep generation from ending."""
+    V = model.config.vocab_size
     banned = np.zeros(V, bool)
-    for i in default_suppressed(model, tok, plan) if suppress is None else suppress:
+    for i in suppressed:
         if 0 <= int(i) < V and int(i) not in stops:
             banned[int(i)] = True
+    return banned
+
+
+def _decode(model, ids, max_new_tokens: int, stops, sampling, seed: int, *, greedy: bool) -> list[int]:
+    """Prefill a bucket-padded prompt, then step token by token; shapes are bucketed so steps reuse one compile."""
     n = len(ids)
     P = round_up(n, BUCKET)
     S = round_up(P + max_new_tokens, BUCKET)
@@ -85,9 +104,7 @@ def generate(
     tokens = np.zeros((1, P), np.int32)
     tokens[0, :n] = ids
     key = jax.random.PRNGKey(seed)
-    args = (jnp.asarray(banned), jnp.float32(temperature), jnp.float32(top_p))
-    greedy = temperature == 0.0
-    nxt, cache, key = _prefill(graphdef, state, cache, jnp.asarray(tokens), jnp.int32(n), key, *args, greedy=greedy)
+    nxt, cache, key = _prefill(graphdef, state, cache, jnp.asarray(tokens), jnp.int32(n), key, *sampling, greedy=greedy)
     out = []
     for i in range(max_new_tokens):
         t = int(nxt)
@@ -96,9 +113,8 @@ def generate(
         out.append(t)
         if i + 1 == max_new_tokens:
             break
-        nxt, cache, key = _step(graphdef, state, cache, nxt, jnp.int32(n + i), key, *args, greedy=greedy)
-    text = tok.decode(out) if tok is not None else ""
-    return (text, out) if return_ids else text
+        nxt, cache, key = _step(graphdef, state, cache, nxt, jnp.int32(n + i), key, *sampling, greedy=greedy)
+    return out
 
 
 def prompt_ids(tok, prompt) -> list[int]:

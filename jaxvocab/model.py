@@ -224,7 +224,19 @@ def check_attention(attention: str) -> str:
 
 
 def check_remat(remat) -> str:
-    """'auto' | 'full' | 'none'; True / False (the older spelling) mean 'full' / 'none'."""
+    """The remat mode, validated here so a typo fails before anything is traced.
+
+    Modes (jaxvocab.remat has the measurements):
+      auto: decided at trace time from the traced shapes: `dots` when its estimate fits in
+        REMAT_MEMORY_FRACTION of the device's memory (CPU: the host's available RAM), else `full`.
+      full: keep only each layer's input and recompute the whole layer in the backward pass.
+      dots: keep the outputs of the weight matmuls, recompute the cheap rest (norms, rope, softmax, silu).
+      none: keep every residual; fastest, most memory.
+    True / False (the older spelling) mean 'full' / 'none'.
+
+    Returns:
+      One of 'auto' | 'full' | 'dots' | 'none'.
+    """
     remat = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
     if remat not in REMATS:
         raise UsageError(f"--remat {remat!r}: choose one of {', '.join(REMATS)}")

@@ -353,18 +353,7 @@ class Tokenizer:
         added = {**self._added, **{int(i): t for i, t in renamed.items()}, **{int(i): t for i, t in appended.items()}}
         plain = {t for i, t in added.items() if i not in special and (i in renamed or i in appended)}
         plain |= {t for t in self.added_plain if t in st and st[t] not in renamed}
-        return Tokenizer(
-            self.mergeable_ranks,
-            st,
-            source=self.source,
-            llama3=self.llama3,
-            pattern=self.pattern,
-            not_llama3_reason=self.not_llama3_reason,
-            added=added,
-            added_plain=plain,
-            files=self.files,
-            **self._role_texts,
-        )
+        return self._copy(special_tokens=st, added=added, added_plain=plain)
 
     def with_files(self, files) -> Tokenizer:
         """The same tokenizer, carrying `files` (an io.carried.CarriedFiles, or None)."""
@@ -376,6 +365,7 @@ class Tokenizer:
 
     def _copy(self, **changes) -> Tokenizer:
         kw = dict(
+            special_tokens=self.special_tokens,
             source=self.source,
             llama3=self.llama3,
             pattern=self.pattern,
@@ -385,7 +375,7 @@ class Tokenizer:
             files=self.files,
             **self._role_texts,
         )
-        return Tokenizer(self.mergeable_ranks, self.special_tokens, **(kw | changes))
+        return Tokenizer(self.mergeable_ranks, **(kw | changes))
 
     @property
     def role_tokens(self) -> set[str]:

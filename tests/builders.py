@@ -190,3 +190,12 @@ def random_llama(config, seed: int = 0, std: float = 0.1):
             value = 1.0 + 0.1 * noise if path[-1].endswith("norm") else std * noise
             var.set_value(jnp.asarray(value, jnp.float32))
     return model
+
+
+def train_argv(model, data, out, *rest, trainable: str | None = None) -> list[str]:
+    """jaxvocab-train's argv: every CLI test names the same three paths (and usually the rows), so they
+    are written once here; `rest` follows as given, each item str()ed."""
+    head = ["--model", model, "--data", data, "--out", out]
+    if trainable is not None:
+        head += ["--trainable", trainable]
+    return [str(a) for a in (*head, *rest)]

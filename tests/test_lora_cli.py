@@ -9,7 +9,7 @@ import pytest
 
 import jaxvocab
 from convert.__main__ import main as convert_main
-from tests.builders import make_hf_checkpoint
+from tests.builders import make_hf_checkpoint, train_argv
 from tests.test_train_cli import IDS, _data
 from train.__main__ import main
 
@@ -59,33 +59,9 @@ def test_lora_train_and_both_exports(setup, tmp_path, capsys):
 
     ckpt, data = setup
     out, hf, ad = tmp_path / "run", tmp_path / "hf", tmp_path / "adapter"
-    code, cap = _run(
-        capsys,
-        "--model",
-        ckpt,
-        "--data",
-        data,
-        "--out",
-        out,
-        "--trainable",
-        f"ids:{IDS}",
-        *LORA,
-        "--steps",
-        8,
-        "--batch-size",
-        4,
-        "--seq-len",
-        64,
-        "--lr",
-        3e-2,
-        "--dtype",
-        "float32",
-        "--export-hf",
-        hf,
-        "--export-peft",
-        ad,
-        "--quiet",
-    )
+    flags = [*LORA, "--steps", 8, "--batch-size", 4, "--seq-len", 64, "--lr", 3e-2, "--dtype", "float32"]
+    flags += ["--export-hf", hf, "--export-peft", ad, "--quiet"]
+    code, cap = _run(capsys, *train_argv(ckpt, data, out, *flags, trainable=f"ids:{IDS}"))
     assert code == 0, cap.err
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]
@@ -104,27 +80,8 @@ def test_lora_train_and_both_exports(setup, tmp_path, capsys):
     via_peft = _torch_logits(peft.PeftModel.from_pretrained(base, ad).eval(), ids)
     assert np.max(np.abs(merged - via_peft)) < 1e-4
     # the adapter dir seeds a new run: --lora-init reads back exactly what --export-peft wrote
-    code, cap = _run(
-        capsys,
-        "--model",
-        ckpt,
-        "--data",
-        data,
-        "--out",
-        tmp_path / "again",
-        "--trainable",
-        "none",
-        *LORA,
-        "--lora-init",
-        ad,
-        "--steps",
-        1,
-        "--seq-len",
-        64,
-        "--dtype",
-        "float32",
-        "--quiet",
-    )
+    flags = [*LORA, "--lora-init", ad, "--steps", 1, "--seq-len", 64, "--dtype", "float32", "--quiet"]
+    code, cap = _run(capsys, *train_argv(ckpt, data, tmp_path / "again", *flags, trainable="none"))
     assert code == 0, cap.err
     again = jaxvocab.load(tmp_path / "again" / "final", show_progress=False)
     assert np.array_equal(_host(before.embed[...]), _host(again.embed[...]))  # adapters only: rows untouched
@@ -145,7 +102,7 @@ def test_lora_train_and_both_exports(setup, tmp_path, capsys):
 )
 def test_bad_lora_flags_exit_2(setup, tmp_path, capsys, extra, match):
     ckpt, data = setup
-    code, cap = _run(capsys, "--model", ckpt, "--data", data, "--out", tmp_path / "out", "--quiet", *extra)
+    code, cap = _run(capsys, *train_argv(ckpt, data, tmp_path / "out", "--quiet", *extra))
     assert code == 2 and cap.err.startswith("error: ") and cap.err.strip().count("\n") == 0 and match in cap.err, (
         cap.err
     )
@@ -173,29 +130,9 @@ def test_corrupt_adapter_dir_exit_1(setup, tmp_path, capsys, damage, match):
         (ad / "adapter_model.safetensors").write_bytes(
             b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" if damage == "weights" else _one_adapter()
         )
+    flags = ["--lora-rank", 4, "--lora-alpha", 8, "--lora-targets", "q", "--lora-init", ad, "--seq-len", 64]
     code, cap = _run(
-        capsys,
-        "--model",
-        ckpt,
-        "--data",
-        data,
-        "--out",
-        tmp_path / "out",
-        "--trainable",
-        f"ids:{IDS}",
-        "--lora-rank",
-        "4",
-        "--lora-alpha",
-        "8",
-        "--lora-targets",
-        "q",
-        "--lora-init",
-        ad,
-        "--seq-len",
-        64,
-        "--steps",
-        1,
-        "--quiet",
+        capsys, *train_argv(ckpt, data, tmp_path / "out", *flags, "--steps", 1, "--quiet", trainable=f"ids:{IDS}")
     )
     assert code == 1 and cap.err.startswith("error: ") and cap.err.strip().count("\n") == 0, cap.err
     assert match in cap.err, cap.err

@@ -150,10 +150,18 @@ def _block(n: int):
         attention.BLOCK = old
 
 
-def test_scaling_matters_at_these_lengths(tmp_path):
+@pytest.fixture(scope="module")
+def gqa(tmp_path_factory):
+    """One GQA 2:1 checkpoint with llama3 scaling, built once for every test below the matrix."""
+    path, ref = make_hf_checkpoint(
+        tmp_path_factory.mktemp("gqa") / "hf", heads=HEADS, kv_heads=2, scaling=True, seed=7, max_pos=2048
+    )
+    return path, ref, jaxvocab.load(path, show_progress=False)
+
+
+def test_scaling_matters_at_these_lengths(gqa):
     """Guard for the matrix: dropping the llama3 scaling must break parity beyond position 64."""
-    path, ref = make_hf_checkpoint(tmp_path / "hf", heads=HEADS, kv_heads=2, scaling=True, max_pos=1024)
-    model = jaxvocab.load(path, show_progress=False)
+    _, ref, model = gqa
     unscaled = _with_config(model, model.config.replace(rope_scaling=None))
     ids = random_ids(256, batch=1, length=LENGTH, seed=1)
     want = torch_logits(ref, ids)
@@ -185,14 +193,6 @@ def test_inverse_frequencies_bitwise_equal_to_transformers(config):
 
 
 # ------------------------------------------------------------------------- masks, packing, bfloat16
-@pytest.fixture(scope="module")
-def gqa(tmp_path_factory):
-    path, ref = make_hf_checkpoint(
-        tmp_path_factory.mktemp("gqa") / "hf", heads=HEADS, kv_heads=2, scaling=True, seed=7, max_pos=2048
-    )
-    return path, ref, jaxvocab.load(path, show_progress=False)
-
-
 def test_left_padding_matches_transformers(gqa):
     import torch
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxvocab
-from tests.builders import make_hf_checkpoint, random_llama
+from tests.builders import make_hf_checkpoint, random_llama, train_argv
 from train.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,38 +50,9 @@ def _host(a):
 def test_end_to_end(setup, tmp_path, capsys):
     ckpt, data, evalf = setup
     out, hf = tmp_path / "run", tmp_path / "hf"
-    code, cap = _run(
-        capsys,
-        "--model",
-        ckpt,
-        "--data",
-        data,
-        "--eval",
-        evalf,
-        "--out",
-        out,
-        "--trainable",
-        f"ids:{IDS}",
-        "--steps",
-        20,
-        "--batch-size",
-        4,
-        "--seq-len",
-        64,
-        "--lr",
-        3e-2,
-        "--warmup",
-        2,
-        "--dtype",
-        "float32",
-        "--save-every",
-        10,
-        "--eval-every",
-        5,
-        "--export-hf",
-        hf,
-        "--quiet",
-    )
+    flags = ["--eval", evalf, "--steps", 20, "--batch-size", 4, "--seq-len", 64, "--lr", 3e-2, "--warmup", 2]
+    flags += ["--dtype", "float32", "--save-every", 10, "--eval-every", 5, "--export-hf", hf, "--quiet"]
+    code, cap = _run(capsys, *train_argv(ckpt, data, out, *flags, trainable=f"ids:{IDS}"))
     assert code == 0, cap.err
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == list(range(1, 21))
@@ -129,19 +100,7 @@ def test_bad_inputs_one_line_errors(setup, tmp_path, capsys, extra, code, match)
     bad.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2\n')
     subst = {"MISSING": tmp_path / "missing.jsonl", "BAD": bad, "NOMODEL": tmp_path / "nomodel"}
     extra = [str(subst.get(x, x)) for x in extra]
-    args = [
-        "--model",
-        ckpt,
-        "--data",
-        data,
-        "--out",
-        tmp_path / "out",
-        "--trainable",
-        f"ids:{IDS}",
-        "--seq-len",
-        64,
-        "--quiet",
-    ] + extra
+    args = train_argv(ckpt, data, tmp_path / "out", "--seq-len", 64, "--quiet", *extra, trainable=f"ids:{IDS}")
     got, cap = _run(capsys, *args)
     assert got == code, cap.err
     assert cap.err.startswith("error: ") and cap.err.strip().count("\n") == 0 and match in cap.err, cap.err
@@ -152,21 +111,8 @@ def test_existing_out_and_flag_conflicts(setup, tmp_path, capsys):
     ckpt, data, _ = setup
     out = tmp_path / "run"
     out.mkdir()
-    base = [
-        "--model",
-        ckpt,
-        "--data",
-        data,
-        "--out",
-        out,
-        "--trainable",
-        f"ids:{IDS}",
-        "--seq-len",
-        32,
-        "--steps",
-        2,
-        "--quiet",
-    ]  # default --dtype bfloat16 compute over the f32 checkpoint
+    # default --dtype bfloat16 compute over the f32 checkpoint
+    base = train_argv(ckpt, data, out, "--seq-len", 32, "--steps", 2, "--quiet", trainable=f"ids:{IDS}")
     code, cap = _run(capsys, *base)
     assert code == 2 and "--resume" in cap.err and "--overwrite" in cap.err
     code, cap = _run(capsys, *base, "--resume", "--overwrite")
@@ -176,9 +122,9 @@ def test_existing_out_and_flag_conflicts(setup, tmp_path, capsys):
     assert all(np.isfinite(json.loads(x)["loss"]) for x in (out / "metrics.jsonl").read_text().splitlines())
     code, cap = _run(capsys, *base, "--resume", "--lr", "0.5")
     assert code == 2 and "--lr" in cap.err
-    code, cap = _run(capsys, "--model", ckpt, "--data", data, "--out", ckpt / "sub", "--trainable", "ids:5")
+    code, cap = _run(capsys, *train_argv(ckpt, data, ckpt / "sub", trainable="ids:5"))
     assert code == 2 and "outside the inputs" in cap.err
-    code, cap = _run(capsys, "--model", ckpt, "--data", data, "--out", tmp_path / "x", "--schedule", "linear")
+    code, cap = _run(capsys, *train_argv(ckpt, data, tmp_path / "x", "--schedule", "linear"))
     assert code == 2 and "invalid choice" in cap.err
 
 
@@ -234,40 +180,9 @@ def test_kill_9_and_resume_is_bit_identical(setup, tmp_path, lora):
     steps = 200
 
     def cmd(out, *extra):
-        return [
-            sys.executable,
-            "-m",
-            "train",
-            "--model",
-            str(ckpt),
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--trainable",
-            f"ids:{IDS}",
-            "--steps",
-            str(steps),
-            "--batch-size",
-            "2",
-            "--seq-len",
-            "32",
-            "--lr",
-            "1e-2",
-            "--warmup",
-            "5",
-            "--save-every",
-            "7",
-            "--keep",
-            "2",
-            "--dtype",
-            "float32",
-            "--mesh",
-            "fsdp=2",
-            "--quiet",
-            *lora,
-            *extra,
-        ]
+        flags = ["--steps", steps, "--batch-size", 2, "--seq-len", 32, "--lr", "1e-2", "--warmup", 5]
+        flags += ["--save-every", 7, "--keep", 2, "--dtype", "float32", "--mesh", "fsdp=2", "--quiet", *lora, *extra]
+        return [sys.executable, "-m", "train", *train_argv(ckpt, data, out, *flags, trainable=f"ids:{IDS}")]
 
     ref = subprocess.run(cmd(tmp_path / "ref"), env=_env(), cwd=ROOT, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
@@ -330,30 +245,8 @@ def test_mission_plan_expand_train_new_rows(tmp_path, capsys, llama3_tokenizer_d
             ]
             f.write(json.dumps({"messages": msgs}) + "\n")
     out = tmp_path / "run"
-    code, cap = _run(
-        capsys,
-        "--model",
-        tmp_path / "ckpt",
-        "--data",
-        data,
-        "--eval",
-        data,
-        "--out",
-        out,
-        "--steps",
-        6,
-        "--batch-size",
-        8,
-        "--seq-len",
-        64,
-        "--lr",
-        5e-2,
-        "--dtype",
-        "float32",
-        "--mesh",
-        "data=8",
-        "--quiet",
-    )
+    flags = ["--eval", data, "--steps", 6, "--batch-size", 8, "--seq-len", 64, "--lr", 5e-2, "--dtype", "float32"]
+    code, cap = _run(capsys, *train_argv(tmp_path / "ckpt", data, out, *flags, "--mesh", "data=8", "--quiet"))
     assert code == 0, cap.err
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["eval_new_tokens"] > 0 and recs[-1]["new_token_acc"] is not None

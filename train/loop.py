@@ -282,6 +282,31 @@ def _restore(mngr: ocp.CheckpointManager, trainer: Trainer, packer: Packer, out:
         ) from None
 
 
+def _due(step: int, steps: int, every: int | None) -> bool:
+    """Evals and saves run every `every` steps and always at the last one, so a finished run ends measured and saved."""
+    return step == steps or bool(every and step % every == 0)
+
+
+def _step_record(step: int, m: dict, trainer: Trainer, packer: Packer, seconds: float, *, warn: bool) -> dict:
+    """One metrics.jsonl line; a skipped step is marked there (and on stderr) so a flat loss curve is explained."""
+    rec = {
+        "step": step,
+        "loss": float(m["loss"]),
+        "lr": float(trainer.lr(step - 1)),
+        "grad_norm": float(m["grad_norm"]),
+        "tokens": packer.last_tokens,
+        "targets": int(m["targets"]),
+        "tokens_per_s": packer.last_tokens / max(seconds, 1e-9),
+    }
+    if not m["finite"]:
+        rec["skipped"] = "non-finite loss or gradient"
+        if warn:
+            print(
+                f"warning: step {step}: non-finite loss or gradient; step skipped (--skip-nonfinite)", file=sys.stderr
+            )
+    return rec
+
+
 def run(
     rm: RowsModel,
     cfg: TrainConfig,
@@ -314,30 +339,15 @@ def run(
                 m = jax.device_get(trainer.step(batch, cfg.batch_size))
                 now = time.perf_counter()
                 _check_finite(m, step, cfg, mngr, out)
-                rec = {
-                    "step": step,
-                    "loss": float(m["loss"]),
-                    "lr": float(trainer.lr(step - 1)),
-                    "grad_norm": float(m["grad_norm"]),
-                    "tokens": packer.last_tokens,
-                    "targets": int(m["targets"]),
-                    "tokens_per_s": packer.last_tokens / max(now - t_prev, 1e-9),
-                }
-                if not m["finite"]:
-                    rec["skipped"] = "non-finite loss or gradient"
-                    if main:
-                        print(
-                            f"warning: step {step}: non-finite loss or gradient; step skipped (--skip-nonfinite)",
-                            file=sys.stderr,
-                        )
-                if evals and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                rec = _step_record(step, m, trainer, packer, now - t_prev, warn=main)
+                if evals and _due(step, cfg.steps, cfg.eval_every):
                     rec.update(trainer.evaluate(evals))
                     rec.update(trainer.evaluate([batch], prefix="train_", global_rows=cfg.batch_size))
                 if metrics:
                     metrics.log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update(1)
-                if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                if _due(step, cfg.steps, cfg.save_every):
                     save(mngr, step, trainer, packer.state)
                     fault_point("train:checkpoint")
                 t_prev = time.perf_counter()

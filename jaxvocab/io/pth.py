@@ -185,33 +185,31 @@ class _Unpickler(pickle.Unpickler):
         return self.storage_for(pid[2], pid[1].dtype, pid[4])
 
 
+# What a malformed data.pkl raises while it is unpickled; each becomes one CheckpointError naming the file.
+_CORRUPT_PICKLE = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    RecursionError,
+    MemoryError,
+    OverflowError,
+    zipfile.LargeZipFile,
+    NotImplementedError,
+)
+
+
 def read_pth(path) -> dict[str, LazyTensor]:
     """The state dict of one `.pth` file as {name: LazyTensor}; no tensor data is read."""
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as z:
             members = {i.filename: i for i in z.infolist()}
-            pkl = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
-            if len(pkl) != 1:
-                raise CheckpointError(f"{path}: not a torch zip checkpoint (no <archive>/data.pkl)")
-            prefix = pkl[0][: -len("data.pkl")]
-            order = z.read(prefix + "byteorder").strip() if prefix + "byteorder" in members else b"little"
-            if order != b"little":
-                raise CheckpointError(
-                    f"{path}: byte order {order.decode(errors='replace')!r} is not supported; "
-                    "re-save it on a little-endian machine"
-                )
-            if members[pkl[0]].file_size > MAX_PICKLE:
-                raise CheckpointError(
-                    f"{path}: data.pkl is {members[pkl[0]].file_size} bytes, more than a state dict "
-                    f"needs ({MAX_PICKLE}); refusing to unpickle it"
-                )
-            with z.open(pkl[0]) as f:
-                blob = f.read(MAX_PICKLE + 1)
-            if len(blob) > MAX_PICKLE:
-                raise CheckpointError(f"{path}: data.pkl inflates past {MAX_PICKLE} bytes; refusing to unpickle it")
-            check_pickle(blob, path)
-            data = io.BytesIO(blob)
+            pkl, prefix = _pickle_member(z, members, path)
+            blob = _read_pickle(z, members[pkl], path)
             with open(path, "rb") as raw:
                 storages = {}
 
@@ -220,7 +218,7 @@ def read_pth(path) -> dict[str, LazyTensor]:
                         storages[key] = _storage(path, raw, members.get(f"{prefix}data/{key}"), key, dtype, numel)
                     return storages[key]
 
-                state = _Unpickler(data, path, storage_for).load()
+                state = _Unpickler(io.BytesIO(blob), path, storage_for).load()
     except zipfile.BadZipFile:
         raise CheckpointError(
             f"{path}: not a zip archive; only torch's zip format (torch >= 1.6) is read, "
@@ -228,25 +226,44 @@ def read_pth(path) -> dict[str, LazyTensor]:
         ) from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        ValueError,
-        TypeError,
-        AttributeError,
-        IndexError,
-        KeyError,
-        RecursionError,
-        MemoryError,
-        OverflowError,
-        zipfile.LargeZipFile,
-        NotImplementedError,
-    ) as e:
+    except _CORRUPT_PICKLE as e:
         raise CheckpointError(f"{path}: corrupt data.pkl ({type(e).__name__}: {brief(str(e))})") from None
     flat = isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, LazyTensor) for k, v in state.items())
     if not flat:
         raise CheckpointError(f"{path}: expected a flat state dict of tensors")
     return dict(state)
+
+
+def _pickle_member(z: zipfile.ZipFile, members: dict, path: Path) -> tuple[str, str]:
+    """torch's zip layout is <archive>/data.pkl beside <archive>/data/<key>; anything else is not a checkpoint,
+    and a big-endian archive would need byte swaps we do not do."""
+    pkl = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pkl) != 1:
+        raise CheckpointError(f"{path}: not a torch zip checkpoint (no <archive>/data.pkl)")
+    prefix = pkl[0][: -len("data.pkl")]
+    order = z.read(prefix + "byteorder").strip() if prefix + "byteorder" in members else b"little"
+    if order != b"little":
+        raise CheckpointError(
+            f"{path}: byte order {order.decode(errors='replace')!r} is not supported; "
+            "re-save it on a little-endian machine"
+        )
+    return pkl[0], prefix
+
+
+def _read_pickle(z: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> bytes:
+    """The pickle's bytes, bounded twice (declared size, then actual inflation) so a zip bomb is never unpickled,
+    and its opcodes vetted before anything runs."""
+    if info.file_size > MAX_PICKLE:
+        raise CheckpointError(
+            f"{path}: data.pkl is {info.file_size} bytes, more than a state dict needs ({MAX_PICKLE}); "
+            "refusing to unpickle it"
+        )
+    with z.open(info) as f:
+        blob = f.read(MAX_PICKLE + 1)
+    if len(blob) > MAX_PICKLE:
+        raise CheckpointError(f"{path}: data.pkl inflates past {MAX_PICKLE} bytes; refusing to unpickle it")
+    check_pickle(blob, path)
+    return blob
 
 
 def check_pickle(blob: bytes, path: Path) -> None:
