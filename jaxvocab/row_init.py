@@ -187,11 +187,15 @@ def _expander(
         if runs is not None:
             # A few runs of consecutive ids (reserved slots, the appended block): one in-place
             # slice update each, so writing k rows costs k rows, not a pass over the table.
+            # The update runs on the bits (an unsigned integer of the same width): XLA:CPU has no bf16
+            # update, and its float normalisation would convert the whole table to f32 and back.
+            bits = jnp.dtype(f"uint{8 * table.dtype.itemsize}")
+            grown, rows = jax.lax.bitcast_convert_type(grown, bits), jax.lax.bitcast_convert_type(rows, bits)
             offset = 0
             for start, length in runs:
                 grown = jax.lax.dynamic_update_slice_in_dim(grown, rows[offset : offset + length], start, axis=0)
                 offset += length
-            return grown
+            return jax.lax.bitcast_convert_type(grown, table.dtype)
         # Many scattered ids: a select, not a scatter (XLA:CPU runs a bf16 scatter by converting
         # the whole table to f32 and back); the gather + select fuses into one pass.
         return jnp.where((source >= 0)[:, None], rows[jnp.maximum(source, 0)], grown)

@@ -107,7 +107,10 @@ def _rewrite(
     `new_rows`, every other parameter shared with `model`. With `donate`, each old table is
     consumed as its successor is made (donated to the jitted expansion, or deleted right after
     it), so peak memory is the model plus one new table and `model` fails loudly if used again.
-    With `stats` (the pass that found the untrained rows), a mean init reads no table again."""
+    With `stats` (the pass that found the untrained rows), a mean init reads no table again.
+    On CPU the tables are never donated to the kernel, only deleted after it: a loaded table
+    borrows the loader's host buffer, which XLA would first copy to own, then update (two passes
+    where writing a new buffer is one, at the same peak)."""
     if init in ("mean", "mean-noise", "covariance", "subword") and not trained.any():
         raise VocabError("the model has no trained rows to take statistics from; use --init random or zeros")
     if len(targets) == 0:
@@ -129,7 +132,7 @@ def _rewrite(
             mesh=mesh,
             sums=stats[n].sums if stats else None,
             summed_rows=stats[n].rows if stats else None,
-            donate=donate,
+            donate=donate and mesh.devices.flat[0].platform != "cpu",
         )
         new_tables.append(new.block_until_ready())
         if donate and not old.is_deleted():
