@@ -1,9 +1,12 @@
-"""Size checks before allocating: an absurd but well-formed request fails in milliseconds with a
-one-line error, not minutes into an allocation the machine cannot hold."""
+"""Memory as a budget: size checks before allocating (an absurd but well-formed request fails in
+milliseconds with a one-line error, not minutes into an allocation the machine cannot hold), and
+freeing a consumed table before the next allocation."""
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 
 from jaxvocab.errors import UsageError
 
@@ -32,3 +35,24 @@ def check_fits(extra_bytes: int, mesh, what: str, fix: str) -> None:
             f"{what} needs {extra_bytes / 2**30:.1f} GiB more memory but the devices hold "
             f"{have / 2**30:.1f} GiB in all; {fix}"
         )
+
+
+_RELEASE_POLLS = 5  # young-generation collections, 2 ms apart, after a table is deleted (see release)
+
+
+def release(table) -> None:
+    """Free a consumed table before the next one is made, whoever still holds the array.
+
+    On CPU a loaded table borrows the loader's host buffer. Deleting it only starts the release:
+    once the kernel that read it lets go (on XLA's worker thread, just after the result is ready),
+    jaxlib queues the host reference, and drops it the next time its garbage hook runs, which any
+    young-generation collection does. No reference cycle is involved. Measured: with no
+    collection, one bench run in three held the old table until the next one was built (peak
+    5.06 GB against 4.00 GB); one collection straight after `delete` sometimes ran before the
+    release was queued; a few, 2 ms apart, freed it in every run.
+    """
+    if not table.is_deleted():
+        table.delete()
+    for _ in range(_RELEASE_POLLS):
+        gc.collect(0)
+        time.sleep(0.002)

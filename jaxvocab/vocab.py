@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxvocab.errors import UsageError, VocabError
+from jaxvocab.memory import release
 from jaxvocab.model import check_live
 from jaxvocab.row_init import INITS, REL_EPS, TableStats, expand_table, model_stats, no_subword, tables, untrained_mask
 from jaxvocab.sharding import axis_size
@@ -135,8 +136,8 @@ def _rewrite(
             donate=donate and mesh.devices.flat[0].platform != "cpu",
         )
         new_tables.append(new.block_until_ready())
-        if donate and not old.is_deleted():
-            old.delete()  # frees the buffer whoever still holds the array: peak stays one new table
+        if donate:
+            release(old)  # peak stays the model plus one new table
     return _with_tables(model, new_tables, new_rows)
 
 
