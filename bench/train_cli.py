@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import shutil
 import statistics
@@ -27,27 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 from common import fmt_bytes, machine, markdown_table, measure, save, wait_peak_rss  # noqa: E402
+from train_shape import write_docs  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_train", BENCH / "train.py")
 bench_train = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_train)
 NEW, BATCH, SEQ = bench_train.NEW, bench_train.BATCH, bench_train.SEQ
-
-
-def write_data(path: Path, rows: int = 200) -> None:
-    rs = np.random.RandomState(0)
-    with path.open("w") as f:
-        for _ in range(rows):
-            x = rs.randint(0, NEW[0], SEQ)
-            hit = rs.rand(SEQ) < 0.05
-            x[hit] = rs.choice(NEW, hit.sum())
-            f.write(json.dumps({"input_ids": x.tolist()}) + "\n")
 
 
 def run_cli(model: Path, data: Path, steps: int, extra: list[str]) -> tuple[float, int]:
@@ -104,7 +92,7 @@ def main(argv=None) -> int:
         if not (path / "config.json").is_file():
             bench_train.write_checkpoint(path)
         data = path / "cli_data.jsonl"
-        write_data(data)
+        write_docs(data, 200)
         cli, peft = [], []
         for _ in range(args.repeats):
             w10, rss10 = run_cli(path, data, 10, extra)

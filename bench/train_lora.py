@@ -21,11 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fmt_bytes, machine, markdown_table, wait_peak_rss  # noqa: E402
-from train_shape import BATCH, LR, NEW, SEQ  # noqa: E402
+from train_shape import BATCH, LR, NEW, SEQ, write_docs  # noqa: E402
 
 LORA_R = 16
 _PEFT_CLI = """
@@ -57,17 +55,6 @@ with open(metrics, "w") as f:
         f.write(json.dumps({{"step": step + 1, "loss": loss, "tokens": int(x.numel()), "tokens_per_s": x.numel() / dt}}) + "\\n")
         f.flush()
 """
-
-
-def write_lora_data(path: Path, n_docs: int) -> None:
-    """Docs of SEQ ids (one packed row each: SEQ inputs, SEQ - 1 targets), the new ids at 5% of the positions."""
-    rs = np.random.RandomState(0)
-    with path.open("w") as f:
-        for _ in range(n_docs):
-            x = rs.randint(0, NEW[0], SEQ)
-            hit = rs.rand(SEQ) < 0.05
-            x[hit] = rs.choice(NEW, hit.sum())
-            f.write(json.dumps({"input_ids": x.tolist()}) + "\n")
 
 
 def run_cli(cmd: list[str], metrics: Path, env: dict) -> dict:
@@ -102,7 +89,7 @@ def lora_bench(path: Path, steps: int, repeats: int, env: dict) -> str:
 def _lora_rounds(path: Path, work: Path, steps: int, repeats: int, env: dict) -> str:
     """Rounds alternate the two tools, so a load swing on a shared VM hits both alike."""
     data = work / "lora_data.jsonl"
-    write_lora_data(data, BATCH * (steps + 2))
+    write_docs(data, BATCH * (steps + 2))
     runs = {"jaxvocab": [], "peft": []}
     for i in range(repeats):
         out = work / f"run{i}"

@@ -7,7 +7,10 @@ compared; this module is where those shapes are written once.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import numpy as np
 
 SHAPE = dict(
     vocab_size=49152,
@@ -36,3 +39,15 @@ def write_checkpoint(out: Path) -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SHAPE, initializer_range=0.02)).eval()
     model.save_pretrained(out)
+
+
+def write_docs(path: Path, n_docs: int) -> None:
+    """Pre-tokenized docs of exactly SEQ ids (one packed row each: SEQ inputs, SEQ - 1 targets, as PEFT's
+    labels=input_ids), the new ids at 5% of the positions: the data every CLI benchmark trains on."""
+    rs = np.random.RandomState(0)
+    with path.open("w") as f:
+        for _ in range(n_docs):
+            x = rs.randint(0, NEW[0], SEQ)
+            hit = rs.rand(SEQ) < 0.05
+            x[hit] = rs.choice(NEW, hit.sum())
+            f.write(json.dumps({"input_ids": x.tolist()}) + "\n")
