@@ -82,13 +82,8 @@ def write_checkpoint(out: Path) -> int:
     return write_random_checkpoint(CONFIG, out, zero_rows=load_tokenizer(out).free_reserved())
 
 
-def run(path: Path, repeats: int, transformers_repeats: int) -> dict:
-    env = {
-        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+def children(path: Path) -> dict[str, tuple[str, str]]:
+    """Per tool, the (untimed setup, timed body) scripts its fresh process runs: load, then the expansion."""
     p = repr(str(path))
     jax_setup = (
         textwrap.dedent(f"""
@@ -131,14 +126,22 @@ def run(path: Path, repeats: int, transformers_repeats: int) -> dict:
         """)
         + _STOP
     )
+    return {"jaxvocab": (jax_setup, jax_body), "transformers": (torch_setup, torch_body)}
+
+
+def run(path: Path, repeats: int, transformers_repeats: int) -> dict:
+    env = {
+        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    scripts = children(path)
     baseline = "import jax, jax.numpy as jnp, jaxvocab"
     out = {"jax_baseline": measure(baseline, "jnp.ones(8).block_until_ready()", env=env)}
     runs = {"jaxvocab": [], "transformers": []}
     for i in range(repeats):  # interleaved, so a noisy neighbour hits both tools alike
-        for name, (setup, body) in {
-            "jaxvocab": (jax_setup, jax_body),
-            "transformers": (torch_setup, torch_body),
-        }.items():
+        for name, (setup, body) in scripts.items():
             if name == "transformers" and i >= transformers_repeats:
                 continue
             runs[name].append(measure(setup, body, env=env))

@@ -1,92 +1,31 @@
-"""Row statistics, untrained-row detection and new-row initialisation, jitted on the table's mesh.
+"""New-row initialisation, jitted on the table's mesh: the rows a plan writes, and the grown tables.
 
-Every statistic is taken in f32 over the *trained* rows only: Llama-3 base releases carry hundreds
-of all-zero reserved rows, and letting them into a mean pulls every new row towards zero (whose
-logit, against Llama's mostly negative logits, is among the largest). The embedding and the head
-are separate tables with separate statistics; a tied model has one.
-
-The mean is summed in fixed blocks whose partial sums are gathered before the last add, so it is
-bit-identical on one device and on any mesh whose vocab axis divides the block count: an expanded
-checkpoint does not depend on the machine that expanded it.
+Every statistic is taken in f32 over the *trained* rows only (row_stats.py finds them): Llama-3 base
+releases carry hundreds of all-zero reserved rows, and letting them into a mean pulls every new row
+towards zero (whose logit, against Llama's mostly negative logits, is among the largest). The
+embedding and the head are separate tables with separate statistics; a tied model has one.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jaxvocab.model import TABLE_AXES
-from jaxvocab.sharding import sharding_for, single_device_mesh
+from jaxvocab.row_stats import masked_mean
+from jaxvocab.sharding import sharding_for
 
 INITS = ("mean", "mean-noise", "covariance", "subword", "random", "zeros")
 NOISE_SCALE = 0.1  # mean-noise: mean + NOISE_SCALE * per-dim std * N(0, 1): distinct rows, still mean-like logits
 COV_SCALE = 1e-5  # covariance: N(mu, COV_SCALE * Sigma), Hewitt's choice: distinct rows, mean-like logits
 RANDOM_STD = 0.02  # random: N(0, 0.02^2), HF's initializer_range; an ablation, not a recommendation
 _JITTER = 1e-6  # relative diagonal jitter before the Cholesky factorisation of Sigma
-_MAX_BLOCKS = 128  # see _blocks
-_GEMM_ROWS = 2  # mask rows per block product (see masked_mean)
 _MAX_RUNS = 32  # runs of consecutive target ids written as slice updates (more: one select pass)
 _MAX_SUBTRACTED = 4096  # excluded rows a mean may subtract from the all-rows sums (see expand_table)
-REL_EPS = 1e-3  # a row is untrained when max|x| <= REL_EPS * (median row max |x|)
-
-
-def _blocks(rows: int) -> int:
-    """Row blocks of the mean: the largest divisor of `rows` up to 128. Few, large blocks keep the
-    block products fast; the sum is bit-identical across meshes whose vocab axis divides the
-    block count (any power of two up to 128 that divides the rows, e.g. 128256 = 128 x 1002)."""
-    return max(b for b in range(1, _MAX_BLOCKS + 1) if rows % b == 0)
-
-
-def masked_mean(values, mask, mesh: Mesh):
-    """f32 mean over the rows where `mask` holds, in a sharding-independent summation order.
-
-    Each block of rows is summed where it lives, as a small matrix product (mask rows x block):
-    XLA:CPU then accumulates bf16 tables in f32 without first converting the whole table to f32,
-    which a plain reduction over rows (or a single mask row, a GEMV) does. The block sums are
-    then replicated (the optimisation barrier stops XLA from turning gather-then-sum back into a
-    sharded reduction) and added in one fixed order on every device.
-
-    Args:
-      values: [V, D] table (any float dtype), sharded on `mesh`.
-      mask: [V] bool, the rows to average.
-      mesh: the table's mesh.
-
-    Returns:
-      [D] f32 mean.
-
-    Example:
-      >>> mu = jax.jit(lambda t, m: masked_mean(t, m, mesh))(embed, trained)
-    """
-    parts = _block_sums(values, mask, mesh)
-    # 0 x NaN is NaN: a non-finite row outside the mask poisons the product. Only then (the sums
-    # show it) pay for zeroing the excluded rows first; their values never enter the mean.
-    parts = jax.lax.cond(
-        jnp.all(jnp.isfinite(parts)),
-        lambda: parts,
-        lambda: _block_sums(jnp.where(mask[:, None], values, jnp.zeros((), values.dtype)), mask, mesh),
-    )
-    return parts.sum(axis=0) / jnp.maximum(mask.sum(), 1).astype(jnp.float32)
-
-
-def _block_sums(values, mask, mesh):
-    v, d = values.shape
-    b = _blocks(v)
-    rows = jnp.broadcast_to(mask.reshape(b, 1, v // b).astype(values.dtype), (b, _GEMM_ROWS, v // b))
-    parts = jnp.einsum(
-        "bkr,brd->bkd",
-        rows,
-        values.reshape(b, v // b, d),
-        precision=jax.lax.Precision.HIGHEST,
-        preferred_element_type=jnp.float32,
-    )[:, 0]
-    parts = jax.lax.with_sharding_constraint(parts, NamedSharding(mesh, P()))
-    return jax.lax.optimization_barrier(parts)
 
 
 def covariance(table, mask, mu):
@@ -291,128 +230,3 @@ def init_rows(table, trained: np.ndarray, key, subword, *, method: str, k: int, 
 
 def no_subword(k: int):
     return (np.zeros((k, 1), np.int32), np.zeros((k, 1), np.float32), np.zeros((k,), bool))
-
-
-class TableStats(NamedTuple):
-    """What one pass over a table tells: enough to find its untrained rows and take its mean."""
-
-    rowmax: np.ndarray  # [rows] f32 per-row max |x|
-    sums: jax.Array  # [blocks, D] f32 all-rows block sums (see masked_mean), replicated
-    fingerprint: np.ndarray | None  # [rows, 2] projections (the head only), for exact duplicates
-    rows: int  # rows covered: the checkpoint's, when the table was loaded at a larger final size
-
-
-@functools.lru_cache(maxsize=16)
-def _stats_fn(rows: int, fingerprints: tuple[bool, ...], mesh: Mesh):
-    """One jit over every table: one compilation, and XLA may run the tables' passes side by side."""
-
-    def stats(tables, probe):
-        out = []
-        for table, fingerprint in zip(tables, fingerprints, strict=True):
-            whole, cut = table, table
-            if rows < table.shape[0]:
-                # Loaded at its final size: the sums' blocks cover only the checkpoint's rows, so they
-                # need the cut; per-row results are taken over the whole table and cut after, behind a
-                # barrier, since XLA would otherwise push the cut into their passes (several times slower).
-                whole, cut = jax.lax.optimization_barrier(table), table[:rows]
-            rowmax = jnp.max(jnp.abs(whole.astype(jnp.float32)), axis=1)[:rows]
-            sums = _block_sums(cut, jnp.ones(rows, bool), mesh)
-            fp = None
-            if fingerprint:
-                fp = jnp.einsum("vd,dk->vk", whole, probe.astype(table.dtype), preferred_element_type=jnp.float32)
-                fp = fp[:rows]
-            out.append((rowmax, sums, fp))
-        return out
-
-    return jax.jit(stats)
-
-
-def tables_stats(tables_, rows: int, *, fingerprints: tuple[bool, ...], mesh: Mesh, hidden: int) -> list[TableStats]:
-    """Row max |x|, block sums and (where asked: the head) fingerprints of each table's first `rows` rows, in one jit.
-
-    Args:
-      tables_: [V, D] tables (the embedding, then an untied head); rows: how many leading rows to cover;
-      fingerprints: per table, whether to also project each row on a fixed random [D, 2] probe;
-      mesh: the tables' mesh; hidden: D.
-
-    Returns:
-      One `TableStats` per table.
-
-    Example:
-      >>> [st] = tables_stats([model.embed.get_value()], 128256, fingerprints=(False,), mesh=mesh, hidden=4096)
-    """
-    probe = np.random.RandomState(0).standard_normal((hidden, 2)).astype(np.float32)
-    results = _stats_fn(rows, tuple(fingerprints), mesh)(list(tables_), probe)
-    return [
-        TableStats(np.asarray(rowmax), sums, None if fp is None else np.asarray(fp), rows)
-        for rowmax, sums, fp in results
-    ]
-
-
-# ------------------------------------------------------------------------------ untrained rows
-def tables(model) -> list:
-    return [model.embed] if model.lm_head is None else [model.embed, model.lm_head]
-
-
-def _exact_duplicates(table, small: np.ndarray, fingerprint: np.ndarray) -> np.ndarray:
-    """Ids of rows bit-identical to another row (only candidates with equal fingerprints are fetched)."""
-    keys = np.ascontiguousarray(fingerprint).view(np.dtype((np.void, fingerprint.dtype.itemsize * 2))).ravel()
-    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    cand = np.nonzero((counts[inverse] > 1) & ~small)[0]
-    if cand.size == 0:
-        return cand
-    rows = np.asarray(jax.device_get(table[cand]))
-    raw = rows.view(np.uint8).reshape(len(cand), -1)
-    _, inv, cnt = np.unique(raw, axis=0, return_inverse=True, return_counts=True)
-    return cand[cnt[inv.ravel()] > 1]
-
-
-def model_stats(model, rows: int | None = None) -> list[TableStats]:
-    """`TableStats` of each table (embedding, then an untied head), over the first `rows` rows
-    (default: all; fewer for a model loaded at its final size, whose extra rows are zero).
-
-    Args: model: a `Llama`; rows: leading rows to cover. Returns: one `TableStats` per table.
-    Example:
-      >>> mask = untrained_mask(model, stats=model_stats(model))
-    """
-    rows = model.config.vocab_size if rows is None else rows
-    sharding = getattr(model.embed.get_value(), "sharding", None)
-    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else single_device_mesh()
-    params = tables(model)
-    return tables_stats(
-        [p.get_value() for p in params],
-        rows,
-        fingerprints=tuple(p is model.head_table for p in params),
-        mesh=mesh,
-        hidden=model.config.hidden_size,
-    )
-
-
-def untrained_mask(model, rel_eps: float = REL_EPS, stats: list[TableStats] | None = None) -> np.ndarray:
-    """[rows] bool over all rows: tiny or non-finite in the embedding or the head, or an exact duplicate of
-    another head row (Llama-3.1 base repeats one non-zero head row over its reserved ids; the
-    embedding rows of never-seen tokens stay tiny, so only the head needs the duplicate pass).
-
-    Args:
-      model: a `Llama`.
-      rel_eps: "tiny" is max |x| <= rel_eps * the median row's max |x|.
-      stats: `model_stats(model)`, when the caller has them already (one pass over each table).
-
-    Returns:
-      [model rows] bool; rows past the stats' rows (a model loaded at its final size) are True.
-
-    Example:
-      >>> ids = np.nonzero(untrained_mask(model))[0]
-    """
-    stats = model_stats(model) if stats is None else stats
-    out = np.ones(model.config.vocab_size, bool)
-    out[: stats[0].rows] = False
-    for p, st in zip(tables(model), stats, strict=True):
-        rowmax = st.rowmax
-        finite = np.isfinite(rowmax)  # a NaN / Inf row is never trained (nor part of any mean)
-        scale = np.median(rowmax[finite]) if finite.any() else 0.0  # 128k floats: the host sorts them in ms
-        small = (rowmax <= rel_eps * scale) | ~finite
-        out[: st.rows] |= small
-        if st.fingerprint is not None:
-            out[_exact_duplicates(p.get_value(), small, st.fingerprint)] = True
-    return out

@@ -355,7 +355,7 @@ def test_nan_weights_refused_unless_allowed(sources, capsys):
     from safetensors.numpy import load_file, save_file
 
     import jaxvocab
-    from jaxvocab.row_init import untrained_mask
+    from jaxvocab.row_stats import untrained_mask
 
     tmp, src, out = _copy(sources["single"])
     with tmp:
