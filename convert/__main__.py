@@ -5,6 +5,11 @@ Errors print as one line `error: ...` and exit 1 (2 for bad flags); outputs appe
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m convert`: as the console script, before the heavy imports
+    from train.hugepages import restart_with_huge_pages
+
+    restart_with_huge_pages()
+
 import argparse
 import sys
 from pathlib import Path
@@ -147,16 +152,14 @@ def cmd_import(args) -> None:
     # Bad flags fail now, not after minutes of loading; with vocabulary flags the ids are planned
     # first, so the loader reads the checkpoint straight into the final-size tables.
     planned = vocab_cli.plan_for_import(args, mesh)
-    model = jaxvocab.load(
-        args.src,
-        dtype=args.dtype,
-        mesh=mesh,
-        rope_factor=args.rope_factor,
-        allow_nonfinite=args.allow_nonfinite,
-        vocab_rows=planned[0].new_rows if planned else None,
-    )
+    options = {
+        "dtype": args.dtype,
+        "mesh": mesh,
+        "rope_factor": args.rope_factor,
+        "allow_nonfinite": args.allow_nonfinite,
+    }
+    model, tok, plan = vocab_cli.load_for_import(args, planned, options)
     fault_point("import:loaded")
-    model, tok, plan = vocab_cli.expand_for_import(model, args, planned)
     jaxvocab.save_checkpoint(
         model, args.out, tokenizer=tok, plan=plan, overwrite=args.overwrite, llama_version=args.llama_version
     )

@@ -7,6 +7,11 @@ whole or not at all.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `make demo`: huge pages as the CLIs get them, before the heavy imports
+    from train.hugepages import restart_with_huge_pages
+
+    restart_with_huge_pages()
+
 import argparse
 import json
 import sys

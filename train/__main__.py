@@ -8,6 +8,11 @@ and final/ (a jaxvocab checkpoint with the rows merged back and the vocab plan c
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m train`: as the console script, before the heavy imports
+    from train.hugepages import restart_with_huge_pages
+
+    restart_with_huge_pages()
+
 import json
 import shutil
 import sys
