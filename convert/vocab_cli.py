@@ -220,18 +220,22 @@ def plan_for_import(args, mesh):
     return plan, tok
 
 
-def expand_for_import(model, args, planned):
-    """Initialise the planned rows of a model loaded at the plan's final size: (model, tokenizer or
-    files to carry, plan or None). Without vocabulary flags the model is returned as loaded, with the
-    source's files to carry."""
+def load_for_import(args, planned, options: dict):
+    """(model, tokenizer or files to carry, plan or None): with vocabulary flags the checkpoint is read
+    straight into the final-size tables with the planned rows initialised (`load_expanded`); without,
+    the model as loaded, with the source's files to carry."""
+    import jaxvocab
     from jaxvocab.io.carried import CarriedFiles
-    from jaxvocab.vocab import describe_untrained, expand_loaded
+    from jaxvocab.vocab import describe_untrained
+    from jaxvocab.vocab_load import load_expanded
 
     if planned is None:
-        return model, CarriedFiles.of(args.src), None
+        return jaxvocab.load(args.src, **options), CarriedFiles.of(args.src), None
     plan, tok = planned
     with _warnings_as_lines():
-        model, tok, plan = expand_loaded(model, tok, plan, init=args.init or "mean", fix_untrained=args.fix_untrained)
+        model, tok, plan = load_expanded(
+            args.src, tok, plan, init=args.init or "mean", fix_untrained=args.fix_untrained, **options
+        )
     print(plan.summary())
     if plan.untrained_fixed:
         shown = describe_untrained(plan.untrained_fixed, tok, limit=5)

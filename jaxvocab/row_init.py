@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxvocab.model import TABLE_AXES
 from jaxvocab.row_stats import masked_mean
@@ -86,22 +87,10 @@ def new_rows(table, trained, key, sub_idx, sub_w, sub_ok, *, method: str, k: int
     raise ValueError(f"unknown init {method!r}")
 
 
-@functools.lru_cache(maxsize=64)
-def _expander(
-    method: str,
-    k: int,
-    old_vocab: int,
-    new_vocab: int,
-    out_sharding: NamedSharding,
-    from_sums: bool,
-    runs: tuple | None,
-    stat_rows: int,
-    donate: bool = True,
-):
-    mesh = out_sharding.mesh
+def _planned_rows(method: str, k: int, from_sums: bool, stat_rows: int, mesh: Mesh):
+    """(table, trained, key, subword..., sums, excluded) -> the [k, D] rows in the table's dtype."""
 
-    def expand(table, trained, source, seed, n, sub_idx, sub_w, sub_ok, sums, excluded):
-        key = jax.random.fold_in(jax.random.key(seed), n)  # inside the jit: no separate fold_in compile
+    def rows_of(table, trained, key, sub_idx, sub_w, sub_ok, sums, excluded):
         # Statistics over the checkpoint's rows only: a table loaded at its final size sums in
         # the same blocks, so it gets the same bits as one grown after loading. The slice is taken
         # only where a pass needs it (inside the fallback branch): cutting a table copies it.
@@ -119,7 +108,28 @@ def _expander(
             rows = jnp.broadcast_to(mu, (k, table.shape[1]))
         else:
             rows = new_rows(stats_table(), trained, key, sub_idx, sub_w, sub_ok, method=method, k=k, mesh=mesh)
-        rows = rows.astype(table.dtype)
+        return rows.astype(table.dtype)
+
+    return rows_of
+
+
+@functools.lru_cache(maxsize=64)
+def _expander(
+    method: str,
+    k: int,
+    old_vocab: int,
+    new_vocab: int,
+    out_sharding: NamedSharding,
+    from_sums: bool,
+    runs: tuple | None,
+    stat_rows: int,
+    donate: bool = True,
+):
+    rows_of = _planned_rows(method, k, from_sums, stat_rows, out_sharding.mesh)
+
+    def expand(table, trained, source, seed, n, sub_idx, sub_w, sub_ok, sums, excluded):
+        key = jax.random.fold_in(jax.random.key(seed), n)  # inside the jit: no separate fold_in compile
+        rows = rows_of(table, trained, key, sub_idx, sub_w, sub_ok, sums, excluded)
         grown = table
         if new_vocab > old_vocab:
             grown = jnp.concatenate([table, jnp.zeros((new_vocab - old_vocab, table.shape[1]), table.dtype)], axis=0)
@@ -143,6 +153,27 @@ def _expander(
     # the old table is donated and updated in place. A grown table cannot reuse the old buffer, so peak
     # memory is the old table plus the new one; the caller deletes the old one right after.
     return jax.jit(expand, out_shardings=out_sharding, donate_argnums=0 if donate and new_vocab == old_vocab else ())
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_only(method: str, k: int, from_sums: bool, stat_rows: int, mesh: Mesh):
+    rows_of = _planned_rows(method, k, from_sums, stat_rows, mesh)
+
+    def rows(table, trained, seed, n, sub_idx, sub_w, sub_ok, sums, excluded):
+        key = jax.random.fold_in(jax.random.key(seed), n)
+        return rows_of(table, trained, key, sub_idx, sub_w, sub_ok, sums, excluded)
+
+    return jax.jit(rows, out_shardings=NamedSharding(mesh, P()))
+
+
+def _statistics_args(table, trained, method: str, sums, summed_rows):
+    """(from_sums, sums, excluded): a mean is taken from the all-rows `sums` minus the excluded rows
+    while they are few (Llama-3: <= 256), which beats a second pass over the table."""
+    excluded = np.nonzero(~np.asarray(trained)[: summed_rows or table.shape[0]])[0].astype(np.int32)
+    from_sums = sums is not None and method == "mean" and len(excluded) <= _MAX_SUBTRACTED
+    if not from_sums:
+        sums, excluded = np.zeros((1, table.shape[1]), np.float32), np.zeros(0, np.int32)
+    return from_sums, sums, excluded
 
 
 def expand_table(
@@ -183,11 +214,7 @@ def expand_table(
       ...                      new_vocab=v + 128, mesh=mesh)
     """
     out = sharding_for((new_vocab, table.shape[1]), TABLE_AXES, mesh)
-    excluded = np.nonzero(~np.asarray(trained)[: summed_rows or table.shape[0]])[0].astype(np.int32)
-    # Subtracting the excluded rows beats a second pass while they are few (Llama-3: <= 256).
-    from_sums = sums is not None and method == "mean" and len(excluded) <= _MAX_SUBTRACTED
-    if not from_sums:
-        sums, excluded = np.zeros((1, table.shape[1]), np.float32), np.zeros(0, np.int32)
+    from_sums, sums, excluded = _statistics_args(table, trained, method, sums, summed_rows)
     ids = np.asarray(target_ids, np.int64)
     runs = _runs(ids)
     source = np.full(new_vocab if runs is None else 1, -1, np.int32)  # output row -> its new row, or -1
@@ -197,6 +224,30 @@ def expand_table(
         method, len(ids), table.shape[0], new_vocab, out, from_sums, runs, summed_rows or table.shape[0], donate
     )
     return fn(table, trained, source, np.uint32(seed), np.uint32(n), *subword, sums, excluded)
+
+
+def table_rows(
+    table,
+    trained: np.ndarray,
+    k: int,
+    seed: int,
+    n: int,
+    subword,
+    *,
+    method: str,
+    mesh: Mesh,
+    sums=None,
+    summed_rows=None,
+) -> np.ndarray:
+    """The [k, D] rows (in the table's dtype, on the host) that `expand_table` writes, bit for bit,
+    for a caller that places them itself (`load_expanded` writes them into the loader's buffers).
+    Args as `expand_table`. Example:
+
+      >>> rows = table_rows(embed, trained, 8, 0, 0, no_subword(8), method="mean", mesh=mesh)
+    """
+    from_sums, sums, excluded = _statistics_args(table, trained, method, sums, summed_rows)
+    fn = _rows_only(method, k, from_sums, summed_rows or table.shape[0], mesh)
+    return np.asarray(fn(table, trained, np.uint32(seed), np.uint32(n), *subword, sums, excluded))
 
 
 def _runs(ids: np.ndarray) -> tuple[tuple[int, int], ...] | None:

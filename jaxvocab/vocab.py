@@ -113,8 +113,7 @@ def _rewrite(
     On CPU the tables are never donated to the kernel, only deleted after it: a loaded table
     borrows the loader's host buffer, which XLA would first copy to own, then update (two passes
     where writing a new buffer is one, at the same peak)."""
-    if init in ("mean", "mean-noise", "covariance", "subword") and not trained.any():
-        raise VocabError("the model has no trained rows to take statistics from; use --init random or zeros")
+    _check_stat_init(init, trained)
     if len(targets) == 0:
         return _with_tables(model, [p.get_value() for p in tables(model)], new_rows)
     mesh = model_mesh(model)
@@ -140,6 +139,11 @@ def _rewrite(
         if donate:
             release(old)  # peak stays the model plus one new table
     return _with_tables(model, new_tables, new_rows)
+
+
+def _check_stat_init(init: str, trained: np.ndarray) -> None:
+    if init in ("mean", "mean-noise", "covariance", "subword") and not trained.any():
+        raise VocabError("the model has no trained rows to take statistics from; use --init random or zeros")
 
 
 def _with_tables(model, new_tables: list, rows: int):
@@ -322,39 +326,6 @@ def expand_vocab(
             f"replicated along it. Plan with model=model or pad_to_multiple_of={vocab_axis}",
             stacklevel=2,
         )
-    new_model = _rewrite(model, targets, trained, texts, tok, init, plan.new_rows, seed, donate, stats)
-    return Expansion(new_model, new_tok, plan)
-
-
-def expand_loaded(
-    model, tok, plan: VocabPlan, init: str = "mean", *, fix_untrained: bool = False, seed: int = 0, donate: bool = True
-) -> Expansion:
-    """`expand_vocab` for a model read straight into the plan's final-size tables
-    (`load(src, vocab_rows=plan.new_rows)`, rows past the checkpoint zero): the planned rows are
-    written into the same-size tables, so no table is copied to grow it.
-
-    Args:
-      model: loaded with `vocab_rows=plan.new_rows`; its first `plan.old_rows` rows are the checkpoint's.
-      tok: the checkpoint's tokenizer, which `plan` was made for.
-      plan: from `plan_vocab(tok, tokens, model=...)` on the checkpoint's row count.
-      init, fix_untrained, seed, donate: as in `expand_vocab`.
-
-    Returns:
-      Expansion(model, tokenizer, plan), with rows and ids identical to `expand_vocab`'s result.
-
-    Example:
-      >>> plan = plan_vocab(tok, ["<x>"], model=abstract_model)
-      >>> model, tok, plan = expand_loaded(load(src, vocab_rows=plan.new_rows), tok, plan)
-    """
-    check_live(model)
-    if model.config.vocab_size != plan.new_rows:
-        raise VocabError(
-            f"expand_loaded needs the model loaded at the plan's {plan.new_rows} rows, not "
-            f"{model.config.vocab_size}; load it with vocab_rows=plan.new_rows or use expand_vocab"
-        )
-    stats = model_stats(model, rows=plan.old_rows)
-    plan, targets, trained, texts = _layout(model, tok, plan, init, fix_untrained, stats)
-    new_tok = tok.with_tokens(plan.renamed, plan.appended, plan.special_ids)
     new_model = _rewrite(model, targets, trained, texts, tok, init, plan.new_rows, seed, donate, stats)
     return Expansion(new_model, new_tok, plan)
 

@@ -14,6 +14,7 @@ from jaxvocab.model import TABLE_AXES
 from jaxvocab.row_init import COV_SCALE, NOISE_SCALE, RANDOM_STD, init_rows, no_subword
 from jaxvocab.sharding import sharding_for
 from jaxvocab.vocab import VocabPlan, find_untrained, fix_untrained, plan_vocab, subword_arrays
+from jaxvocab.vocab_load import expand_loaded, load_expanded
 from tests._tok_util import build_gpt2_style
 from tests.builders import make_hf_checkpoint, random_ids, torch_logits
 from tests.test_vocab import sharded_model, tiny_config
@@ -385,8 +386,34 @@ def test_expand_loaded_equals_load_then_expand(text_tok_dir, tmp_path, mesh24, i
     loaded = jaxvocab.load(tmp_path, mesh=mesh24, show_progress=False, vocab_rows=plan.new_rows)
     assert loaded.config.vocab_size == plan.new_rows
     assert not np.asarray(loaded.embed.get_value())[plan.old_rows :].any()  # rows past the checkpoint: zero
-    loaded, tok_b, plan_b = jaxvocab.vocab.expand_loaded(loaded, tok, plan, init=init, fix_untrained=True)
+    loaded, tok_b, plan_b = expand_loaded(loaded, tok, plan, init=init, fix_untrained=True)
     assert plan_b == plan_a and tok_b.special_tokens == tok_a.special_tokens
     for a, b, p in zip(_host(grown), _host(loaded), (loaded.embed, loaded.lm_head), strict=True):
         np.testing.assert_array_equal(a, b)
         assert p.get_value().sharding.spec == sharding_for(a.shape, TABLE_AXES, mesh24).spec
+    # load_expanded (the CLI's path): the rows are written into the loader's host buffers
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    filled, tok_c, plan_c = load_expanded(tmp_path, tok, plan, init=init, fix_untrained=True, mesh=mesh24)
+    assert plan_c == plan_a and tok_c.special_tokens == tok_a.special_tokens
+    for a, b, p in zip(_host(grown), _host(filled), (filled.embed, filled.lm_head), strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert p.get_value().sharding.spec == sharding_for(a.shape, TABLE_AXES, mesh24).spec
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # the source is never written
+
+
+def test_load_expanded_reserved_slots_only(text_tok_dir, tmp_path, mesh24):
+    """No growth (the new tokens fit the free reserved slots): the tables keep the checkpoint's rows,
+    the loader's buffers are the readers' own copies, and the result equals load + expand_vocab."""
+    for f in text_tok_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    tok = jaxvocab.load_tokenizer(tmp_path)
+    make_hf_checkpoint(tmp_path, vocab=tok.n_words, hidden=16, intermediate=32, layers=1, zero_rows=tok.free_reserved())
+    model = jaxvocab.load(tmp_path, mesh=mesh24, show_progress=False)
+    plan = plan_vocab(tok, ["<|a|>", "<|b|>"], model=model)
+    assert plan.new_rows == plan.old_rows and len(plan.renamed) == 2
+    model, _, plan_a = jaxvocab.expand_vocab(model, tok, plan)
+    filled, _, plan_b = load_expanded(tmp_path, tok, plan, mesh=mesh24)
+    assert plan_a == plan_b
+    for a, b in zip(_host(model), _host(filled), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert jaxvocab.load(tmp_path, show_progress=False).embed.get_value()[plan.tokens[0].id].sum() == 0

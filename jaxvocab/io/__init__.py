@@ -43,6 +43,7 @@ def load(
     remat: str = "auto",
     compute_dtype=None,
     vocab_rows: int | None = None,
+    fill=None,
 ) -> Llama:
     """Load any supported checkpoint dir (HF, hub-cache snapshot, Meta, jaxvocab) onto a mesh.
 
@@ -53,7 +54,9 @@ def load(
       allow_nonfinite: accept weights holding NaN or Inf (refused by default).
       attention, remat, compute_dtype: the model's construction choices (see `Llama`).
       vocab_rows: read an HF or Meta checkpoint straight into tables of that many rows (rows past the
-        checkpoint are zero; see `vocab.expand_loaded`).
+        checkpoint are zero; see `vocab_load.expand_loaded`).
+      fill: with vocab_rows, rows to write into the tables before they are final (`vocab_load.load_expanded`
+        passes it; see `loader.build`).
     Returns:
       The Llama. Its tokenizer and vocab plan are separate objects: `load_tokenizer(path)`,
       `load_plan(path)`.
@@ -63,13 +66,13 @@ def load(
     path = Path(path)
     choices = {"attention": check_attention(attention), "remat": check_remat(remat), "compute_dtype": compute_dtype}
     with finite.scan_reads() as scan:
-        model = _load(path, dtype, mesh, show_progress, rope_factor, choices, vocab_rows)
+        model = _load(path, dtype, mesh, show_progress, rope_factor, choices, vocab_rows, fill)
     if not allow_nonfinite:
         finite.check_loaded(model, path, scan)
     return model
 
 
-def _load(path: Path, dtype, mesh, show_progress: bool, rope_factor, choices: dict, rows: int | None = None) -> Llama:
+def _load(path: Path, dtype, mesh, show_progress: bool, rope_factor, choices: dict, rows=None, fill=None) -> Llama:
     kind = detect(path)
     if rows is not None and kind == "jaxvocab":
         raise UsageError(f"vocab_rows: {path} is a jaxvocab checkpoint; grow it with expand_vocab")
@@ -88,8 +91,9 @@ def _load(path: Path, dtype, mesh, show_progress: bool, rope_factor, choices: di
             rope_factor=rope_factor,
             choices=choices,
             rows=rows,
+            fill=fill,
         )
-    return hf.read_hf(path, dtype=dtype, mesh=mesh, show_progress=show_progress, choices=choices, rows=rows)
+    return hf.read_hf(path, dtype=dtype, mesh=mesh, show_progress=show_progress, choices=choices, rows=rows, fill=fill)
 
 
 def load_plan(path):

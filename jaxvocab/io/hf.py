@@ -132,6 +132,7 @@ def read_hf(
     show_progress: bool = True,
     choices: dict | None = None,
     rows: int | None = None,
+    fill=None,
 ) -> Llama:
     """Load an HF checkpoint dir onto `mesh`, each device reading only its slices.
 
@@ -142,6 +143,7 @@ def read_hf(
       show_progress: draw a byte progress bar.
       choices: the model's construction choices (compute_dtype, attention, remat).
       rows: vocabulary rows to allocate (default: the checkpoint's); rows past the checkpoint are zero.
+      fill: rows to write into the tables before they are final (`loader.build`).
 
     Returns:
       The `Llama`.
@@ -155,7 +157,9 @@ def read_hf(
     validate(config, infos, path)
     stored = infos[keys.names(keys.KEYS[0], config)[0]].dtype
     dtype = np.dtype(dtype) if dtype is not None else stored
-    return build(config, dtype, mesh, lambda key: _hf_source(key, config, infos), show_progress, choices, rows=rows)
+    return build(
+        config, dtype, mesh, lambda key: _hf_source(key, config, infos), show_progress, choices, rows=rows, fill=fill
+    )
 
 
 def _hf_source(key: keys.Key, config: LlamaConfig, infos: dict) -> Source:

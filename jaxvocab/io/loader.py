@@ -9,6 +9,7 @@ tokens reads straight into the final-size tables and never copies a table to gro
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import NamedTuple
@@ -23,6 +24,7 @@ from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import UsageError
 from jaxvocab.io import finite, keys
 from jaxvocab.io.safetensors_io import aligned_empty
+from jaxvocab.memory import release
 from jaxvocab.model import Llama
 from jaxvocab.progress import progress
 from jaxvocab.sharding import sharding_for, single_device_mesh
@@ -44,6 +46,7 @@ def build(
     show_progress: bool,
     choices: dict | None = None,
     rows: int | None = None,
+    fill: Fill | None = None,
 ) -> Llama:
     """An abstract model with every param filled slice by slice from `source_for(key)`.
 
@@ -56,6 +59,8 @@ def build(
       choices: the model's construction choices (compute_dtype, attention, remat).
       rows: allocate the vocabulary tables with this many rows (>= config.vocab_size); rows past
         the checkpoint are zero, for the expansion to initialise in place.
+      fill: with `rows`, on a CPU mesh: `fill(model)` -> {table path: (sorted ids, [k, D] host rows)},
+        written into the tables' host buffers before they become the final arrays (see `keep_tables`).
 
     Returns:
       The `Llama`, with `config.vocab_size == rows or config.vocab_size`.
@@ -80,6 +85,7 @@ def build(
         unit_scale=True,
         disable=not show_progress,
     )
+    kept = {path: {} for path in TABLES} if fill is not None else None
     with bar:
         for key in param_keys:
             read = sources[key].read
@@ -87,10 +93,56 @@ def build(
                 read = _zero_rows_past(read, stored_rows, dtype)
             shape = keys.param_shape(key, final)
             sharding = sharding_for(shape, keys.logical_axes(key), mesh)
-            arr = jax.make_array_from_callback(shape, sharding, _device_slice(read, shape, dtype))
-            keys.get_param(model, key).set_value(arr)
+            callback = _device_slice(read, shape, dtype)
+            if kept is not None and key.path in TABLES:
+                callback = _keeping(callback, kept[key.path], shape)
+            keys.get_param(model, key).set_value(jax.make_array_from_callback(shape, sharding, callback))
             bar.update(sources[key].nbytes)
+    if fill is not None:
+        _write_rows(model, fill(model), kept)
     return model
+
+
+# A table's rows to write after loading: {table path: (sorted ids, [k, D] rows)}, from the loaded model.
+Fill = Callable[[Llama], dict]
+
+
+def _bounds(idx, shape) -> tuple[tuple[int, int], ...]:
+    return tuple((s.start, s.stop) for s in _full(idx, shape))
+
+
+def _keeping(callback, buffers: dict, shape):
+    """The callback, recording each device slice's host buffer (one per distinct slice)."""
+
+    def keep(idx):
+        if _bounds(idx, shape) in buffers:  # a replica of a slice already read: share its buffer
+            return buffers[_bounds(idx, shape)]
+        buf = callback(idx)
+        if not buf.flags.writeable:  # never the caller's input: every reader returns its own copy
+            buf = buf.copy()
+        return buffers.setdefault(_bounds(idx, shape), buf)
+
+    return keep
+
+
+def _write_rows(model: Llama, writes: dict, kept: dict) -> None:
+    """Write each table's planned rows into the host buffers it was made from, then make the final
+    array from the same buffers. On CPU the arrays borrow those buffers, so writing k rows costs
+    k rows: XLA would copy a borrowed table to update it (a full pass per table)."""
+    for path, (ids, rows) in writes.items():
+        param = getattr(model, path[0])
+        old = param.get_value()
+        shape, sharding, buffers = old.shape, old.sharding, kept[path]
+        release(old)
+        for (row_lo, row_hi), (col_lo, col_hi) in buffers:
+            sel = (ids >= row_lo) & (ids < row_hi)
+            if sel.any():
+                buffers[(row_lo, row_hi), (col_lo, col_hi)][ids[sel] - row_lo] = rows[sel, col_lo:col_hi]
+        param.set_value(jax.make_array_from_callback(shape, sharding, functools.partial(_kept, buffers, shape)))
+
+
+def _kept(buffers: dict, shape, idx) -> np.ndarray:
+    return buffers[_bounds(idx, shape)]
 
 
 TABLES = (("embed",), ("lm_head",))

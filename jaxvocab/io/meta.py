@@ -328,6 +328,7 @@ def read_meta(
     rope_factor: float | None = None,
     choices: dict | None = None,
     rows: int | None = None,
+    fill=None,
 ) -> Llama:
     """Load a Meta dir onto `mesh` (its tokenizer.model travels through `load_tokenizer(path).files`).
 
@@ -339,6 +340,7 @@ def read_meta(
       rope_factor: the llama3 rope scaling factor, for dirs whose params.json omits it.
       choices: the model's construction choices (compute_dtype, attention, remat).
       rows: vocabulary rows to allocate (default: the checkpoint's); rows past the checkpoint are zero.
+      fill: rows to write into the tables before they are final (`loader.build`).
 
     Returns:
       The `Llama`.
@@ -348,4 +350,4 @@ def read_meta(
     """
     ckpt = MetaCheckpoint(Path(path), rope_factor)
     dtype = np.dtype(dtype) if dtype is not None else ckpt.dtype
-    return build(ckpt.config, dtype, mesh, ckpt.source_for, show_progress, choices, rows=rows)
+    return build(ckpt.config, dtype, mesh, ckpt.source_for, show_progress, choices, rows=rows, fill=fill)

@@ -1,0 +1,118 @@
+"""Vocabulary expansion at load time: a checkpoint read straight into the plan's final-size tables.
+
+    plan = plan_vocab(tok, ["<|lang_xx|>"], model=abstract_model)        # before any weight is read
+    model, tok, plan = load_expanded(src, tok, plan, init="mean")       # what `import --add-tokens` runs
+
+Growing a loaded model copies each table into a larger one. Here the loader allocates the final
+rows from the start (rows past the checkpoint are zero), so only the planned rows are written.
+Both functions give rows and ids bit-identical to `load` + `expand_vocab` (tested).
+"""
+
+from __future__ import annotations
+
+from jaxvocab.errors import VocabError
+from jaxvocab.model import check_live
+from jaxvocab.row_init import table_rows
+from jaxvocab.row_stats import model_stats, tables
+from jaxvocab.sharding import single_device_mesh
+from jaxvocab.vocab import Expansion, VocabPlan, _check_stat_init, _layout, _rewrite, model_mesh, subword_arrays
+
+
+def load_expanded(
+    path, tok, plan: VocabPlan, init: str = "mean", *, fix_untrained: bool = False, seed: int = 0, **load_options
+) -> Expansion:
+    """Load `path` with its vocabulary expanded by `plan`: `load` + `expand_vocab` in one pass, at the
+    memory and (nearly) the time of a plain `load`.
+
+    On a CPU mesh the planned rows are written into the loader's host buffers before they become the
+    tables (a borrowed table cannot be updated in place by XLA: it would copy it). On accelerators
+    the model is loaded at the final size and `expand_loaded` updates the donated tables in place.
+
+    Args:
+      path: an HF or Meta checkpoint dir.
+      tok: its tokenizer, which `plan` was made for.
+      plan: from `plan_vocab(tok, tokens, model=...)` on the checkpoint's row count (an abstract
+        model from its config is enough: see `convert/vocab_cli.plan_for_import`).
+      init, fix_untrained, seed: as in `expand_vocab`.
+      load_options: `load`'s keywords (dtype, mesh, show_progress, allow_nonfinite, ...).
+
+    Returns:
+      Expansion(model, tokenizer, plan).
+
+    Example:
+      >>> model, tok, plan = load_expanded("Llama-3.2-1B", tok, plan_vocab(tok, ["<x>"], model=abstract))
+    """
+    from jaxvocab.io import load
+
+    if (load_options.get("mesh") or single_device_mesh()).devices.flat[0].platform != "cpu":
+        model = load(path, vocab_rows=plan.new_rows, **load_options)
+        return expand_loaded(model, tok, plan, init, fix_untrained=fix_untrained, seed=seed)
+    applied = []
+
+    def fill(model) -> dict:
+        stats = model_stats(model, rows=plan.old_rows)
+        layout = _layout(model, tok, plan, init, fix_untrained, stats)
+        applied.append(layout.plan)
+        if len(layout.targets) == 0:
+            return {}
+        _check_stat_init(init, layout.trained)
+        subword = subword_arrays(tok, layout.texts, layout.trained, init)
+        k, on = len(layout.targets), model_mesh(model)
+        return {
+            path: (
+                layout.targets,
+                table_rows(
+                    p.get_value(),
+                    layout.trained,
+                    k,
+                    seed,
+                    n,
+                    subword,
+                    method=init,
+                    mesh=on,
+                    sums=st.sums,
+                    summed_rows=st.rows,
+                ),
+            )
+            for n, (path, p, st) in enumerate(zip(_TABLE_PATHS, tables(model), stats, strict=False))
+        }
+
+    model = load(path, vocab_rows=plan.new_rows, fill=fill, **load_options)
+    new_plan = applied[0]
+    return Expansion(model, tok.with_tokens(new_plan.renamed, new_plan.appended, new_plan.special_ids), new_plan)
+
+
+_TABLE_PATHS = (("embed",), ("lm_head",))  # in `tables(model)` order
+
+
+def expand_loaded(
+    model, tok, plan: VocabPlan, init: str = "mean", *, fix_untrained: bool = False, seed: int = 0, donate: bool = True
+) -> Expansion:
+    """`expand_vocab` for a model read straight into the plan's final-size tables
+    (`load(src, vocab_rows=plan.new_rows)`, rows past the checkpoint zero): the planned rows are
+    written into the same-size tables, so no table is copied to grow it.
+
+    Args:
+      model: loaded with `vocab_rows=plan.new_rows`; its first `plan.old_rows` rows are the checkpoint's.
+      tok: the checkpoint's tokenizer, which `plan` was made for.
+      plan: from `plan_vocab(tok, tokens, model=...)` on the checkpoint's row count.
+      init, fix_untrained, seed, donate: as in `expand_vocab`.
+
+    Returns:
+      Expansion(model, tokenizer, plan), with rows and ids identical to `expand_vocab`'s result.
+
+    Example:
+      >>> plan = plan_vocab(tok, ["<x>"], model=abstract_model)
+      >>> model, tok, plan = expand_loaded(load(src, vocab_rows=plan.new_rows), tok, plan)
+    """
+    check_live(model)
+    if model.config.vocab_size != plan.new_rows:
+        raise VocabError(
+            f"expand_loaded needs the model loaded at the plan's {plan.new_rows} rows, not "
+            f"{model.config.vocab_size}; load it with vocab_rows=plan.new_rows or use expand_vocab"
+        )
+    stats = model_stats(model, rows=plan.old_rows)
+    plan, targets, trained, texts = _layout(model, tok, plan, init, fix_untrained, stats)
+    new_tok = tok.with_tokens(plan.renamed, plan.appended, plan.special_ids)
+    new_model = _rewrite(model, targets, trained, texts, tok, init, plan.new_rows, seed, donate, stats)
+    return Expansion(new_model, new_tok, plan)
