@@ -23,6 +23,9 @@ EPILOG = """examples:
   jaxvocab-convert import ./Llama-3.2-1B ./ckpt --dtype bfloat16 --mesh data=1,fsdp=2,tensor=4
   jaxvocab-convert export ./ckpt ./hf-out --max-shard-size 5GB
   jaxvocab-convert demo                       # the whole mission on a tiny model, into ./demo-out
+
+environment: JAXVOCAB_COMPILE_CACHE=DIR|off  compiled programs are kept in ~/.cache/jaxvocab/xla and
+             reused by the next run; JAXVOCAB_HUGE_PAGES=0  no restart with glibc's huge-page tunable
 """
 
 
@@ -217,6 +220,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from jaxvocab.errors import run_command
+    from train import compile_cache
+
+    compile_cache.enable()
 
     if not hasattr(args, "distributed"):
         return run_command(lambda: args.run(args), "no output was written")

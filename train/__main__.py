@@ -21,7 +21,7 @@ from pathlib import Path
 from jaxvocab.errors import CheckpointError, UsageError, brief, run_command
 from jaxvocab.io.atomic import check_output
 from jaxvocab.io.multihost import barrier, is_main
-from train import distributed
+from train import compile_cache, distributed
 from train.distributed import say
 from train.flags import build_parser, build_tokenize_parser, check_flags
 from train.trainable import resolve_trainable, tokenizer_of
@@ -259,6 +259,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv[1:] if tokenize else argv)
     except SystemExit as e:
         return int(e.code or 0)
+    compile_cache.enable()
     if tokenize:
         return run_command(lambda: cmd_tokenize(args), "no store was written")
 

@@ -23,6 +23,9 @@ data lines: {"text": "..."} | {"messages": [{"role": "user", "content": "..."}, 
             | {"input_ids": [...], "loss_mask": [...]}   (loss_mask optional)
 --trainable: new | untrained | new+untrained | ids:1,2,3 | tokens:@file.txt (one token per line)
              | none (adapters only; needs --lora-rank)
+
+environment: JAXVOCAB_COMPILE_CACHE=DIR|off  compiled programs are kept in ~/.cache/jaxvocab/xla and
+             reused by the next run; JAXVOCAB_HUGE_PAGES=0  no restart with glibc's huge-page tunable
 """
 
 
