@@ -401,6 +401,35 @@ def test_expand_loaded_equals_load_then_expand(text_tok_dir, tmp_path, mesh24, i
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # the source is never written
 
 
+@pytest.mark.parametrize("init", ["mean", "mean-noise", "covariance", "subword", "random"])
+def test_load_expanded_one_device(text_tok_dir, tmp_path, mesh1, init):
+    """On one device (the CLI's default on CPU) the statistics run on a zero-copy view of the
+    checkpoint's rows; the result is still load + expand_vocab's, bit for bit, tied and untied.
+    Covariance is the one exception: its sampled rows (a Cholesky factor times noise) are compiled in
+    a program of their own here and inside the table update there, and agree to f32 rounding."""
+    for f in text_tok_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    tok = jaxvocab.load_tokenizer(tmp_path)
+    dead = tok.free_reserved()[3:] + [tok.eot_id]
+    new = {"<think>": None, **{f"<|t{i}|>": None for i in range(6)}}
+    for tie in (False, True):
+        make_hf_checkpoint(tmp_path, vocab=tok.n_words, hidden=16, intermediate=32, layers=1, zero_rows=dead, tied=tie)
+        model = jaxvocab.load(tmp_path, mesh=mesh1, show_progress=False)
+        plan = plan_vocab(tok, new, model=model, pad_to_multiple_of=64, reuse_reserved="none")
+        assert plan.appended and plan.new_rows > plan.old_rows
+        model, _, plan_a = jaxvocab.expand_vocab(model, tok, plan, init=init, fix_untrained=True)
+        filled, _, plan_b = load_expanded(tmp_path, tok, plan, init=init, fix_untrained=True, mesh=mesh1)
+        assert plan_a == plan_b and (filled.lm_head is None) == tie
+        for a, b in zip(_host(model), _host(filled), strict=True):
+            if init == "covariance":
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+                same = np.ones(len(a), bool)
+                same[plan_a.reinit_ids] = False
+                np.testing.assert_array_equal(a[same], b[same])  # every other row: bit for bit
+            else:
+                np.testing.assert_array_equal(a, b)
+
+
 def test_load_expanded_reserved_slots_only(text_tok_dir, tmp_path, mesh24):
     """No growth (the new tokens fit the free reserved slots): the tables keep the checkpoint's rows,
     the loader's buffers are the readers' own copies, and the result equals load + expand_vocab."""

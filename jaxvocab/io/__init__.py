@@ -56,7 +56,7 @@ def load(
       vocab_rows: read an HF or Meta checkpoint straight into tables of that many rows (rows past the
         checkpoint are zero; see `vocab_load.expand_loaded`).
       fill: with vocab_rows, rows to write into the tables before they are final (`vocab_load.load_expanded`
-        passes it; see `loader.build`).
+        passes it; see `loader.Fill`).
     Returns:
       The Llama. Its tokenizer and vocab plan are separate objects: `load_tokenizer(path)`,
       `load_plan(path)`.

@@ -99,12 +99,17 @@ def build(
             keys.get_param(model, key).set_value(jax.make_array_from_callback(shape, sharding, callback))
             bar.update(sources[key].nbytes)
     if fill is not None:
-        _write_rows(model, fill(model), kept)
+        _write_rows(model, fill(model, _whole(kept)), kept)
     return model
 
 
-# A table's rows to write after loading: {table path: (sorted ids, [k, D] rows)}, from the loaded model.
-Fill = Callable[[Llama], dict]
+# `fill(model, whole)` -> {table path: (sorted ids, [k, D] rows)} to write after loading; `whole` maps each
+# table held in one host buffer (one device, or replicated) to that buffer, for zero-copy views of it.
+Fill = Callable[[Llama, dict], dict]
+
+
+def _whole(kept: dict) -> dict:
+    return {path: next(iter(buffers.values())) for path, buffers in kept.items() if len(buffers) == 1}
 
 
 def _bounds(idx, shape) -> tuple[tuple[int, int], ...]:
