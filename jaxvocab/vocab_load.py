@@ -5,7 +5,8 @@
 
 Growing a loaded model copies each table into a larger one. Here the loader allocates the final
 rows from the start (rows past the checkpoint are zero), so only the planned rows are written.
-Both functions give rows and ids bit-identical to `load` + `expand_vocab` (tested).
+Both functions give rows and ids bit-identical to `load` + `expand_vocab` (tested), except that
+`load_expanded`'s covariance rows agree to f32 rounding (their sampling compiles in a program of its own).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def load_expanded(
     """
     from jaxvocab.io import load
 
+    if plan.tokenizer_size_before != tok.n_words:
+        raise VocabError(
+            f"the plan was made for a tokenizer of {plan.tokenizer_size_before} ids but this one has "
+            f"{tok.n_words}; re-plan with this tokenizer"
+        )
     if (load_options.get("mesh") or single_device_mesh()).devices.flat[0].platform != "cpu":
         model = load(path, vocab_rows=plan.new_rows, **load_options)
         return expand_loaded(model, tok, plan, init, fix_untrained=fix_untrained, seed=seed)
@@ -59,7 +65,7 @@ def load_expanded(
             for view in sources or ():
                 view.delete()
         applied.append(layout.plan)
-        return {path: (layout.targets, r) for path, r in zip(_TABLE_PATHS, rows, strict=False)}
+        return {table: (layout.targets, r) for table, r in zip(_TABLE_PATHS, rows, strict=False)}
 
     model = load(path, vocab_rows=plan.new_rows, fill=fill, **load_options)
     new_plan = applied[0]

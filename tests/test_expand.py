@@ -417,7 +417,9 @@ def test_load_expanded_one_device(text_tok_dir, tmp_path, mesh1, init):
         model = jaxvocab.load(tmp_path, mesh=mesh1, show_progress=False)
         plan = plan_vocab(tok, new, model=model, pad_to_multiple_of=64, reuse_reserved="none")
         assert plan.appended and plan.new_rows > plan.old_rows
-        model, _, plan_a = jaxvocab.expand_vocab(model, tok, plan, init=init, fix_untrained=True)
+        model, tok_a, plan_a = jaxvocab.expand_vocab(model, tok, plan, init=init, fix_untrained=True)
+        with pytest.raises(jaxvocab.JaxVocabError, match="re-plan with this tokenizer"):
+            load_expanded(tmp_path, tok_a, plan, mesh=mesh1)  # a plan made for another tokenizer
         filled, _, plan_b = load_expanded(tmp_path, tok, plan, init=init, fix_untrained=True, mesh=mesh1)
         assert plan_a == plan_b and (filled.lm_head is None) == tie
         for a, b in zip(_host(model), _host(filled), strict=True):
