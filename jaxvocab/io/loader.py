@@ -78,15 +78,9 @@ def build(
     model = nnx.eval_shape(lambda: Llama(final, param_dtype=jnp.dtype(dtype), **(choices or {})))
     param_keys = keys.keys_for(config)
     sources = {k: Source(*source_for(k)) for k in param_keys}
-    bar = progress(
-        total=sum(s.nbytes for s in sources.values()),
-        desc="loading",
-        unit="B",
-        unit_scale=True,
-        disable=not show_progress,
-    )
+    total = sum(s.nbytes for s in sources.values())
     kept = {path: {} for path in TABLES} if fill is not None else None
-    with bar:
+    with progress(total=total, desc="loading", unit="B", unit_scale=True, disable=not show_progress) as bar:
         for key in param_keys:
             read = sources[key].read
             if rows != stored_rows and key.path in TABLES:
