@@ -88,9 +88,10 @@ def new_rows(table, trained, key, sub_idx, sub_w, sub_ok, *, method: str, k: int
 
 
 def _planned_rows(method: str, k: int, from_sums: bool, stat_rows: int, mesh: Mesh):
-    """(table, trained, key, subword..., sums, excluded) -> the [k, D] rows in the table's dtype."""
+    """(table, trained, seed, n, subword..., sums, excluded) -> the [k, D] rows in the table's dtype."""
 
-    def rows_of(table, trained, key, sub_idx, sub_w, sub_ok, sums, excluded):
+    def rows_of(table, trained, seed, n, sub_idx, sub_w, sub_ok, sums, excluded):
+        key = jax.random.fold_in(jax.random.key(seed), n)  # inside the jit: no separate fold_in compile
         # Statistics over the checkpoint's rows only: a table loaded at its final size sums in
         # the same blocks, so it gets the same bits as one grown after loading. The slice is taken
         # only where a pass needs it (inside the fallback branch): cutting a table copies it.
@@ -128,8 +129,7 @@ def _expander(
     rows_of = _planned_rows(method, k, from_sums, stat_rows, out_sharding.mesh)
 
     def expand(table, trained, source, seed, n, sub_idx, sub_w, sub_ok, sums, excluded):
-        key = jax.random.fold_in(jax.random.key(seed), n)  # inside the jit: no separate fold_in compile
-        rows = rows_of(table, trained, key, sub_idx, sub_w, sub_ok, sums, excluded)
+        rows = rows_of(table, trained, seed, n, sub_idx, sub_w, sub_ok, sums, excluded)
         grown = table
         if new_vocab > old_vocab:
             grown = jnp.concatenate([table, jnp.zeros((new_vocab - old_vocab, table.shape[1]), table.dtype)], axis=0)
@@ -157,13 +157,7 @@ def _expander(
 
 @functools.lru_cache(maxsize=64)
 def _rows_only(method: str, k: int, from_sums: bool, stat_rows: int, mesh: Mesh):
-    rows_of = _planned_rows(method, k, from_sums, stat_rows, mesh)
-
-    def rows(table, trained, seed, n, sub_idx, sub_w, sub_ok, sums, excluded):
-        key = jax.random.fold_in(jax.random.key(seed), n)
-        return rows_of(table, trained, key, sub_idx, sub_w, sub_ok, sums, excluded)
-
-    return jax.jit(rows, out_shardings=NamedSharding(mesh, P()))
+    return jax.jit(_planned_rows(method, k, from_sums, stat_rows, mesh), out_shardings=NamedSharding(mesh, P()))
 
 
 def _statistics_args(table, trained, method: str, sums, summed_rows):

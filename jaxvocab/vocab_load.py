@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 
 from jaxvocab.errors import VocabError
+from jaxvocab.io.loader import TABLES  # in `tables(model)` order
 from jaxvocab.model import check_live
 from jaxvocab.row_init import table_rows
 from jaxvocab.row_stats import model_stats, tables, tables_stats
@@ -65,14 +66,11 @@ def load_expanded(
             for view in sources or ():
                 view.delete()
         applied.append(layout.plan)
-        return {table: (layout.targets, r) for table, r in zip(_TABLE_PATHS, rows, strict=False)}
+        return {table: (layout.targets, r) for table, r in zip(TABLES, rows, strict=False)}
 
     model = load(path, vocab_rows=plan.new_rows, fill=fill, **load_options)
     new_plan = applied[0]
     return Expansion(model, tok.with_tokens(new_plan.renamed, new_plan.appended, new_plan.special_ids), new_plan)
-
-
-_TABLE_PATHS = (("embed",), ("lm_head",))  # in `tables(model)` order
 
 
 def _checkpoint_views(model, whole: dict, rows: int) -> list | None:
@@ -82,9 +80,9 @@ def _checkpoint_views(model, whole: dict, rows: int) -> list | None:
     the final-size table (see row_stats._stats_fn)."""
     params = tables(model)
     devices = params[0].get_value().devices()
-    if len(devices) != 1 or not all(path in whole for path in _TABLE_PATHS[: len(params)]):
+    if len(devices) != 1 or not all(path in whole for path in TABLES[: len(params)]):
         return None
-    return [jax.device_put(whole[path][:rows], next(iter(devices))) for path in _TABLE_PATHS[: len(params)]]
+    return [jax.device_put(whole[path][:rows], next(iter(devices))) for path in TABLES[: len(params)]]
 
 
 def _planned(model, tok, plan: VocabPlan, init: str, fix_untrained: bool, seed: int, views: list | None):

@@ -59,8 +59,8 @@ def build(
       choices: the model's construction choices (compute_dtype, attention, remat).
       rows: allocate the vocabulary tables with this many rows (>= config.vocab_size); rows past
         the checkpoint are zero, for the expansion to initialise in place.
-      fill: with `rows`, on a CPU mesh: `fill(model)` -> {table path: (sorted ids, [k, D] host rows)},
-        written into the tables' host buffers before they become the final arrays (see `keep_tables`).
+      fill: `fill(model, whole)` -> {table path: (sorted ids, [k, D] host rows)}, written into the
+        tables' host buffers before they become the final arrays (see `Fill`).
 
     Returns:
       The `Llama`, with `config.vocab_size == rows or config.vocab_size`.
@@ -114,12 +114,12 @@ def _keeping(callback, buffers: dict, shape):
     """The callback, recording each device slice's host buffer (one per distinct slice)."""
 
     def keep(idx):
-        if _bounds(idx, shape) in buffers:  # a replica of a slice already read: share its buffer
-            return buffers[_bounds(idx, shape)]
-        buf = callback(idx)
-        if not buf.flags.writeable:  # never the caller's input: every reader returns its own copy
-            buf = buf.copy()
-        return buffers.setdefault(_bounds(idx, shape), buf)
+        bounds = _bounds(idx, shape)
+        if bounds not in buffers:  # a replica of a slice already read shares its buffer
+            buf = callback(idx)
+            # never the caller's input: every reader returns its own copy
+            buffers[bounds] = buf if buf.flags.writeable else buf.copy()
+        return buffers[bounds]
 
     return keep
 
