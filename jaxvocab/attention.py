@@ -180,12 +180,18 @@ def xla(q, k, v, mask: Mask) -> jax.Array:
     """
     B, T, H, hd = q.shape
     KV = k.shape[2]
-    qg = q.reshape(B, T, KV, H // KV, hd)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd**-0.5)
+    G = H // KV
+    # [B, KV, G*T, hd] queries against [B, KV, S, hd] keys: one plain batched matmul per kv head,
+    # whose operands XLA:CPU lays out without the transposes a [B, KV, G, T, S] einsum costs
+    # (a rows step's attention fwd+bwd: 29 -> 23 ms per layer at 135M / B=4 / T=256).
+    qg = q.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
+    scores = jnp.einsum("bkqh,bskh->bkqs", qg, k, preferred_element_type=jnp.float32) * (hd**-0.5)
+    scores = scores.reshape(B, KV, G, T, -1)
     visible = mask.dense()
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jnp.where(visible, jax.nn.softmax(scores, axis=-1), 0.0).astype(q.dtype)  # no-key rows: 0
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, H, hd)
+    out = jnp.einsum("bkqs,bskh->bkqh", probs.reshape(B, KV, G * T, -1), v).reshape(B, KV, G, T, hd)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
 # ---------------------------------------------------------------------------------------- chunked
