@@ -21,8 +21,9 @@ from flax import nnx
 from jaxvocab.rows import head_logits
 from train.data import Batch
 
-# f32 logits per chunk (64 MiB).
-LOSS_CHUNK_BYTES = 1 << 26
+# f32 logits per chunk (32 MiB: at 135M / B=4 / T=256 the step compiles 68 MB less temp memory than
+# with 64 MiB, at the same speed; 16 MiB saves 16 MB more but is ~5% slower).
+LOSS_CHUNK_BYTES = 1 << 25
 
 
 def chunk_len(batch: int, seq: int, vocab: int) -> int:
