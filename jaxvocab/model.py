@@ -23,9 +23,10 @@ from flax import nnx
 from jaxvocab.attention import IMPLEMENTATIONS, attend, choose, make_mask
 from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import UsageError
+from jaxvocab.low_rank import low_rank
 from jaxvocab.mlp import sequence_chunked
 from jaxvocab.remat import REMATS, remat_layer
-from jaxvocab.rope import apply_rope, inverse_frequencies
+from jaxvocab.rope import apply_rope, inverse_frequencies, rope_angles
 
 LAYER_AXES: dict[str, tuple[str, ...]] = {
     "attn_norm": ("layers", "norm"),
@@ -278,8 +279,7 @@ class LayerContext(NamedTuple):
 
     config: LlamaConfig
     dtype: jnp.dtype
-    positions: jax.Array  # [B, T] rotary positions
-    inv_freq: jax.Array
+    rope: tuple[jax.Array, jax.Array]  # (cos, sin) [B, T, 1, hd] of the rotary positions
     mask: object  # attention.Mask
     cache: KVCache | None
     impl: str  # the attention implementation chosen for these shapes
@@ -313,7 +313,7 @@ def run_layers(
         jax.ShapeDtypeStruct((B, S, config.num_key_value_heads, config.head_dim), dtype),
         mask,
     )
-    ctx = LayerContext(config, dtype, positions, inverse_frequencies(config), mask, cache, impl)
+    ctx = LayerContext(config, dtype, rope_angles(positions, inverse_frequencies(config)), mask, cache, impl)
 
     def layer(h, xs):
         w, kv = xs
@@ -337,8 +337,8 @@ def _layer(w, h, kv, ctx: LayerContext):
         return y + lora_delta(x, w, name, dtype) if "lora_a_" + name in w else y
 
     a = rms_norm(h, w["attn_norm"], c.rms_norm_eps)
-    q = apply_rope(linear(a, "wq").reshape(B, T, H, hd), ctx.positions, ctx.inv_freq)
-    k = apply_rope(linear(a, "wk").reshape(B, T, KV, hd), ctx.positions, ctx.inv_freq)
+    q = apply_rope(linear(a, "wq").reshape(B, T, H, hd), *ctx.rope)
+    k = apply_rope(linear(a, "wk").reshape(B, T, KV, hd), *ctx.rope)
     v = linear(a, "wv").reshape(B, T, KV, hd)
     if kv is not None:
         k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, ctx.cache.index, 0, 0))
@@ -363,5 +363,5 @@ def lora_delta(x, w, name, dtype):
         p = w["lora_drop_p"]
         keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
         x = jnp.where(keep, x / (1.0 - p).astype(x.dtype), 0).astype(x.dtype)
-    r = jnp.einsum("bti,ri->btr", x, w["lora_a_" + name].astype(dtype))
-    return jnp.einsum("btr,or->bto", r, w["lora_b_" + name].astype(dtype)) * w["lora_scale"].astype(dtype)
+    a, b = w["lora_a_" + name].astype(dtype), w["lora_b_" + name].astype(dtype)
+    return low_rank(x, a, b) * w["lora_scale"].astype(dtype)
