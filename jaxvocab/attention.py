@@ -33,8 +33,8 @@ from jaxvocab.errors import UsageError
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 # auto: xla below this many keys, chunked from here. Measured (bench/attention.py, CPU, jit(grad) of
-# a 2-layer 135M-shaped model, chunked / xla step time): 1.15x at 256, 1.5x at 512 (one block: only
-# overhead), 0.69x at 1024, 0.53x at 2048; chunked also needs less memory from 1024 on.
+# a 2-layer 135M-shaped model, chunked / xla step time, quiet machine): 0.98x at 256, 1.02x at 512,
+# 0.92x at 1024, 0.85x at 2048; chunked also needs less memory from 1024 on.
 AUTO_CHUNKED_FROM = 1024
 BLOCK = 512
 _NEG = -1e30  # masked score: finite, so no inf - inf anywhere in the online softmax
