@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 import jaxvocab
 from jaxvocab import lora
 from jaxvocab import rows as row_split
+from jaxvocab.low_rank import low_rank
 from jaxvocab.sharding import parse_mesh
 from tests.builders import bigram_ids, make_hf_checkpoint
 from train import loop
@@ -227,3 +228,22 @@ def test_merged_and_peft_exports_match_the_trained_model(tmp_path, tied):
     frozen = jaxvocab.load(tmp_path / "bf16", show_progress=False)
     for name in ("attn_norm", "mlp_norm"):  # weights without adapters: bit-identical
         assert np.array_equal(_host(frozen.layers.weights()[name]), _host(model.layers.weights()[name]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_low_rank_custom_backward_equals_autodiff(dtype):
+    """low_rank's hand-written backward (r^T dy, dr^T x) gives autodiff's value and gradients."""
+    rs = np.random.RandomState(0)
+    x, a, b, dy = (jnp.asarray(rs.randn(*s), dtype) for s in ((2, 33, 24), (4, 24), (40, 4), (2, 33, 40)))
+
+    def plain(x, a, b):
+        return jnp.einsum("btr,or->bto", jnp.einsum("bti,ri->btr", x, a), b)
+
+    y0, vjp0 = jax.vjp(plain, x, a, b)
+    y1, vjp1 = jax.vjp(low_rank, x, a, b)
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_array_equal(np.asarray(y0, np.float32), np.asarray(y1, np.float32))
+    for g0, g1, primal in zip(vjp0(dy), vjp1(dy), (x, a, b), strict=True):
+        assert g1.shape == primal.shape and g1.dtype == primal.dtype
+        scale = float(jnp.max(jnp.abs(g0.astype(jnp.float32))))
+        np.testing.assert_allclose(np.asarray(g1, np.float32), np.asarray(g0, np.float32), atol=tol * scale)
