@@ -194,6 +194,11 @@ class LlamaConfig:
             pad_token_id=hf_ids(self.pad_token_id),
         )
         out.setdefault("torch_dtype" if "torch_dtype" in out else "dtype", self.dtype)
+        # transformers >= 5 warns that a local tokenizer has "an incorrect regex pattern" (a Mistral
+        # check) whenever the config beside it names no transformers_version. A source without one
+        # (Meta params.json, a built config) gets the oldest release that reads every field written
+        # here: 4.43, the first with Llama-3.1's rope scaling.
+        out.setdefault("transformers_version", "4.43.0")
         scaling = None
         if self.rope_scaling is not None:
             scaling = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}

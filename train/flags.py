@@ -123,7 +123,9 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-rank", type=int, help="adapter rank r (enables LoRA)")
     g.add_argument("--lora-alpha", type=float, help="scale is alpha/r (default: 2 x rank)")
     g.add_argument(
-        "--lora-targets", default="q,k,v,o,gate,up,down", help="projections that get adapters (default: all seven)"
+        "--lora-targets",
+        default="q,k,v,o,gate,up,down",
+        help="comma list of the projections that get adapters, from q,k,v,o,gate,up,down (default: all seven)",
     )
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
     g.add_argument("--lora-lr", type=float, help="adapters' peak learning rate (default: --lr)")
