@@ -142,3 +142,11 @@ def _one_adapter() -> bytes:
     from safetensors.numpy import save
 
     return save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 64), np.float32)})
+
+
+def test_lora_targets_default_names_every_target():
+    """flags spells --lora-targets' default itself (no jax import for --help); it must stay lora.TARGETS."""
+    from jaxvocab.lora import TARGETS
+    from train.flags import ALL_TARGETS
+
+    assert ALL_TARGETS == ",".join(TARGETS)

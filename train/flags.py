@@ -9,6 +9,9 @@ from jaxvocab.errors import UsageError
 from jaxvocab.io.atomic import check_output, check_overlap
 from train import distributed
 
+# --lora-targets' default: every name of jaxvocab.lora.TARGETS, spelled here so `--help` imports no jax.
+ALL_TARGETS = "q,k,v,o,gate,up,down"
+
 EPILOG = """examples:
   jaxvocab-train --model ckpt --data train.jsonl --out run1 --steps 500 --dtype bfloat16
   jaxvocab-train --model ckpt --data chat.jsonl --eval eval.jsonl --out run2 --trainable new+untrained \\
@@ -124,8 +127,8 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-alpha", type=float, help="scale is alpha/r (default: 2 x rank)")
     g.add_argument(
         "--lora-targets",
-        default="q,k,v,o,gate,up,down",
-        help="comma list of the projections that get adapters, from q,k,v,o,gate,up,down (default: all seven)",
+        default=ALL_TARGETS,
+        help=f"comma list of the projections that get adapters, from {ALL_TARGETS} (default: all seven)",
     )
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
     g.add_argument("--lora-lr", type=float, help="adapters' peak learning rate (default: --lr)")
@@ -209,7 +212,7 @@ def check_lora_flags(args) -> None:
         "--export-peft": args.export_peft,
         "--lora-init": args.lora_init,
         "--lora-dropout": args.lora_dropout or None,
-        "--lora-targets": None if args.lora_targets == "q,k,v,o,gate,up,down" else args.lora_targets,
+        "--lora-targets": None if args.lora_targets == ALL_TARGETS else args.lora_targets,
     }
     if args.lora_rank is None:
         given = [f for f, v in lora_only.items() if v is not None]
