@@ -3,25 +3,17 @@
     python -m bench.gpu_step --shape 8b --attention cudnn --seq 4096 --batch 2
 
 Random bf16 weights with Llama-3.2-1B or Llama-3-8B shapes (the real layer count, fewer when
---layers says so), 16 trainable rows, AdamW, the chunked cross-entropy of train/loss.py, remat
-auto. Batches are unpacked (no segment ids) so all three implementations run the same step:
+--layers says so), 16 trainable rows (an SGD update: k x d, negligible), the chunked
+cross-entropy of train/loss.py, remat auto (or --remat). Batches are unpacked (no segment ids) so all three implementations run the same step:
 `cudnn` takes no segment ids.
 
-Model FLOPs per step (what the step needs: forward plus the activation backward, no weight
-gradients, no remat recompute; causal attention counted over the visible half):
-    per token and layer   F_lin = 2 (D q + 2 D kv + q D + 3 D F),  q = H hd, kv = KV hd
-                          F_att = 2 * 2 * H hd (T + 1) / 2           (QK^T and PV)
-    forward               L (F_lin + F_att) + 2 D V                  (the head)
-    activation backward   L (F_lin + 2 F_att) + 2 D V               (dX of each matmul; dQ, dK, dV, dP)
-    step                  B T (forward + activation backward)
-MFU = step FLOPs / step time / peak dense bf16 FLOP/s of the device (PEAK_TFLOPS overrides).
+Model FLOPs and MFU: bench/gpu_shapes.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import jax
@@ -29,72 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench.gpu_shapes import SHAPES, peak_flops, step_flops
 from jaxvocab import Llama, LlamaConfig, rows
 from jaxvocab.attention import cudnn_unsupported
 from jaxvocab.errors import UsageError
+from jaxvocab.remat import choose_remat
 from train.loss import _by_chunk, _scan_sum, chunk_len, chunk_nll
-
-SHAPES = {
-    "1b": {
-        "vocab_size": 128256,
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 64,
-        "tie_word_embeddings": True,
-    },
-    "8b": {
-        "vocab_size": 128256,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "tie_word_embeddings": False,
-    },
-    "tiny": {
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "tie_word_embeddings": True,
-    },
-}
-PEAK_TFLOPS = {
-    "h100": 989.0,
-    "h200": 989.0,
-    "h800": 989.0,
-    "gh200": 989.0,
-    "a100": 312.0,
-    "l40s": 362.0,
-    "l4": 121.0,
-    "a10": 125.0,
-    "rtx 4090": 165.0,
-}
-
-
-def step_flops(c: LlamaConfig, B: int, T: int) -> float:
-    D, F, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    lin = 2 * (D * q + 2 * D * kv + q * D + 3 * D * F)
-    att = 2 * 2 * q * (T + 1) / 2
-    forward = L * (lin + att) + 2 * D * V
-    backward = L * (lin + 2 * att) + 2 * D * V
-    return B * T * (forward + backward)
-
-
-def peak_flops() -> float | None:
-    if os.environ.get("PEAK_TFLOPS"):
-        return float(os.environ["PEAK_TFLOPS"]) * 1e12
-    kind = jax.devices()[0].device_kind.lower()
-    hits = [v for k, v in PEAK_TFLOPS.items() if k in kind]
-    return max(hits) * 1e12 if hits else None
 
 
 def build_step(rm):
@@ -129,6 +61,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--layers", type=int, help="fewer layers than the real model (default: real)")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--remat", default="auto", help="auto | full | dots | none (the model's remat argument)")
     args = ap.parse_args()
     shape = dict(SHAPES[args.shape], max_position_embeddings=max(args.seq, 8192))
     if args.layers:
@@ -138,6 +71,7 @@ def main() -> None:
     row = {
         "shape": args.shape,
         "attention": args.attention,
+        "remat": choose_remat(args.remat, cfg, args.batch, args.seq, args.seq, dtype, args.attention),
         "layers": cfg.num_hidden_layers,
         "B": args.batch,
         "T": args.seq,
@@ -149,7 +83,7 @@ def main() -> None:
     if args.attention == "cudnn" and (why := cudnn_unsupported(probe, probe, make_mask(1, 1))):
         print(json.dumps({**row, "refused": why}))
         return
-    model = Llama(cfg, dtype=dtype, attention=args.attention, remat="auto", rngs=nnx.Rngs(0))
+    model = Llama(cfg, dtype=dtype, attention=args.attention, remat=args.remat, rngs=nnx.Rngs(0))
     rm = rows.split(model, list(range(cfg.vocab_size - 16, cfg.vocab_size)))
     del model
     step, params, frozen = build_step(rm)
@@ -160,6 +94,7 @@ def main() -> None:
     params, loss = step(params, frozen, ids, targets)
     loss.block_until_ready()
     row["compile_s"] = round(time.perf_counter() - t0, 1)
+    row["loss0"] = round(float(loss), 5)  # same weights and batch for every implementation: a cross-check
     params, loss = step(params, frozen, ids, targets)
     loss.block_until_ready()
     t0 = time.perf_counter()
@@ -173,7 +108,10 @@ def main() -> None:
         loss=float(loss),
         tflops_per_s=round(step_flops(cfg, args.batch, args.seq) / dt / 1e12, 1),
     )
-    peak = peak_flops()
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        row["peak_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 1)
+    peak = peak_flops(jax.devices()[0].device_kind)
     row["mfu"] = round(step_flops(cfg, args.batch, args.seq) / dt / peak, 3) if peak else None
     print(json.dumps(row))
 
