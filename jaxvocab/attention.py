@@ -189,9 +189,14 @@ def xla(q, k, v, mask: Mask) -> jax.Array:
     scores = scores.reshape(B, KV, G, T, -1)
     visible = mask.dense()
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-    probs = jnp.where(visible, jax.nn.softmax(scores, axis=-1), 0.0).astype(q.dtype)  # no-key rows: 0
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # masked keys: exp(min - max) = 0 exactly
     out = jnp.einsum("bkqs,bskh->bkqh", probs.reshape(B, KV, G * T, -1), v).reshape(B, KV, G, T, hd)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+    if mask.segments or mask.padding or mask.cache:
+        # A query that sees no key (padding) got a uniform softmax: zero it on the [B, T, H, hd] output,
+        # not on the [B, KV, G, T, S] probabilities (one pass over the scores less, forward and backward).
+        out = jnp.where(visible.any(-1)[:, 0, 0, :, None, None], out, jnp.zeros((), out.dtype))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- chunked
