@@ -189,8 +189,18 @@ def xla(q, k, v, mask: Mask) -> jax.Array:
     scores = scores.reshape(B, KV, G, T, -1)
     visible = mask.dense()
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # masked keys: exp(min - max) = 0 exactly
-    out = jnp.einsum("bkqs,bskh->bkqh", probs.reshape(B, KV, G * T, -1), v).reshape(B, KV, G, T, hd)
+    # Softmax normalised on the output, as the online softmax does: exp(s - max) @ v / sum. The sum's
+    # reciprocal is then broadcast over [.., hd], not materialised over [.., S] for the backward pass.
+    # Masked keys: exp(min - max) = 0 exactly.
+    unnormalised = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    pv = jnp.einsum(
+        "bkqs,bskh->bkqh",
+        unnormalised.astype(q.dtype).reshape(B, KV, G * T, -1),
+        v,
+        preferred_element_type=jnp.float32,
+    )
+    out = (pv.reshape(B, KV, G, T, hd) / total).astype(q.dtype)
     out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
     if mask.segments or mask.padding or mask.cache:
         # A query that sees no key (padding) got a uniform softmax: zero it on the [B, T, H, hd] output,
