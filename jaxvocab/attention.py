@@ -172,7 +172,7 @@ def cudnn(q, k, v, mask: Mask) -> jax.Array:
 
 
 def xla(q, k, v, mask: Mask) -> jax.Array:
-    """The reference: dense f32 scores, softmax, probabilities cast back to the compute dtype.
+    """The reference: dense f32 scores, softmax normalised on the output (f32), weights in the compute dtype.
 
     Args and returns as `attend`; memory O(T x S) (scores [B, KV, G, T, S] in f32).
     Example:
