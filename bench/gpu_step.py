@@ -3,9 +3,10 @@
     python -m bench.gpu_step --shape 8b --attention cudnn --seq 4096 --batch 2
 
 Random bf16 weights with Llama-3.2-1B or Llama-3-8B shapes (the real layer count, fewer when
---layers says so), 16 trainable rows (an SGD update: k x d, negligible), the chunked
-cross-entropy of train/loss.py, remat auto (or --remat). Batches are unpacked (no segment ids) so all three implementations run the same step:
-`cudnn` takes no segment ids.
+--layers says so), 16 trainable rows (an SGD update: k x d, negligible), the training loss of
+train/loss.py (`token_sums`: the chunked head and cross-entropy), remat auto (or --remat). Batches
+are unpacked (no segment ids) so all three implementations run the same step: `cudnn` takes no
+segment ids.
 
 Model FLOPs and MFU: bench/gpu_shapes.py.
 """
@@ -23,25 +24,18 @@ from flax import nnx
 
 from bench.gpu_shapes import SHAPES, peak_flops, step_flops
 from jaxvocab import Llama, LlamaConfig, rows
-from jaxvocab.attention import cudnn_unsupported
+from jaxvocab.attention import cudnn_unsupported, make_mask
 from jaxvocab.errors import UsageError
 from jaxvocab.remat import choose_remat
-from train.loss import _by_chunk, _scan_sum, chunk_len, chunk_nll
+from train.data import Batch
+from train.loss import token_sums
 
 
 def build_step(rm):
     graphdef, params, frozen = nnx.split(rm, nnx.Param, rows.Frozen)
 
     def loss(params, frozen, ids, targets):
-        model = nnx.merge(graphdef, params, frozen)
-        h, _ = model.hidden(ids)
-        B, T, _ = h.shape
-        C = chunk_len(B, T, model.config.vocab_size)
-        r = model.head_param
-        r = None if r is None else r[...]
-        table, sel, dtype = model.head_table[...], model.ids[...], jnp.dtype(model.compute_dtype)
-        xs = (_by_chunk(h, C), _by_chunk(targets, C), _by_chunk(jnp.ones(targets.shape, jnp.float32), C))
-        s, n = _scan_sum(lambda h, t, w: chunk_nll(dtype, h, r, table, sel, t, w), xs, 2)
+        s, n = token_sums(graphdef, params, frozen, Batch(ids, None, targets, jnp.ones(targets.shape, jnp.float32)))
         return s / n
 
     @jax.jit
@@ -78,8 +72,6 @@ def main() -> None:
         "device": jax.devices()[0].device_kind,
     }
     probe = jax.ShapeDtypeStruct((args.batch, args.seq, cfg.num_attention_heads, cfg.head_dim), dtype)
-    from jaxvocab.attention import make_mask
-
     if args.attention == "cudnn" and (why := cudnn_unsupported(probe, probe, make_mask(1, 1))):
         print(json.dumps({**row, "refused": why}))
         return
