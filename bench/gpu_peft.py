@@ -20,7 +20,7 @@ import torch
 from peft import TrainableTokensConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.gpu_shapes import SHAPES, peak_flops, step_flops
+from bench.gpu_shapes import SHAPES, rates
 
 
 def run(shape: dict, B: int, T: int, steps: int, checkpointing: bool, device: str) -> dict:
@@ -52,7 +52,7 @@ def run(shape: dict, B: int, T: int, steps: int, checkpointing: bool, device: st
     for _ in range(steps):
         loss = step()
     dt = (time.perf_counter() - t0) / steps
-    return {**row, "step_s": round(dt, 4), "tokens_per_s": round(B * T / dt), "loss": loss}
+    return {**row, "step_s": dt, "loss": loss}
 
 
 def main() -> None:
@@ -78,10 +78,7 @@ def main() -> None:
         row.update(run(shape, args.batch, args.seq, args.steps, True, device))
     if device == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-    flops = step_flops(argparse.Namespace(**shape), args.batch, args.seq)
-    row["tflops_per_s"] = round(flops / row["step_s"] / 1e12, 1)
-    peak = peak_flops(kind)
-    row["mfu"] = round(flops / row["step_s"] / peak, 3) if peak else None
+    row.update(rates(argparse.Namespace(**shape), args.batch, args.seq, row["step_s"], kind))
     print(json.dumps(row))
 
 

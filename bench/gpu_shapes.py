@@ -78,3 +78,16 @@ def peak_flops(device_kind: str) -> float | None:
     kind = device_kind.lower()
     hits = [v for k, v in PEAK_TFLOPS.items() if k in kind]
     return max(hits) * 1e12 if hits else None
+
+
+def rates(c, B: int, T: int, step_s: float, device_kind: str) -> dict:
+    """One step's figures as gpu.sh tabulates them: step time, tokens/s, model TFLOP/s and MFU (None
+    when the device's peak is unknown)."""
+    flops = step_flops(c, B, T)
+    peak = peak_flops(device_kind)
+    return {
+        "step_s": round(step_s, 4),
+        "tokens_per_s": round(B * T / step_s),
+        "tflops_per_s": round(flops / step_s / 1e12, 1),
+        "mfu": round(flops / step_s / peak, 3) if peak else None,
+    }

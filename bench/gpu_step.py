@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.gpu_shapes import SHAPES, peak_flops, step_flops
+from bench.gpu_shapes import SHAPES, rates
 from jaxvocab import Llama, LlamaConfig, rows
 from jaxvocab.attention import cudnn_unsupported, make_mask
 from jaxvocab.errors import UsageError
@@ -94,17 +94,10 @@ def main() -> None:
         params, loss = step(params, frozen, ids, targets)
     loss.block_until_ready()
     dt = (time.perf_counter() - t0) / args.steps
-    row.update(
-        step_s=round(dt, 4),
-        tokens_per_s=round(args.batch * args.seq / dt),
-        loss=float(loss),
-        tflops_per_s=round(step_flops(cfg, args.batch, args.seq) / dt / 1e12, 1),
-    )
+    row.update(rates(cfg, args.batch, args.seq, dt, jax.devices()[0].device_kind), loss=float(loss))
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         row["peak_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 1)
-    peak = peak_flops(jax.devices()[0].device_kind)
-    row["mfu"] = round(step_flops(cfg, args.batch, args.seq) / dt / peak, 3) if peak else None
     print(json.dumps(row))
 
 
