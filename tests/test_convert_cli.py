@@ -301,7 +301,7 @@ def test_bad_flags_are_argparse_errors(tmp_path, pristine, capsys):
 def test_interrupt_leaves_nothing(tmp_path, pristine, capsys, monkeypatch):
     from jaxvocab.io import checkpoint
 
-    def interrupted(model, out):
+    def interrupted(model, out, meanwhile=None):
         (out / "partial").write_bytes(np.zeros(10).tobytes())
         raise KeyboardInterrupt
 

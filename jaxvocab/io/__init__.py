@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -255,7 +256,13 @@ def save_checkpoint(
     out, files, plan = Path(out_dir), _files_of(tokenizer), _check_plan(plan)
     _check_writable(model, out, files)
     with shared_atomic_dir(out, overwrite) as tmp:  # many processes: orbax's multi-host save, process 0 the rest
-        checkpoint.save_state(model, tmp)
-        if is_main():
-            _write_support_files(model, tmp, files, plan, hf_export=False, llama_version=llama_version)
+        checkpoint.save_state(
+            model,
+            tmp,
+            meanwhile=functools.partial(
+                _write_support_files, model, tmp, files, plan, hf_export=False, llama_version=llama_version
+            )
+            if is_main()
+            else None,
+        )
     return out

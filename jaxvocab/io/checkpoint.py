@@ -10,6 +10,7 @@ Layout:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -39,17 +40,25 @@ def params_of(model: Llama) -> dict:
     return {"/".join(k.path): keys.get_param(model, k)[...] for k in keys.keys_for(model.config)}
 
 
-def save_state(model: Llama, out: Path) -> None:
-    """Orbax tree + config + marker into `out` (an already-created temp dir)."""
-    with ocp.StandardCheckpointer() as ckptr:
+def save_state(model: Llama, out: Path, meanwhile: Callable[[], None] | None = None) -> None:
+    """Orbax tree + config + marker into `out` (an already-created temp dir). `meanwhile()` runs
+    while orbax writes the tree in its background threads: the write is bound by the disk, so the
+    small files (the tokenizer's edits take ~0.5 s at 128k tokens) cost no extra time there.
+
+    Stored without compression, like safetensors: zstd saves ~20% of the disk on bf16 weights but
+    halves the write on a CPU host (2.5 GB: 5.2-6.8 s -> 2.4-2.8 s on 2 cores) and slows every
+    restore (4.7 -> 3.0 s); checkpoints written compressed before still load."""
+    with ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
         try:
-            ckptr.save((out / "state").absolute(), params_of(model))
+            ckptr.save((out / "state").absolute(), args=ocp.args.PyTreeSave(params_of(model)))
             fault_point("save:state")
+            fault_point("save:files")
+            if meanwhile is not None:
+                meanwhile()
         finally:
             # An interrupt must not leave orbax writing into a dir the caller is about to remove.
             with signals_blocked():
                 ckptr.wait_until_finished()
-    fault_point("save:files")
     if jax.process_index() != 0:  # orbax wrote this process's shards; the small files are process 0's
         return
     (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
