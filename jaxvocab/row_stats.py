@@ -10,6 +10,7 @@ does not depend on the machine that expanded it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -126,12 +127,24 @@ def tables_stats(tables_, rows: int, *, fingerprints: tuple[bool, ...], mesh: Me
     Example:
       >>> [st] = tables_stats([model.embed.get_value()], 128256, fingerprints=(False,), mesh=mesh, hidden=4096)
     """
+    return start_tables_stats(tables_, rows, fingerprints=fingerprints, mesh=mesh, hidden=hidden)()
+
+
+def start_tables_stats(
+    tables_, rows: int, *, fingerprints: tuple[bool, ...], mesh: Mesh, hidden: int
+) -> Callable[[], list[TableStats]]:
+    """`tables_stats`, dispatched: XLA runs the pass in its own threads while the caller goes on
+    (the loader reads the layers meanwhile); the returned function waits for the results."""
     probe = np.random.RandomState(0).standard_normal((hidden, 2)).astype(np.float32)
     results = _stats_fn(rows, tuple(fingerprints), mesh)(list(tables_), probe)
-    return [
-        TableStats(np.asarray(rowmax), sums, None if fp is None else np.asarray(fp), rows)
-        for rowmax, sums, fp in results
-    ]
+
+    def wait() -> list[TableStats]:
+        return [
+            TableStats(np.asarray(rowmax), sums, None if fp is None else np.asarray(fp), rows)
+            for rowmax, sums, fp in results
+        ]
+
+    return wait
 
 
 # ------------------------------------------------------------------------------ untrained rows

@@ -17,7 +17,7 @@ from jaxvocab.errors import VocabError
 from jaxvocab.io.loader import TABLES  # in `tables(model)` order
 from jaxvocab.model import check_live
 from jaxvocab.row_init import table_rows
-from jaxvocab.row_stats import model_stats, tables, tables_stats
+from jaxvocab.row_stats import model_stats, start_tables_stats, tables
 from jaxvocab.sharding import single_device_mesh
 from jaxvocab.vocab import Expansion, VocabPlan, _check_stat_init, _layout, _rewrite, model_mesh, subword_arrays
 
@@ -58,15 +58,20 @@ def load_expanded(
         return expand_loaded(model, tok, plan, init, fix_untrained=fix_untrained, seed=seed)
     applied = []
 
-    def fill(model, whole: dict) -> dict:
-        sources = _checkpoint_views(model, whole, plan.old_rows)
-        try:
-            layout, rows = _planned(model, tok, plan, init, fix_untrained, seed, sources)
-        finally:
-            for view in sources or ():
-                view.delete()
-        applied.append(layout.plan)
-        return {table: (layout.targets, r) for table, r in zip(TABLES, rows, strict=False)}
+    def fill(model, whole: dict):
+        views = _checkpoint_views(model, whole, plan.old_rows)
+        stats = _start_stats(model, plan.old_rows, views)
+
+        def finish() -> dict:
+            try:
+                layout, rows = _planned(model, tok, plan, init, fix_untrained, seed, stats(), views)
+            finally:
+                for view in views or ():
+                    view.delete()
+            applied.append(layout.plan)
+            return {table: (layout.targets, r) for table, r in zip(TABLES, rows, strict=False)}
+
+        return finish
 
     model = load(path, vocab_rows=plan.new_rows, fill=fill, **load_options)
     new_plan = applied[0]
@@ -85,18 +90,24 @@ def _checkpoint_views(model, whole: dict, rows: int) -> list | None:
     return [jax.device_put(whole[path][:rows], next(iter(devices))) for path in TABLES[: len(params)]]
 
 
-def _planned(model, tok, plan: VocabPlan, init: str, fix_untrained: bool, seed: int, views: list | None):
-    """(layout, [k, D] host rows per table) of `plan` on a model loaded at the plan's size, read from
-    `views` (exact-size) where given, else from the final-size tables' first `plan.old_rows` rows."""
+def _start_stats(model, rows: int, views: list | None):
+    """Each table's statistics over its first `rows` rows, dispatched as soon as the tables are read
+    (the loader reads them first): the pass runs while the layers load; returns the wait for them."""
     params = tables(model)
-    if views is None:
-        stats, sources = model_stats(model, rows=plan.old_rows), [p.get_value() for p in params]
-    else:
-        heads = tuple(p is model.head_table for p in params)
-        stats = tables_stats(
-            views, plan.old_rows, fingerprints=heads, mesh=model_mesh(model), hidden=model.config.hidden_size
-        )
-        sources = views
+    return start_tables_stats(
+        views if views is not None else [p.get_value() for p in params],
+        rows,
+        fingerprints=tuple(p is model.head_table for p in params),
+        mesh=model_mesh(model),
+        hidden=model.config.hidden_size,
+    )
+
+
+def _planned(model, tok, plan: VocabPlan, init: str, fix_untrained: bool, seed: int, stats, views: list | None):
+    """(layout, [k, D] host rows per table) of `plan` on a model loaded at the plan's size, from its
+    tables' `stats`, reading `views` (exact-size) where given, else the final-size tables' first
+    `plan.old_rows` rows."""
+    sources = views if views is not None else [p.get_value() for p in tables(model)]
     layout = _layout(model, tok, plan, init, fix_untrained, stats)
     if len(layout.targets) == 0:
         return layout, []

@@ -59,8 +59,9 @@ def build(
       choices: the model's construction choices (compute_dtype, attention, remat).
       rows: allocate the vocabulary tables with this many rows (>= config.vocab_size); rows past
         the checkpoint are zero, for the expansion to initialise in place.
-      fill: `fill(model, whole)` -> {table path: (sorted ids, [k, D] host rows)}, written into the
-        tables' host buffers before they become the final arrays (see `Fill`).
+      fill: called on the tables as soon as they are read (they are read first), returning
+        `finish()` -> {table path: (sorted ids, [k, D] host rows)}, written into the tables' host
+        buffers before they become the final arrays (see `Fill`).
 
     Returns:
       The `Llama`, with `config.vocab_size == rows or config.vocab_size`.
@@ -77,11 +78,15 @@ def build(
     final = config.replace(vocab_size=rows, dtype=dtype.name)
     model = nnx.eval_shape(lambda: Llama(final, param_dtype=jnp.dtype(dtype), **(choices or {})))
     param_keys = keys.keys_for(config)
+    if fill is not None:  # the tables first: `fill` starts on them while the layers are read
+        param_keys.sort(key=lambda k: k.path not in TABLES)
+    n_tables = sum(k.path in TABLES for k in param_keys)
     sources = {k: Source(*source_for(k)) for k in param_keys}
     total = sum(s.nbytes for s in sources.values())
     kept = {path: {} for path in TABLES} if fill is not None else None
+    finish = None
     with progress(total=total, desc="loading", unit="B", unit_scale=True, disable=not show_progress) as bar:
-        for key in param_keys:
+        for n, key in enumerate(param_keys, 1):
             read = sources[key].read
             if rows != stored_rows and key.path in TABLES:
                 read = _zero_rows_past(read, stored_rows, dtype)
@@ -92,14 +97,17 @@ def build(
                 callback = _keeping(callback, kept[key.path], shape)
             keys.get_param(model, key).set_value(jax.make_array_from_callback(shape, sharding, callback))
             bar.update(sources[key].nbytes)
-    if fill is not None:
-        _write_rows(model, fill(model, _whole(kept)), kept)
+            if fill is not None and n == n_tables:
+                finish = fill(model, _whole(kept))
+    if finish is not None:
+        _write_rows(model, finish(), kept)
     return model
 
 
-# `fill(model, whole)` -> {table path: (sorted ids, [k, D] rows)} to write after loading; `whole` maps each
-# table held in one host buffer (one device, or replicated) to that buffer, for zero-copy views of it.
-Fill = Callable[[Llama, dict], dict]
+# `fill(model, whole)`, called once the tables are read (before the layers), -> `finish()`, called
+# after the rest is read, -> {table path: (sorted ids, [k, D] rows)} to write. `whole` maps each table
+# held in one host buffer (one device, or replicated) to that buffer, for zero-copy views of it.
+Fill = Callable[[Llama, dict], Callable[[], dict]]
 
 
 def _whole(kept: dict) -> dict:
