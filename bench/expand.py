@@ -253,7 +253,9 @@ def main(argv=None) -> int:
         default=1,
         help="fresh-process runs of transformers (default 1: each takes minutes on a CPU)",
     )
-    ap.add_argument("--cli-repeats", type=int, default=3, help="interleaved runs of each import command")
+    ap.add_argument(
+        "--cli-repeats", type=int, default=3, help="interleaved runs of each import command (0: skip the CLI part)"
+    )
     ap.add_argument("--cli-only", action="store_true", help="only the CLI comparison")
     args = ap.parse_args(argv)
     path = args.keep_dir or Path(tempfile.mkdtemp(prefix="jaxvocab-bench-expand-"))
@@ -265,7 +267,9 @@ def main(argv=None) -> int:
             write_checkpoint(path)
         ckpt_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         parts = [] if args.cli_only else [report(path, run(path, args.repeats, args.transformers_repeats), ckpt_bytes)]
-        text = "\n\n".join([*parts, report_cli(run_cli(path, args.cli_repeats))])
+        if args.cli_repeats > 0:
+            parts.append(report_cli(run_cli(path, args.cli_repeats)))
+        text = "\n\n".join(parts)
     finally:
         if args.keep_dir is None:
             shutil.rmtree(path, ignore_errors=True)
