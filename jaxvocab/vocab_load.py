@@ -17,7 +17,7 @@ from jaxvocab.errors import VocabError
 from jaxvocab.io.loader import TABLES  # in `tables(model)` order
 from jaxvocab.model import check_live
 from jaxvocab.row_init import table_rows
-from jaxvocab.row_stats import model_stats, start_tables_stats, tables
+from jaxvocab.row_stats import model_stats, start_tables_stats
 from jaxvocab.sharding import single_device_mesh
 from jaxvocab.vocab import Expansion, VocabPlan, _check_stat_init, _layout, _rewrite, model_mesh, subword_arrays
 
@@ -56,58 +56,61 @@ def load_expanded(
     if (load_options.get("mesh") or single_device_mesh()).devices.flat[0].platform != "cpu":
         model = load(path, vocab_rows=plan.new_rows, **load_options)
         return expand_loaded(model, tok, plan, init, fix_untrained=fix_untrained, seed=seed)
-    applied = []
-
-    def fill(model, whole: dict):
-        views = _checkpoint_views(model, whole, plan.old_rows)
-        stats = _start_stats(model, plan.old_rows, views)
-
-        def finish() -> dict:
-            try:
-                layout, rows = _planned(model, tok, plan, init, fix_untrained, seed, stats(), views)
-            finally:
-                for view in views or ():
-                    view.delete()
-            applied.append(layout.plan)
-            return {table: (layout.targets, r) for table, r in zip(TABLES, rows, strict=False)}
-
-        return finish
-
+    fill = _PlannedRows(tok, plan, init, fix_untrained, seed)
     model = load(path, vocab_rows=plan.new_rows, fill=fill, **load_options)
-    new_plan = applied[0]
-    return Expansion(model, tok.with_tokens(new_plan.renamed, new_plan.appended, new_plan.special_ids), new_plan)
+    return Expansion(model, tok.with_tokens(fill.plan.renamed, fill.plan.appended, fill.plan.special_ids), fill.plan)
 
 
-def _checkpoint_views(model, whole: dict, rows: int) -> list | None:
-    """Each table's checkpoint rows as a zero-copy array of exactly that size, when every table sits
-    in one host buffer on one device (the CLI's default on CPU); else None. Statistics and inits then
-    run the exact-size programs `expand_vocab` runs, so the bits match, at ~0.5x the time of a cut of
-    the final-size table (see row_stats._stats_fn)."""
-    params = tables(model)
-    devices = params[0].get_value().devices()
-    if len(devices) != 1 or not all(path in whole for path in TABLES[: len(params)]):
-        return None
-    return [jax.device_put(whole[path][:rows], next(iter(devices))) for path in TABLES[: len(params)]]
+class _PlannedRows:
+    """`load_expanded`'s `loader.Fill`. Each table's statistics are dispatched as soon as it is read,
+    so XLA runs them while the loader reads the next table and the layers. On one device they run on
+    a zero-copy view of the checkpoint's rows: the exact-size program `expand_vocab` runs, so the
+    bits match, at ~0.5x the time of a cut of the final-size table (see row_stats._stats_fn)."""
+
+    def __init__(self, tok, plan: VocabPlan, init: str, fix_untrained: bool, seed: int):
+        self.tok, self.plan, self.init, self.fix_untrained, self.seed = tok, plan, init, fix_untrained, seed
+        self.sources, self.stats, self.views = {}, {}, []
+
+    def table_read(self, model, path, whole) -> None:
+        param = getattr(model, path[0])
+        table = param.get_value()
+        if whole is not None and len(table.devices()) == 1:
+            table = jax.device_put(whole[: self.plan.old_rows], next(iter(table.devices())))
+            self.views.append(table)
+        self.sources[path] = table
+        self.stats[path] = start_tables_stats(
+            [table],
+            self.plan.old_rows,
+            fingerprints=(param is model.head_table,),
+            mesh=model_mesh(model),
+            hidden=model.config.hidden_size,
+        )
+
+    def rows(self, model) -> dict:
+        paths = [p for p in TABLES if p in self.sources]
+        try:
+            stats = [self.stats[p]()[0] for p in paths]
+            layout, rows = _planned(
+                model,
+                self.tok,
+                self.plan,
+                self.init,
+                self.fix_untrained,
+                self.seed,
+                stats,
+                [self.sources[p] for p in paths],
+            )
+        finally:
+            for view in self.views:
+                view.delete()
+        self.plan = layout.plan
+        return {table: (layout.targets, r) for table, r in zip(TABLES, rows, strict=False)}
 
 
-def _start_stats(model, rows: int, views: list | None):
-    """Each table's statistics over its first `rows` rows, dispatched as soon as the tables are read
-    (the loader reads them first): the pass runs while the layers load; returns the wait for them."""
-    params = tables(model)
-    return start_tables_stats(
-        views if views is not None else [p.get_value() for p in params],
-        rows,
-        fingerprints=tuple(p is model.head_table for p in params),
-        mesh=model_mesh(model),
-        hidden=model.config.hidden_size,
-    )
-
-
-def _planned(model, tok, plan: VocabPlan, init: str, fix_untrained: bool, seed: int, stats, views: list | None):
+def _planned(model, tok, plan: VocabPlan, init: str, fix_untrained: bool, seed: int, stats, sources: list):
     """(layout, [k, D] host rows per table) of `plan` on a model loaded at the plan's size, from its
-    tables' `stats`, reading `views` (exact-size) where given, else the final-size tables' first
-    `plan.old_rows` rows."""
-    sources = views if views is not None else [p.get_value() for p in tables(model)]
+    tables' `stats`, reading each table's first `plan.old_rows` rows from `sources` (exact-size views
+    or the final-size tables)."""
     layout = _layout(model, tok, plan, init, fix_untrained, stats)
     if len(layout.targets) == 0:
         return layout, []

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -59,9 +59,9 @@ def build(
       choices: the model's construction choices (compute_dtype, attention, remat).
       rows: allocate the vocabulary tables with this many rows (>= config.vocab_size); rows past
         the checkpoint are zero, for the expansion to initialise in place.
-      fill: called on the tables as soon as they are read (they are read first), returning
-        `finish()` -> {table path: (sorted ids, [k, D] host rows)}, written into the tables' host
-        buffers before they become the final arrays (see `Fill`).
+      fill: told of each table as soon as it is read (the tables are read first), then asked for
+        {table path: (sorted ids, [k, D] host rows)}, written into the tables' host buffers before
+        they become the final arrays (see `Fill`).
 
     Returns:
       The `Llama`, with `config.vocab_size == rows or config.vocab_size`.
@@ -80,13 +80,11 @@ def build(
     param_keys = keys.keys_for(config)
     if fill is not None:  # the tables first: `fill` starts on them while the layers are read
         param_keys.sort(key=lambda k: k.path not in TABLES)
-    n_tables = sum(k.path in TABLES for k in param_keys)
     sources = {k: Source(*source_for(k)) for k in param_keys}
     total = sum(s.nbytes for s in sources.values())
     kept = {path: {} for path in TABLES} if fill is not None else None
-    finish = None
     with progress(total=total, desc="loading", unit="B", unit_scale=True, disable=not show_progress) as bar:
-        for n, key in enumerate(param_keys, 1):
+        for key in param_keys:
             read = sources[key].read
             if rows != stored_rows and key.path in TABLES:
                 read = _zero_rows_past(read, stored_rows, dtype)
@@ -97,21 +95,23 @@ def build(
                 callback = _keeping(callback, kept[key.path], shape)
             keys.get_param(model, key).set_value(jax.make_array_from_callback(shape, sharding, callback))
             bar.update(sources[key].nbytes)
-            if fill is not None and n == n_tables:
-                finish = fill(model, _whole(kept))
-    if finish is not None:
-        _write_rows(model, finish(), kept)
+            if fill is not None and key.path in TABLES:
+                buffers = kept[key.path]
+                fill.table_read(model, key.path, next(iter(buffers.values())) if len(buffers) == 1 else None)
+    if fill is not None:
+        _write_rows(model, fill.rows(model), kept)
     return model
 
 
-# `fill(model, whole)`, called once the tables are read (before the layers), -> `finish()`, called
-# after the rest is read, -> {table path: (sorted ids, [k, D] rows)} to write. `whole` maps each table
-# held in one host buffer (one device, or replicated) to that buffer, for zero-copy views of it.
-Fill = Callable[[Llama, dict], Callable[[], dict]]
+class Fill(Protocol):
+    """Rows written into the vocabulary tables before they become final (`vocab_load.load_expanded`)."""
 
+    def table_read(self, model: Llama, path: tuple[str, ...], whole: np.ndarray | None) -> None:
+        """Called as each table is read (the tables are read first, so work started here runs while
+        the layers load); `whole` is its one host buffer (one device, or replicated), else None."""
 
-def _whole(kept: dict) -> dict:
-    return {path: next(iter(buffers.values())) for path, buffers in kept.items() if len(buffers) == 1}
+    def rows(self, model: Llama) -> dict:
+        """Called once everything is read: {table path: (sorted ids, [k, D] rows)} to write."""
 
 
 def _bounds(idx, shape) -> tuple[tuple[int, int], ...]:
