@@ -16,9 +16,10 @@ mean is one f32 reduction over the trained rows. Peak RSS is sampled during the 
 runs 3 times (median; seconds each), transformers once by default (minutes each).
 
 Then the CLI, as users run it: `jaxvocab-convert import SRC OUT` against the same command with
-`--add-tokens @FILE` (the same 1000 tokens), interleaved, each a fresh process, median wall time.
-With the flag the ids are planned before any weight is read and the loader reads the checkpoint
-straight into the final-size tables, so the expansion only writes the planned rows in place.
+`--add-tokens @FILE` (the same 1000 tokens), interleaved ABBA, each a fresh process started after
+`sync`, median wall time. With the flag the ids are planned before any weight is read and the loader reads the checkpoint
+straight into the final-size tables (the tables first, so their statistics run while the layers
+load), and the expansion only writes the planned rows in place.
 
 Targets: >= 100x faster; jaxvocab's peak RSS <= its import baseline + 1.1 x (the weights + one new
 table): the model, one table being built, and the same 10% slack bench/import.py allows (XLA's
@@ -196,7 +197,9 @@ def report(path: Path, r: dict, ckpt_bytes: int) -> str:
 
 
 def run_cli(path: Path, repeats: int) -> dict:
-    """`jaxvocab-convert import` with and without --add-tokens, interleaved; wall seconds each."""
+    """`jaxvocab-convert import` with and without --add-tokens, interleaved (ABBA: which goes first
+    alternates per round), each started after `sync`, so no run pays for writing back the previous
+    run's 2.5 GB of dirty pages; wall seconds each."""
     work = Path(tempfile.mkdtemp(prefix="jaxvocab-bench-cli-"))
     tokens = work / "tokens.txt"
     tokens.write_text("".join(f"<|new_{i}|>\n" for i in range(NEW_TOKENS)))
@@ -205,10 +208,11 @@ def run_cli(path: Path, repeats: int) -> dict:
     cases = {"import": [], "import --add-tokens": [str(f"--add-tokens=@{tokens}")]}
     out = {name: [] for name in cases}
     try:
-        for _ in range(repeats):
-            for name, extra in cases.items():
+        for i in range(repeats):
+            for name, extra in list(cases.items())[:: 1 if i % 2 == 0 else -1]:
                 dst = work / "out"
                 shutil.rmtree(dst, ignore_errors=True)
+                os.sync()
                 t = time.perf_counter()
                 subprocess.run(
                     [sys.executable, "-m", "convert", "import", str(path), str(dst), *extra],
@@ -233,7 +237,8 @@ def report_cli(r: dict) -> str:
         [
             f"## CLI: import vs import --add-tokens (+{NEW_TOKENS} tokens), same checkpoint",
             "",
-            f"{machine()}; default flags; each run a fresh process, the two commands interleaved; median wall time.",
+            f"{machine()}; default flags; each run a fresh process after `sync`, the two commands interleaved "
+            "(ABBA); median wall time.",
             "",
             markdown_table(["", "median (s)", "runs (s)"], rows),
             "",
