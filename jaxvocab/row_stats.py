@@ -152,6 +152,12 @@ def tables(model) -> list:
     return [model.embed] if model.lm_head is None else [model.embed, model.lm_head]
 
 
+def model_mesh(model) -> Mesh:
+    """The mesh the model's tables live on (one device when they carry no named sharding)."""
+    sharding = getattr(model.embed.get_value(), "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) else single_device_mesh()
+
+
 def _exact_duplicates(table, small: np.ndarray, fingerprint: np.ndarray) -> np.ndarray:
     """Ids of rows bit-identical to another row (only candidates with equal fingerprints are fetched)."""
     keys = np.ascontiguousarray(fingerprint).view(np.dtype((np.void, fingerprint.dtype.itemsize * 2))).ravel()
@@ -174,14 +180,12 @@ def model_stats(model, rows: int | None = None) -> list[TableStats]:
       >>> mask = untrained_mask(model, stats=model_stats(model))
     """
     rows = model.config.vocab_size if rows is None else rows
-    sharding = getattr(model.embed.get_value(), "sharding", None)
-    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else single_device_mesh()
     params = tables(model)
     return tables_stats(
         [p.get_value() for p in params],
         rows,
         fingerprints=tuple(p is model.head_table for p in params),
-        mesh=mesh,
+        mesh=model_mesh(model),
         hidden=model.config.hidden_size,
     )
 

@@ -18,7 +18,7 @@ from jaxvocab.errors import UsageError, VocabError
 from jaxvocab.memory import release
 from jaxvocab.model import check_live
 from jaxvocab.row_init import INITS, expand_table, no_subword
-from jaxvocab.row_stats import REL_EPS, TableStats, model_stats, tables, untrained_mask
+from jaxvocab.row_stats import REL_EPS, TableStats, model_mesh, model_stats, tables, untrained_mask
 from jaxvocab.sharding import axis_size
 from jaxvocab.vocab_plan import (  # noqa: F401  (re-exported: the vocabulary API in one import)
     ACTIONS,
@@ -30,7 +30,6 @@ from jaxvocab.vocab_plan import (  # noqa: F401  (re-exported: the vocabulary AP
     fit_rows,
     looks_special,
     mesh_multiple,
-    model_mesh,
     plan_vocab,
 )
 

@@ -18,10 +18,11 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jaxvocab.errors import JaxVocabError, UsageError, VocabError
-from jaxvocab.sharding import axis_size, round_up, single_device_mesh
+from jaxvocab.row_stats import model_mesh
+from jaxvocab.sharding import axis_size, round_up
 
 ACTIONS = ("existing", "reserved", "spare_row", "appended")
 MIN_SHARDED_MULTIPLE = 128  # rows on a multi-device mesh: MXU/tensor-core friendly and shardable
@@ -174,11 +175,6 @@ def existing_id(tok, text: str) -> int | None:
         ids = tok.encode(text, allowed_special="all")
         return ids[0] if len(ids) == 1 else None
     return piece
-
-
-def model_mesh(model) -> Mesh:
-    sharding = getattr(model.embed.get_value(), "sharding", None)
-    return sharding.mesh if isinstance(sharding, NamedSharding) else single_device_mesh()
 
 
 def default_multiple(model) -> int:
