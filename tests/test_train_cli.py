@@ -171,6 +171,23 @@ def _env():
     return env
 
 
+def test_orbax_loads_only_when_a_checkpoint_is_saved_or_restored(tmp_path):
+    """orbax and tensorstore (~25 MB resident) stay out of the process until the first save, so
+    they add nothing to the training steps' peak memory."""
+    code = (
+        "import sys, train.__main__, train.loop, jaxvocab.io, jaxvocab.io.checkpoint\n"
+        "from pathlib import Path\n"
+        "ckpts = train.loop.Checkpoints(Path(sys.argv[1]), 2)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('orbax', 'tensorstore')), Path(sys.argv[1]).exists())\n"
+        "ckpts.manager(); print('orbax.checkpoint' in sys.modules, Path(sys.argv[1]).is_dir())"
+    )
+    got = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "ck")], env=_env(), cwd=ROOT, capture_output=True, text=True
+    )
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split("\n")[:2] == ["[] False", "True True"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "lora", [[], ["--lora-rank", "2", "--lora-targets", "q,down", "--lora-dropout", "0.1"]], ids=["rows", "rows+lora"]
