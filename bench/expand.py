@@ -18,8 +18,9 @@ runs 3 times (median; seconds each), transformers once by default (minutes each)
 Then the CLI, as users run it: `jaxvocab-convert import SRC OUT` against the same command with
 `--add-tokens @FILE` (the same 1000 tokens), one untimed warm-up run of each, then interleaved ABBA,
 each a fresh process started after `sync`, median wall time. With the flag the ids are planned
-before any weight is read and the loader reads the checkpoint straight into the final-size tables (the tables first, so their
-statistics run while the layers load), and the expansion only writes the planned rows in place.
+before any weight is read and the loader reads the checkpoint straight into the final-size tables
+(the tables first, so their statistics run while the layers load), and the expansion only writes
+the planned rows in place.
 
 Targets: >= 100x faster; jaxvocab's peak RSS <= its import baseline + 1.1 x (the weights + one new
 table): the model, one table being built, and the same 10% slack bench/import.py allows (XLA's

@@ -113,8 +113,12 @@ def _stats_fn(rows: int, fingerprints: tuple[bool, ...], mesh: Mesh):
     return jax.jit(stats)
 
 
-def tables_stats(tables_, rows: int, *, fingerprints: tuple[bool, ...], mesh: Mesh, hidden: int) -> list[TableStats]:
-    """Row max |x|, block sums and (where asked: the head) fingerprints of each table's first `rows` rows, in one jit.
+def start_tables_stats(
+    tables_, rows: int, *, fingerprints: tuple[bool, ...], mesh: Mesh, hidden: int
+) -> Callable[[], list[TableStats]]:
+    """Row max |x|, block sums and (where asked: the head) fingerprints of each table's first `rows`
+    rows, in one jit, dispatched: XLA runs the pass in its own threads while the caller goes on (the
+    loader reads the layers meanwhile).
 
     Args:
       tables_: [V, D] tables (the embedding, then an untied head); rows: how many leading rows to cover;
@@ -122,19 +126,11 @@ def tables_stats(tables_, rows: int, *, fingerprints: tuple[bool, ...], mesh: Me
       mesh: the tables' mesh; hidden: D.
 
     Returns:
-      One `TableStats` per table.
+      A function that waits for the results: one `TableStats` per table.
 
     Example:
-      >>> [st] = tables_stats([model.embed.get_value()], 128256, fingerprints=(False,), mesh=mesh, hidden=4096)
+      >>> [st] = start_tables_stats([embed], 128256, fingerprints=(False,), mesh=mesh, hidden=4096)()
     """
-    return start_tables_stats(tables_, rows, fingerprints=fingerprints, mesh=mesh, hidden=hidden)()
-
-
-def start_tables_stats(
-    tables_, rows: int, *, fingerprints: tuple[bool, ...], mesh: Mesh, hidden: int
-) -> Callable[[], list[TableStats]]:
-    """`tables_stats`, dispatched: XLA runs the pass in its own threads while the caller goes on
-    (the loader reads the layers meanwhile); the returned function waits for the results."""
     probe = np.random.RandomState(0).standard_normal((hidden, 2)).astype(np.float32)
     results = _stats_fn(rows, tuple(fingerprints), mesh)(list(tables_), probe)
 
@@ -183,8 +179,15 @@ def model_stats(model, rows: int | None = None) -> list[TableStats]:
     """
     rows = model.config.vocab_size if rows is None else rows
     params = tables(model)
-    return tables_stats(
-        [p.get_value() for p in params],
+    return start_model_stats(model, params, [p.get_value() for p in params], rows)()
+
+
+def start_model_stats(model, params: list, values: list, rows: int) -> Callable[[], list[TableStats]]:
+    """`start_tables_stats` of `values`, which hold the first `rows` rows of `params` (some of the
+    model's tables, in `tables(model)` order): their current values, or exact-size views of them
+    (`vocab_load`); the head is the one fingerprinted."""
+    return start_tables_stats(
+        values,
         rows,
         fingerprints=tuple(p is model.head_table for p in params),
         mesh=model_mesh(model),

@@ -19,7 +19,7 @@ from jaxvocab.errors import VocabError
 from jaxvocab.io.loader import TABLES  # in `tables(model)` order
 from jaxvocab.model import check_live
 from jaxvocab.row_init import table_rows
-from jaxvocab.row_stats import model_stats, start_tables_stats
+from jaxvocab.row_stats import model_stats, start_model_stats
 from jaxvocab.sharding import single_device_mesh
 from jaxvocab.vocab import Expansion, VocabPlan, _check_stat_init, _layout, _rewrite, model_mesh, subword_arrays
 
@@ -83,14 +83,7 @@ class _PlannedRows:
             table = jax.device_put(whole[: self.plan.old_rows], next(iter(table.devices())))
             self.views.append(table)
         self.sources[path] = table
-        self.stats[path] = self.worker.submit(
-            start_tables_stats,
-            [table],
-            self.plan.old_rows,
-            fingerprints=(param is model.head_table,),
-            mesh=model_mesh(model),
-            hidden=model.config.hidden_size,
-        )
+        self.stats[path] = self.worker.submit(start_model_stats, model, [param], [table], self.plan.old_rows)
 
     def rows(self, model) -> dict:
         paths = [p for p in TABLES if p in self.sources]

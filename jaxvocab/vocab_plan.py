@@ -168,13 +168,13 @@ def existing_id(tok, text: str) -> int | None:
     (so 'hello' is existing too); other tokenizers can only be asked for an exact entry."""
     if text in tok.special_tokens:
         return tok.special_tokens[text]
-    piece = tok.mergeable_ranks.get(text.encode("utf-8"))
-    if piece is None:  # every token BPE can output is a rank entry: no encoding needed (most new tokens)
+    rank = tok.mergeable_ranks.get(text.encode("utf-8"))
+    if rank is None:  # every token BPE can output is a rank entry: no encoding needed (most new tokens)
         return None
     if tok.llama3:
         ids = tok.encode(text, allowed_special="all")
         return ids[0] if len(ids) == 1 else None
-    return piece
+    return rank
 
 
 def default_multiple(model) -> int:

@@ -461,13 +461,13 @@ def test_load_expanded_dispatches_statistics_off_the_loading_thread(text_tok_dir
         shutil.copy(f, tmp_path / f.name)
     tok = jaxvocab.load_tokenizer(tmp_path)
     make_hf_checkpoint(tmp_path, vocab=tok.n_words, hidden=16, intermediate=32, layers=1, zero_rows=tok.free_reserved())
-    threads, start = [], vocab_load.start_tables_stats
+    threads, start = [], vocab_load.start_model_stats
 
     def recording(*args, **kwargs):
         threads.append(threading.current_thread())
         return start(*args, **kwargs)
 
-    monkeypatch.setattr(vocab_load, "start_tables_stats", recording)
+    monkeypatch.setattr(vocab_load, "start_model_stats", recording)
     plan = plan_vocab(tok, ["<|a|>"], model=jaxvocab.load(tmp_path, mesh=mesh1, show_progress=False))
     load_expanded(tmp_path, tok, plan, mesh=mesh1)
     assert len(threads) == 2 and all(t is not threading.main_thread() for t in threads)
