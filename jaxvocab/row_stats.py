@@ -150,7 +150,11 @@ def tables(model) -> list:
 
 def model_mesh(model) -> Mesh:
     """The mesh the model's tables live on (one device when they carry no named sharding)."""
-    sharding = getattr(model.embed.get_value(), "sharding", None)
+    return array_mesh(model.embed.get_value())
+
+
+def array_mesh(value) -> Mesh:
+    sharding = getattr(value, "sharding", None)
     return sharding.mesh if isinstance(sharding, NamedSharding) else single_device_mesh()
 
 
@@ -185,12 +189,13 @@ def model_stats(model, rows: int | None = None) -> list[TableStats]:
 def start_model_stats(model, params: list, values: list, rows: int) -> Callable[[], list[TableStats]]:
     """`start_tables_stats` of `values`, which hold the first `rows` rows of `params` (some of the
     model's tables, in `tables(model)` order): their current values, or exact-size views of them
-    (`vocab_load`); the head is the one fingerprinted."""
+    (`vocab_load`, which may read the head first, before the embedding has a value); the head is
+    the one fingerprinted."""
     return start_tables_stats(
         values,
         rows,
         fingerprints=tuple(p is model.head_table for p in params),
-        mesh=model_mesh(model),
+        mesh=array_mesh(params[0].get_value()),
         hidden=model.config.hidden_size,
     )
 

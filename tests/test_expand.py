@@ -452,7 +452,8 @@ def test_load_expanded_reserved_slots_only(text_tok_dir, tmp_path, mesh24):
 
 def test_load_expanded_dispatches_statistics_off_the_loading_thread(text_tok_dir, tmp_path, mesh1, monkeypatch):
     """Tracing and compiling each table's statistics happen on a worker thread while the loader
-    reads on; the worker is gone once load_expanded returns."""
+    reads on, the head's (the longest: they fingerprint its rows) first; the worker is gone once
+    load_expanded returns."""
     import threading
 
     from jaxvocab import vocab_load
@@ -461,14 +462,16 @@ def test_load_expanded_dispatches_statistics_off_the_loading_thread(text_tok_dir
         shutil.copy(f, tmp_path / f.name)
     tok = jaxvocab.load_tokenizer(tmp_path)
     make_hf_checkpoint(tmp_path, vocab=tok.n_words, hidden=16, intermediate=32, layers=1, zero_rows=tok.free_reserved())
-    threads, start = [], vocab_load.start_model_stats
+    threads, tables, start = [], [], vocab_load.start_model_stats
 
-    def recording(*args, **kwargs):
+    def recording(model, params, *args, **kwargs):
         threads.append(threading.current_thread())
-        return start(*args, **kwargs)
+        tables.append({id(model.lm_head): "head", id(model.embed): "embed"}[id(params[0])])
+        return start(model, params, *args, **kwargs)
 
     monkeypatch.setattr(vocab_load, "start_model_stats", recording)
     plan = plan_vocab(tok, ["<|a|>"], model=jaxvocab.load(tmp_path, mesh=mesh1, show_progress=False))
     load_expanded(tmp_path, tok, plan, mesh=mesh1)
+    assert tables == ["head", "embed"]
     assert len(threads) == 2 and all(t is not threading.main_thread() for t in threads)
     assert all(t.name.startswith("jaxvocab-stats") and not t.is_alive() for t in threads)

@@ -79,7 +79,7 @@ def build(
     model = nnx.eval_shape(lambda: Llama(final, param_dtype=jnp.dtype(dtype), **(choices or {})))
     param_keys = keys.keys_for(config)
     if fill is not None:  # the tables first: `fill` starts on them while the layers are read
-        param_keys.sort(key=lambda k: k.path not in TABLES)
+        param_keys.sort(key=_fill_order)
     sources = {k: Source(*source_for(k)) for k in param_keys}
     total = sum(s.nbytes for s in sources.values())
     kept = {path: {} for path in TABLES} if fill is not None else None
@@ -107,8 +107,8 @@ class Fill(Protocol):
     """Rows written into the vocabulary tables before they become final (`vocab_load.load_expanded`)."""
 
     def table_read(self, model: Llama, path: tuple[str, ...], whole: np.ndarray | None) -> None:
-        """Called as each table is read (the tables are read first, so work started here runs while
-        the layers load); `whole` is its one host buffer (one device, or replicated), else None."""
+        """Called as each table is read (the tables are read first, an untied head before the
+        embedding, so work started here runs while the rest loads); `whole` is its one host buffer (one device, or replicated), else None."""
 
     def rows(self, model: Llama) -> dict:
         """Called once everything is read: {table path: (sorted ids, [k, D] rows)} to write."""
@@ -153,6 +153,13 @@ def _kept(buffers: dict, shape, idx) -> np.ndarray:
 
 
 TABLES = (("embed",), ("lm_head",))
+
+
+def _fill_order(key: keys.Key) -> int:
+    """Read order with a `Fill`: an untied head, then the embedding, then the layers (stable). The
+    head's statistics take longest (they also fingerprint its rows), so they start first and run
+    while the embedding is read: 8B shapes, 1 layer, wait after the last read 0.22 -> 0.14 s."""
+    return {("lm_head",): 0, ("embed",): 1}.get(key.path, 2)
 
 
 def _device_slice(read, shape, dtype):
