@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser(
         "inspect", help="describe a checkpoint from its headers (fast; loads weights only with --probe)"
     )
-    ins.add_argument("src", type=Path, metavar="SRC")
+    ins.add_argument("src", type=Path, metavar="SRC", help="any checkpoint dir: HF, hub-cache snapshot, Meta, jaxvocab")
     vocab_cli.add_inspect_args(ins)
     _attention_arg(ins, "the forward pass of --probe")
     ins.set_defaults(run=cmd_inspect)
@@ -97,7 +97,7 @@ def _export_parser(sub) -> None:
         "generation_config.json and the (edited) tokenizer files.",
     )
     exp.add_argument("ckpt", type=Path, metavar="CKPT", help="jaxvocab checkpoint dir (or any dir `load` reads)")
-    exp.add_argument("out", type=Path, metavar="OUT_HF")
+    exp.add_argument("out", type=Path, metavar="OUT_HF", help="HF dir to write (must not exist unless --overwrite)")
     exp.add_argument("--max-shard-size", default="5GB", help="largest shard file (default 5GB; e.g. 500MB, 2GiB)")
     exp.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], help="cast weights on export")
     exp.add_argument("--overwrite", action="store_true", help="replace OUT_HF if it exists")
@@ -220,9 +220,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from jaxvocab.errors import run_command
+    from jaxvocab.progress import terminal_only
     from train import compile_cache
 
     compile_cache.enable()
+    terminal_only()
 
     if not hasattr(args, "distributed"):
         return run_command(lambda: args.run(args), "no output was written")

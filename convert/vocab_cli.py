@@ -26,7 +26,8 @@ def add_import_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--add-tokens",
         metavar="T1,T2|@FILE",
-        help="new tokens, comma-separated or @file (one per line, optional token=description)",
+        help="new tokens, comma-separated or @file (every non-blank line is a token, '#' lines too; "
+        "optional token=description)",
     )
     g.add_argument(
         "--init",
@@ -143,7 +144,7 @@ def parse_tokens(spec: str) -> dict[str, str | None]:
                 raise UsageError(f"--add-tokens {spec}:{n}: empty description after '='; drop the '=' or add text")
             out[token] = desc.strip() if sep else None
         if not out:
-            raise UsageError(f"--add-tokens {spec}: the file lists no tokens")
+            raise UsageError(f"--add-tokens {spec}: the file lists no tokens; put one token per line")
         return out
     tokens = [t.strip() for t in spec.split(",")]
     if not all(tokens):

@@ -23,6 +23,17 @@ class CheckpointError(JaxVocabError):
     """Checkpoint files are missing, inconsistent or malformed."""
 
 
+class WriteError(CheckpointError):
+    """An output could not be written: the target filesystem is full or read-only (nothing was left)."""
+
+    def __init__(self, path, reason: str, hint: str):
+        super().__init__(f"{path}: cannot write it ({reason}); nothing was written; {hint}")
+        self.path, self.reason, self.hint = path, reason, hint
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason, self.hint)
+
+
 class VocabError(JaxVocabError):
     """A vocabulary request cannot be planned (duplicates, clashes, empty tokens)."""
 
@@ -116,6 +127,7 @@ def run_command(command, interrupted: str) -> int:
     Ctrl-C and 143 on SIGTERM (with `interrupted` saying what the user still has); 0 on success.
     An OSError that escaped (a full or read-only disk outside an output dir) is one line too."""
     old = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    mute_background_failures()
     try:
         command()
     except UsageError as e:
@@ -135,6 +147,29 @@ def run_command(command, interrupted: str) -> int:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     return 0
+
+
+def mute_background_failures() -> None:
+    """Keep a failed checkpoint write to the command's one error line, for the rest of the process.
+    When orbax's write fails (a full disk), its threads log the failure through absl with
+    tracebacks, tensorstore's callbacks then reach the event loop orbax has closed (each an
+    unraisable `RuntimeError: Event loop is closed`), and asyncio logs every failed write task
+    when it is collected, at exit: ~200 lines around the error the command prints itself. absl's
+    and asyncio's loggers are muted and that one unraisable error dropped; any other still shows."""
+    import logging
+
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    if getattr(sys.unraisablehook, "drops_closed_loop", False):
+        return
+    previous = sys.unraisablehook
+
+    def unraisable(u) -> None:
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            previous(u)
+
+    unraisable.drops_closed_loop = True
+    sys.unraisablehook = unraisable
 
 
 def _main_thread() -> bool:

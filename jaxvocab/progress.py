@@ -1,4 +1,8 @@
-"""Progress bars on stderr, so long loads and writes show they are alive without polluting stdout."""
+"""Progress bars on stderr, so long loads and writes show they are alive without polluting stdout.
+
+The command-line tools draw them only on a terminal (`terminal_only`): in a log file a bar is a pile
+of `\r` frames around the one `error:` line. Library callers keep them wherever stderr goes,
+notebooks included (whose stderr is no terminal)."""
 
 from __future__ import annotations
 
@@ -6,14 +10,22 @@ import sys
 
 from tqdm.auto import tqdm
 
+_TERMINAL_ONLY = [False]
+
+
+def terminal_only() -> None:
+    """From now on, draw bars only when stderr is a terminal (the CLIs call it first thing)."""
+    _TERMINAL_ONLY[0] = True
+
 
 def progress(total=None, desc="", unit="it", unit_scale=False, disable=False):
+    on_terminal = getattr(sys.stderr, "isatty", lambda: False)()
     return tqdm(
         total=total,
         desc=desc,
         unit=unit,
         unit_scale=unit_scale,
-        disable=disable,
+        disable=disable or (_TERMINAL_ONLY[0] and not on_terminal),
         file=sys.stderr,
         dynamic_ncols=True,
         leave=False,

@@ -54,6 +54,7 @@ def parse_mesh(spec: str | None, devices=None) -> Mesh:
     """
     devices = list(devices if devices is not None else jax.devices())
     sizes = {a: 1 for a in MESH_AXES}
+    given: set[str] = set()
     if spec:
         for part in spec.split(","):
             name, _, value = part.partition("=")
@@ -62,6 +63,9 @@ def parse_mesh(spec: str | None, devices=None) -> Mesh:
                 raise UsageError(
                     f"--mesh {spec!r}: expected e.g. 'data=1,fsdp=2,tensor=4' with axes {', '.join(MESH_AXES)}"
                 )
+            if name in given:
+                raise UsageError(f"--mesh {spec!r}: axis {name!r} given twice; name each axis once")
+            given.add(name)
             sizes[name] = int(value)
     else:
         sizes["fsdp"] = len(devices)
@@ -75,6 +79,11 @@ def parse_mesh(spec: str | None, devices=None) -> Mesh:
         raise UsageError(
             f"--mesh {spec!r}: axis sizes multiply to {math.prod(sizes.values())} but {len(devices)} devices are visible; "
             "make the product equal the device count"
+            + (
+                " (on a CPU host, XLA_FLAGS=--xla_force_host_platform_device_count=N before the command makes N devices)"
+                if devices[0].platform == "cpu"
+                else ""
+            )
         )
     return Mesh(np.array(devices).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
 

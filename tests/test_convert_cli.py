@@ -126,6 +126,26 @@ def test_help(capsys, sub):
         assert all(s in text for s in SUBCOMMANDS)
 
 
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    """The CLIs' log files get no `\\r` frames around the one error line; a terminal still sees the
+    bar, and a library caller (a notebook's stderr is no terminal) keeps it anywhere."""
+    import io
+
+    from jaxvocab import progress as bars
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    monkeypatch.setattr(bars, "_TERMINAL_ONLY", [False])
+    assert not bars.progress(total=3).disable
+    bars.terminal_only()
+    assert bars.progress(total=3).disable
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert not bars.progress(total=3).disable and bars.progress(total=3, disable=True).disable
+
+
 def test_console_script_is_installed(pristine):
     exe = Path(sys.executable).parent / "jaxvocab-convert"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -273,18 +293,38 @@ def test_existing_output_needs_overwrite(tmp_path, pristine, capsys):
         (["--mesh", "fsdp=3"], "--mesh"),
         (["--mesh", "pipeline=8"], "--mesh"),
         (["--mesh", "fsdp=two"], "--mesh"),
+        (["--mesh", "fsdp=8,fsdp=1"], "given twice"),  # not the last value silently
     ],
 )
 def test_bad_mesh_exits_2(tmp_path, pristine, capsys, argv, flag):
     code, _, err = run(capsys, "import", pristine["single"], tmp_path / "ck", *argv)
-    assert code == 2 and err.startswith(f"error: {flag}") and err.count("\n") == 1, err
+    assert code == 2 and err.startswith("error: --mesh") and flag in err and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bad_shard_size_exits_2(tmp_path, pristine, capsys):
-    code, _, err = run(capsys, "export", pristine["single"], tmp_path / "hf", "--max-shard-size", "lots")
-    assert code == 2 and err.startswith("error: --max-shard-size 'lots'"), err  # before any loading
+def test_mesh_larger_than_the_cpu_devices_says_how_to_make_more(tmp_path, pristine, capsys):
+    code, _, err = run(capsys, "import", pristine["single"], tmp_path / "ck", "--mesh", "fsdp=16")
+    assert code == 2 and "--xla_force_host_platform_device_count" in err, err
+
+
+@pytest.mark.parametrize("size", ["lots", "0", "0GB"])
+def test_bad_shard_size_exits_2(tmp_path, pristine, capsys, size):
+    code, _, err = run(capsys, "export", pristine["single"], tmp_path / "hf", "--max-shard-size", size)
+    assert code == 2 and err.startswith(f"error: --max-shard-size '{size}'"), err  # before any loading
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_cache_repo_and_repo_ids_get_a_hint(tmp_path, pristine, capsys, monkeypatch):
+    """The repo dir of a hub cache names its snapshot; a repo id says that only local dirs are read."""
+    repo = tmp_path / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    shutil.copytree(pristine["single"], repo / "snapshots" / "abc123")
+    code, _, err = run(capsys, "inspect", repo)
+    assert code == 1 and f"pass its snapshot {repo / 'snapshots' / 'abc123'}" in err, err
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "inspect", "meta-llama/Llama-3.2-1B")
+    assert code == 1 and "local dirs only" in err and "huggingface-cli download" in err, err
 
 
 def test_bad_flags_are_argparse_errors(tmp_path, pristine, capsys):

@@ -167,6 +167,54 @@ def test_full_disk(src, tmp_path, capsys, mount, cmd):
     assert leftovers(tmp_path / "out") == []
 
 
+def test_orbax_failing_on_a_full_disk_prints_one_line(tmp_path, mount):
+    """A disk that fills while orbax writes the state: its threads log the failure through absl and
+    tensorstore's callbacks hit orbax's closed event loop (~200 lines of tracebacks, in a real
+    process). Import prints one line; training, whose final/ no longer fits, says how to resume."""
+    fs = mount("size=1m")
+    if fs is None:
+        pytest.skip("tmpfs cannot be mounted here")
+    hf, _ = make_hf_checkpoint(tmp_path / "hf", vocab=4096, hidden=128, intermediate=256, heads=4, kv_heads=2)
+    r = _cli("convert", "import", hf, fs / "out")  # 4.5 MB of state into 1 MB
+    assert r.returncode == 1 and "No space left" in _one_line(r.stderr) and list(fs.iterdir()) == []
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"input_ids": {list(range(i, i + 30))}}}\n' for i in range(8)))
+    argv = ["--model", hf, "--data", data, "--out", fs / "run", "--trainable", "ids:5,9", "--steps", "2"]
+    r = _cli("train", *argv, "--seq-len", "16", "--batch-size", "2", "--quiet")  # the rows' checkpoints fit
+    line = _one_line(r.stderr)
+    assert r.returncode == 1 and "No space left" in line and "--resume" in line, r.stderr
+    assert (fs / "run" / "checkpoints").is_dir() and not (fs / "run" / "final").exists()
+
+
+def test_background_failures_stay_quiet(capsys):
+    """The mechanism, where no tmpfs can be mounted: absl's error records and the unraisable
+    'Event loop is closed' are muted while a command runs; the command's own error line remains."""
+    import asyncio
+    import logging
+
+    from jaxvocab.errors import run_command
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+
+    class Callback:  # what a finished tensorstore write does once orbax has closed its loop
+        def __del__(self):
+            loop.call_soon_threadsafe(print)
+
+    def command():
+        logging.getLogger("absl").error("background write failed")
+        Callback()
+        raise CheckpointError("out: cannot write it")
+
+    handler = logging.StreamHandler(sys.stderr)  # made now, so it writes where capsys reads
+    logging.getLogger("absl").addHandler(handler)
+    try:
+        assert run_command(command, "nothing was written") == 1
+    finally:
+        logging.getLogger("absl").removeHandler(handler)
+    assert capsys.readouterr().err == "error: out: cannot write it\n"
+
+
 def test_read_only_filesystem(src, capsys, mount):
     fs = mount("size=1m,ro")
     if fs is None:

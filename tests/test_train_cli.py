@@ -87,6 +87,7 @@ def test_end_to_end(setup, tmp_path, capsys):
         (["--trainable", "tokens:@nope.txt"], 2, "no tokenizer files"),
         (["--seq-len", "4096"], 2, "max_position_embeddings"),
         (["--steps", "0"], 2, "--steps 0"),
+        (["--steps", "3", "--warmup", "3"], 2, "must be below --steps"),  # the lr would never reach --lr
         (["--tables", "embed"], 2, "ties embedding and head"),
         (["--mesh", "fsdp=3"], 2, "--mesh"),
         (["--data", "MISSING"], 1, "no such file"),
@@ -105,6 +106,16 @@ def test_bad_inputs_one_line_errors(setup, tmp_path, capsys, extra, code, match)
     assert got == code, cap.err
     assert cap.err.startswith("error: ") and cap.err.strip().count("\n") == 0 and match in cap.err, cap.err
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_help_teaches(capsys):
+    """What the command does, every default a run depends on, and the examples as they are typed."""
+    code = main(["--help"])
+    text = capsys.readouterr().out
+    assert code == 0 and "Fine-tune only chosen rows" in text and "tokenize" in text.splitlines()[0]
+    for default in ("optimizer steps (default 100)", "(default 8)", "(default 0.001)", "(default 3)", "(default 100;"):
+        assert default in " ".join(text.split()), default
+    assert "--lora-lr 2e-4 \\\n" in text  # a continued example keeps its backslash and line break
 
 
 def test_existing_out_and_flag_conflicts(setup, tmp_path, capsys):

@@ -18,9 +18,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from jaxvocab.errors import CheckpointError, UsageError, brief, run_command
+from jaxvocab.errors import CheckpointError, UsageError, WriteError, brief, run_command
 from jaxvocab.io.atomic import check_output
 from jaxvocab.io.multihost import barrier, is_main
+from jaxvocab.progress import terminal_only
 from train import compile_cache, distributed
 from train.distributed import say
 from train.flags import build_parser, build_tokenize_parser, check_flags
@@ -137,7 +138,11 @@ def cmd_train(args) -> None:
         show_progress=not args.quiet,
     )
     _report_reads(args.out, docs)
-    _write_results(args, trained, plan, ids)
+    try:
+        _write_results(args, trained, plan, ids)
+    except WriteError as e:
+        hint = f"the trained run is kept in {args.out}: free some space, then rerun the same command with --resume"
+        raise WriteError(e.path, e.reason, hint) from None
 
 
 def _load_model(args, mesh):
@@ -260,6 +265,7 @@ def main(argv=None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     compile_cache.enable()
+    terminal_only()
     if tokenize:
         return run_command(lambda: cmd_tokenize(args), "no store was written")
 

@@ -9,6 +9,11 @@ from jaxvocab.errors import UsageError
 from jaxvocab.io.atomic import check_output, check_overlap
 from train import distributed
 
+DESCRIPTION = """Fine-tune only chosen rows of a Llama-3 checkpoint's embedding and lm_head (new tokens,
+untrained rows), optionally with LoRA adapters beside them; optimizer state and gradients are k x d,
+never V x d. Writes checkpoints (resumable), metrics.jsonl and final/ into --out.
+`jaxvocab-train tokenize --help`: tokenize a large corpus once into a store that training reads lazily."""
+
 # --lora-targets' default: every name of jaxvocab.lora.TARGETS, spelled here so `--help` imports no jax.
 ALL_TARGETS = "q,k,v,o,gate,up,down"
 
@@ -19,7 +24,7 @@ EPILOG = """examples:
   jaxvocab-train ... --out run2 --resume          # continue after a crash / preemption
   jaxvocab-train tokenize --model ckpt --data a.jsonl.gz b.parquet --out store --workers 8
   jaxvocab-train --model ckpt --data store --out run3 --distributed   # same command on every host of a pod
-  jaxvocab-train --model ckpt --data chat.jsonl --out run3 --lora-rank 16 --lora-lr 2e-4 \
+  jaxvocab-train --model ckpt --data chat.jsonl --out run3 --lora-rank 16 --lora-lr 2e-4 \\
                  --export-hf run3-merged --export-peft run3-adapter   # LoRA on all 7 projections + the rows
 
 data lines: {"text": "..."} | {"messages": [{"role": "user", "content": "..."}, ...]}
@@ -35,7 +40,8 @@ environment: JAXVOCAB_COMPILE_CACHE=DIR|off  compiled programs are kept in ~/.ca
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jaxvocab-train",
-        description=__doc__.splitlines()[0],
+        usage="%(prog)s [tokenize] --model CKPT --data DATA --out OUT [options]",
+        description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -74,9 +80,11 @@ def _io_args(p: argparse.ArgumentParser) -> None:
         choices=["both", "embed", "head"],
         help="untied models: train embedding rows, head rows or both (default both)",
     )
-    p.add_argument("--seed", type=int, default=0, help="data order seed")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: final only)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--seed", type=int, default=0, help="data order seed (default %(default)s)")
+    p.add_argument(
+        "--save-every", type=int, default=100, help="checkpoint every N steps (default %(default)s; 0: final only)"
+    )
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (always at the end)")
@@ -89,20 +97,31 @@ def _io_args(p: argparse.ArgumentParser) -> None:
 
 
 def _optimizer_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch (default %(default)s)")
     p.add_argument("--seq-len", type=int, help="tokens per packed row (default: 1024, capped by the model)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay (applies to the rows only)")
-    p.add_argument("--clip", type=float, default=1.0, help="global-norm gradient clipping (0: off)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the rows (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps, fewer than --steps (default 0)")
+    p.add_argument(
+        "--schedule", default="cosine", choices=["cosine", "constant"], help="after the warmup (default %(default)s)"
+    )
+    p.add_argument(
+        "--weight-decay", type=float, default=0.0, help="AdamW decay, on the rows only (default %(default)s)"
+    )
+    p.add_argument(
+        "--clip", type=float, default=1.0, help="global-norm gradient clipping (default %(default)s; 0: off)"
+    )
 
 
 def _execution_args(p: argparse.ArgumentParser) -> None:
     """How each step runs: dtype, recompute, attention kernel, mesh."""
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="compute dtype, whatever the checkpoint's (default bfloat16, also on CPU; float32 for f32 math)",
+    )
     p.add_argument(
         "--remat",
         default="auto",
@@ -177,6 +196,10 @@ def check_flags(args) -> None:
     }.items():
         if not (0 <= v < 1e38):
             raise UsageError(f"{flag} {v}: must be a finite number >= 0")
+    if args.warmup >= args.steps:
+        raise UsageError(
+            f"--warmup {args.warmup}: must be below --steps {args.steps}, or the learning rate never reaches --lr"
+        )
     if args.seq_len is not None and args.seq_len < 2:
         raise UsageError(f"--seq-len {args.seq_len}: need at least 2 (one input and one target per row)")
     if args.resume and args.overwrite:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 from jax.sharding import Mesh
@@ -20,7 +21,13 @@ from jaxvocab.model import Llama, check_attention, check_live, check_remat
 def detect(path: Path) -> str:
     """'jaxvocab' | 'hf' | 'meta', or an error saying what the dir lacks."""
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
+        hint = ""
+        if not path.is_absolute() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+            hint = (
+                "; jaxvocab reads local dirs only (nothing from a hub): download it first, e.g. "
+                f"`huggingface-cli download {path} --local-dir DIR`, and pass DIR"
+            )
+        raise CheckpointError(f"{path}: no such file or directory{hint}")
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a checkpoint directory, got a file")
     if checkpoint.is_jaxvocab_dir(path):
@@ -29,7 +36,20 @@ def detect(path: Path) -> str:
         return "meta"
     if (path / "config.json").is_file():
         return "hf"
+    snapshot = _hub_snapshot(path)
+    if snapshot is not None:
+        raise CheckpointError(f"{path}: a hub cache repo, not a checkpoint dir; pass its snapshot {snapshot}")
     raise CheckpointError(f"{path}: not a checkpoint dir (no config.json, params.json or {checkpoint.MARKER})")
+
+
+def _hub_snapshot(path: Path) -> Path | None:
+    """The snapshot a hub cache repo dir (models--org--name/) points at with refs/main, if `path` is one."""
+    try:
+        ref = (path / "refs" / "main").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    snapshot = path / "snapshots" / ref
+    return snapshot if ref and snapshot.is_dir() else None
 
 
 def load(

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jaxvocab.errors import CheckpointError, JaxVocabError, UsageError, fault_point
+from jaxvocab.errors import CheckpointError, JaxVocabError, UsageError, WriteError, fault_point
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
 
@@ -63,13 +63,15 @@ def check_overlap(outputs: dict[str, Path | None], inputs: dict[str, Path | None
     named_in = [(f, Path(p)) for f, p in inputs.items() if p is not None]
     for i, (oflag, out) in enumerate(named_out):
         outs = _variants(out)
-        others = [(f, _input_paths(p), p) for f, p in named_in] + [(f, _variants(p), p) for f, p in named_out[i + 1 :]]
-        for flag, paths, given in others:
+        read = "writing it would destroy what is read: choose an output outside the inputs"
+        written = "two outputs cannot share a dir: choose separate dirs"
+        others = [(f, _input_paths(p), p, read) for f, p in named_in]
+        others += [(f, _variants(p), p, written) for f, p in named_out[i + 1 :]]
+        for flag, paths, given, fix in others:
             if any(_overlaps(o, q) for o in outs for q in paths):
                 raise UsageError(
                     f"{oflag} {out} overlaps {flag} {given} (same dir, inside it or containing it, "
-                    "through links too); writing it would destroy what is read: choose an output "
-                    "outside the inputs"
+                    f"through links too); {fix}"
                 )
 
 
@@ -207,14 +209,14 @@ def _fs_errno(e: BaseException, where: Path) -> int | None:
     return None
 
 
-def write_error(out: Path, e: BaseException) -> CheckpointError | None:
+def write_error(out: Path, e: BaseException) -> WriteError | None:
     """A one-line error for a failed write (full or read-only disk, ...), or None if not a filesystem error.
     Call it before removing the temp dir: a full disk stops looking full once that is gone."""
     code = _fs_errno(e, out.parent if out.parent.exists() else Path("/"))
     if code is None:
         return None
     hint = "free some space or choose another OUT" if code in _NO_SPACE else "check the target filesystem"
-    return CheckpointError(f"{out}: cannot write it ({os.strerror(code)}); nothing was written; {hint}")
+    return WriteError(out, os.strerror(code), hint)
 
 
 @contextlib.contextmanager
@@ -226,6 +228,20 @@ def signals_blocked():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _remove(tmp: Path, settle: int = 5, limit: float = 3.0) -> None:
+    """rmtree, until the dir has stayed gone for `settle` checks 20 ms apart. After a failed orbax
+    write (a full disk) tensorstore can still finish a few small files, re-creating the tree after
+    the first rmtree (seen in ~1 run in 10 once orbax's failure logs were muted and cleanup came sooner)."""
+    deadline, gone = time.monotonic() + limit, 0
+    while gone < settle and time.monotonic() < deadline:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            gone = 0
+        else:
+            gone += 1
+        time.sleep(0.02)
 
 
 @contextlib.contextmanager
@@ -245,7 +261,7 @@ def atomic_dir(out, overwrite: bool = False):
     except BaseException as e:
         err = write_error(out, e) if isinstance(e, Exception) and not isinstance(e, JaxVocabError) else None
         with signals_blocked():
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
         if err is not None:
             raise err from None
         raise

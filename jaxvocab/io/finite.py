@@ -117,8 +117,9 @@ def check_finite(model, where) -> None:
         bad = np.nonzero(~np.asarray(ok[name]))[0]
         if bad.size:
             unit = "layer" if k.layered else ("row" if len(keys.param_shape(k, model.config)) == 2 else "index")
+            units = unit if bad.size == 1 else {"index": "indices"}.get(unit, unit + "s")
             raise CheckpointError(
-                f"{where}: {name} holds NaN or Inf ({bad.size} {unit}(s), first {unit} "
+                f"{where}: {name} holds NaN or Inf ({bad.size} {units}, first {unit} "
                 f"{int(bad[0])}); the checkpoint is corrupt: re-create or re-download it, or "
                 "pass --allow-nonfinite (allow_nonfinite=True) to load it anyway"
             )

@@ -197,8 +197,13 @@ def parse_size(text: str | int) -> int:
       >>> parse_size("2GiB")
       2147483648
     """
-    if isinstance(text, int):
-        return text
+    size = text if isinstance(text, int) else _size_bytes(text)
+    if size <= 0:
+        raise UsageError(f"--max-shard-size {text!r}: must be positive, e.g. 5GB")
+    return size
+
+
+def _size_bytes(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
     if not m:
         raise UsageError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
