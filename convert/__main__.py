@@ -220,11 +220,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from jaxvocab.errors import run_command
-    from jaxvocab.progress import terminal_only
     from train import compile_cache
 
     compile_cache.enable()
-    terminal_only()
 
     if not hasattr(args, "distributed"):
         return run_command(lambda: args.run(args), "no output was written")

@@ -125,9 +125,13 @@ def _terminate(signum, frame):
 def run_command(command, interrupted: str) -> int:
     """Run a CLI command: one `error: ...` line and exit 2 for bad flags, 1 for bad files, 130 on
     Ctrl-C and 143 on SIGTERM (with `interrupted` saying what the user still has); 0 on success.
-    An OSError that escaped (a full or read-only disk outside an output dir) is one line too."""
+    An OSError that escaped (a full or read-only disk outside an output dir) is one line too, and
+    progress bars are drawn only on a terminal, so a log file holds that line alone."""
+    from jaxvocab.progress import terminal_only
+
     old = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     mute_background_failures()
+    terminal_only()
     try:
         command()
     except UsageError as e:

@@ -10,12 +10,13 @@ import sys
 
 from tqdm.auto import tqdm
 
-_TERMINAL_ONLY = [False]
+_terminal_only = False
 
 
 def terminal_only() -> None:
-    """From now on, draw bars only when stderr is a terminal (the CLIs call it first thing)."""
-    _TERMINAL_ONLY[0] = True
+    """From now on, draw bars only when stderr is a terminal (`errors.run_command` calls it)."""
+    global _terminal_only
+    _terminal_only = True
 
 
 def progress(total=None, desc="", unit="it", unit_scale=False, disable=False):
@@ -25,7 +26,7 @@ def progress(total=None, desc="", unit="it", unit_scale=False, disable=False):
         desc=desc,
         unit=unit,
         unit_scale=unit_scale,
-        disable=disable or (_TERMINAL_ONLY[0] and not on_terminal),
+        disable=disable or (_terminal_only and not on_terminal),
         file=sys.stderr,
         dynamic_ncols=True,
         leave=False,

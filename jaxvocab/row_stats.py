@@ -149,11 +149,12 @@ def tables(model) -> list:
 
 
 def model_mesh(model) -> Mesh:
-    """The mesh the model's tables live on (one device when they carry no named sharding)."""
+    """The mesh the model's tables live on."""
     return array_mesh(model.embed.get_value())
 
 
 def array_mesh(value) -> Mesh:
+    """The mesh `value` is placed on (one device when it carries no named sharding)."""
     sharding = getattr(value, "sharding", None)
     return sharding.mesh if isinstance(sharding, NamedSharding) else single_device_mesh()
 

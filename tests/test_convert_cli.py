@@ -132,15 +132,16 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
     import io
 
     from jaxvocab import progress as bars
+    from jaxvocab.errors import run_command
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    monkeypatch.setattr(bars, "_TERMINAL_ONLY", [False])
+    monkeypatch.setattr(bars, "_terminal_only", False)
     assert not bars.progress(total=3).disable
-    bars.terminal_only()
+    assert run_command(lambda: None, "") == 0  # every CLI command runs through it
     assert bars.progress(total=3).disable
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert not bars.progress(total=3).disable and bars.progress(total=3, disable=True).disable

@@ -21,7 +21,6 @@ from pathlib import Path
 from jaxvocab.errors import CheckpointError, UsageError, WriteError, brief, run_command
 from jaxvocab.io.atomic import check_output
 from jaxvocab.io.multihost import barrier, is_main
-from jaxvocab.progress import terminal_only
 from train import compile_cache, distributed
 from train.distributed import say
 from train.flags import build_parser, build_tokenize_parser, check_flags
@@ -265,7 +264,6 @@ def main(argv=None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     compile_cache.enable()
-    terminal_only()
     if tokenize:
         return run_command(lambda: cmd_tokenize(args), "no store was written")
 

@@ -108,7 +108,8 @@ class Fill(Protocol):
 
     def table_read(self, model: Llama, path: tuple[str, ...], whole: np.ndarray | None) -> None:
         """Called as each table is read (the tables are read first, an untied head before the
-        embedding, so work started here runs while the rest loads); `whole` is its one host buffer (one device, or replicated), else None."""
+        embedding, so work started here runs while the rest loads); `whole` is its one host buffer
+        (one device, or replicated), else None."""
 
     def rows(self, model: Llama) -> dict:
         """Called once everything is read: {table path: (sorted ids, [k, D] rows)} to write."""
