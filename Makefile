@@ -8,10 +8,12 @@ STAMP := $(VENV)/.installed
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --no-cache-dir --upgrade pip
 
+# --no-cache-dir: the install is ~2.2 GB; a pip cache would hold its downloads a second time (a CI run
+# once failed with "No space left on device" during this step).
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e ".[test,plot]"
+	$(BIN)/pip install -q --no-cache-dir -e ".[test,plot]"
 	touch $(STAMP)
 
 demo: $(STAMP)
