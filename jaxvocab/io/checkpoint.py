@@ -105,6 +105,16 @@ def _check_format(path: Path, marker) -> None:
     )
 
 
+def _root_cause(e: BaseException) -> str:
+    """The innermost cause's first line: orbax wraps tensorstore's error (which names the tensor and
+    what is wrong with its bytes) in a generic "Encountered error while reading array index" whose
+    text is mostly a repr of the TensorStore spec."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    line = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {line[:200]}{' ...' if len(line) > 200 else ''}"
+
+
 def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None, choices: dict | None = None) -> Llama:
     """The model of jaxvocab checkpoint `path`, built with the construction `choices` and restored
     onto `mesh` (its tokenizer and plan: `load_tokenizer(path)`, `load_plan(path)`)."""
@@ -124,8 +134,7 @@ def read_jaxvocab(path: Path, *, dtype=None, mesh: Mesh | None = None, choices: 
         raise
     except Exception as e:  # orbax / tensorstore raise many types for a damaged state dir
         raise CheckpointError(
-            f"{state}: cannot be read ({type(e).__name__}: {brief(str(e).splitlines()[0] if str(e) else '')}); "
-            "the checkpoint is corrupt, re-create it"
+            f"{state}: cannot be read ({_root_cause(e)}); the checkpoint is corrupt, re-create it"
         ) from None
     model = nnx.eval_shape(lambda: Llama(config.replace(dtype=dtype.name), param_dtype=dtype, **(choices or {})))
     for k in keys.keys_for(config):
