@@ -2,13 +2,12 @@
 
 
 def cli() -> None:
-    """The `jaxvocab-convert` console script: restart with huge pages (train/hugepages.py) before the
-    heavy imports, then run."""
-    import sys
+    """The `jaxvocab-convert` console script (train/console.py: huge pages, then main)."""
+    from train.console import run
 
-    from train.hugepages import restart_with_huge_pages
+    def load_main():
+        from convert.__main__ import main
 
-    restart_with_huge_pages()
-    from convert.__main__ import main
+        return main
 
-    sys.exit(main())
+    run(load_main)

@@ -118,8 +118,34 @@ def read_json(
         raise error(f"{path}: not readable JSON ({type(e).__name__}); {fix}") from None
 
 
-def _terminate(signum, frame):
-    raise Terminated()
+_caught: list[KeyboardInterrupt] = []  # the signals a running command received (see raise_if_interrupted)
+
+
+def _on_signal(signum, frame):
+    e = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    _caught.append(e)
+    raise e
+
+
+def raise_if_interrupted() -> None:
+    """Raise again a Ctrl-C / SIGTERM that Python swallowed. A signal's exception is raised in
+    whatever Python code runs at that moment; inside a garbage-collection callback (jaxlib has one)
+    or a `__del__`, Python can only report it as unraisable and goes on, and an interrupted import
+    ran to the end and exited 0. Called before an output is published and after each training step."""
+    if _caught:
+        raise type(_caught[-1])()
+
+
+def exit_process(code: int):
+    """sys.exit(code), except after Ctrl-C / SIGTERM (130 / 143): XLA may still be compiling or
+    running in its own threads, and interpreter teardown under them crashed (exit 139) in most
+    interrupts during a first, compiling training step. By then the command has published or removed
+    everything it writes (checkpoints are written synchronously), so the process ends without teardown."""
+    if code in (130, 143):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def run_command(command, interrupted: str) -> int:
@@ -129,11 +155,13 @@ def run_command(command, interrupted: str) -> int:
     progress bars are drawn only on a terminal, so a log file holds that line alone."""
     from jaxvocab.progress import terminal_only
 
-    old = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = [signal.signal(s, _on_signal) for s in sigs] if _main_thread() else None
+    _caught.clear()
     mute_background_failures()
     terminal_only()
     try:
-        command()
+        command()  # a signal swallowed after the last output was published: the work is done, exit 0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -149,7 +177,8 @@ def run_command(command, interrupted: str) -> int:
         return 1
     finally:
         if old is not None:
-            signal.signal(signal.SIGTERM, old)
+            for s, handler in zip(sigs, old, strict=True):
+                signal.signal(s, handler)
     return 0
 
 
@@ -160,7 +189,8 @@ def mute_background_failures() -> None:
     unraisable `RuntimeError: Event loop is closed`), and at exit asyncio logs every failed write
     task and Python warns of each write coroutine never awaited: ~200 lines around the error the
     command prints itself. absl's and asyncio's loggers are muted, that unraisable error and that
-    warning dropped (jaxvocab runs no coroutine of its own); anything else still shows."""
+    warning dropped (jaxvocab runs no coroutine of its own), and so is a Ctrl-C that Python could only
+    report as unraisable (`raise_if_interrupted` raises it again); anything else still shows."""
     import logging
     import warnings
 
@@ -172,7 +202,9 @@ def mute_background_failures() -> None:
     previous = sys.unraisablehook
 
     def unraisable(u) -> None:
-        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+        closed_loop = isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+        swallowed_signal = isinstance(u.exc_value, KeyboardInterrupt) and _caught  # raised again later
+        if not (closed_loop or swallowed_signal):
             previous(u)
 
     unraisable.drops_closed_loop = True

@@ -222,6 +222,72 @@ def test_background_failures_stay_quiet(capsys):
     assert capsys.readouterr().err == "error: out: cannot write it\n" and warned == []
 
 
+def test_an_interrupt_python_swallowed_still_stops_the_command(tmp_path, capsys):
+    """Ctrl-C raised inside a finaliser (jaxlib's garbage-collection callback, in the report) is only
+    'unraisable' to Python, which goes on: the command must still stop before publishing its output."""
+    from jaxvocab.errors import run_command
+
+    class Finaliser:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+            sum(range(1000))  # the handler runs in here: its KeyboardInterrupt cannot leave __del__
+
+    def command():
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "weights").write_text("x")
+            Finaliser()
+
+    assert run_command(command, "no output was written") == 130
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path / "out") == []
+    assert capsys.readouterr().err.splitlines()[-1] == "error: interrupted; no output was written"
+
+
+EXIT_WHILE_COMPILING = """
+import sys, threading, time
+import jax, jax.numpy as jnp
+from jaxvocab.errors import exit_process
+
+def f(x):
+    for i in range(200):
+        x = jnp.sin(x @ x) + i
+    return x
+
+threading.Thread(target=lambda: jax.jit(f).lower(jnp.ones((64, 64))).compile(), daemon=True).start()
+time.sleep(0.3)  # XLA is compiling (seconds) in that thread
+exit_process(int(sys.argv[1]))
+"""
+
+
+def test_interrupted_exit_while_xla_compiles_does_not_crash():
+    """Interpreter teardown while XLA compiles in another thread crashes (139 / 134): what Ctrl-C during
+    a first training step did after its error line. 130 / 143 end the process without teardown."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    run = [sys.executable, "-c", EXIT_WHILE_COMPILING]
+    for code in (130, 143):
+        r = subprocess.run([*run, str(code)], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == code, r.stderr[-500:]
+
+
+SIGNAL_WHILE_IMPORTING = """
+import signal, sys
+from train.console import run
+
+def load_main():
+    signal.raise_signal(getattr(signal, sys.argv[1]))  # as if Ctrl-C came while jax imports
+    import jax  # noqa: F401
+    return lambda: 0
+
+run(load_main)
+"""
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_signal_while_the_console_script_imports_is_one_line(sig, code, word):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS="", JAXVOCAB_HUGE_PAGES="0")
+    r = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_IMPORTING, sig], env=env, capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (code, f"error: {word}; nothing was done\n")
+
+
 def test_read_only_filesystem(src, capsys, mount):
     fs = mount("size=1m,ro")
     if fs is None:

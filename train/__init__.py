@@ -7,13 +7,12 @@ report.py  metrics.jsonl, loss.png, progress bar
 
 
 def cli() -> None:
-    """The `jaxvocab-train` console script: restart with huge pages (train/hugepages.py) before the
-    heavy imports, then run."""
-    import sys
+    """The `jaxvocab-train` console script (train/console.py: huge pages, then main)."""
+    from train.console import run
 
-    from train.hugepages import restart_with_huge_pages
+    def load_main():
+        from train.__main__ import main
 
-    restart_with_huge_pages()
-    from train.__main__ import main
+        return main
 
-    sys.exit(main())
+    run(load_main)

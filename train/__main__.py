@@ -275,4 +275,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jaxvocab.errors import exit_process
+
+    exit_process(main())

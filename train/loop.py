@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxvocab.errors import CheckpointError, TrainError, brief, fault_point
+from jaxvocab.errors import CheckpointError, TrainError, brief, fault_point, raise_if_interrupted
 from jaxvocab.rows import Frozen, RowsModel
 from jaxvocab.sharding import RULES, axis_size
 from train import report
@@ -361,6 +361,7 @@ def run(
             for step in range(start + 1, cfg.steps + 1):
                 batch = packer.next(rows)
                 m = jax.device_get(trainer.step(batch, cfg.batch_size))
+                raise_if_interrupted()
                 now = time.perf_counter()
                 _check_finite(m, step, cfg, ckpts, out)
                 rec = _step_record(step, m, trainer, packer, now - t_prev, warn=main)

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jaxvocab.errors import CheckpointError, JaxVocabError, UsageError, WriteError, fault_point
+from jaxvocab.errors import CheckpointError, JaxVocabError, UsageError, WriteError, fault_point, raise_if_interrupted
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
 
@@ -255,6 +255,7 @@ def atomic_dir(out, overwrite: bool = False):
         raise write_error(out, e) from None
     try:
         yield tmp
+        raise_if_interrupted()
         fault_point("atomic:rename")
         with signals_blocked():
             _publish(tmp, out, overwrite)
