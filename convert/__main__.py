@@ -11,7 +11,6 @@ if __name__ == "__main__":  # `python -m convert`: as the console script, before
     restart_with_huge_pages()
 
 import argparse
-import sys
 from pathlib import Path
 
 from convert import vocab_cli
@@ -204,7 +203,13 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """Thin alias of `make demo` (examples/demo.py), kept so the subcommand users know still works."""
+    """Thin alias of `make demo` (examples/demo.py), kept so the subcommand users know still works.
+    examples/ is no installed package; an editable install finds it beside this package's dir."""
+    import sys
+
+    checkout = str(Path(__file__).resolve().parents[1])
+    if (Path(checkout) / "examples" / "demo.py").is_file() and checkout not in sys.path:
+        sys.path.append(checkout)
     try:
         from examples.demo import run_demo
     except ModuleNotFoundError as e:
@@ -235,4 +240,6 @@ def _start_and_run(args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jaxvocab.errors import exit_process
+
+    exit_process(main())

@@ -26,8 +26,8 @@ def add_import_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--add-tokens",
         metavar="T1,T2|@FILE",
-        help="new tokens, comma-separated or @file (every non-blank line is a token, '#' lines too; "
-        "optional token=description)",
+        help="new tokens, comma-separated or @file (UTF-8, one per line; every non-blank line is a token, "
+        "'#' lines too; in a file, token=description gives --init subword its words)",
     )
     g.add_argument(
         "--init",
@@ -90,10 +90,23 @@ def add_inspect_args(p: argparse.ArgumentParser) -> None:
 _FLAG = re.compile(r"(.*?\S)\s+\[(special|plain)\]")
 
 
+_ANY_FLAG = re.compile(r".*?\S\s+\[(\w+)\]")
+
+
 def split_flag(token: str) -> tuple[str, bool | None]:
     """'<think> [plain]' -> ('<think>', False); a token without the suffix -> (token, None)."""
     m = _FLAG.fullmatch(token)
-    return (m.group(1), m.group(2) == "special") if m else (token, None)
+    if m:
+        return m.group(1), m.group(2) == "special"
+    typo = _ANY_FLAG.fullmatch(token)
+    if typo:
+        from jaxvocab.errors import UsageError
+
+        raise UsageError(
+            f"--add-tokens: {token!r} ends in [{typo.group(1)}], not a flag; write [special] or [plain], "
+            "or drop the space if the brackets are part of the token"
+        )
+    return token, None
 
 
 def parse_token_flags(spec: str) -> tuple[dict[str, str | None], dict[str, bool]]:
@@ -126,7 +139,7 @@ def parse_tokens(spec: str) -> dict[str, str | None]:
     if spec.startswith("@"):
         path = Path(spec[1:])
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM (Notepad) is no part of a token
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(
                 f"--add-tokens {spec}: cannot read {path} ({e}); give a UTF-8 file, one token per line"
@@ -136,8 +149,12 @@ def parse_tokens(spec: str) -> dict[str, str | None]:
             line = line.strip()  # like the inline list: surrounding spaces are never part of a token
             if not line:
                 continue
-            token, sep, desc = line.partition("=") if line.find("=") > 0 else (line, "", "")
-            token = token.strip()
+            token, sep, desc = _split_description(line)
+            if line.startswith("# "):
+                warnings.warn(
+                    f"--add-tokens {spec}:{n}: {brief(line)} is added as a token (the file has no comments)",
+                    stacklevel=2,
+                )
             if token in out:
                 raise UsageError(f"--add-tokens {spec}:{n}: {brief(token)} is listed twice; list each token once")
             if sep and not desc.strip():
@@ -155,6 +172,16 @@ def parse_tokens(spec: str) -> dict[str, str | None]:
     return dict.fromkeys(tokens)
 
 
+def _split_description(line: str) -> tuple[str, str, str]:
+    """'token=description' -> (token, '=', description). The '=' is the first one after a leading
+    `<|...|>` (so '<|x=y|>' stays one token); one that starts the line is part of the token."""
+    start = line.find("|>") + 2 if line.startswith("<|") and "|>" in line else 0
+    eq = line.find("=", start)
+    if eq <= 0:
+        return line, "", ""
+    return line[:eq].strip(), "=", line[eq + 1 :]
+
+
 @contextlib.contextmanager
 def _warnings_as_lines():
     """Library warnings as one `warning: ...` line each on stderr, like our errors."""
@@ -163,7 +190,7 @@ def _warnings_as_lines():
         print(f"warning: {message}", file=sys.stderr)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", UserWarning)  # jaxvocab's own; not ResourceWarnings of an interrupted read
         warnings.showwarning = show
         yield
 
@@ -177,7 +204,7 @@ def check_import_flags(args) -> bool:
     if args.pad_to_multiple_of is not None and args.pad_to_multiple_of < 1:
         raise UsageError(f"--pad-to-multiple-of {args.pad_to_multiple_of}: give a positive integer")
     if args.add_tokens is not None:
-        parse_token_flags(args.add_tokens)
+        _quietly(parse_token_flags, args.add_tokens)
     if not (args.add_tokens or args.fix_untrained or args.pad_to_multiple_of):
         given = [
             f
@@ -205,9 +232,9 @@ def plan_for_import(args, mesh):
 
     if not check_import_flags(args):
         return None
-    tokens, flags = parse_token_flags(args.add_tokens) if args.add_tokens is not None else ({}, {})
     abstract = _abstract_model(Path(args.src))
     with _warnings_as_lines():
+        tokens, flags = parse_token_flags(args.add_tokens) if args.add_tokens is not None else ({}, {})
         tok = _tokenizer(args.src, args.llama_version)
         plan = jaxvocab.plan_vocab(
             tok,
@@ -271,7 +298,14 @@ def check_inspect_flags(args) -> None:
     if args.add_tokens is not None and not args.add_tokens.strip():
         raise UsageError("--add-tokens '': no tokens given; list tokens (T1,T2) or @FILE, or drop the flag")
     if args.add_tokens is not None:
-        parse_tokens(args.add_tokens)
+        _quietly(parse_tokens, args.add_tokens)
+
+
+def _quietly(check, *args):
+    """A flag check before the real parse, which reports the warnings (once)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check(*args)
 
 
 def inspect_report(args) -> str | None:
@@ -284,7 +318,8 @@ def inspect_report(args) -> str | None:
     from jaxvocab import diagnostics
     from jaxvocab.vocab import describe_untrained
 
-    tokens, flags = parse_token_flags(args.add_tokens) if args.add_tokens else (None, {})
+    with _warnings_as_lines():
+        tokens, flags = parse_token_flags(args.add_tokens) if args.add_tokens else (None, {})
     probe_text = None
     if args.probe:
         try:

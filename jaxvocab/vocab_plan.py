@@ -120,7 +120,12 @@ class VocabPlan:
             if t.special and t.action != "existing":
                 note += ", special"
             if t.description:
-                note += f", subword init from {t.description!r}"
+                used = self.init == "subword"
+                note += (
+                    f", subword init from {t.description!r}"
+                    if used
+                    else f", described {t.description!r} (init subword uses it)"
+                )
             rows.append((json.dumps(t.token, ensure_ascii=False)[1:-1], str(t.id), t.action, note))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         out = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]

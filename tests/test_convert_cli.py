@@ -350,3 +350,23 @@ def test_interrupt_leaves_nothing(tmp_path, pristine, capsys, monkeypatch):
     code, _, err = run(capsys, "import", pristine["single"], tmp_path / "ck")
     assert code == 130 and "no output was written" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_alias_from_the_installed_console_script(tmp_path):
+    """`jaxvocab-convert demo` run as the console script of an editable install (as `make` installs
+    it), from another dir: examples/ is found beside the checkout's packages. The run stops at once
+    on an OUT that is a file, after the demo module was imported."""
+    script = Path(sys.executable).parent / "jaxvocab-convert"
+    if not script.exists():
+        pytest.skip("no console script beside this interpreter (not the project's venv)")
+    (tmp_path / "out").write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"JAXVOCAB_HUGE_PAGES": "0"}
+    r = subprocess.run(
+        [str(script), "demo", "--out", str(tmp_path / "out")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "is a file, not a directory" in r.stderr, r.stderr

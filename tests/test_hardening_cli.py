@@ -227,6 +227,22 @@ def test_tokens_file_entries_are_stripped_like_the_inline_list(tmp_path):
     assert list(parse_tokens(" <a> ,<b>, <c>")) == list(parse_tokens(f"@{f}"))
 
 
+def test_tokens_file_as_editors_write_it(tmp_path):
+    """A BOM (Notepad's UTF-8) is no part of the first token; '=' inside a <|...|> token is not its
+    description's separator; a '# ' line is a token, with a warning; a typo in a [flag] is refused."""
+    from convert.vocab_cli import parse_token_flags, parse_tokens
+    from jaxvocab.errors import UsageError
+
+    f = tmp_path / "t.txt"
+    f.write_bytes("\ufeff<|lang_aa|>\n<|x=y|>\n<|z|>=a z = word\n=\n# my tokens\n".encode())
+    count("flags")
+    with pytest.warns(UserWarning, match=r"t.txt:5: '# my tokens' is added as a token"):
+        got = parse_tokens(f"@{f}")
+    assert got == {"<|lang_aa|>": None, "<|x=y|>": None, "<|z|>": "a z = word", "=": None, "# my tokens": None}
+    with pytest.raises(UsageError, match=r"\[spcial\], not a flag; write \[special\] or \[plain\]"):
+        parse_token_flags("foo [spcial],bar")
+
+
 @pytest.mark.parametrize(
     "flag, value",
     [

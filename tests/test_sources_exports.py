@@ -3,6 +3,7 @@ export carries (allow-listed files only, special flags, generation config, chat 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -371,3 +372,6 @@ def test_special_flag_syntax_and_defaults(llama3_tokenizer_dir):
     assert flagged(True) == set(tokens) and flagged(False) == set()
     with pytest.raises(UsageError):
         parse_token_flags("<x> [plain],<x>")
+    described = jaxvocab.plan_vocab(tok, {"<|q|>": "a q word"})
+    assert "described 'a q word' (init subword uses it)" in described.summary()  # no init claimed before it runs
+    assert "subword init from 'a q word'" in dataclasses.replace(described, init="subword").summary()
