@@ -131,9 +131,9 @@ def _finetune_lora(stage: Stage, ckpt: Path, data: Path, tmp: Path, tok, plan, a
 
     stage("fine-tuning LoRA adapters (all 7 projections) + the new rows, merged export reloaded in transformers")
     lora_run, lora_hf = tmp / "run-lora", tmp / "hf-lora"
-    lora_flags = ["--lora-rank", "8", "--lora-lr", "5e-3", "--steps", "60", "--eval-every", "20"]
+    lora_flags = ["--lora-rank", "8", "--lora-lr", "5e-3"]
     exports = ["--export-hf", str(lora_hf), "--export-peft", str(tmp / "peft-adapter")]
-    _train(ckpt, data, lora_run, [*lora_flags, *exports], attention=attention)
+    _train(ckpt, data, lora_run, [*lora_flags, *exports], attention=attention, steps=60, eval_every=20)
     _summarise(lora_run / "metrics.jsonl")
     _compare_transformers(jaxvocab.load(lora_run / "final"), lora_hf, tok, plan)
 
@@ -168,7 +168,15 @@ def _mass(model, probe, ids) -> float:
     return float(p[..., ids].sum(-1).mean())
 
 
-def _train(ckpt: Path, data: Path, run: Path, extra: tuple[str, ...] = (), attention: str = "auto") -> None:
+def _train(
+    ckpt: Path,
+    data: Path,
+    run: Path,
+    extra: tuple[str, ...] = (),
+    attention: str = "auto",
+    steps: int = 120,
+    eval_every: int = 30,
+) -> None:
     from jaxvocab.errors import JaxVocabError
     from train.__main__ import main as train_main
 
@@ -182,7 +190,7 @@ def _train(ckpt: Path, data: Path, run: Path, extra: tuple[str, ...] = (), atten
         "--out",
         str(run),
         "--steps",
-        "120",
+        str(steps),
         "--batch-size",
         "8",
         "--seq-len",
@@ -196,7 +204,7 @@ def _train(ckpt: Path, data: Path, run: Path, extra: tuple[str, ...] = (), atten
         "--save-every",
         "60",
         "--eval-every",
-        "30",
+        str(eval_every),
         "--attention",
         attention,
         *extra,

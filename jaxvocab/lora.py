@@ -99,6 +99,10 @@ def init(layers: dict[str, jax.Array], spec: LoraSpec, key: jax.Array) -> nnx.Di
     for i, name in enumerate(spec.targets):
         w = layers[name]
         L, o, n = w.shape
+        if spec.rank > min(o, n):  # rank min(o, n) already spans every update of this weight
+            raise UsageError(
+                f"--lora-rank {spec.rank}: larger than {name}'s smaller side ({o} x {n}); pass a rank <= {min(o, n)}"
+            )
         bound = 1.0 / math.sqrt(n)  # kaiming_uniform_(a=sqrt(5)) on [r, in]: gain*sqrt(3/in) = 1/sqrt(in)
         a = jax.random.uniform(jax.random.fold_in(key, i), (L, spec.rank, n), jnp.float32, -bound, bound)
         out[a_key(name)] = _param(a, w, (LAYER_AXES[name][0], None, LAYER_AXES[name][2]))

@@ -326,6 +326,8 @@ def test_hub_cache_repo_and_repo_ids_get_a_hint(tmp_path, pristine, capsys, monk
     monkeypatch.chdir(tmp_path)
     code, _, err = run(capsys, "inspect", "meta-llama/Llama-3.2-1B")
     assert code == 1 and "local dirs only" in err and "huggingface-cli download" in err, err
+    code, _, err = run(capsys, "inspect", "../nope")  # a relative path, no repo id
+    assert code == 1 and "no such file or directory" in err and "huggingface" not in err, err
 
 
 def test_bad_flags_are_argparse_errors(tmp_path, pristine, capsys):

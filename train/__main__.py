@@ -212,7 +212,9 @@ def _write_results(args, trained, plan, ids) -> None:
     final = rows.merge(trained, args.export_dtype)
     files = CarriedFiles.of(args.model)
     jaxvocab.save_checkpoint(final, args.out / "final", tokenizer=files, plan=plan, overwrite=True)
-    what = f"{len(ids)} rows" + (f" + rank-{args.lora_rank} adapters" if args.lora_rank else "")
+    what = f"{len(ids)} row{'' if len(ids) == 1 else 's'}" + (
+        f" + rank-{args.lora_rank} adapters" if args.lora_rank else ""
+    )
     say(f"trained {what} for {args.steps} steps; wrote {args.out / 'final'}")
     if args.export_hf is not None:
         jaxvocab.save_hf(
@@ -271,7 +273,10 @@ def main(argv=None) -> int:
         distributed.start(args)
         cmd_train(args)
 
-    return distributed.run_job(command, f"rerun with --resume to continue from the last checkpoint in {args.out}")
+    return distributed.run_job(
+        command,
+        f"rerun with --resume to continue {args.out} (from its last checkpoint; from the start if none was saved)",
+    )
 
 
 if __name__ == "__main__":

@@ -70,9 +70,17 @@ def resolve_trainable(spec: str, model, tok, plan=None) -> list[int]:
                     f"--trainable {spec!r}: expected new, untrained, new+untrained, ids:1,2,3 or tokens:@file.txt"
                 )
     if not ids:
+        listed = spec.startswith(("ids:", "tokens:"))
         raise UsageError(
-            f"--trainable {spec}: no trainable ids (nothing new/untrained in this checkpoint?); "
-            "pass --trainable ids:... explicitly"
+            f"--trainable {spec}: "
+            + ("lists no ids; give at least one" if listed else "nothing new or untrained in this checkpoint; ")
+            + ("" if listed else "pass --trainable ids:... or tokens:@file.txt")
+        )
+    outside = sorted(i for i in ids if not 0 <= i < model.config.vocab_size)
+    if outside:
+        raise UsageError(
+            f"--trainable {spec}: id {outside[0]} is outside the model's {model.config.vocab_size} rows; "
+            "expand the vocabulary first (jaxvocab-convert import --add-tokens)"
         )
     return sorted(ids)
 

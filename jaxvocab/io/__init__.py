@@ -22,7 +22,7 @@ def detect(path: Path) -> str:
     """'jaxvocab' | 'hf' | 'meta', or an error saying what the dir lacks."""
     if not path.exists():
         hint = ""
-        if not path.is_absolute() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        if not str(path).startswith(".") and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):  # a repo id?
             hint = (
                 "; jaxvocab reads local dirs only (nothing from a hub): download it first, e.g. "
                 f"`huggingface-cli download {path} --local-dir DIR`, and pass DIR"
