@@ -93,7 +93,7 @@ batch = tr.put(Batch(z, z + 1, z, np.ones((1, 1, {T}), np.float32)))
 )
 
 _ROWS_MEM = """
-lowered = tr._step.lower(tr.graphdef, tr.cfg, tr.params, tr.opt_state, tr.frozen, batch, jnp.int32(0))
+lowered = tr.lower(batch)
 bench_extra = {"temp": lowered.compile().memory_analysis().temp_size_in_bytes}
 """
 

@@ -63,6 +63,33 @@ def test_schedule_warmup_cosine_and_constant():
     assert [float(const(s)) for s in (0, 5, 9)] == pytest.approx([1e-2] * 3)
 
 
+def test_rates_and_seed_are_step_arguments_not_compiled_in(ckpt, mesh1):
+    """Another --lr, --lora-lr, --warmup, --steps, --schedule or --seed lowers to the same program (the
+    compile cache then serves it), and the rate given is the rate applied: 0 moves nothing, 2x moves
+    each row twice as far (AdamW's first step is rate x g / (|g| + eps))."""
+    model = _model(ckpt)
+    base = loop.TrainConfig(steps=3, batch_size=2, seq_len=64, lr=1e-2, schedule="constant")
+    batch = Packer(_docs(), 64, 2).next()
+
+    def trainer(**changes):
+        return loop.Trainer(row_split.split(model, IDS), dataclasses.replace(base, **changes), mesh1)
+
+    hlo = trainer().lower(trainer().put(batch)).as_text()
+    other = dict(lr=3e-4, lora_lr=1e-3, warmup=1, steps=50, schedule="cosine", seed=7)
+    assert trainer(**other).lower(trainer().put(batch)).as_text() == hlo
+
+    def moved(lr):
+        t = trainer(lr=lr)
+        before = _host(t.params)
+        t.step(batch)
+        return [b - a for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(_host(t.params)), strict=True)]
+
+    assert all(not d.any() for d in moved(0.0))
+    for one, two in zip(moved(1e-2), moved(2e-2), strict=True):
+        assert np.abs(one).max() > 1e-3
+        np.testing.assert_allclose(two, 2 * one, rtol=1e-4, atol=1e-7)
+
+
 def test_step_trains_only_rows_with_kxd_state(ckpt, mesh1):
     model = _model(ckpt)
     before = _host(nnx.to_pure_dict(nnx.state(model, nnx.Param)))

@@ -67,20 +67,37 @@ def schedule(cfg: TrainConfig, peak: float | None = None) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, cfg.warmup), main], [cfg.warmup])
 
 
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What the compiled step is built from. The learning rates and the seed are its arguments, so a
+    run with another --lr, --lora-lr, --warmup, --steps or --seed reuses the compiled step and the
+    compile cache instead of compiling a new one (minutes at 8B)."""
+
+    clip: float
+    weight_decay: float
+    remat: str | None
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> StepConfig:
+        return cls(cfg.clip, cfg.weight_decay, cfg.remat)
+
+
+def _group(key: str) -> str:
+    return "lora" if key == "lora" else "rows"
+
+
 def param_labels(params: dict) -> dict:
     """'lora' for the adapters (the params' "lora" subtree), 'rows' for the embedding/head rows."""
-    return {k: jax.tree.map(lambda _, k=k: "lora" if k == "lora" else "rows", v) for k, v in params.items()}
+    return {k: jax.tree.map(lambda _, k=k: _group(k), v) for k, v in params.items()}
 
 
-def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """One AdamW over rows and adapters, each group at its own learning rate; clipping by their joint norm."""
-    adamw = optax.multi_transform(
-        {
-            "rows": optax.adamw(schedule(cfg), weight_decay=cfg.weight_decay),
-            "lora": optax.adamw(schedule(cfg, cfg.lora_lr), weight_decay=cfg.weight_decay),
-        },
-        param_labels,
-    )
+def optimizer(cfg: StepConfig) -> optax.GradientTransformation:
+    """AdamW over rows and adapters at a unit learning rate (train_step scales each group's update by
+    its own rate, an argument); clipping by their joint norm. The unit rate is a schedule, so the state
+    keeps its schedule count and run dirs of earlier versions still resume."""
+    unit = lambda count: 1.0  # noqa: E731
+    groups = {g: optax.adamw(unit, weight_decay=cfg.weight_decay) for g in ("rows", "lora")}
+    adamw = optax.multi_transform(groups, param_labels)
     return optax.chain(optax.clip_by_global_norm(cfg.clip), adamw) if cfg.clip > 0 else adamw
 
 
@@ -100,19 +117,25 @@ def batch_grads(graphdef, params, frozen, batch: Batch, dropout_key=None, remat=
     return total, count, grads
 
 
+def _scaled(updates, rate):
+    """AdamW's unit-rate update times the group's rate: bit for bit what a rate inside optax gives."""
+    return jax.tree.map(lambda u: u * rate.astype(u.dtype), updates)
+
+
 def _all_finite(*trees) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]))
 
 
-def train_step(graphdef, cfg: TrainConfig, params, opt_state, frozen, batch: Batch, step):
-    """One optimizer step; a step whose loss, gradients or new rows are not finite changes nothing
-    (`finite` says so, and the host stops or skips)."""
+def train_step(graphdef, cfg: StepConfig, params, opt_state, frozen, batch: Batch, step, rates: dict, seed_key):
+    """One optimizer step at learning `rates` ({"rows", "lora"}: the schedules at `step`); a step whose
+    loss, gradients or new rows are not finite changes nothing (`finite` says so, and the host stops or skips)."""
     # Adapter dropout draws from (seed, step, micro-batch): a resumed run replays the same masks.
-    key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    key = jax.random.fold_in(seed_key, step)
     total, count, grads = batch_grads(graphdef, params, frozen, batch, key, cfg.remat)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, new_opt_state = optimizer(cfg).update(grads, opt_state, params)
+    updates = {k: _scaled(v, rates[_group(k)]) for k, v in updates.items()}
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(total) & _all_finite(grads, new_params)
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
@@ -143,17 +166,20 @@ class Trainer:
             k: jax.tree.map(lambda a, k=k: a.sharding if k == "lora" else replicated, v) for k, v in params.items()
         }
         self.params = jax.device_put(jax.tree.map(jnp.copy, params), shardings)
-        opt_state = jax.jit(optimizer(cfg).init)(self.params)  # moments follow their params' shardings
+        self.step_cfg = StepConfig.of(cfg)
+        opt_state = jax.jit(optimizer(self.step_cfg).init)(self.params)  # moments follow their params' shardings
         opt_shardings = jax.tree.map(
             lambda a: a.sharding if isinstance(a.sharding, NamedSharding) else replicated, opt_state
         )
         self.opt_state = jax.device_put(opt_state, opt_shardings)
-        self.lr = schedule(cfg)
+        self.lr, self.lora_lr = schedule(cfg), schedule(cfg, cfg.lora_lr)
+        self.seed_key = jax.random.key(cfg.seed)  # uncommitted, like the step number: every process passes its own
         is_new = jnp.zeros(rm.config.vocab_size, bool).at[rm.ids[...]].set(True)
         self.is_new = jax.device_put(is_new, replicated)
         # Pinned output shardings: left to the compiler, the rows come back sharded, the second step
         # compiles a differently partitioned program, and a resumed run would not be bit-identical.
-        # graphdef and cfg are static: Trainers of the same model and config share one compilation.
+        # graphdef and the StepConfig are static: Trainers of the same model share one compilation
+        # whatever their learning rates, schedule lengths and seeds.
         self._step = jax.jit(
             train_step,
             static_argnums=(0, 1),
@@ -184,18 +210,23 @@ class Trainer:
         sharding = self.batch_sharding(B)
         return Batch(*(jax.make_array_from_process_local_data(sharding, a, (a.shape[0], B, a.shape[2])) for a in batch))
 
+    def _args(self, batch: Batch) -> tuple:
+        """The step's arguments. The rates follow the step number (the one metrics.jsonl logs), skipped
+        steps included, so a resumed run takes them from its restored step alone."""
+        s = self.steps_done
+        rates = {"rows": np.float32(self.lr(s)), "lora": np.float32(self.lora_lr(s))}
+        args = (self.params, self.opt_state, self.frozen, batch, jnp.int32(s), rates, self.seed_key)
+        return (self.graphdef, self.step_cfg, *args)
+
     def step(self, batch: Batch, global_rows: int | None = None) -> dict:
-        self.params, self.opt_state, metrics = self._step(
-            self.graphdef,
-            self.cfg,
-            self.params,
-            self.opt_state,
-            self.frozen,
-            self.put(batch, global_rows),
-            jnp.int32(self.steps_done),
-        )
+        self.params, self.opt_state, metrics = self._step(*self._args(self.put(batch, global_rows)))
         self.steps_done += 1
         return metrics
+
+    def lower(self, batch: Batch):
+        """The step as `jax.jit(...).lower` gives it, for `batch` (placed with `put`): its compiled
+        memory, its HLO (which no learning rate, schedule length or seed changes)."""
+        return self._step.lower(*self._args(batch))
 
     def evaluate(self, batches: list[Batch], prefix: str = "eval_", global_rows: int | None = None) -> dict:
         """Loss, and loss / argmax accuracy on the targets that are trained ids (what rows training is

@@ -76,7 +76,7 @@ def resolve_trainable(spec: str, model, tok, plan=None) -> list[int]:
             + ("lists no ids; give at least one" if listed else "nothing new or untrained in this checkpoint; ")
             + ("" if listed else "pass --trainable ids:... or tokens:@file.txt")
         )
-    outside = sorted(i for i in ids if not 0 <= i < model.config.vocab_size)
+    outside = [] if model is None else sorted(i for i in ids if not 0 <= i < model.config.vocab_size)
     if outside:
         raise UsageError(
             f"--trainable {spec}: id {outside[0]} is outside the model's {model.config.vocab_size} rows; "
