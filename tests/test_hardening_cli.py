@@ -311,10 +311,6 @@ def test_damaged_checkpoint_export(world, capsys, tmp_path, damage):
     )
 
 
-# A failed read leaves orbax's other read coroutines to be finalised later; one raises from its own
-# `except` then, which Python can only report as unraisable (pytest turns it into a warning). The
-# command's output is checked by `attempt`: one error line.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @cases(25)
 @given(data=st.data())
 def test_state_files_truncated_or_corrupted(world, capsys, data, tmp_path_factory):
