@@ -66,7 +66,7 @@ class RowsModel(Decoder):
             raise UsageError(
                 f"--tables {tables}: the model ties embedding and head, so one set of rows serves both; drop --tables"
             )
-        ids = _check_ids(ids, config.vocab_size, allow_empty=lora is not None)
+        ids = check_ids(ids, config.vocab_size, allow_empty=lora is not None)
         self.config = config
         self.compute_dtype = model.compute_dtype
         self.remat = model.remat if remat is None else check_remat(remat)
@@ -201,7 +201,8 @@ def new_ids(plan) -> list[int]:
     return [] if plan is None else sorted({t.id for t in plan.tokens if t.action != "existing"})
 
 
-def _check_ids(ids, vocab_size: int, allow_empty: bool = False) -> np.ndarray:
+def check_ids(ids, vocab_size: int, allow_empty: bool = False) -> np.ndarray:
+    """Sorted unique int32 ids, each a row of a vocab_size table (the CLI's --trainable check too)."""
     arr = np.unique(np.asarray(list(ids), dtype=np.int64))
     if arr.size == 0 and not allow_empty:
         raise UsageError("no trainable ids: pass at least one id (e.g. --trainable ids:128256)")

@@ -83,7 +83,7 @@ def test_end_to_end(setup, tmp_path, capsys):
         (["--trainable", "new"], 2, "no vocab_plan.json"),
         (["--trainable", "ids:"], 2, "--trainable ids:: lists no ids"),
         (["--trainable", "ids:5,x"], 2, "integers"),
-        (["--trainable", "ids:999"], 2, "--trainable ids:999: id 999 is outside the model's"),
+        (["--trainable", "ids:999"], 2, "--trainable ids:999: trainable id 999 is outside the model's vocabulary"),
         (["--lora-rank", "100000"], 2, "--lora-rank 100000: larger than"),
         (["--trainable", "tokens:@nope.txt"], 2, "no tokenizer files"),
         (["--seq-len", "4096"], 2, "max_position_embeddings"),

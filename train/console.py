@@ -36,6 +36,7 @@ def run(load_main: Callable[[], Callable[[], int]]) -> None:
 
 
 def _stop(code: int, what: str) -> None:
+    """errors.exit_process's ending, without importing jaxvocab: the signal may have come before it was."""
     print(f"error: {what}; nothing was done", file=sys.stderr)
     sys.stderr.flush()
     os._exit(code)  # a half-imported jax cannot be trusted to tear down

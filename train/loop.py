@@ -210,23 +210,24 @@ class Trainer:
         sharding = self.batch_sharding(B)
         return Batch(*(jax.make_array_from_process_local_data(sharding, a, (a.shape[0], B, a.shape[2])) for a in batch))
 
-    def _args(self, batch: Batch) -> tuple:
+    def _args(self, batch: Batch, step: int) -> tuple:
         """The step's arguments. The rates follow the step number (the one metrics.jsonl logs), skipped
         steps included, so a resumed run takes them from its restored step alone."""
-        s = self.steps_done
-        rates = {"rows": np.float32(self.lr(s)), "lora": np.float32(self.lora_lr(s))}
-        args = (self.params, self.opt_state, self.frozen, batch, jnp.int32(s), rates, self.seed_key)
+        rates = {"rows": np.float32(self.lr(step)), "lora": np.float32(self.lora_lr(step))}
+        args = (self.params, self.opt_state, self.frozen, batch, jnp.int32(step), rates, self.seed_key)
         return (self.graphdef, self.step_cfg, *args)
 
     def step(self, batch: Batch, global_rows: int | None = None) -> dict:
-        self.params, self.opt_state, metrics = self._step(*self._args(self.put(batch, global_rows)))
+        """One update; the metrics it returns carry the rows' learning rate it ran at ("lr")."""
+        args = self._args(self.put(batch, global_rows), self.steps_done)
+        self.params, self.opt_state, metrics = self._step(*args)
         self.steps_done += 1
-        return metrics
+        return {**metrics, "lr": args[7]["rows"]}
 
     def lower(self, batch: Batch):
         """The step as `jax.jit(...).lower` gives it, for `batch` (placed with `put`): its compiled
         memory, its HLO (which no learning rate, schedule length or seed changes)."""
-        return self._step.lower(*self._args(batch))
+        return self._step.lower(*self._args(batch, self.steps_done))
 
     def evaluate(self, batches: list[Batch], prefix: str = "eval_", global_rows: int | None = None) -> dict:
         """Loss, and loss / argmax accuracy on the targets that are trained ids (what rows training is
@@ -341,12 +342,12 @@ def _due(step: int, steps: int, every: int | None) -> bool:
     return step == steps or bool(every and step % every == 0)
 
 
-def _step_record(step: int, m: dict, trainer: Trainer, packer: Packer, seconds: float, *, warn: bool) -> dict:
+def _step_record(step: int, m: dict, packer: Packer, seconds: float, *, warn: bool) -> dict:
     """One metrics.jsonl line; a skipped step is marked there (and on stderr) so a flat loss curve is explained."""
     rec = {
         "step": step,
         "loss": float(m["loss"]),
-        "lr": float(trainer.lr(step - 1)),
+        "lr": float(m["lr"]),
         "grad_norm": float(m["grad_norm"]),
         "tokens": packer.last_tokens,
         "targets": int(m["targets"]),
@@ -395,7 +396,7 @@ def run(
                 raise_if_interrupted()
                 now = time.perf_counter()
                 _check_finite(m, step, cfg, ckpts, out)
-                rec = _step_record(step, m, trainer, packer, now - t_prev, warn=main)
+                rec = _step_record(step, m, packer, now - t_prev, warn=main)
                 if evals and _due(step, cfg.steps, cfg.eval_every):
                     rec.update(trainer.evaluate(evals))
                     rec.update(trainer.evaluate([batch], prefix="train_", global_rows=cfg.batch_size))

@@ -40,7 +40,7 @@ def resolve_trainable(spec: str, model, tok, plan=None) -> list[int]:
     Example:
       >>> resolve_trainable("new+untrained", model, tok, jaxvocab.load_plan(ckpt))
     """
-    from jaxvocab.rows import new_ids
+    from jaxvocab.rows import check_ids, new_ids
 
     if spec == "none":
         return []
@@ -69,20 +69,20 @@ def resolve_trainable(spec: str, model, tok, plan=None) -> list[int]:
                 raise UsageError(
                     f"--trainable {spec!r}: expected new, untrained, new+untrained, ids:1,2,3 or tokens:@file.txt"
                 )
+    if not ids and spec.startswith(("ids:", "tokens:")):
+        raise UsageError(f"--trainable {spec}: lists no ids; give at least one")
     if not ids:
-        listed = spec.startswith(("ids:", "tokens:"))
         raise UsageError(
-            f"--trainable {spec}: "
-            + ("lists no ids; give at least one" if listed else "nothing new or untrained in this checkpoint; ")
-            + ("" if listed else "pass --trainable ids:... or tokens:@file.txt")
+            f"--trainable {spec}: nothing new or untrained in this checkpoint; pass --trainable ids:... or tokens:@file.txt"
         )
-    outside = [] if model is None else sorted(i for i in ids if not 0 <= i < model.config.vocab_size)
-    if outside:
+    if model is None:
+        return sorted(ids)
+    try:
+        return check_ids(ids, model.config.vocab_size).tolist()
+    except UsageError as e:
         raise UsageError(
-            f"--trainable {spec}: id {outside[0]} is outside the model's {model.config.vocab_size} rows; "
-            "expand the vocabulary first (jaxvocab-convert import --add-tokens)"
-        )
-    return sorted(ids)
+            f"--trainable {spec}: {e}; expand the vocabulary first (jaxvocab-convert import --add-tokens)"
+        ) from None
 
 
 def _token_file_ids(spec: str, tok) -> list[int]:
