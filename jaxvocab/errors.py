@@ -6,6 +6,7 @@ Every message names the offending file or flag and says what to do about it.
 import contextlib
 import json
 import os
+import re
 import reprlib
 import signal
 import sys
@@ -94,7 +95,11 @@ def malformed(what: str, fix: str):
 
 
 def read_json(
-    path, error: type[JaxVocabError] = CheckpointError, fix: str = "fix or re-download it", missing: str | None = None
+    path,
+    error: type[JaxVocabError] = CheckpointError,
+    fix: str = "fix or re-download it",
+    missing: str | None = None,
+    member: str | None = None,
 ):
     """The one JSON file reader: any way a file can fail to be JSON is one `error` line naming it.
 
@@ -103,19 +108,51 @@ def read_json(
       error: the JaxVocabError subclass to raise (ConfigError for configs, CheckpointError for files beside weights).
       fix: what the user should do, appended to every message.
       missing: the message's tail when the file does not exist (default: `fix`).
+      member: decode only this member of the top-level object (None when absent): the members
+        before it are decoded, the rest of the file is not checked.
 
     Returns:
-      The parsed JSON value.
+      The parsed JSON value (or the member's).
     """
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
+            text = f.read().decode("utf-8")
+        return json.loads(text) if member is None else _member(text, member)
     except FileNotFoundError:
         raise error(f"{path}: not found; {missing or fix}") from None
     except json.JSONDecodeError as e:
         raise error(f"{path}: invalid JSON ({e.msg} at line {e.lineno}); {fix}") from None
     except (OSError, UnicodeDecodeError, RecursionError) as e:
         raise error(f"{path}: not readable JSON ({type(e).__name__}); {fix}") from None
+
+
+_BLANK = re.compile(r"[ \t\n\r]*")
+
+
+def _member(text: str, key: str):
+    """One member of the top-level object, decoded up to it and no further."""
+    decoder, i = json.JSONDecoder(), _BLANK.match(text).end()
+    if text[i : i + 1] != "{":
+        raise json.JSONDecodeError("Expecting an object", text, i)
+    i = _BLANK.match(text, i + 1).end()
+    while text[i : i + 1] != "}":
+        if text[i : i + 1] != '"':
+            raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, i)
+        name, i = decoder.raw_decode(text, i)
+        i = _BLANK.match(text, i).end()
+        if text[i : i + 1] != ":":
+            raise json.JSONDecodeError("Expecting ':' delimiter", text, i)
+        value, i = decoder.raw_decode(text, _BLANK.match(text, i + 1).end())
+        if name == key:
+            return value
+        i = _BLANK.match(text, i).end()
+        if text[i : i + 1] == ",":
+            i = _BLANK.match(text, i + 1).end()
+            if text[i : i + 1] == "}":
+                raise json.JSONDecodeError("Illegal trailing comma before end of object", text, i)
+        elif text[i : i + 1] != "}":
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
+    return None
 
 
 _caught: list[KeyboardInterrupt] = []  # the signals a running command received (see raise_if_interrupted)

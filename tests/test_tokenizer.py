@@ -5,9 +5,11 @@ import os
 import shutil
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from examples.llama3_tokenizer import package_tokenizer_dir
-from jaxvocab.errors import CheckpointError, VocabError
+from jaxvocab.errors import CheckpointError, VocabError, read_json
 from jaxvocab.io.tokenizer_files import write_tokenizer_files
 from jaxvocab.io.tokenizer_read import load_tokenizer
 from jaxvocab.tokenizer import LLAMA3_SPECIALS, LLAMA31_SPECIALS, LLAMA32_VISION_SPECIALS
@@ -30,6 +32,11 @@ except ImportError:
     )
 
 TOK_DIR = str(package_tokenizer_dir())
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+    max_leaves=8,
+)
 
 CORPUS = [
     "Hello, world! This is a simple sentence.",
@@ -310,6 +317,42 @@ def test_write_tokenizer_files_gpt2_style(tmp_path):
     assert edited.decode([n + 1]) == "<tag>"
     with pytest.raises(VocabError):
         write_tokenizer_files(src, tmp_path / "o2", {}, appended, set(), vocab_size=n + 1)
+
+
+def test_tiktoken_load_decodes_only_added_tokens_of_tokenizer_json(tmp_path):
+    """Beside tokenizer.model only tokenizer.json's added_tokens are read (the 9 MB model section is
+    not decoded): the special tokens are those of a full parse, and a damaged model section goes
+    unnoticed there while a damaged added_tokens list is one error naming the file."""
+    full = load_tokenizer(TOK_DIR)
+    tj = json.loads(open(os.path.join(TOK_DIR, "tokenizer.json"), encoding="utf-8").read())
+    assert list(tj)[:4] == ["version", "truncation", "padding", "added_tokens"]  # as HF writes it
+    assert read_json(os.path.join(TOK_DIR, "tokenizer.json"), member="added_tokens") == tj["added_tokens"]
+    shutil.copy(os.path.join(TOK_DIR, "tokenizer.model"), tmp_path / "tokenizer.model")
+    text = json.dumps({k: tj[k] for k in ("version", "truncation", "padding", "added_tokens")}, indent=2)
+    (tmp_path / "tokenizer.json").write_text(text[:-2] + ', "model": {"vocab": {"a": ')  # cut mid-model
+    assert load_tokenizer(tmp_path).special_tokens == full.special_tokens
+    (tmp_path / "tokenizer.json").write_text(text[: text.index('"added_tokens"') + 40])
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: invalid JSON"):
+        load_tokenizer(tmp_path)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(st.text(max_size=4), JSON_VALUES, max_size=5),
+    st.text(max_size=4),
+    st.sampled_from([None, 0, 2]),
+)
+def test_read_json_member_matches_a_full_parse(tmp_path_factory, obj, key, indent):
+    path = tmp_path_factory.mktemp("j") / "f.json"
+    path.write_text(json.dumps(obj, indent=indent, ensure_ascii=False), encoding="utf-8")
+    assert read_json(path, member=key) == obj.get(key)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1]", '{"a": 1,}', '{"a" 1}', '{"a": 1 "b": 2}', "", '{"a": '])
+def test_read_json_member_refuses_what_json_refuses(tmp_path, text):
+    (tmp_path / "f.json").write_text(text)
+    with pytest.raises(CheckpointError, match=r"f.json: invalid JSON"):
+        read_json(tmp_path / "f.json", member="b")
 
 
 def test_load_errors(tmp_path):

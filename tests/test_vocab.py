@@ -261,6 +261,18 @@ def test_find_untrained_tiny_zero_and_duplicate_rows(tok31, mesh24):
     assert find_untrained(tied) == [3, 4, 5]
 
 
+def test_duplicate_head_rows_are_compared_whole_past_the_fingerprinted_columns(mesh24):
+    """Fingerprints see only a row's first 256 columns: rows equal there but not after are candidates
+    that the full comparison clears; exact copies are found."""
+    v, d = 256, 512
+    rng = np.random.default_rng(2)
+    embed, head = (rng.normal(0, 0.02, (v, d)).astype(np.float32) for _ in range(2))
+    head[[20, 21]] = head[10]  # exact copies
+    head[30, :256] = head[40, :256]  # equal in the fingerprinted columns only
+    model = sharded_model(tiny_config(v, hidden=d), mesh24, embed=embed, head=head)
+    assert find_untrained(model) == [10, 20, 21]
+
+
 def test_untrained_padding_rows_reported_separately(gpt2_dir, mesh24):
     tok = jaxvocab.load_tokenizer(gpt2_dir)
     v = tok.n_words + 3

@@ -7,7 +7,7 @@ a tokenizer.json is only used for text encoding when its BPE and pre-tokenizer a
 
 from __future__ import annotations
 
-import base64
+import binascii
 import logging
 import os
 
@@ -27,7 +27,9 @@ def _added_from_files(d: str, tj: dict | None = None) -> tuple[dict[int, str], d
     cfg = {}
     tc = os.path.join(d, "tokenizer_config.json")
     if tj is None and os.path.isfile(os.path.join(d, "tokenizer.json")):
-        tj = read_json(os.path.join(d, "tokenizer.json"))
+        # Only this member: HF writes it before the 128k-entry model, so a few kB are decoded, not
+        # 9 MB (0.12 s of an import that plans new tokens).
+        tj = {"added_tokens": read_json(os.path.join(d, "tokenizer.json"), member="added_tokens")}
     if tj is not None:
         for e in tj.get("added_tokens") or []:
             try:
@@ -87,13 +89,14 @@ def _parse_tiktoken(path: str) -> dict[bytes, int]:
             data = f.read()
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e}); check the path") from e
+    decode = binascii.a2b_base64  # base64.b64decode(validate=True) without its wrapper: 40% of the parse
     for n, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue
         try:
             tok, rank = line.split()
-            ranks[base64.b64decode(tok, validate=True)] = int(rank)
-        except (ValueError, base64.binascii.Error) as e:
+            ranks[decode(tok, strict_mode=True)] = int(rank)
+        except (ValueError, binascii.Error) as e:
             raise CheckpointError(
                 f"{path}:{n}: not a tiktoken 'base64 rank' line (SentencePiece model?); "
                 "use a Llama-3 tokenizer.model or a tokenizer.json"
