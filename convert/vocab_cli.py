@@ -221,6 +221,9 @@ def check_import_flags(args) -> bool:
     return True
 
 
+PLAN_ROWS_SHOWN = 40  # import's table; the checkpoint's vocab_plan.json has every token
+
+
 def plan_for_import(args, mesh):
     """The plan of `import`'s vocabulary flags, made before any weight is read (config.json and the
     tokenizer are enough), so the loader reads the checkpoint straight into the final-size tables.
@@ -264,7 +267,7 @@ def load_for_import(args, planned, options: dict):
         model, tok, plan = load_expanded(
             args.src, tok, plan, init=args.init or "mean", fix_untrained=args.fix_untrained, **options
         )
-    print(plan.summary())
+    print(plan.summary(limit=PLAN_ROWS_SHOWN))
     if plan.untrained_fixed:
         shown = describe_untrained(plan.untrained_fixed, tok, limit=5)
         print(f"fixed untrained rows: {', '.join(shown)}{' ...' if len(plan.untrained_fixed) > 5 else ''}")

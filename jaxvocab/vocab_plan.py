@@ -107,10 +107,10 @@ class VocabPlan:
             return False
         return all(have.get(t) == i for i, t in new.items())
 
-    def summary(self) -> str:
-        """The plan as the CLI prints it."""
+    def summary(self, limit: int | None = None) -> str:
+        """The plan as the CLI prints it: a row per token (the first `limit`, when given), then totals."""
         rows = [("token", "id", "action", "note")]
-        for t in self.tokens:
+        for t in self.tokens[:limit]:
             note = {
                 "existing": "already one token: no new row",
                 "reserved": f"renames {t.replaces}",
@@ -129,6 +129,8 @@ class VocabPlan:
             rows.append((json.dumps(t.token, ensure_ascii=False)[1:-1], str(t.id), t.action, note))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         out = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]
+        if len(self.tokens) > len(rows) - 1:
+            out.append(f"... {len(self.tokens) - len(rows) + 1} more token(s), every one listed in vocab_plan.json")
         counts = {a: sum(t.action == a for t in self.tokens) for a in ACTIONS}
         out.append(
             f"{len(self.tokens)} token(s): {counts['existing']} existing, {counts['reserved']} in reserved "

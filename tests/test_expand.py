@@ -319,8 +319,12 @@ def test_export_real_tokenizer_reserved_and_appended(text_tok_dir, mesh24, tmp_p
 
 
 # --------------------------------------------------------------------------------------- CLI
-def test_cli_import_add_tokens_then_export(gpt2_ckpt, tmp_path, capsys):
+def test_cli_import_add_tokens_then_export(gpt2_ckpt, tmp_path, capsys, monkeypatch):
     from transformers import AutoTokenizer
+
+    from convert import vocab_cli
+
+    monkeypatch.setattr(vocab_cli, "PLAN_ROWS_SHOWN", 2)  # the plan's table stops after 2 rows
 
     path, _ = gpt2_ckpt
     n = jaxvocab.load_tokenizer(path).n_words
@@ -343,6 +347,7 @@ def test_cli_import_add_tokens_then_export(gpt2_ckpt, tmp_path, capsys):
     assert rc == 0
     shown = capsys.readouterr().out
     assert "<tool>" in shown and "appended" in shown and "rows 313 -> 384" in shown
+    assert "... 1 more token(s), every one listed in vocab_plan.json" in shown and "hello" not in shown
     plan = VocabPlan.from_json((ck / "vocab_plan.json").read_text())
     assert plan.appended == {n: "<tool>", n + 1: "<think>"} and plan.special_ids == {n, n + 1}
     assert plan.untrained_fixed == list(ZERO_ROWS) and plan.tokens[0].description == "a tool call"

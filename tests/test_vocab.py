@@ -238,6 +238,9 @@ def test_plan_json_round_trip(tok31):
     assert again.tokens[0].description == "a letter"
     text = plan.summary()
     assert "<|reserved_special_token_0|>" in text and "existing" in text and "128256 -> 128256" in text
+    short = plan.summary(limit=1).splitlines()  # the CLI's import shows the first 40 of many tokens
+    assert short[1].startswith("<a>") and "<b>" not in "".join(short)
+    assert short[2] == "... 2 more token(s), every one listed in vocab_plan.json" and short[3:] == text.splitlines()[4:]
     with pytest.raises(VocabError, match="vocab_plan.json"):
         VocabPlan.from_json('{"tokens": [], "old_rows": 1}')
     with pytest.raises(VocabError, match="vocab_plan.json"):
