@@ -79,10 +79,13 @@ def test_lora_train_and_both_exports(setup, tmp_path, capsys):
     base = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     via_peft = _torch_logits(peft.PeftModel.from_pretrained(base, ad).eval(), ids)
     assert np.max(np.abs(merged - via_peft)) < 1e-4
-    # the adapter dir seeds a new run: --lora-init reads back exactly what --export-peft wrote
-    flags = [*LORA, "--lora-init", ad, "--steps", 1, "--seq-len", 64, "--dtype", "float32", "--quiet"]
+    # the adapter dir seeds a new run: --lora-init reads back exactly what --export-peft wrote, and
+    # its r, alpha and targets stand for the flags not passed
+    flags = ["--lora-init", ad, "--lora-lr", "1e-2", "--steps", 1, "--seq-len", 64, "--dtype", "float32", "--quiet"]
     code, cap = _run(capsys, *train_argv(ckpt, data, tmp_path / "again", *flags, trainable="none"))
     assert code == 0, cap.err
+    run = json.loads((tmp_path / "again" / "run.json").read_text())
+    assert (run["lora_rank"], run["lora_alpha"], run["lora_targets"]) == (4, 8.0, "wq,wo,w_up"), run
     again = jaxvocab.load(tmp_path / "again" / "final", show_progress=False)
     assert np.array_equal(_host(before.embed[...]), _host(again.embed[...]))  # adapters only: rows untouched
 

@@ -151,7 +151,11 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
     g.add_argument("--lora-lr", type=float, help="adapters' peak learning rate (default: --lr)")
-    g.add_argument("--lora-init", type=Path, help="start the adapters from a PEFT LoRA dir (same r, alpha, targets)")
+    g.add_argument(
+        "--lora-init",
+        type=Path,
+        help="start the adapters from a PEFT LoRA dir (enables LoRA; its r, alpha and targets unless given)",
+    )
     g.add_argument("--export-peft", type=Path, help="also write the adapters + rows as a PEFT adapter dir here")
 
 
@@ -229,6 +233,8 @@ def check_flags(args) -> None:
 
 def check_lora_flags(args) -> None:
     """The LoRA flags, checked (and --lora-alpha / --lora-lr defaulted) before anything loads."""
+    if args.lora_init is not None:
+        _adapter_defaults(args)
     lora_only = {
         "--lora-alpha": args.lora_alpha,
         "--lora-lr": args.lora_lr,
@@ -254,3 +260,18 @@ def check_lora_flags(args) -> None:
     args.lora_alpha = float(2 * args.lora_rank if args.lora_alpha is None else args.lora_alpha)
     args.lora_targets = ",".join(parse_targets(args.lora_targets))
     args.lora_spec = LoraSpec(args.lora_rank, args.lora_alpha, tuple(args.lora_targets.split(",")), args.lora_dropout)
+
+
+def _adapter_defaults(args) -> None:
+    """--lora-init's adapter_config.json gives --lora-rank, --lora-alpha and --lora-targets where they
+    are not passed: continuing from an adapter needs no copying of its numbers (passed ones must match)."""
+    from jaxvocab.io.peft import read_peft_config
+
+    cfg = read_peft_config(args.lora_init)
+    if args.lora_rank is None:
+        args.lora_rank = cfg["r"]
+    if args.lora_alpha is None and isinstance(cfg.get("lora_alpha"), int | float):
+        args.lora_alpha = float(cfg["lora_alpha"])
+    modules = cfg.get("target_modules")
+    if args.lora_targets == ALL_TARGETS and isinstance(modules, list) and modules:
+        args.lora_targets = ",".join(map(str, modules))

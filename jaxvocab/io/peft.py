@@ -95,6 +95,20 @@ def save_peft(rm, out_dir, *, overwrite: bool = False) -> Path:
 
 def read_peft(path) -> tuple[dict, dict[str, np.ndarray]]:
     """(adapter_config, tensors) of a PEFT LoRA dir, checked: one-line CheckpointError naming the file."""
+    cfg = read_peft_config(path)
+    weights = Path(path) / WEIGHTS
+    infos, _ = read_header(weights)
+    tensors = {name: read_slice(info) for name, info in infos.items()}
+    for name, arr in tensors.items():
+        if ".lora_A." in name and arr.shape[0] != cfg["r"] or ".lora_B." in name and arr.shape[-1] != cfg["r"]:
+            raise CheckpointError(f"{weights}: {name} has shape {arr.shape}, which does not match r={cfg['r']}")
+        if not np.all(np.isfinite(arr)):
+            raise CheckpointError(f"{weights}: {name} holds NaN or infinite values")
+    return cfg, tensors
+
+
+def read_peft_config(path) -> dict:
+    """A PEFT LoRA dir's adapter_config.json, checked (the dir must hold the weights file too)."""
     path = Path(path)
     cfg_file, weights = path / CONFIG, path / WEIGHTS
     if not cfg_file.is_file() or not weights.is_file():
@@ -110,14 +124,7 @@ def read_peft(path) -> tuple[dict, dict[str, np.ndarray]]:
         or cfg["r"] <= 0
     ):
         raise CheckpointError(f"{cfg_file}: not a LoRA adapter config (needs peft_type LORA and a positive r)")
-    infos, _ = read_header(weights)
-    tensors = {name: read_slice(info) for name, info in infos.items()}
-    for name, arr in tensors.items():
-        if ".lora_A." in name and arr.shape[0] != cfg["r"] or ".lora_B." in name and arr.shape[-1] != cfg["r"]:
-            raise CheckpointError(f"{weights}: {name} has shape {arr.shape}, which does not match r={cfg['r']}")
-        if not np.all(np.isfinite(arr)):
-            raise CheckpointError(f"{weights}: {name} holds NaN or infinite values")
-    return cfg, tensors
+    return cfg
 
 
 def load_adapters(rm, path) -> None:
