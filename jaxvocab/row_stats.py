@@ -108,7 +108,8 @@ def _stats_fn(rows: int, fingerprints: tuple[bool, ...], mesh: Mesh):
             sums = _block_sums(cut, jnp.ones(rows, bool), mesh)
             fp = None
             if fingerprint:
-                cols = whole[:, : probe.shape[0]]
+                # behind a barrier: a column slice beside the row max made XLA hold the table as f32 (2 GB at 8B)
+                cols = jax.lax.optimization_barrier(whole)[:, : probe.shape[0]]
                 fp = jnp.einsum("vd,dk->vk", cols, probe.astype(table.dtype), preferred_element_type=jnp.float32)
                 fp = fp[:rows]
             out.append((rowmax, sums, fp))

@@ -6,6 +6,7 @@ import re
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -15,7 +16,7 @@ from jaxvocab.config import LlamaConfig
 from jaxvocab.errors import UsageError, VocabError
 from jaxvocab.io import keys
 from jaxvocab.model import Llama
-from jaxvocab.sharding import sharding_for
+from jaxvocab.sharding import sharding_for, single_device_mesh
 from jaxvocab.vocab import VocabPlan, describe_untrained, find_untrained, plan_vocab
 from tests._tok_util import build_gpt2_style
 
@@ -274,6 +275,19 @@ def test_duplicate_head_rows_are_compared_whole_past_the_fingerprinted_columns(m
     head[30, :256] = head[40, :256]  # equal in the fingerprinted columns only
     model = sharded_model(tiny_config(v, hidden=d), mesh24, embed=embed, head=head)
     assert find_untrained(model) == [10, 20, 21]
+
+
+def test_table_statistics_hold_no_copy_of_a_table():
+    """The one pass over the tables (row max, block sums, head fingerprints) compiles to working
+    memory well below a table: a column slice for the fingerprints once made XLA hold an f32 copy of
+    the head (2.25x its bytes; 2 GB at 8B shapes)."""
+    from jaxvocab.row_stats import _stats_fn
+
+    v, d = 8192, 2048
+    table = jax.ShapeDtypeStruct((v, d), jnp.bfloat16)
+    probe = jax.ShapeDtypeStruct((256, 2), jnp.float32)
+    compiled = _stats_fn(v, (False, True), single_device_mesh()).lower([table, table], probe).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 0.5 * v * d * 2
 
 
 def test_untrained_padding_rows_reported_separately(gpt2_dir, mesh24):
