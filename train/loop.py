@@ -210,24 +210,27 @@ class Trainer:
         sharding = self.batch_sharding(B)
         return Batch(*(jax.make_array_from_process_local_data(sharding, a, (a.shape[0], B, a.shape[2])) for a in batch))
 
-    def _args(self, batch: Batch, step: int) -> tuple:
-        """The step's arguments. The rates follow the step number (the one metrics.jsonl logs), skipped
-        steps included, so a resumed run takes them from its restored step alone."""
-        rates = {"rows": np.float32(self.lr(step)), "lora": np.float32(self.lora_lr(step))}
-        args = (self.params, self.opt_state, self.frozen, batch, jnp.int32(step), rates, self.seed_key)
+    def _rates(self) -> dict:
+        """The groups' learning rates for the next step. They follow the step number (the one
+        metrics.jsonl logs), skipped steps included, so a resumed run takes them from its restored step alone."""
+        s = self.steps_done
+        return {"rows": np.float32(self.lr(s)), "lora": np.float32(self.lora_lr(s))}
+
+    def _args(self, batch: Batch, rates: dict) -> tuple:
+        args = (self.params, self.opt_state, self.frozen, batch, jnp.int32(self.steps_done), rates, self.seed_key)
         return (self.graphdef, self.step_cfg, *args)
 
     def step(self, batch: Batch, global_rows: int | None = None) -> dict:
         """One update; the metrics it returns carry the rows' learning rate it ran at ("lr")."""
-        args = self._args(self.put(batch, global_rows), self.steps_done)
-        self.params, self.opt_state, metrics = self._step(*args)
+        rates = self._rates()
+        self.params, self.opt_state, metrics = self._step(*self._args(self.put(batch, global_rows), rates))
         self.steps_done += 1
-        return {**metrics, "lr": args[7]["rows"]}
+        return {**metrics, "lr": rates["rows"]}
 
     def lower(self, batch: Batch):
         """The step as `jax.jit(...).lower` gives it, for `batch` (placed with `put`): its compiled
         memory, its HLO (which no learning rate, schedule length or seed changes)."""
-        return self._step.lower(*self._args(batch, self.steps_done))
+        return self._step.lower(*self._args(batch, self._rates()))
 
     def evaluate(self, batches: list[Batch], prefix: str = "eval_", global_rows: int | None = None) -> dict:
         """Loss, and loss / argmax accuracy on the targets that are trained ids (what rows training is
