@@ -2,7 +2,9 @@
 
 Token lists come inline (`--add-tokens '<a>,<b>'`) or from a file (`--add-tokens @tokens.txt`): one
 token per line, optionally `token=description` (the description's tokenization seeds the subword
-init; the line is split at its first '=', so a token containing '=' cannot carry a description).
+init; the line is split at its first '=' after a leading `<|...|>`). A line that starts with '"' is a
+JSON string, the token exactly (leading spaces, commas, '=' kept), then optionally the flag and
+`=description`: `" Paris" [plain]=the city`.
 A token may end with ` [special]` or ` [plain]` (after a space) to set its special flag, overriding
 `--special-tokens` (default auto: `<|...|>` tokens special, every other token plain).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import re
 import sys
 import warnings
@@ -27,7 +30,8 @@ def add_import_args(p: argparse.ArgumentParser) -> None:
         "--add-tokens",
         metavar="T1,T2|@FILE",
         help="new tokens, comma-separated or @file (UTF-8, one per line; every non-blank line is a token, "
-        "'#' lines too; in a file, token=description gives --init subword its words)",
+        "'#' lines too; in a file, token=description gives --init subword its words, and a line in double "
+        'quotes is a JSON string kept exactly, e.g. " Paris" for a leading space)',
     )
     g.add_argument(
         "--init",
@@ -111,17 +115,21 @@ def split_flag(token: str) -> tuple[str, bool | None]:
 
 def parse_token_flags(spec: str) -> tuple[dict[str, str | None], dict[str, bool]]:
     """--add-tokens value -> ({token: description or None}, {token: special} for annotated tokens)."""
-    tokens, flags = {}, {}
-    for raw, desc in parse_tokens(spec).items():
-        token, flag = split_flag(raw)
-        if token in tokens:
-            from jaxvocab.errors import UsageError
+    from jaxvocab.errors import UsageError, brief
 
-            raise UsageError(f"--add-tokens: {token!r} is listed twice; list each token once")
+    tokens, flags = {}, {}
+    for where, token, desc, flag in _entries(spec):
+        if token in tokens:
+            raise UsageError(f"--add-tokens{where}: {brief(token)} is listed twice; list each token once")
         tokens[token] = desc
         if flag is not None:
             flags[token] = flag
     return tokens, flags
+
+
+def parse_tokens(spec: str) -> dict[str, str | None]:
+    """--add-tokens value -> {token: description or None}, in order."""
+    return parse_token_flags(spec)[0]
 
 
 def special_arg(args, tokens, flags: dict[str, bool]) -> set[str]:
@@ -132,44 +140,67 @@ def special_arg(args, tokens, flags: dict[str, bool]) -> set[str]:
     return {t for t in tokens if flags.get(t, rule(t))}
 
 
-def parse_tokens(spec: str) -> dict[str, str | None]:
-    """--add-tokens value -> {token: description or None}, in order."""
+def _entries(spec: str) -> list[tuple[str, str, str | None, bool | None]]:
+    """--add-tokens value -> [(where, token, description or None, special flag or None)]."""
+    from jaxvocab.errors import UsageError
+
+    if not spec.startswith("@"):
+        tokens = [t.strip() for t in spec.split(",")]
+        if not all(tokens):
+            raise UsageError(f"--add-tokens {spec!r}: empty token in the list; separate tokens with single commas")
+        return [("", *_flagged(t)) for t in tokens]
+    path = Path(spec[1:])
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM (Notepad) is no part of a token
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(
+            f"--add-tokens {spec}: cannot read {path} ({e}); give a UTF-8 file, one token per line"
+        ) from None
+    out = [
+        (f" {spec}:{n}", *_file_line(line.strip(), f"{spec}:{n}")) for n, line in enumerate(lines, 1) if line.strip()
+    ]
+    if not out:
+        raise UsageError(f"--add-tokens {spec}: the file lists no tokens; put one token per line")
+    return out
+
+
+def _flagged(token: str) -> tuple[str, None, bool | None]:
+    token, flag = split_flag(token)
+    return token, None, flag
+
+
+_AFTER_QUOTE = re.compile(r"\s*(?:\[(special|plain)\])?\s*(?:(=)(.*))?")
+
+
+def _file_line(line: str, where: str) -> tuple[str, str | None, bool | None]:
+    """One stripped line of a tokens file -> (token, description or None, special flag or None).
+    Surrounding spaces are never part of a token, unless it is quoted: a line that starts with '"'
+    is a JSON string (the token exactly: ' Paris', 'a,b'), then optionally [special] / [plain] and =description."""
     from jaxvocab.errors import UsageError, brief
 
-    if spec.startswith("@"):
-        path = Path(spec[1:])
+    if line.startswith('"'):
         try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM (Notepad) is no part of a token
-        except (OSError, UnicodeDecodeError) as e:
+            token, end = json.JSONDecoder().raw_decode(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--add-tokens {where}: {brief(line)} is not a quoted JSON string ({e.msg})") from None
+        after = _AFTER_QUOTE.fullmatch(line[end:])
+        if not isinstance(token, str) or not token or after is None:
             raise UsageError(
-                f"--add-tokens {spec}: cannot read {path} ({e}); give a UTF-8 file, one token per line"
-            ) from None
-        out: dict[str, str | None] = {}
-        for n, line in enumerate(lines, 1):
-            line = line.strip()  # like the inline list: surrounding spaces are never part of a token
-            if not line:
-                continue
-            token, sep, desc = _split_description(line)
-            if line.startswith("# "):
-                warnings.warn(
-                    f"--add-tokens {spec}:{n}: {brief(line)} is added as a token (the file has no comments)",
-                    stacklevel=2,
-                )
-            if token in out:
-                raise UsageError(f"--add-tokens {spec}:{n}: {brief(token)} is listed twice; list each token once")
-            if sep and not desc.strip():
-                raise UsageError(f"--add-tokens {spec}:{n}: empty description after '='; drop the '=' or add text")
-            out[token] = desc.strip() if sep else None
-        if not out:
-            raise UsageError(f"--add-tokens {spec}: the file lists no tokens; put one token per line")
-        return out
-    tokens = [t.strip() for t in spec.split(",")]
-    if not all(tokens):
-        raise UsageError(f"--add-tokens {spec!r}: empty token in the list; separate tokens with single commas")
-    twice = sorted({t for t in tokens if tokens.count(t) > 1})
-    if twice:
-        raise UsageError(f"--add-tokens: {twice[0]!r} is listed twice; list each token once")
-    return dict.fromkeys(tokens)
+                f"--add-tokens {where}: {brief(line)}: after a quoted token write only [special], [plain] "
+                'or =description (e.g. " Paris" [plain]=the city)'
+            )
+        flag = None if after.group(1) is None else after.group(1) == "special"
+        sep, desc = after.group(2) or "", after.group(3) or ""
+    else:
+        if line.startswith("# "):
+            warnings.warn(
+                f"--add-tokens {where}: {brief(line)} is added as a token (the file has no comments)", stacklevel=3
+            )
+        token, sep, desc = _split_description(line)
+        token, _, flag = _flagged(token)
+    if sep and not desc.strip():
+        raise UsageError(f"--add-tokens {where}: empty description after '='; drop the '=' or add text")
+    return token, desc.strip() if sep else None, flag
 
 
 def _split_description(line: str) -> tuple[str, str, str]:

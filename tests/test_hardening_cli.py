@@ -243,6 +243,37 @@ def test_tokens_file_as_editors_write_it(tmp_path):
         parse_token_flags("foo [spcial],bar")
 
 
+def test_tokens_file_quoted_lines_keep_the_token_exactly(tmp_path):
+    """A line in double quotes is a JSON string: spaces, commas and '=' stay in the token; a flag and
+    a description may follow the closing quote; anything else after it, or a broken string, is refused."""
+    from convert.vocab_cli import parse_token_flags
+    from jaxvocab.errors import UsageError
+
+    f = tmp_path / "t.txt"
+    f.write_text('" Paris" [plain]=the city\n"a,b"\n  "x=y"=  a word \n"<|t|>" [special]\n"\\u00e9t\u00e9 "\n<z>\n')
+    count("flags")
+    tokens, flags = parse_token_flags(f"@{f}")
+    assert tokens == {
+        " Paris": "the city",
+        "a,b": None,
+        "x=y": "a word",
+        "<|t|>": None,
+        "\u00e9t\u00e9 ": None,
+        "<z>": None,
+    }
+    assert flags == {" Paris": False, "<|t|>": True}
+    for line, match in [
+        ('"unterminated', r"t.txt:1: .* is not a quoted JSON string"),
+        ('"x" trailing', r"t.txt:1: .*after a quoted token write only \[special\], \[plain\] or =description"),
+        ('""', r"after a quoted token"),
+        ('"x" =', r"t.txt:1: empty description"),
+        ('" a"\n" a"', r"t.txt:2: ' a' is listed twice"),
+    ]:
+        f.write_text(line + "\n")
+        with pytest.raises(UsageError, match=match):
+            parse_token_flags(f"@{f}")
+
+
 @pytest.mark.parametrize(
     "flag, value",
     [
