@@ -143,7 +143,13 @@ def train_step(graphdef, cfg: StepConfig, params, opt_state, frozen, batch: Batc
     return (
         params,
         opt_state,
-        {"loss": total / denom, "grad_norm": optax.global_norm(grads), "targets": count, "finite": finite},
+        {
+            "loss": total / denom,
+            "grad_norm": optax.global_norm(grads),
+            "targets": count,
+            "finite": finite,
+            "lr": rates["rows"],  # what metrics.jsonl logs: the rate this step ran at
+        },
     )
 
 
@@ -222,10 +228,9 @@ class Trainer:
 
     def step(self, batch: Batch, global_rows: int | None = None) -> dict:
         """One update; the metrics it returns carry the rows' learning rate it ran at ("lr")."""
-        rates = self._rates()
-        self.params, self.opt_state, metrics = self._step(*self._args(self.put(batch, global_rows), rates))
+        self.params, self.opt_state, metrics = self._step(*self._args(self.put(batch, global_rows), self._rates()))
         self.steps_done += 1
-        return {**metrics, "lr": rates["rows"]}
+        return metrics
 
     def lower(self, batch: Batch):
         """The step as `jax.jit(...).lower` gives it, for `batch` (placed with `put`): its compiled
