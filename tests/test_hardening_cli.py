@@ -262,6 +262,10 @@ def test_tokens_file_quoted_lines_keep_the_token_exactly(tmp_path):
         "<z>": None,
     }
     assert flags == {" Paris": False, "<|t|>": True}
+    from jaxvocab.vocab_plan import PlannedToken, VocabPlan
+
+    plan = VocabPlan([PlannedToken(" Paris", 7, "appended")], 7, 8, 7, 8, 1, [])
+    assert plan.summary().splitlines()[1].startswith('" Paris"  7')  # the leading space shows
     for line, match in [
         ('"unterminated', r"t.txt:1: .* is not a quoted JSON string"),
         ('"x" trailing', r"t.txt:1: .*after a quoted token write only \[special\], \[plain\] or =description"),
