@@ -97,17 +97,20 @@ _FLAG = re.compile(r"(.*?\S)\s+\[(special|plain)\]")
 _ANY_FLAG = re.compile(r".*?\S\s+\[(\w+)\]")
 
 
-def split_flag(token: str) -> tuple[str, bool | None]:
-    """'<think> [plain]' -> ('<think>', False); a token without the suffix -> (token, None)."""
+def split_flag(token: str, where: str = "") -> tuple[str, bool | None]:
+    """'<think> [plain]' -> ('<think>', False); a token without the suffix -> (token, None).
+    `where` (' @file:line') goes into the error messages."""
+    from jaxvocab.errors import UsageError
+
     m = _FLAG.fullmatch(token)
+    if m and _ANY_FLAG.fullmatch(m.group(1)):
+        raise UsageError(f"--add-tokens{where}: {token!r} has two [flags]; give one of [special] or [plain]")
     if m:
         return m.group(1), m.group(2) == "special"
     typo = _ANY_FLAG.fullmatch(token)
     if typo:
-        from jaxvocab.errors import UsageError
-
         raise UsageError(
-            f"--add-tokens: {token!r} ends in [{typo.group(1)}], not a flag; write [special] or [plain], "
+            f"--add-tokens{where}: {token!r} ends in [{typo.group(1)}], not a flag; write [special] or [plain], "
             "or drop the space if the brackets are part of the token"
         )
     return token, None
@@ -119,6 +122,13 @@ def parse_token_flags(spec: str) -> tuple[dict[str, str | None], dict[str, bool]
 
     tokens, flags = {}, {}
     for where, token, desc, flag in _entries(spec):
+        try:
+            (token + (desc or "")).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: a quoted line's \ud83d, or bytes argv could not decode
+            raise UsageError(
+                f"--add-tokens{where}: {brief(token)} is not valid UTF-8 text (a lone surrogate); "
+                "write the character itself"
+            ) from None
         if token in tokens:
             raise UsageError(f"--add-tokens{where}: {brief(token)} is listed twice; list each token once")
         tokens[token] = desc
@@ -148,7 +158,13 @@ def _entries(spec: str) -> list[tuple[str, str, str | None, bool | None]]:
         tokens = [t.strip() for t in spec.split(",")]
         if not all(tokens):
             raise UsageError(f"--add-tokens {spec!r}: empty token in the list; separate tokens with single commas")
-        return [("", *_flagged(t)) for t in tokens]
+        if any(len(t) > 1 and t[0] == t[-1] == '"' for t in tokens):
+            warnings.warn(
+                "--add-tokens: quotes in the inline list are part of the token; "
+                "quote tokens in a tokens file (@FILE), where a quoted line is a JSON string",
+                stacklevel=2,
+            )
+        return [("", *_flagged(t, "")) for t in tokens]
     path = Path(spec[1:])
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM (Notepad) is no part of a token
@@ -164,8 +180,8 @@ def _entries(spec: str) -> list[tuple[str, str, str | None, bool | None]]:
     return out
 
 
-def _flagged(token: str) -> tuple[str, None, bool | None]:
-    token, flag = split_flag(token)
+def _flagged(token: str, where: str) -> tuple[str, None, bool | None]:
+    token, flag = split_flag(token, where)
     return token, None, flag
 
 
@@ -182,9 +198,13 @@ def _file_line(line: str, where: str) -> tuple[str, str | None, bool | None]:
         try:
             token, end = json.JSONDecoder().raw_decode(line)
         except json.JSONDecodeError as e:
-            raise UsageError(f"--add-tokens {where}: {brief(line)} is not a quoted JSON string ({e.msg})") from None
+            raise UsageError(
+                f"--add-tokens {where}: {brief(line)} is not a quoted JSON string ({e.msg}, column {e.colno})"
+            ) from None
         after = _AFTER_QUOTE.fullmatch(line[end:])
-        if not isinstance(token, str) or not token or after is None:
+        if isinstance(token, str) and not token.strip():
+            raise UsageError(f"--add-tokens {where}: {brief(line)} is an empty or all-space token; drop the line")
+        if not isinstance(token, str) or after is None:
             raise UsageError(
                 f"--add-tokens {where}: {brief(line)}: after a quoted token write only [special], [plain] "
                 'or =description (e.g. " Paris" [plain]=the city)'
@@ -197,7 +217,7 @@ def _file_line(line: str, where: str) -> tuple[str, str | None, bool | None]:
                 f"--add-tokens {where}: {brief(line)} is added as a token (the file has no comments)", stacklevel=3
             )
         token, sep, desc = _split_description(line)
-        token, _, flag = _flagged(token)
+        token, _, flag = _flagged(token, f" {where}")
     if sep and not desc.strip():
         raise UsageError(f"--add-tokens {where}: empty description after '='; drop the '=' or add text")
     return token, desc.strip() if sep else None, flag

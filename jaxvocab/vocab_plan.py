@@ -126,8 +126,8 @@ class VocabPlan:
                     if used
                     else f", described {t.description!r} (init subword uses it)"
                 )
-            shown = json.dumps(t.token, ensure_ascii=False)  # quoted where spaces at its ends would not show
-            rows.append((shown if t.token != t.token.strip() else shown[1:-1], str(t.id), t.action, note))
+            plain = t.token.isprintable() and t.token == t.token.strip()  # else quoted, so nothing hides
+            rows.append((t.token if plain else json.dumps(t.token, ensure_ascii=False), str(t.id), t.action, note))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         out = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]
         if len(self.tokens) > len(rows) - 1:

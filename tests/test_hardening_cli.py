@@ -264,12 +264,19 @@ def test_tokens_file_quoted_lines_keep_the_token_exactly(tmp_path):
     assert flags == {" Paris": False, "<|t|>": True}
     from jaxvocab.vocab_plan import PlannedToken, VocabPlan
 
-    plan = VocabPlan([PlannedToken(" Paris", 7, "appended")], 7, 8, 7, 8, 1, [])
-    assert plan.summary().splitlines()[1].startswith('" Paris"  7')  # the leading space shows
+    plan = VocabPlan([PlannedToken(" Paris", 7, "appended"), PlannedToken("a\\b", 8, "appended")], 7, 9, 7, 9, 1, [])
+    shown = plan.summary().splitlines()
+    assert shown[1].startswith('" Paris"  7') and shown[2].startswith("a\\b       8")  # quoted only where needed
+    with pytest.warns(UserWarning, match="quotes in the inline list are part of the token"):
+        assert parse_token_flags('" x",y')[0] == {'" x"': None, "y": None}
     for line, match in [
         ('"unterminated', r"t.txt:1: .* is not a quoted JSON string"),
         ('"x" trailing', r"t.txt:1: .*after a quoted token write only \[special\], \[plain\] or =description"),
-        ('""', r"after a quoted token"),
+        ('""', r"t.txt:1: '\"\"' is an empty or all-space token"),
+        ('"  "', r"empty or all-space token"),
+        ('"\\ud83d"', r"t.txt:1: .* is not valid UTF-8 text \(a lone surrogate\)"),
+        ("foo [plain] [special]", r"t.txt:1: 'foo \[plain\] \[special\]' has two \[flags\]"),
+        ("foo [Plain]", r"t.txt:1: 'foo \[Plain\]' ends in \[Plain\], not a flag"),
         ('"x" =', r"t.txt:1: empty description"),
         ('" a"\n" a"', r"t.txt:2: ' a' is listed twice"),
     ]:
