@@ -121,7 +121,7 @@ def read_json(
     except FileNotFoundError:
         raise error(f"{path}: not found; {missing or fix}") from None
     except json.JSONDecodeError as e:
-        raise error(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno}); {fix}") from None
+        raise error(f"{path}: invalid JSON ({e.msg}: line {e.lineno} column {e.colno}); {fix}") from None
     except (OSError, UnicodeDecodeError, RecursionError) as e:
         raise error(f"{path}: not readable JSON ({type(e).__name__}); {fix}") from None
 

@@ -351,7 +351,7 @@ def test_read_json_member_matches_a_full_parse(tmp_path_factory, obj, key, inden
 @pytest.mark.parametrize("text", ["{not json", "[1]", '{"a": 1,}', '{"a" 1}', '{"a": 1 "b": 2}', "", '{"a": '])
 def test_read_json_member_refuses_what_json_refuses(tmp_path, text):
     (tmp_path / "f.json").write_text(text)
-    with pytest.raises(CheckpointError, match=r"f.json: invalid JSON \(.* at line 1 column \d+\)"):
+    with pytest.raises(CheckpointError, match=r"f.json: invalid JSON \(.*: line 1 column \d+\)"):
         read_json(tmp_path / "f.json", member="b")
 
 

@@ -137,7 +137,7 @@ def _json(path: Path):
     try:
         return json.loads(_text(path))
     except json.JSONDecodeError as e:
-        raise _bad(path, f"invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise _bad(path, f"invalid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
 
 
 def _merges(path: Path) -> str:
