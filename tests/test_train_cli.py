@@ -154,6 +154,8 @@ def test_trainable_specs(tmp_path, llama3_tokenizer_dir):
     with pytest.raises(UsageError, match=r"tokens.txt:2: 'hello wonderful world' is 3 tokens"):
         resolve_trainable(f"tokens:@{f}", None, tok)
     assert resolve_trainable("ids:7,3,7", None, tok) == [3, 7]
+    f.write_text('" world"\n')  # quoted as in --add-tokens files: the leading space is kept
+    assert resolve_trainable(f"tokens:@{f}", None, tok) == tok.encode(" world")
 
     path, _ = make_hf_checkpoint(tmp_path / "m", zero_rows=(10, 11, 12))
     model = jaxvocab.load(path, show_progress=False)

@@ -43,12 +43,12 @@ RUN_KEYS = (
     "clip",
     "dtype",
     "seed",
+    "lora_init",  # before the values it supplies when they are not given (train/flags.py)
     "lora_rank",
     "lora_alpha",
     "lora_targets",
     "lora_dropout",
     "lora_lr",
-    "lora_init",
 )
 
 
@@ -84,6 +84,10 @@ def _run_record(args, ids) -> dict:
     return rec
 
 
+def _shown(value) -> str:
+    return "not given" if value is None else brief(value)
+
+
 def _check_resume(out: Path, rec: dict) -> None:
     f = out / "run.json"
     if not f.is_file():
@@ -102,7 +106,7 @@ def _check_resume(out: Path, rec: dict) -> None:
         if old.get(k) != rec[k]:
             flag = "--trainable" if k == "trainable_ids" else "--" + k.replace("_", "-")
             raise UsageError(
-                f"--resume: {flag} is {brief(rec[k])} but the run in {out} used {brief(old.get(k))}; "
+                f"--resume: {flag} is {_shown(rec[k])} but the run in {out} used {_shown(old.get(k))}; "
                 "resume with the same flags or start a new --out"
             )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from jaxvocab.errors import UsageError
@@ -29,8 +30,9 @@ EPILOG = """examples:
 
 data lines: {"text": "..."} | {"messages": [{"role": "user", "content": "..."}, ...]}
             | {"input_ids": [...], "loss_mask": [...]}   (loss_mask optional)
---trainable: new | untrained | new+untrained | ids:1,2,3 | tokens:@file.txt (one token per line)
-             | none (adapters only; needs --lora-rank)
+--trainable: new | untrained | new+untrained | ids:1,2,3 | tokens:@file.txt (one token per line;
+             a line in double quotes is a JSON string, e.g. " Paris" with its space)
+             | none (adapters only; needs --lora-rank or --lora-init)
 
 environment: JAXVOCAB_COMPILE_CACHE=DIR|off  compiled programs are kept in ~/.cache/jaxvocab/xla and
              reused by the next run; JAXVOCAB_HUGE_PAGES=0  no restart with glibc's huge-page tunable
@@ -248,7 +250,9 @@ def check_lora_flags(args) -> None:
         if given:
             raise UsageError(f"{given[0]} needs --lora-rank R (LoRA is off without it)")
         if args.trainable == "none":
-            raise UsageError("--trainable none: nothing would train; add --lora-rank R to train adapters only")
+            raise UsageError(
+                "--trainable none: nothing would train; add --lora-rank R (or --lora-init DIR) to train adapters only"
+            )
         args.lora_targets = None
         return
     if args.lora_rank <= 0:
@@ -268,6 +272,14 @@ def _adapter_defaults(args) -> None:
     from jaxvocab.io.peft import read_peft_config
 
     cfg = read_peft_config(args.lora_init)
+    rows = cfg.get("trainable_token_indices")
+    if rows:
+        print(
+            f"warning: {args.lora_init} also holds trained rows (PEFT trainable_token_indices); --lora-init "
+            "starts only the adapters, the rows start from --model's (to continue a run, --resume it; "
+            "to keep its rows, train from its --export-hf)",
+            file=sys.stderr,
+        )
     if args.lora_rank is None:
         args.lora_rank = cfg["r"]
     if args.lora_alpha is None and isinstance(cfg.get("lora_alpha"), int | float):

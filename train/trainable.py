@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from jaxvocab.errors import UsageError, malformed
@@ -80,9 +81,8 @@ def resolve_trainable(spec: str, model, tok, plan=None) -> list[int]:
     try:
         return check_ids(ids, model.config.vocab_size).tolist()
     except UsageError as e:
-        raise UsageError(
-            f"--trainable {spec}: {e}; expand the vocabulary first (jaxvocab-convert import --add-tokens)"
-        ) from None
+        fix = "ids start at 0" if min(ids) < 0 else "expand the vocabulary first (jaxvocab-convert import --add-tokens)"
+        raise UsageError(f"--trainable {spec}: {e}; {fix}") from None
 
 
 def _token_file_ids(spec: str, tok) -> list[int]:
@@ -102,6 +102,11 @@ def _token_file_ids(spec: str, tok) -> list[int]:
     for n, text in enumerate(lines, 1):
         if not text.strip():
             continue
+        if text.startswith('"'):  # a JSON string, as in --add-tokens files: ' Paris' keeps its space
+            try:
+                text = json.loads(text.strip())
+            except json.JSONDecodeError as e:
+                raise UsageError(f"--trainable {spec}: {path}:{n}: not a quoted JSON string ({e.msg})") from None
         if text in tok.special_tokens:
             ids.append(tok.special_tokens[text])
             continue
