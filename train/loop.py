@@ -216,26 +216,24 @@ class Trainer:
         sharding = self.batch_sharding(B)
         return Batch(*(jax.make_array_from_process_local_data(sharding, a, (a.shape[0], B, a.shape[2])) for a in batch))
 
-    def _rates(self) -> dict:
-        """The groups' learning rates for the next step. They follow the step number (the one
-        metrics.jsonl logs), skipped steps included, so a resumed run takes them from its restored step alone."""
+    def _args(self, batch: Batch) -> tuple:
+        """The step's arguments. The rates follow the step number (the one metrics.jsonl logs), skipped
+        steps included, so a resumed run takes them from its restored step alone."""
         s = self.steps_done
-        return {"rows": np.float32(self.lr(s)), "lora": np.float32(self.lora_lr(s))}
-
-    def _args(self, batch: Batch, rates: dict) -> tuple:
-        args = (self.params, self.opt_state, self.frozen, batch, jnp.int32(self.steps_done), rates, self.seed_key)
+        rates = {"rows": np.float32(self.lr(s)), "lora": np.float32(self.lora_lr(s))}
+        args = (self.params, self.opt_state, self.frozen, batch, jnp.int32(s), rates, self.seed_key)
         return (self.graphdef, self.step_cfg, *args)
 
     def step(self, batch: Batch, global_rows: int | None = None) -> dict:
         """One update; the metrics it returns carry the rows' learning rate it ran at ("lr")."""
-        self.params, self.opt_state, metrics = self._step(*self._args(self.put(batch, global_rows), self._rates()))
+        self.params, self.opt_state, metrics = self._step(*self._args(self.put(batch, global_rows)))
         self.steps_done += 1
         return metrics
 
     def lower(self, batch: Batch):
         """The step as `jax.jit(...).lower` gives it, for `batch` (placed with `put`): its compiled
         memory, its HLO (which no learning rate, schedule length or seed changes)."""
-        return self._step.lower(*self._args(batch, self._rates()))
+        return self._step.lower(*self._args(batch))
 
     def evaluate(self, batches: list[Batch], prefix: str = "eval_", global_rows: int | None = None) -> dict:
         """Loss, and loss / argmax accuracy on the targets that are trained ids (what rows training is
