@@ -173,7 +173,7 @@ def _entries(spec: str) -> list[tuple[str, str, str | None, bool | None]]:
             f"--add-tokens {spec}: cannot read {path} ({e}); give a UTF-8 file, one token per line"
         ) from None
     out = [
-        (f" {spec}:{n}", *_file_line(line.strip(), f"{spec}:{n}")) for n, line in enumerate(lines, 1) if line.strip()
+        (f" {spec}:{n}", *_file_line(line.strip(), f" {spec}:{n}")) for n, line in enumerate(lines, 1) if line.strip()
     ]
     if not out:
         raise UsageError(f"--add-tokens {spec}: the file lists no tokens; put one token per line")
@@ -199,14 +199,14 @@ def _file_line(line: str, where: str) -> tuple[str, str | None, bool | None]:
             token, end = json.JSONDecoder().raw_decode(line)
         except json.JSONDecodeError as e:
             raise UsageError(
-                f"--add-tokens {where}: {brief(line)} is not a quoted JSON string ({e.msg}, column {e.colno})"
+                f"--add-tokens{where}: {brief(line)} is not a quoted JSON string ({e.msg}, column {e.colno})"
             ) from None
         after = _AFTER_QUOTE.fullmatch(line[end:])
-        if isinstance(token, str) and not token.strip():
-            raise UsageError(f"--add-tokens {where}: {brief(line)} is an empty or all-space token; drop the line")
-        if not isinstance(token, str) or after is None:
+        if not token.strip():
+            raise UsageError(f"--add-tokens{where}: {brief(line)} is an empty or all-space token; drop the line")
+        if after is None:
             raise UsageError(
-                f"--add-tokens {where}: {brief(line)}: after a quoted token write only [special], [plain] "
+                f"--add-tokens{where}: {brief(line)}: after a quoted token write only [special], [plain] "
                 'or =description (e.g. " Paris" [plain]=the city)'
             )
         flag = None if after.group(1) is None else after.group(1) == "special"
@@ -214,12 +214,12 @@ def _file_line(line: str, where: str) -> tuple[str, str | None, bool | None]:
     else:
         if line.startswith("# "):
             warnings.warn(
-                f"--add-tokens {where}: {brief(line)} is added as a token (the file has no comments)", stacklevel=3
+                f"--add-tokens{where}: {brief(line)} is added as a token (the file has no comments)", stacklevel=3
             )
         token, sep, desc = _split_description(line)
-        token, _, flag = _flagged(token, f" {where}")
+        token, _, flag = _flagged(token, where)
     if sep and not desc.strip():
-        raise UsageError(f"--add-tokens {where}: empty description after '='; drop the '=' or add text")
+        raise UsageError(f"--add-tokens{where}: empty description after '='; drop the '=' or add text")
     return token, desc.strip() if sep else None, flag
 
 
